@@ -1,0 +1,148 @@
+"""Shipped multi-exit architectures: a ResNet-style CNN family for 32x32 images and a compact MNIST net."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.net import MultiExitNet
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation inside the graph, so clients send pixels scaled to [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_bn_relu(cin, cout, stride)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ConvHead(nn.Module):
+    """Exit head: one (strided) conv to mix features cheaply, global pooling, linear classifier."""
+
+    def __init__(self, channels: int, num_classes: int, stride: int):
+        super().__init__()
+        self.features = conv_bn_relu(channels, channels, stride) if stride else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@dataclass(frozen=True)
+class ResNetPreset:
+    width: int
+    blocks: tuple[int, ...]
+
+
+RESNET_PRESETS = {
+    "small": ResNetPreset(width=16, blocks=(1, 1, 1, 1)),
+    "large": ResNetPreset(width=32, blocks=(1, 1, 1, 1)),
+}
+
+
+def multi_exit_resnet(
+    width: int = 32,
+    blocks: Sequence[int] = (1, 1, 1, 1),
+    num_classes: int = 10,
+    in_channels: int = 3,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> MultiExitNet:
+    """ResNet for 32x32 inputs; one segment (and exit) per stage, width doubling per stage.
+
+    Early heads down-sample with one strided conv until the map is 4x4 or smaller; the final head
+    is pooling plus a linear layer, as in a plain ResNet.
+    """
+    segments, heads = [], []
+    cin, size = width, 32
+    for stage, count in enumerate(blocks):
+        cout = width * 2**stage
+        stride = 1 if stage == 0 else 2
+        layers: list[nn.Module] = []
+        if stage == 0:
+            layers += [Normalize(mean, std), conv_bn_relu(in_channels, width)]
+        for b in range(count):
+            layers.append(BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1))
+        size //= stride
+        segments.append(nn.Sequential(*layers))
+        is_last = stage == len(blocks) - 1
+        heads.append(ConvHead(cout, num_classes, stride=0 if is_last else (2 if size > 4 else 1)))
+        cin = cout
+    return MultiExitNet(segments, heads)
+
+
+def resnet_preset(name: str, num_classes: int = 10) -> MultiExitNet:
+    if name not in RESNET_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(RESNET_PRESETS)}")
+    preset = RESNET_PRESETS[name]
+    return multi_exit_resnet(preset.width, preset.blocks, num_classes)
+
+
+class _MLPHead(nn.Module):
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Linear(channels * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def compact_mnist_net(num_classes: int = 10, width: int = 16, image_size: int = 28) -> MultiExitNet:
+    """Three-exit CNN for MNIST (28x28) or sklearn digits (8x8); a few hundred thousand FLOPs."""
+    segments = [
+        nn.Sequential(Normalize(MNIST_MEAN, MNIST_STD), conv_bn_relu(1, width)),
+        conv_bn_relu(width, 2 * width, stride=2),
+        conv_bn_relu(2 * width, 4 * width, stride=2 if image_size > 8 else 1),
+    ]
+    heads = [_MLPHead(width, num_classes), _MLPHead(2 * width, num_classes), _MLPHead(4 * width, num_classes)]
+    return MultiExitNet(segments, heads)
+
+
+ARCHITECTURES = {
+    "resnet-small": lambda num_classes: resnet_preset("small", num_classes),
+    "resnet-large": lambda num_classes: resnet_preset("large", num_classes),
+    "mnist-compact": lambda num_classes: compact_mnist_net(num_classes, image_size=28),
+    "digits-compact": lambda num_classes: compact_mnist_net(num_classes, width=8, image_size=8),
+}
+
+
+def build_architecture(name: str, num_classes: int) -> MultiExitNet:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name](num_classes)

@@ -1,0 +1,209 @@
+"""The bundle: a directory holding per-segment graphs, a manifest and calibration tables.
+
+This module must stay importable without torch: the server loads bundles with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+CALIBRATION_FILE = "calibration.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served; the message names the file and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    name: str
+    shape: list[int] = Field(description="-1 marks the batch axis (and any other variable axis)")
+    dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+
+
+class SegmentSpec(_Strict):
+    file: str
+    inputs: list[str]
+    outputs: list[str] = Field(description="tensors passed on to the next segment, then the exit logits")
+    logits: str = Field(description="name of the output holding this segment's exit logits")
+    flops: int = Field(ge=0, description="measured FLOPs per sample of the segment and its exit head")
+
+    @property
+    def state_outputs(self) -> list[str]:
+        return [name for name in self.outputs if name != self.logits]
+
+
+class ExitSpec(_Strict):
+    index: int = Field(ge=0)
+    after_segment: int = Field(ge=0)
+    cumulative_flops: int = Field(ge=0)
+
+
+class Provenance(_Strict):
+    exitserve_version: str
+    command: str = ""
+    data_fingerprint: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    schema_version: int
+    name: str
+    version: str = "1"
+    task: Literal["image-classification", "text-classification", "classification"] = "classification"
+    input: InputSpec
+    labels: list[str]
+    segments: list[SegmentSpec]
+    exits: list[ExitSpec]
+    sha256: dict[str, str]
+    created_by: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        if not self.segments:
+            raise ValueError("a bundle needs at least one segment")
+        if len(self.exits) != len(self.segments):
+            raise ValueError(f"{len(self.exits)} exits for {len(self.segments)} segments: one exit per segment")
+        for position, exit_spec in enumerate(self.exits):
+            if exit_spec.index != position or exit_spec.after_segment != position:
+                raise ValueError(f"exit {position} must have index {position} and after_segment {position}")
+        running = 0
+        for segment, exit_spec in zip(self.segments, self.exits, strict=True):
+            running += segment.flops
+            if exit_spec.cumulative_flops != running:
+                raise ValueError(f"exit {exit_spec.index}: cumulative_flops {exit_spec.cumulative_flops} != {running}")
+        if self.segments[0].inputs != [self.input.name]:
+            raise ValueError(f"segment 0 must take the model input {self.input.name!r}")
+        for k in range(1, len(self.segments)):
+            passed = self.segments[k - 1].state_outputs
+            if self.segments[k].inputs != passed:
+                raise ValueError(f"segment {k} inputs {self.segments[k].inputs} != segment {k - 1} outputs {passed}")
+        if len(set(self.labels)) != len(self.labels) or not self.labels:
+            raise ValueError("labels must be non-empty and unique")
+        return self
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    @property
+    def full_flops(self) -> int:
+        return self.exits[-1].cumulative_flops
+
+    def compute_fractions(self) -> list[float]:
+        full = self.full_flops or 1
+        return [e.cumulative_flops / full for e in self.exits]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_files(directory: Path) -> list[str]:
+    """Every file of a bundle except the manifest, as sorted relative POSIX paths."""
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
+    )
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    return {name: sha256_of(directory / name) for name in bundle_files(directory)}
+
+
+def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> Manifest:
+    """Validate and write manifest.json, filling sha256 from the files now in the directory."""
+    fields = dict(manifest_fields)
+    fields["sha256"] = checksums(directory)
+    manifest = Manifest.model_validate(fields)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+def refresh_checksums(directory: Path) -> Manifest:
+    """Re-sign a bundle after a file changed on purpose (e.g. `exitserve calibrate`)."""
+    raw = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    return write_manifest(Path(directory), raw)
+
+
+class Bundle:
+    """A verified bundle on disk. Construct with `load_bundle`."""
+
+    def __init__(self, path: Path, manifest: Manifest, calibration: dict[str, Any] | None):
+        self.path = path
+        self.manifest = manifest
+        self.calibration = calibration
+
+    def segment_path(self, index: int) -> Path:
+        return self.path / self.manifest.segments[index].file
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Bundle({m.name!r} v{m.version}, {m.num_exits} exits, {self.path})"
+
+
+def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundle:
+    """Read and verify a bundle: schema, file list and every checksum. Raises BundleError."""
+    directory = Path(path)
+    manifest_path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a bundle directory")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing manifest")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
+
+    on_disk = set(bundle_files(directory))
+    listed = set(manifest.sha256)
+    for name in sorted(listed - on_disk):
+        raise BundleError(f"{directory / name}: listed in the manifest but missing")
+    for name in sorted(on_disk - listed):
+        raise BundleError(f"{directory / name}: not listed in the manifest (unexpected file)")
+    for segment in manifest.segments:
+        if segment.file not in listed:
+            raise BundleError(f"{directory / segment.file}: segment file has no checksum in the manifest")
+    for name in sorted(listed):
+        actual = sha256_of(directory / name)
+        if actual != manifest.sha256[name]:
+            raise BundleError(
+                f"{directory / name}: sha256 mismatch (manifest {manifest.sha256[name][:12]}…, file {actual[:12]}…)"
+            )
+
+    calibration = None
+    calibration_path = directory / CALIBRATION_FILE
+    if calibration_path.is_file():
+        try:
+            calibration = json.loads(calibration_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{calibration_path}: not valid JSON ({exc})") from exc
+        exits = calibration.get("exits") if isinstance(calibration, dict) else None
+        if not isinstance(exits, list) or len(exits) != manifest.num_exits:
+            count = len(exits) if isinstance(exits, list) else "no"
+            raise BundleError(f"{calibration_path}: {count} exit tables for {manifest.num_exits} exits")
+    elif require_calibration:
+        raise BundleError(f"{calibration_path}: missing (run `exitserve calibrate`)")
+    return Bundle(directory, manifest, calibration)

@@ -1,0 +1,164 @@
+"""The `exitserve` command line. Heavy imports (torch, matplotlib) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.bundle import BundleError
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.architectures import build_architecture
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.data import load_dataset
+    from models.training import TrainConfig, train
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    train_data = load_dataset(f"{args.data}:train", seed=args.split_seed)
+    val_data = load_dataset(f"{args.data}:val", seed=args.split_seed)
+    if args.init:
+        net, meta = load_checkpoint(args.init)
+    else:
+        net = build_architecture(args.arch, num_classes=len(train_data.labels))
+        meta = {"architecture": args.arch, "num_classes": len(train_data.labels), "labels": train_data.labels}
+    config = TrainConfig(
+        regime=args.regime, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, entropy_weight=args.entropy_weight,
+        backbone_epochs=args.backbone_epochs, augment=not args.no_augment, bf16=args.bf16, device=args.device,
+    )
+    print(f"training {meta['architecture']} on {train_data.name} ({len(train_data)} samples), "
+          f"validation {val_data.name} ({len(val_data)}) held out; regime {config.regime}")
+    history = train(net, train_data, val_data, config, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **meta,
+        "data": args.data,
+        "split_seed": args.split_seed,
+        "train_fingerprint": train_data.fingerprint,
+        "val_fingerprint": val_data.fingerprint,
+        "history": [vars(e) for e in history.epochs] + meta.get("history", []),
+        "train_config": history.config,
+        "train_seconds": sum(e.seconds for e in history.epochs),
+    }
+    save_checkpoint(out / "checkpoint.pt", net, meta)
+    (out / "history.json").write_text(json.dumps({"config": history.config, "epochs": meta["history"]}, indent=2))
+    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    if args.export:
+        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version)
+    return 0
+
+
+def _export(checkpoint: Path, out: Path, name: str | None, version: str) -> int:
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.data import load_dataset
+    from models.export import export_bundle
+
+    net, meta = load_checkpoint(checkpoint)
+    val = load_dataset(f"{meta['data']}:val", seed=meta.get("split_seed", 0))
+    examples = torch.from_numpy(val.x[:16])
+    manifest, worst = export_bundle(
+        net, examples, out, labels=meta["labels"], name=name or out.name, version=version,
+        task="image-classification",
+        preprocessing={"layout": "NCHW", "scale": "pixels / 255 (values in [0, 1])", "normalisation": "inside segment 0"},
+        data_fingerprint=meta.get("train_fingerprint", ""),
+        extra_provenance={
+            "architecture": meta["architecture"], "data": meta.get("data"), "split_seed": meta.get("split_seed"),
+            "val_fingerprint": meta.get("val_fingerprint"), "train_config": meta.get("train_config"),
+            "val_accuracy": meta["history"][-1]["val_accuracy"] if meta.get("history") else None,
+            "train_seconds": meta.get("train_seconds"),
+        },
+    )
+    print(f"bundle {out}: {manifest.num_exits} exits; ONNX vs PyTorch max |diff| per segment: "
+          + ", ".join(f"{d:.1e}" for d in worst))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    return _export(Path(args.checkpoint), Path(args.out), args.name, args.version)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    print(f"bundle    {bundle.path}")
+    print(f"model     {m.name} version {m.version} ({m.task})")
+    print(f"input     {m.input.name} {m.input.dtype} {m.input.shape}")
+    print(f"labels    {', '.join(m.labels)}")
+    print(f"checksums OK ({len(m.sha256)} files verified)")
+    print(f"created   exitserve {m.created_by.exitserve_version}: {m.created_by.command}")
+    print("exit  segment file          MFLOPs  cumulative  fraction")
+    for e, s, frac in zip(m.exits, m.segments, m.compute_fractions(), strict=True):
+        print(f"{e.index:4d}  {s.file:20s} {s.flops / 1e6:7.2f}  {e.cumulative_flops / 1e6:10.2f}  {frac:8.3f}")
+    if bundle.calibration:
+        cal = bundle.calibration
+        print(f"calibration: {cal.get('validation_size', '?')} validation samples, "
+              f"measure {cal.get('confidence', '?')}, data {cal.get('data_fingerprint', '?')}")
+    else:
+        print("calibration: none (run `exitserve calibrate`)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exitserve", description="Serve multi-exit networks with per-request accuracy targets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a multi-exit network (needs the `train` extra)")
+    p.add_argument("--arch", default="resnet-large", help="resnet-small, resnet-large, mnist-compact, digits-compact")
+    p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
+    p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"])
+    p.add_argument("--init", help="start from this checkpoint (required for heads-only)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--backbone-epochs", type=int, help="mixed: epochs of the backbone-only phase")
+    p.add_argument("--entropy-weight", type=float, default=0.1, help="heads-only: lambda in CE - lambda*entropy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on AVX512-BF16 CPUs and GPUs)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="run directory for checkpoint.pt and history.json")
+    p.add_argument("--export", help="also export a bundle to this directory")
+    p.add_argument("--name", help="bundle name (default: the export directory's name)")
+    p.add_argument("--version", default="1")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint as a bundle of per-segment ONNX graphs")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name")
+    p.add_argument("--version", default="1")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("info", help="verify a bundle and print its summary")
+    p.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE))
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
