@@ -1,0 +1,193 @@
+"""ONNX Runtime runner: chains a bundle's segment sessions with IOBinding.
+
+Hidden state lives in OrtValues on the execution device from one segment to the next; only each
+exit's logits come back to the host. Compaction (keeping the rows that did not exit) is a Gather
+run on the same device, so on CUDA no hidden state ever crosses to the host. CPU runs the very same
+path, which is how CI covers it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from models.bundle import Bundle, BundleError
+
+Provider = Literal["cpu", "cuda"]
+_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ONNX_ELEMENT_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(int64)": 7, "tensor(int32)": 6, "tensor(bool)": 9}
+
+_global_pool_lock = threading.Lock()
+_global_pool_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    provider: Provider = "cpu"
+    device_id: int = 0
+    # One process-wide intra-op pool shared by every segment session measured fastest and steadiest on
+    # 2 cores (shared/notes/onnxruntime.md); per-session pools are kept as an option.
+    thread_pool: Literal["global", "per-session"] = "global"
+    threads: int = 1
+    spinning: bool = False
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+def _ensure_global_pool(threads: int) -> None:
+    global _global_pool_threads
+    with _global_pool_lock:
+        if _global_pool_threads is None:
+            ort.set_global_thread_pool_sizes(threads, 1)
+            _global_pool_threads = threads
+
+
+def session_options(options: RunnerOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+    so.log_severity_level = 3
+    spin = "1" if options.spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if options.thread_pool == "global" and options.provider == "cpu":
+        _ensure_global_pool(options.threads)
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def _gather_model_bytes(elem_type: int, rank: int) -> bytes:
+    """A one-node ONNX graph: out = data[indices] along axis 0 (built by hand: no onnx package at serving time)."""
+    from service import onnx_gather
+
+    return onnx_gather.build(elem_type, rank)
+
+
+State = dict[str, ort.OrtValue]
+
+
+class OnnxRunner:
+    """Runs segments of one bundle. Thread-safe: ORT sessions are, and per-call state is local."""
+
+    def __init__(self, bundle: Bundle, provider: Provider = "cpu", threads: int = 1, options: RunnerOptions | None = None):
+        self.bundle = bundle
+        self.options = options or RunnerOptions(provider=provider, threads=threads)
+        self.device = "cuda" if self.options.provider == "cuda" else "cpu"
+        self.device_id = self.options.device_id if self.device == "cuda" else 0
+        providers = [_ORT_PROVIDERS[self.options.provider]]
+        if self.options.provider == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
+        so = session_options(self.options)
+        self.sessions: list[ort.InferenceSession] = []
+        for k, spec in enumerate(bundle.manifest.segments):
+            path = bundle.segment_path(k)
+            try:
+                session = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as exc:  # ORT raises several exception types for bad graphs
+                raise BundleError(f"{path}: ONNX Runtime cannot load this segment ({exc})") from exc
+            names_in = [i.name for i in session.get_inputs()]
+            names_out = [o.name for o in session.get_outputs()]
+            if names_in != spec.inputs or sorted(names_out) != sorted(spec.outputs):
+                raise BundleError(
+                    f"{path}: graph inputs {names_in} / outputs {names_out} do not match the manifest "
+                    f"({spec.inputs} / {spec.outputs})"
+                )
+            self.sessions.append(session)
+        self._gather_sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+        self._gather_lock = threading.Lock()
+        self._state_types = {
+            o.name: (o.type, len(o.shape)) for s in self.sessions for o in s.get_outputs()
+        }
+        self._input_type = self.sessions[0].get_inputs()[0]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.sessions)
+
+    # --- the three steps the engine composes ----------------------------------------------------
+
+    def start(self, x: np.ndarray) -> State:
+        """Place the model input on the execution device."""
+        name = self.bundle.manifest.input.name
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device, self.device_id)}
+
+    def run_segment(self, k: int, state: State) -> tuple[State, np.ndarray]:
+        """Run segment k; return the state for segment k+1 (device OrtValues) and the exit logits (host)."""
+        spec = self.bundle.manifest.segments[k]
+        session = self.sessions[k]
+        binding = session.io_binding()
+        for name in spec.inputs:
+            binding.bind_ortvalue_input(name, state[name])
+        for name in spec.outputs:
+            # Logits go to the host (the only copy); the hidden state stays on the device.
+            binding.bind_output(name, "cpu" if name == spec.logits else self.device, self.device_id if name != spec.logits else 0)
+        session.run_with_iobinding(binding)
+        values = dict(zip(spec.outputs, binding.get_outputs(), strict=True))
+        logits = values.pop(spec.logits).numpy()
+        return values, logits
+
+    def select(self, state: State, rows: np.ndarray) -> State:
+        """Keep only `rows` (int64 indices) of every state tensor, on the device."""
+        indices = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(rows, dtype=np.int64), self.device, self.device_id)
+        out = {}
+        for name, value in state.items():
+            session = self._gather_session(name)
+            binding = session.io_binding()
+            binding.bind_ortvalue_input("data", value)
+            binding.bind_ortvalue_input("indices", indices)
+            binding.bind_output("out", self.device, self.device_id)
+            session.run_with_iobinding(binding)
+            out[name] = binding.get_outputs()[0]
+        return out
+
+    def _gather_session(self, state_name: str) -> ort.InferenceSession:
+        onnx_type, rank = self._state_types[state_name]
+        key = (onnx_type, rank)
+        session = self._gather_sessions.get(key)
+        if session is None:
+            with self._gather_lock:
+                session = self._gather_sessions.get(key)
+                if session is None:
+                    model = _gather_model_bytes(_ONNX_ELEMENT_TYPES[onnx_type], rank)
+                    providers = [_ORT_PROVIDERS[self.options.provider]]
+                    session = ort.InferenceSession(model, session_options(self.options), providers=providers)
+                    self._gather_sessions[key] = session
+        return session
+
+    # --- conveniences -----------------------------------------------------------------------------
+
+    def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
+        """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
+        chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
+        starts = range(0, len(x), batch_size)
+        for start in tqdm(starts, desc="running segments", disable=not progress, unit="batch"):
+            state = self.start(x[start : start + batch_size])
+            for k in range(self.num_exits):
+                state, logits = self.run_segment(k, state)
+                chunks[k].append(logits)
+        return [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run every segment (and the compaction gathers) once per batch size, before serving."""
+        shape = [d if d > 0 else 1 for d in self.bundle.manifest.input.shape[1:]]
+        dtype = np.dtype(self.bundle.manifest.input.dtype)
+        for n in batch_sizes:
+            state = self.start(np.zeros([n, *shape], dtype=dtype))
+            for k in range(self.num_exits):
+                state, _ = self.run_segment(k, state)
+                if state and n > 1:
+                    state = self.select(state, np.arange(n - 1))
