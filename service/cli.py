@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from models.bundle import BundleError
-
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
+from service.settings import DEFAULT_BUNDLE
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -110,6 +109,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logs import configure_logging
+    from service.settings import Settings
+
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host, "port": args.port, "bundles": args.bundles or None, "default_delta": args.delta,
+            "default_policy": args.policy, "max_batch_size": args.max_batch_size,
+            "max_queue_delay_ms": args.max_queue_delay_ms, "queue_limit": args.queue_limit,
+            "request_timeout_s": args.request_timeout, "provider": args.provider, "threads": args.threads,
+            "workers": args.workers, "api_key": args.api_key, "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level)
+    app = create_app(settings)  # loads and verifies every bundle: a bad one stops start-up here
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exitserve", description="Serve multi-exit networks with per-request accuracy targets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--version", default="1")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="serve bundles over HTTP (v1 REST and the Open Inference Protocol)")
+    p.add_argument("bundles", nargs="*", help="bundle directories (default: the committed default bundle)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--delta", type=float, help="default accuracy target when a request gives none")
+    p.add_argument("--policy", help="default exit policy")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue-delay-ms", type=float)
+    p.add_argument("--queue-limit", type=int)
+    p.add_argument("--request-timeout", type=float)
+    p.add_argument("--provider", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--api-key")
+    p.add_argument("--log-level")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("info", help="verify a bundle and print its summary")
     p.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE))

@@ -36,9 +36,10 @@ _global_pool_threads: int | None = None
 class RunnerOptions:
     provider: Provider = "cpu"
     device_id: int = 0
-    # One process-wide intra-op pool shared by every segment session measured fastest and steadiest on
-    # 2 cores (shared/notes/onnxruntime.md); per-session pools are kept as an option.
-    thread_pool: Literal["global", "per-session"] = "global"
+    # "global": one process-wide intra-op pool shared by every segment session, measured fastest and
+    # steadiest on 2 cores (shared/notes/onnxruntime.md). ORT then refuses any session in the process
+    # that asks for its own pool, so only a dedicated serving process (Settings) turns it on.
+    thread_pool: Literal["global", "per-session"] = "per-session"
     threads: int = 1
     spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"

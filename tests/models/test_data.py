@@ -1,0 +1,90 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from models.data import (
+    load_cifar10_arrays,
+    load_dataset,
+    load_mnist_arrays,
+    split_train_val,
+)
+
+
+def test_validation_split_is_disjoint_seeded_and_complete() -> None:
+    train_a, val_a = split_train_val(100, 20, seed=3)
+    train_b, val_b = split_train_val(100, 20, seed=3)
+    _, val_c = split_train_val(100, 20, seed=4)
+    assert np.array_equal(val_a, val_b) and np.array_equal(train_a, train_b)
+    assert not np.array_equal(val_a, val_c)
+    assert len(np.intersect1d(train_a, val_a)) == 0
+    assert sorted(np.concatenate([train_a, val_a]).tolist()) == list(range(100))
+
+
+def test_digits_splits_never_overlap() -> None:
+    train = load_dataset("digits:train")
+    val = load_dataset("digits:val")
+    test = load_dataset("digits:test")
+    assert train.x.dtype == np.float32 and train.x.shape[1:] == (1, 8, 8)
+    assert 0.0 <= train.x.min() and train.x.max() <= 1.0
+    rows = {bytes(r) for r in train.x.reshape(len(train), -1)}
+    assert len(train) + len(val) + len(test) == 1797
+    assert train.fingerprint != val.fingerprint
+    assert all(bytes(r) not in rows for r in val.x.reshape(len(val), -1)[:50]) or len(rows) < len(train)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_idx_layout(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    arrays = load_mnist_arrays(tmp_path)
+    assert np.array_equal(arrays["x_test"], images)
+    assert arrays["y_train"].tolist() == labels.tolist()
+
+
+def test_shared_mnist_loads() -> None:
+    data = load_dataset("mnist:val")
+    assert data.x.shape == (5000, 1, 28, 28) and set(np.unique(data.y)) == set(range(10))
+
+
+def test_cifar_binary_batches(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = np.concatenate([rng.integers(0, 10, (4, 1)), rng.integers(0, 256, (4, 3072))], axis=1)
+        records.astype(np.uint8).tofile(tmp_path / name)
+    arrays = load_cifar10_arrays(tmp_path)
+    assert arrays["x_train"].shape == (20, 32, 32, 3) and arrays["y_test"].shape == (4,)
+
+
+def test_cifar_python_batches_refuse_foreign_pickles(tmp_path) -> None:
+    batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    arrays = load_cifar10_arrays(tmp_path)
+    assert arrays["y_train"].tolist() == [1, 2] * 5
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing global"):
+        load_cifar10_arrays(tmp_path)
+
+
+def test_npz_data_file(tmp_path) -> None:
+    x = np.random.default_rng(0).random((5, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x=x, y=np.array([0, 1, 2, 1, 0]))
+    data = load_dataset(str(tmp_path / "mine.npz"))
+    assert np.array_equal(data.x, x) and data.labels == ["0", "1", "2"]
