@@ -1,0 +1,145 @@
+"""Test helpers: random multi-exit problems (a hypothesis strategy) and a naive per-sample reference rule.
+
+The reference reads only the calibration.json document and decides one sample at a time with
+plain Python (bins by linear scan, tables from counts, scipy for the Clopper–Pearson bound), so it
+shares nothing with the vectorised implementation except the confidence values themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from hypothesis import strategies as st
+from scipy import stats
+
+from calibration.confidence import confidence_from_probs, softmax, top2_margin
+
+
+@dataclass
+class Problem:
+    logits: list[np.ndarray]
+    labels: np.ndarray | None
+    fit_kwargs: dict
+
+
+def make_logits(
+    rng: np.random.Generator, n: int, classes: int, exits: int, discrete: bool, strength: float = 1.0
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Exits that get better with depth; integer logits give many exact ties and edge confidences."""
+    labels = rng.integers(0, classes, n)
+    logits = []
+    for k in range(exits):
+        if discrete:
+            z = rng.integers(-2, 3, size=(n, classes)).astype(np.float64)
+            z[np.arange(n), labels] += rng.integers(0, 2 + k, size=n)
+        else:
+            z = rng.normal(size=(n, classes)) * rng.uniform(0.5, 3.0)
+            z[np.arange(n), labels] += strength * rng.uniform(0.0, 1.5) * (k + 1) * rng.random(n)
+        logits.append(z.astype(np.float32))
+    return logits, labels
+
+
+@st.composite
+def problems(draw, max_n: int = 60, max_exits: int = 4) -> Problem:
+    seed = draw(st.integers(0, 2**32 - 1))
+    n = draw(st.integers(1, max_n))
+    exits = draw(st.integers(1, max_exits))
+    classes = draw(st.integers(2, 5))
+    rng = np.random.default_rng(seed)
+    logits, labels = make_logits(rng, n, classes, exits, discrete=draw(st.booleans()))
+    small_grid = draw(st.booleans())
+    fit_kwargs = {
+        "confidence": draw(st.sampled_from(["max-softmax", "entropy", "margin"])),
+        "bins": draw(st.sampled_from([1, 2, 4, 7, 15])),
+        "binning": draw(st.sampled_from(["equal-width", "equal-mass"])),
+        "window": draw(st.integers(0, 2)),
+        "alpha": draw(st.sampled_from([0.01, 0.05, 0.2])),
+        "fit_temperature": draw(st.booleans()),
+    }
+    if small_grid:
+        fit_kwargs["delta_grid"] = sorted(set(np.round(rng.uniform(0.3, 1.0, 4), 2).tolist()))
+    return Problem(logits, labels if draw(st.booleans()) else None, fit_kwargs)
+
+
+# --- naive reference ----------------------------------------------------------------------------
+
+
+def _bin(edges: list[float], conf: float) -> int:
+    if conf >= 1.0:
+        return len(edges) - 2
+    for b in range(len(edges) - 1):
+        if edges[b] <= conf < edges[b + 1]:
+            return b
+    raise AssertionError(f"confidence {conf} outside the edges")
+
+
+@cache
+def _scipy_lower(k: int, n: int, alpha: float) -> float:
+    return 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
+
+
+def _value(kind: str, counts: list[int], correct: list[int], b: int, window: int, alpha: float) -> float:
+    n, k = counts[b], correct[b]
+    if kind == "lower":
+        return _scipy_lower(k, n, alpha)
+    if n == 0:
+        return -math.inf
+    if kind == "accuracy":
+        return k / n
+    lo, hi = max(0, b - window), min(len(counts), b + window + 1)
+    return sum(correct[lo:hi]) / sum(counts[lo:hi])
+
+
+_KIND = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
+
+
+def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: np.ndarray) -> list[tuple[int, int, float, bool]]:
+    """(exit, prediction, estimate, target_met) per sample, one sample at a time."""
+    num_exits, grid = doc["num_exits"], doc["delta_grid"]
+    window, alpha = doc["window"], doc["alpha"]
+    out = []
+    for i, delta in enumerate(deltas):
+        delta = float(delta)
+        g = next((j for j, v in enumerate(grid) if v >= delta - 1e-9), len(grid) - 1)
+        for k in range(num_exits):
+            ex = doc["exits"][k]
+            probs = softmax(logits[k][i : i + 1], ex["temperature"])
+            conf = float(confidence_from_probs(probs, doc["confidence"])[0])
+            b = _bin(ex["edges"], conf)
+            last = k == num_exits - 1
+            base = policy.removesuffix("-cond")
+            if policy in _KIND:
+                value = _value(_KIND[policy], ex["counts"], ex["correct"], b, window, alpha)
+                leave = value >= delta
+            elif policy.endswith("-cond"):
+                cond = ex["conditional"][policy]
+
+                def cond_value(gi, cond=cond, b=b, base=base):
+                    row = cond["grid_rows"][gi]
+                    return _value(_KIND[base], cond["counts"][row], cond["correct"][row], b, window, alpha)
+
+                value = cond_value(g)
+                leave = all(cond_value(j) >= grid[j] for j in range(g + 1)) and value >= delta
+            elif policy == "confidence":
+                value, leave = conf, conf >= delta
+            elif policy == "per-exit-threshold":
+                if last:
+                    value, leave = _value("accuracy", ex["counts"], ex["correct"], b, window, alpha), True
+                else:
+                    pet = ex["per_exit_threshold"]
+                    chosen = [j for j, p in enumerate(pet["precision"]) if p >= delta]
+                    margin = float(top2_margin(probs)[0])
+                    value = pet["precision"][chosen[0]] if chosen else 0.0
+                    leave = bool(chosen) and margin >= pet["thresholds"][chosen[0]]
+            elif policy == "full":
+                value, leave = _value("accuracy", ex["counts"], ex["correct"], b, window, alpha), False
+            else:
+                raise AssertionError(policy)
+            if leave or last:
+                estimate = max(value, 0.0)
+                out.append((k, int(np.argmax(logits[k][i])), estimate, bool(estimate >= delta) if last else True))
+                break
+    return out
