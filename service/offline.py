@@ -1,0 +1,139 @@
+"""Offline work on a bundle: `exitserve calibrate` and `exitserve evaluate`.
+
+Both run the bundle's ONNX segments over a data set to full depth (every exit's logits for every
+sample), then hand the logits to the calibration package: fitting writes calibration.json into the
+bundle and re-signs it; evaluation sweeps δ for every policy and writes JSON, markdown and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration import Calibration, fit_calibration
+from calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
+from calibration.io import dumps, save_calibration
+from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
+from models.data import Dataset, load_dataset
+
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_MD = "evaluation.md"
+
+
+def load_bundle_data(bundle: Bundle, data_spec: str) -> Dataset:
+    """Load `name:split` or an .npz for this bundle, checked against its input shape and labels.
+
+    Built-in splits use the bundle's own train/validation split seed, so `name:val` is the data
+    that was held out when the bundle was trained.
+    """
+    extra = bundle.manifest.created_by.extra
+    data = load_dataset(data_spec, seed=int(extra.get("split_seed") or 0))
+    if data_spec.endswith(":train"):
+        warnings.warn(f"{data_spec}: this is the training split; tables fitted on it over-promise", stacklevel=2)
+    expected_val = extra.get("val_fingerprint")
+    if data_spec.endswith(":val") and expected_val and data.fingerprint != expected_val:
+        warnings.warn(f"{data_spec}: fingerprint {data.fingerprint} differs from the validation split recorded "
+                      f"at training ({expected_val}); is this really held-out data?", stacklevel=2)
+    spec = bundle.manifest.input
+    want = spec.shape[1:]
+    have = list(data.x.shape[1:])
+    if len(want) != len(have) or any(w not in (-1, h) for w, h in zip(want, have, strict=True)):
+        raise ValueError(f"{data_spec}: inputs have shape {[-1, *have]} but the bundle expects {spec.shape} ({spec.name})")
+    num_labels = len(bundle.manifest.labels)
+    if len(data.y) == 0:
+        raise ValueError(f"{data_spec}: no samples")
+    if data.y.min() < 0 or data.y.max() >= num_labels:
+        raise ValueError(f"{data_spec}: labels {data.y.min()}..{data.y.max()} outside the bundle's {num_labels} classes")
+    return data
+
+
+def bundle_logits(
+    bundle: Bundle, x: np.ndarray, *, provider: str = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
+) -> list[np.ndarray]:
+    """Every exit's logits for every row of x, from the bundle's ONNX segments."""
+    from service.runner import OnnxRunner  # onnxruntime loads only when a command needs it
+
+    runner = OnnxRunner(bundle, provider=provider, threads=threads)
+    return runner.run_all_exits(np.ascontiguousarray(x, dtype=np.dtype(bundle.manifest.input.dtype)),
+                                batch_size=batch_size, progress=progress)
+
+
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    data_spec: str,
+    *,
+    provider: str = "cpu",
+    threads: int = 2,
+    batch_size: int = 256,
+    progress: bool = True,
+    use_labels: bool = True,
+    **fit_kwargs: Any,
+) -> Calibration:
+    """Fit calibration.json for a bundle on `data_spec` (e.g. "cifar10:val" or a .npz) and re-sign it.
+
+    fit_kwargs go to `calibration.fit_calibration` (confidence, bins, binning, window, alpha,
+    delta_grid, fit_temperature). use_labels=False calibrates self-supervised (agreement with the
+    last exit). Returns the fitted Calibration; the bundle is verified again after writing.
+    """
+    directory = Path(bundle_dir)
+    bundle = load_bundle(directory)
+    data = load_bundle_data(bundle, data_spec)
+    logits = bundle_logits(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)
+    calibration = fit_calibration(logits, data.y if use_labels else None, data_fingerprint=data.fingerprint, **fit_kwargs)
+    save_calibration(calibration, directory / CALIBRATION_FILE)
+    refresh_checksums(directory)
+    load_bundle(directory, require_calibration=True)  # what we wrote must load
+    return calibration
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path,
+    data_spec: str,
+    out_dir: str | Path,
+    *,
+    provider: str = "cpu",
+    threads: int = 2,
+    batch_size: int = 256,
+    progress: bool = True,
+    deltas: Sequence[float] | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run the bundle once over labelled test data, sweep δ for every policy, write the reports.
+
+    Writes out_dir/evaluation.json, evaluation.md, reliability.png, accuracy_vs_delta.png and
+    accuracy_vs_compute.png; returns the evaluation dict. `command` is recorded in the reports
+    (default: this process's command line).
+    """
+    from calibration.plots import write_plots  # matplotlib only when plotting
+
+    bundle = load_bundle(bundle_dir, require_calibration=True)
+    manifest = bundle.manifest
+    calibration = Calibration.from_dict(bundle.calibration, num_exits=manifest.num_exits)
+    data = load_bundle_data(bundle, data_spec)
+    logits = bundle_logits(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)
+    report = evaluate_policies(calibration, logits, data.y, manifest.compute_fractions(),
+                               DEFAULT_EVAL_DELTAS if deltas is None else deltas)
+    source = {
+        "bundle": f"{manifest.name} v{manifest.version}",
+        "data": data_spec,
+        "data_fingerprint": data.fingerprint,
+        "command": command if command is not None else " ".join(Path(sys.argv[0]).name if i == 0 else a
+                                                                 for i, a in enumerate(sys.argv)),
+    }
+    if data.fingerprint == calibration.data_fingerprint:
+        source["warning"] = "evaluated on the calibration data itself: results are optimistic"
+    report = {"source": source, **report}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVALUATION_JSON).write_text(dumps(report) + "\n")
+    (out / EVALUATION_MD).write_text(render_markdown(report, title=f"Evaluation of {manifest.name} on {data_spec}") + "\n")
+    write_plots(report, out)
+    json.loads((out / EVALUATION_JSON).read_text())  # strict JSON (no NaN) or fail loudly here
+    return report
