@@ -10,10 +10,14 @@ Policies
                             smoothed accuracy, Clopper–Pearson lower bound) for the sample's
                             confidence bin is >= δ; otherwise the last exit answers.
   pcee-cond, -ws-cond,      the same over conditional tables, built per grid δ on the validation
-  -lb-cond                  samples that reach each exit under that δ. A request uses the grid δ
-                            nearest at or above its own (within 1e-9), the top of the grid above it;
-                            an early exit additionally needs the table value >= the request's δ, so
-                            early exits always meet the target (matters only above the grid top).
+  -lb-cond                  samples that reach each exit under that δ. A request uses the tables and
+                            decisions of the grid δ nearest at or above its own (a δ within 1e-9 above
+                            a grid value counts as it; below the grid: its bottom, more cautious than
+                            asked; above the grid top: the top). An early exit also needs the table
+                            value >= the request's own δ, so early exits always meet the target (this
+                            bites only above the grid top). A bin lets samples leave at grid δ only
+                            if it also does at every smaller grid δ (tables.exit_allowed), so
+                            raising δ never moves a sample to an earlier exit.
   confidence                exit when the confidence itself is >= δ; the estimate is the confidence.
   per-exit-threshold        exit when the top-2 margin is >= the exit's smallest margin threshold
                             whose calibration precision is >= δ; the estimate is that precision.

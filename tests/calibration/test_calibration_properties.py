@@ -101,7 +101,7 @@ def test_conditional_estimates_are_exact_on_calibration_data_at_grid_deltas(prob
                         np.testing.assert_allclose(d.estimate[group], realised, rtol=0, atol=1e-12)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_n=30), st.integers(0, 2**32 - 1))
 def test_decide_all_equals_the_naive_per_sample_reference(problem, seed):
     cal = fit(problem)
