@@ -26,6 +26,14 @@ EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
 
 
+def _command_line() -> str:
+    """This process's command line, with `python -m service.cli` shown as the `exitserve` it is."""
+    program = Path(sys.argv[0]).name
+    if program in ("cli.py", "__main__.py", "exitserve"):
+        program = "exitserve"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def load_bundle_data(bundle: Bundle, data_spec: str) -> Dataset:
     """Load `name:split` or an .npz for this bundle, checked against its input shape and labels.
 
@@ -123,8 +131,7 @@ def evaluate_bundle(
         "bundle": f"{manifest.name} v{manifest.version}",
         "data": data_spec,
         "data_fingerprint": data.fingerprint,
-        "command": command if command is not None else " ".join(Path(sys.argv[0]).name if i == 0 else a
-                                                                 for i, a in enumerate(sys.argv)),
+        "command": command if command is not None else _command_line(),
     }
     if data.fingerprint == calibration.data_fingerprint:
         source["warning"] = "evaluated on the calibration data itself: results are optimistic"
