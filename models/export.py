@@ -22,6 +22,14 @@ PARITY_BATCHES = (1, 7)
 MAX_IR_VERSION = 10  # onnxruntime 1.31 rejects IR 14, which onnx 1.23 writes by default
 
 
+def invocation() -> str:
+    """The command line that made this, as a user would type it (`exitserve ...`)."""
+    program = Path(sys.argv[0]).name
+    if program in ("exitserve", "cli.py") or sys.argv[0].endswith("service/cli.py"):
+        return " ".join(["exitserve", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
 class ExportParityError(RuntimeError):
     pass
 
@@ -134,7 +142,7 @@ def export_bundle(
         "exits": exits,
         "created_by": {
             "exitserve_version": __version__,
-            "command": " ".join(sys.argv),
+            "command": invocation(),
             "data_fingerprint": data_fingerprint,
             "extra": extra_provenance or {},
         },

@@ -109,6 +109,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from service.offline import calibrate_bundle
+
+    calibrate_bundle(
+        args.bundle, args.data, progress=not args.no_progress, confidence=args.confidence, bins=args.bins,
+        binning=args.binning, window=args.window, alpha=args.alpha, fit_temperature=not args.no_temperature,
+    )
+    print(f"wrote {Path(args.bundle) / 'calibration.json'} and re-signed the manifest")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from service.offline import evaluate_bundle
+
+    evaluate_bundle(args.bundle, args.data, args.out, progress=not args.no_progress)
+    print(f"wrote {args.out}/evaluation.json, evaluation.md and plots")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -171,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--version", default="1")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("calibrate", help="fit temperatures and reliability tables on held-out data")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True, help="e.g. cifar10:val, digits:val, or an .npz with x and y")
+    p.add_argument("--confidence", default="max-softmax", choices=["max-softmax", "entropy", "margin"])
+    p.add_argument("--bins", type=int, default=15)
+    p.add_argument("--binning", default="equal-width", choices=["equal-width", "equal-mass"])
+    p.add_argument("--window", type=int, default=1, help="pcee-ws: smooth over +-H bins")
+    p.add_argument("--alpha", type=float, default=0.05, help="pcee-lb: one-sided level of the lower bound")
+    p.add_argument("--no-temperature", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="sweep delta for every policy on test data: JSON, Markdown, plots")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True, help="e.g. cifar10:test, digits:test, or an .npz with x and y")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve bundles over HTTP (v1 REST and the Open Inference Protocol)")
     p.add_argument("bundles", nargs="*", help="bundle directories (default: the committed default bundle)")

@@ -1,12 +1,18 @@
-"""Shared fixtures: a small real multi-exit model trained on sklearn digits and exported as a bundle."""
+"""Shared fixtures: a small real multi-exit model trained on sklearn digits, exported and calibrated
+with the real CLI, and a real `exitserve serve` process on loopback."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,3 +38,69 @@ def bundle_copy(digits_bundle_uncalibrated: Path, tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
     shutil.copytree(digits_bundle_uncalibrated, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(digits_bundle_uncalibrated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits bundle calibrated on its validation split with the real CLI."""
+    bundle = tmp_path_factory.mktemp("calibrated") / "digits"
+    shutil.copytree(digits_bundle_uncalibrated, bundle)
+    subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(bundle), "--data", "digits:val", "--no-progress"],
+                   check=True, cwd=REPO, capture_output=True)
+    return bundle
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exitserve-test-{self.port}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", *map(str, bundles), "--port", str(self.port),
+             "--host", "127.0.0.1", *(extra_args or [])],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(digits_bundle: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess([digits_bundle], ["--max-batch-size", "16", "--max-queue-delay-ms", "2"])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

@@ -1,0 +1,302 @@
+"""Serving benchmarks (issue 4): the cost of cutting, early-exit efficiency, per-request overhead.
+
+    python benchmarks/monolithic.py runs/cifar10-resnet-large/checkpoint.pt --out runs/monolithic
+    python benchmarks/serving.py --bundle bundles/cifar10-resnet-large --monolithic runs/monolithic
+
+Writes benchmarks/results/serving.json and prints Markdown tables for BENCHMARKS.md. Every
+comparison is measured in the same run, variants interleaved in rounds so that noise from this
+shared machine hits them alike; medians and p99 with counts. HTTP load comes from `wrk` (C, one
+thread) so the client does not starve the server of the 2 cores; its CPU time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from calibration import Calibration
+from models.bundle import load_bundle
+from models.data import load_dataset
+from service.engine import ExitEngine
+from service.runner import OnnxRunner, RunnerOptions
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def stats(samples_s: list[float]) -> dict:
+    a = np.asarray(samples_s) * 1000.0
+    return {"n": int(a.size), "p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+
+
+# --- 1. the cost of cutting -----------------------------------------------------------------------
+
+
+def _session(path: Path, options: RunnerOptions) -> ort.InferenceSession:
+    from service.runner import session_options
+
+    return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
+
+
+def cost_of_cutting(bundle_dir: Path, mono_dir: Path, x: np.ndarray, rounds: int) -> dict:
+    bundle = load_bundle(bundle_dir)
+    configs = {
+        "1 thread, no spinning": RunnerOptions(threads=1, spinning=False),
+        "2 threads, no spinning": RunnerOptions(threads=2, spinning=False),
+        "2 threads, spinning (ORT default)": RunnerOptions(threads=2, spinning=True),
+    }
+    out: dict = {}
+    for config_name, options in configs.items():
+        runner = OnnxRunner(bundle, options=options)
+        all_exits = _session(mono_dir / "all-exits.onnx", options)
+        last_exit = _session(mono_dir / "last-exit.onnx", options)
+
+        def chain(batch: np.ndarray, runner: OnnxRunner = runner) -> None:
+            state = runner.start(batch)
+            for k in range(runner.num_exits):
+                state, _ = runner.run_segment(k, state)
+
+        variants = {
+            "chained segments (IOBinding)": chain,
+            "monolithic, every exit": lambda b, s=all_exits: s.run(None, {"input": b}),
+            "monolithic, last exit only": lambda b, s=last_exit: s.run(None, {"input": b}),
+        }
+        for batch_size, reps in ((1, 200), (32, 20)):
+            batch = np.ascontiguousarray(x[:batch_size])
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for fn in variants.values():  # warm-up
+                for _ in range(5):
+                    fn(batch)
+            for _ in range(rounds):
+                for name, fn in variants.items():
+                    for _ in range(reps):
+                        t = time.perf_counter()
+                        fn(batch)
+                        times[name].append(time.perf_counter() - t)
+            row = {name: stats(t) for name, t in times.items()}
+            chained = row["chained segments (IOBinding)"]["p50_ms"]
+            row["ratio chained / monolithic every exit"] = chained / row["monolithic, every exit"]["p50_ms"]
+            row["ratio chained / monolithic last exit"] = chained / row["monolithic, last exit only"]["p50_ms"]
+            out.setdefault(config_name, {})[f"batch {batch_size}"] = row
+    return out
+
+
+# --- 2. early-exit efficiency where compute dominates ---------------------------------------------
+
+
+def early_exit_efficiency(bundle_dir: Path, x: np.ndarray, deltas: list[float], rounds: int, threads: int) -> dict:
+    bundle = load_bundle(bundle_dir)
+    runner = OnnxRunner(bundle, options=RunnerOptions(threads=threads))
+    engine = ExitEngine(runner, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits))
+    fractions = np.asarray(bundle.manifest.compute_fractions())
+    batches = [x[i : i + 64] for i in range(0, len(x) - 63, 64)]
+    settings = [("full", 1.0)] + [("pcee-cond", d) for d in deltas]
+    times: dict[str, list[float]] = {f"{p} δ={d}": [] for p, d in settings}
+    compute: dict[str, list[float]] = {k: [] for k in times}
+    for _ in range(rounds):
+        for policy, delta in settings:
+            key = f"{policy} δ={delta}"
+            for batch in batches:
+                t = time.perf_counter()
+                result = engine.run(batch, np.full(len(batch), delta), np.full(len(batch), policy, dtype=object))
+                times[key].append(time.perf_counter() - t)
+                compute[key].append(float(fractions[result.exit_index].mean()))
+    full_p50 = np.median(times["full δ=1.0"])
+    out = {}
+    for key in times:
+        p50 = float(np.median(times[key]))
+        mean_fraction = float(np.mean(compute[key]))
+        speedup = full_p50 / p50
+        ideal = 1.0 / mean_fraction
+        out[key] = {**stats(times[key]), "images_per_s": 64 / p50, "mean_compute_fraction": mean_fraction,
+                    "speedup_vs_full": speedup, "ideal_speedup": ideal, "share_of_ideal": speedup / ideal}
+    return out
+
+
+# --- 3. per-request overhead over HTTP ------------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
+for k, v in string.gmatch(os.getenv("HEADERS") or "", "([^=;]+)=([^;]+)") do wrk.headers[k] = v end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "socket_errors": %d, "non_2xx": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_ready(url: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def _wrk(url: str, body: bytes, headers: dict[str, str], connections: int, seconds: int, workdir: Path) -> dict:
+    body_file = workdir / "body.bin"
+    body_file.write_bytes(body)
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "BODY_FILE": str(body_file), "HEADERS": ";".join(f"{k}={v}" for k, v in headers.items())}
+    started = time.perf_counter()
+    cpu0 = os.times()
+    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                          env=env, capture_output=True, text=True, check=True)
+    cpu1 = os.times()
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON "))
+    result = json.loads(line[len("WRKJSON "):])
+    wall = time.perf_counter() - started
+    result["req_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["client_cpu_share"] = ((cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)) / wall
+    return result
+
+
+def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads: int) -> dict:
+    import base64
+
+    import tritonclient.http as triton
+
+    name = load_bundle(bundle_dir).manifest.name
+    one = np.ascontiguousarray(x[:1])
+    inp = triton.InferInput("input", list(one.shape), "FP32")
+    inp.set_data_from_numpy(one)
+    v2_body, v2_json_len = triton.InferenceServerClient.generate_request_body(
+        [inp], outputs=[triton.InferRequestedOutput("label"), triton.InferRequestedOutput("exit")], parameters={"policy": "full"})
+    bodies = {
+        "exitserve v1 JSON": (f"/v1/models/{name}/predict", json.dumps({"inputs": one.tolist(), "policy": "full"}).encode(),
+                              {"Content-Type": "application/json"}),
+        "exitserve v1 raw (base64)": (f"/v1/models/{name}/predict", json.dumps({"inputs": {
+            "b64": base64.b64encode(one.tobytes()).decode(), "dtype": "float32", "shape": list(one.shape)}, "policy": "full"}).encode(),
+            {"Content-Type": "application/json"}),
+        "exitserve v2 binary": (f"/v2/models/{name}/infer", v2_body, {"Inference-Header-Content-Length": str(v2_json_len)}),
+        "plain FastAPI JSON": ("/predict", json.dumps({"inputs": one.tolist()}).encode(), {"Content-Type": "application/json"}),
+        "plain FastAPI raw": ("/predict_raw", one.tobytes(), {"x-shape": ",".join(map(str, one.shape))}),
+    }
+    servers = {}
+    env = {**os.environ, "EXITSERVE_THREADS": str(threads), "EXITSERVE_LOG_LEVEL": "warning"}
+    port = _free_port()
+    servers["exitserve"] = (subprocess.Popen([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
+                                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/readyz")
+    port = _free_port()
+    servers["plain"] = (subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "plain_server.py"), str(mono_dir / "last-exit.onnx"),
+                                          "--port", str(port), "--threads", str(threads)], cwd=REPO,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/docs")
+    out: dict = {}
+    try:
+        for _, port, ready in servers.values():
+            _wait_ready(f"http://127.0.0.1:{port}{ready}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for connections in (1, 8):
+                for variant, (path, body, headers) in bodies.items():
+                    proc, port, _ = servers["exitserve" if variant.startswith("exitserve") else "plain"]
+                    url = f"http://127.0.0.1:{port}{path}"
+                    _wrk(url, body, headers, connections, 2, Path(tmp))  # warm-up
+                    cpu_before = _cpu_seconds(proc.pid)
+                    result = _wrk(url, body, headers, connections, seconds, Path(tmp))
+                    cpu = _cpu_seconds(proc.pid) - cpu_before
+                    result["p50_ms"] = result.pop("p50_us") / 1000
+                    result["p99_ms"] = result.pop("p99_us") / 1000
+                    result["server_cpu_ms_per_request"] = 1000 * cpu / max(result["requests"], 1)
+                    out[f"{variant}, {connections} client(s)"] = result
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}. Command: `{results['command']}`", ""]
+    lines += ["**Cost of cutting** (p50 / p99 ms per batch; ratios of p50)", "",
+              "| threads | batch | chained | monolithic every exit | monolithic last exit | chained / every exit | chained / last exit |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for config, batches in results["cost_of_cutting"].items():
+        for batch, row in batches.items():
+            c, a, last = (row[k] for k in ("chained segments (IOBinding)", "monolithic, every exit", "monolithic, last exit only"))
+            lines.append(f"| {config} | {batch.split()[1]} | {c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {a['p50_ms']:.3f} / {a['p99_ms']:.3f} "
+                         f"| {last['p50_ms']:.3f} / {last['p99_ms']:.3f} | {row['ratio chained / monolithic every exit']:.3f} "
+                         f"| {row['ratio chained / monolithic last exit']:.3f} |")
+    lines += ["", "**Early exit with 64-image batches** (in-process engine, pcee-cond)", "",
+              "| setting | p50 ms | p99 ms | images/s | mean compute fraction | speedup vs full | ideal (1/fraction) | share of ideal |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, row in results["early_exit"].items():
+        lines.append(f"| {key} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['images_per_s']:.0f} | {row['mean_compute_fraction']:.3f} "
+                     f"| {row['speedup_vs_full']:.2f} | {row['ideal_speedup']:.2f} | {row['share_of_ideal']:.2f} |")
+    if "http" in results:
+        lines += ["", "**Single-image requests over HTTP** (wrk, 1 thread; exitserve at full depth)", "",
+                  "| variant | req/s | p50 ms | p99 ms | server CPU ms/request | client CPU share | errors |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for key, row in results["http"].items():
+            lines.append(f"| {key} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                         f"{row['server_cpu_ms_per_request']:.2f} | {row['client_cpu_share']:.2f} | {row['socket_errors'] + row['non_2xx']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bundle", default=str(REPO / "bundles" / "cifar10-resnet-large"))
+    parser.add_argument("--monolithic", default=str(REPO / "runs" / "monolithic"))
+    parser.add_argument("--data", default="cifar10:test")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--deltas", default="0.8,0.85,0.9")
+    parser.add_argument("--http-seconds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "serving.json"))
+    args = parser.parse_args()
+    data = load_dataset(args.data)
+    x = data.x[:1024]
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, onnxruntime {ort.__version__}",
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "cost_of_cutting": cost_of_cutting(Path(args.bundle), Path(args.monolithic), x, args.rounds),
+        "early_exit": early_exit_efficiency(Path(args.bundle), x, [float(d) for d in args.deltas.split(",")], args.rounds, args.threads),
+    }
+    if not args.skip_http:
+        if shutil.which("wrk") is None:
+            raise SystemExit("wrk is needed for the HTTP part (apt-get install wrk), or pass --skip-http")
+        results["http"] = http_overhead(Path(args.bundle), Path(args.monolithic), x, args.http_seconds, args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

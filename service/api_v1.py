@@ -1,0 +1,140 @@
+"""REST API v1: `POST /v1/models/{model}/predict` with a per-request accuracy target.
+
+The body is parsed by hand (orjson, then numpy) rather than by a pydantic model: validating a
+nested list of thousands of floats through pydantic costs more than running the model.
+The pydantic models below document the API in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from service.dataplane import Dataplane, InvalidInput, Prediction
+
+RAW_DTYPES = {"float32", "float16", "float64", "uint8", "int8", "int32", "int64"}
+
+
+class RawTensor(BaseModel):
+    b64: str = Field(description="base64 of the raw little-endian bytes, row-major")
+    dtype: str = Field(description=f"one of {sorted(RAW_DTYPES)}")
+    shape: list[int] = Field(description="full shape including the batch axis")
+
+
+class PredictRequest(BaseModel):
+    inputs: list[Any] | RawTensor = Field(description="a batch of samples as nested lists, or a raw tensor")
+    delta: float | list[float] | None = Field(None, description="accuracy target in (0, 1]; one value or one per sample")
+    policy: str | None = Field(None, description="exit policy, e.g. pcee-cond (default), pcee, pcee-lb, confidence, full")
+    return_probabilities: bool = False
+
+
+class SamplePrediction(BaseModel):
+    label: str
+    class_index: int
+    exit: int = Field(description="index of the exit that answered, from 0")
+    exits_total: int
+    estimated_accuracy: float
+    target_met: bool = Field(description="false when even the last exit's estimate is below delta")
+    compute_fraction: float = Field(description="cumulative FLOPs at the exit / FLOPs of the full model")
+    probabilities: list[float] | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    request_id: str
+    predictions: list[SamplePrediction]
+
+
+def decode_raw_tensor(raw: dict, where: str = "inputs") -> np.ndarray:
+    missing = {"b64", "dtype", "shape"} - set(raw)
+    if missing:
+        raise InvalidInput(f"{where}: raw tensor needs {sorted(missing)}")
+    dtype, shape = raw["dtype"], raw["shape"]
+    if dtype not in RAW_DTYPES:
+        raise InvalidInput(f"{where}.dtype: {dtype!r} is not one of {sorted(RAW_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInput(f"{where}.shape: must be a list of non-negative integers")
+    try:
+        data = base64.b64decode(raw["b64"], validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidInput(f"{where}.b64: not valid base64") from None
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"{where}.b64: {len(data)} bytes, but shape {shape} of {dtype} needs {expected}")
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def decode_nested(values: Any, where: str = "inputs") -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{where}: must be a rectangular nested list of numbers") from None
+    return array
+
+
+def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list[dict]:
+    result = prediction.result
+    exits_total = prediction.model.manifest.num_exits
+    labels = prediction.labels.tolist()
+    columns = zip(
+        labels, result.class_index.tolist(), result.exit_index.tolist(), result.estimate.tolist(),
+        result.target_met.tolist(), prediction.compute_fraction.tolist(), strict=True,
+    )
+    out = [
+        {"label": label, "class_index": c, "exit": e, "exits_total": exits_total, "estimated_accuracy": est,
+         "target_met": met, "compute_fraction": frac}
+        for label, c, e, est, met, frac in columns
+    ]
+    if want_probabilities and result.probabilities is not None:
+        for entry, probs in zip(out, result.probabilities.tolist(), strict=True):
+            entry["probabilities"] = probs
+    return out
+
+
+def build_router(dataplane: Dataplane) -> APIRouter:
+    router = APIRouter(tags=["v1"])
+
+    @router.post(
+        "/v1/models/{model}/predict",
+        response_model=PredictResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
+        summary="Classify a batch; each sample stops at the first exit whose estimated accuracy reaches delta",
+    )
+    async def predict(model: str, request: Request) -> Response:
+        served = dataplane.model(model)
+        body = await request.body()
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"body: invalid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise InvalidInput("body: must be a JSON object with 'inputs'")
+        unknown = set(payload) - set(PredictRequest.model_fields)
+        if unknown:
+            raise InvalidInput(f"body: unknown field(s) {sorted(unknown)}")
+        if "inputs" not in payload:
+            raise InvalidInput("inputs: required")
+        raw = payload["inputs"]
+        if isinstance(raw, dict):
+            x = decode_raw_tensor(raw)
+        elif isinstance(raw, list):
+            x = decode_nested(raw)
+        else:
+            raise InvalidInput("inputs: must be a nested list or a raw tensor object {b64, dtype, shape}")
+        want = payload.get("return_probabilities", False)
+        if not isinstance(want, bool):
+            raise InvalidInput("return_probabilities: must be true or false")
+        x = dataplane.check_inputs(served, x)
+        deltas = dataplane.check_deltas(payload.get("delta"), len(x))
+        policies = dataplane.check_policy(served, payload.get("policy"), len(x))
+        prediction = await dataplane.infer(served, x, deltas, policies, want)
+        response = {"model": served.name, "request_id": request.state.request_id, "predictions": encode_predictions(prediction, want)}
+        return Response(orjson.dumps(response), media_type="application/json")
+
+    return router

@@ -1,0 +1,155 @@
+"""Open Inference Protocol v2 (KServe / Triton), JSON and the binary tensor extension.
+
+`tritonclient.http` sends binary tensors and no Content-Type, so infer bodies are read raw and
+split by `service.oip_codec`. Per-request `parameters.delta` and `parameters.policy` steer the exit
+rule; a per-sample `delta` input tensor may be sent instead. Per-sample results are output tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from models import __version__
+from service.dataplane import Dataplane, InvalidInput
+from service.oip_codec import ProtocolError, decode_infer_request, encode_infer_response, resolve_outputs
+from service.repository import ServedModel
+
+OUTPUTS = {
+    # name: (datatype, per-sample shape suffix)
+    "label": "BYTES",
+    "class_index": "INT64",
+    "exit": "INT64",
+    "estimated_accuracy": "FP32",
+    "target_met": "BOOL",
+    "compute_fraction": "FP32",
+    "probabilities": "FP32",
+}
+DEFAULT_OUTPUTS = [name for name in OUTPUTS if name != "probabilities"]
+DELTA_INPUT = "delta"
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def model_metadata(model: ServedModel) -> dict:
+    m = model.manifest
+    return {
+        "name": model.name,
+        "versions": [m.version],
+        "platform": "exitserve_onnx_chain",
+        "inputs": [
+            {"name": m.input.name, "datatype": "FP32" if m.input.dtype == "float32" else m.input.dtype.upper(), "shape": m.input.shape},
+            {"name": DELTA_INPUT, "datatype": "FP64", "shape": [-1], "optional": True},
+        ],
+        "outputs": [
+            {"name": name, "datatype": datatype, "shape": [-1, len(m.labels)] if name == "probabilities" else [-1]}
+            for name, datatype in OUTPUTS.items()
+        ],
+        "parameters": {"exits": m.num_exits, "labels": m.labels},
+    }
+
+
+def model_config(model: ServedModel, max_batch_size: int, max_queue_delay_ms: float) -> dict:
+    metadata = model_metadata(model)
+    return {
+        "name": model.name,
+        "platform": metadata["platform"],
+        "max_batch_size": max_batch_size,
+        "input": [{"name": i["name"], "data_type": f"TYPE_{i['datatype']}", "dims": i["shape"][1:]} for i in metadata["inputs"]],
+        "output": [{"name": o["name"], "data_type": f"TYPE_{o['datatype'] if o['datatype'] != 'BYTES' else 'STRING'}", "dims": o["shape"][1:]} for o in metadata["outputs"]],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_ms * 1000)},
+    }
+
+
+def build_router(dataplane: Dataplane) -> APIRouter:
+    router = APIRouter(tags=["v2 (Open Inference Protocol)"])
+    settings = dataplane.settings
+
+    @router.get("/v2")
+    async def server_metadata() -> Response:
+        return _json({"name": "exitserve", "version": __version__, "extensions": EXTENSIONS})
+
+    @router.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @router.get("/v2/health/ready")
+    async def ready() -> Response:
+        is_ready = dataplane.repository.ready
+        return _json({"ready": is_ready}, 200 if is_ready else 503)
+
+    def _model(name: str, version: str | None) -> ServedModel:
+        model = dataplane.model(name)
+        if version is not None and version != model.manifest.version:
+            raise InvalidInput(f"model {name!r} has no version {version!r} (serving {model.manifest.version!r})", status=404)
+        return model
+
+    @router.get("/v2/models/{model}")
+    @router.get("/v2/models/{model}/versions/{version}")
+    async def metadata(model: str, version: str | None = None) -> Response:
+        return _json(model_metadata(_model(model, version)))
+
+    @router.get("/v2/models/{model}/ready")
+    @router.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str | None = None) -> Response:
+        served = _model(model, version)
+        return _json({"name": served.name, "ready": served.ready}, 200 if served.ready else 503)
+
+    @router.get("/v2/models/{model}/config")
+    async def config(model: str) -> Response:
+        return _json(model_config(_model(model, None), settings.max_batch_size, settings.max_queue_delay_ms))
+
+    @router.post("/v2/models/{model}/infer")
+    @router.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+        served = _model(model, version)
+        body = await request.body()
+        try:
+            decoded = decode_infer_request(
+                body, request.headers.get("inference-header-content-length"),
+                request.headers.get("content-encoding"), max_body_bytes=settings.max_body_bytes,
+            )
+            # Probabilities are sent only when asked for by name.
+            outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
+        except ProtocolError as exc:
+            raise InvalidInput(str(exc)) from None
+        input_name = served.manifest.input.name
+        unknown = set(decoded.inputs) - {input_name, DELTA_INPUT}
+        if unknown:
+            raise InvalidInput(f"inputs: unknown input(s) {sorted(unknown)}; this model takes {input_name!r} and optionally {DELTA_INPUT!r}")
+        if input_name not in decoded.inputs:
+            raise InvalidInput(f"inputs: missing {input_name!r}")
+        x = dataplane.check_inputs(served, decoded.inputs[input_name], where=f"inputs[{input_name}]")
+        params = decoded.parameters
+        unknown_params = set(params) - {"delta", "policy", "binary_data_output"}
+        if unknown_params:
+            raise InvalidInput(f"parameters: unknown parameter(s) {sorted(unknown_params)}; use 'delta' and 'policy'")
+        if DELTA_INPUT in decoded.inputs:
+            delta = decoded.inputs[DELTA_INPUT].reshape(-1)
+            deltas = dataplane.check_deltas(delta, len(x), where=f"inputs[{DELTA_INPUT}]")
+        else:
+            deltas = dataplane.check_deltas(params.get("delta"), len(x), where="parameters.delta")
+        policies = dataplane.check_policy(served, params.get("policy"), len(x), where="parameters.policy")
+        want_probabilities = any(name == "probabilities" for name, _ in outputs)
+        prediction = await dataplane.infer(served, x, deltas, policies, want_probabilities)
+        result = prediction.result
+        arrays = {
+            "label": np.asarray([s.encode() for s in prediction.labels.tolist()], dtype=object),
+            "class_index": result.class_index,
+            "exit": result.exit_index,
+            "estimated_accuracy": result.estimate.astype(np.float32),
+            "target_met": result.target_met,
+            "compute_fraction": prediction.compute_fraction.astype(np.float32),
+            "probabilities": result.probabilities,
+        }
+        body, headers = encode_infer_response(
+            served.name, served.manifest.version, decoded.id,
+            [(name, arrays[name], binary) for name, binary in outputs],
+        )
+        return Response(body, headers=headers)
+
+    return router

@@ -1,0 +1,136 @@
+"""One dataplane for every protocol: validate a batch, queue it, await its decisions."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration import POLICIES
+from service.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from service.repository import ModelRepository, ServedModel
+from service.settings import Settings
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status; the message says what is wrong and where."""
+
+    status = 500
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if headers is not None:
+            self.headers = headers
+
+
+class InvalidInput(ServiceError):
+    status = 400
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class Overloaded(ServiceError):
+    status = 503
+
+
+class Timeout(ServiceError):
+    status = 504
+
+
+@dataclass
+class Prediction:
+    model: ServedModel
+    result: ItemResult
+
+    @property
+    def compute_fraction(self) -> np.ndarray:
+        return self.model.compute_fractions[self.result.exit_index]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.model.labels[self.result.class_index]
+
+
+class Dataplane:
+    def __init__(self, repository: ModelRepository, settings: Settings):
+        self.repository = repository
+        self.settings = settings
+
+    def model(self, name: str) -> ServedModel:
+        return self.repository.get(name)
+
+    # --- validation ---------------------------------------------------------------------------
+
+    def check_inputs(self, model: ServedModel, x: np.ndarray, where: str = "inputs") -> np.ndarray:
+        expected = model.sample_shape
+        if x.ndim != len(expected) + 1 or any(e > 0 and e != g for e, g in zip(expected, x.shape[1:], strict=True)):
+            raise InvalidInput(f"{where}: shape {list(x.shape)} does not match the model input [-1, {', '.join(map(str, expected))}]")
+        if x.shape[0] == 0:
+            raise InvalidInput(f"{where}: empty batch")
+        if x.shape[0] > self.settings.max_request_samples:
+            raise PayloadTooLarge(f"{where}: {x.shape[0]} samples exceed the limit of {self.settings.max_request_samples} per request")
+        if x.dtype != model.input_dtype:
+            if x.dtype.kind not in "fiub":
+                raise InvalidInput(f"{where}: dtype {x.dtype} is not numeric")
+            x = x.astype(model.input_dtype)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0].tolist()
+            raise InvalidInput(f"{where}: NaN or infinity at index {bad}")
+        return np.ascontiguousarray(x)
+
+    def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
+        if delta is None:
+            return np.full(n, self.settings.default_delta)
+        if isinstance(delta, bool):
+            raise InvalidInput(f"{where}: must be a number in (0, 1], got {delta!r}")
+        try:
+            values = np.asarray(delta, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{where}: must be a number in (0, 1] or a list of one per sample, got {delta!r}") from None
+        if values.ndim == 0:
+            values = np.full(n, float(values))
+        elif values.shape != (n,):
+            raise InvalidInput(f"{where}: {values.size} values for {n} samples")
+        if not np.isfinite(values).all() or (values <= 0).any() or (values > 1).any():
+            bad = values[(~np.isfinite(values)) | (values <= 0) | (values > 1)][0]
+            raise InvalidInput(f"{where}: must be in (0, 1], got {float(bad)!r}")
+        return values
+
+    def check_policy(self, model: ServedModel, policy: object, n: int, where: str = "policy") -> np.ndarray:
+        name = self.settings.default_policy if policy is None else policy
+        if not isinstance(name, str) or name not in POLICIES:
+            raise InvalidInput(f"{where}: unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        return np.full(n, name, dtype=object)
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def infer(
+        self, model: ServedModel, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: bool
+    ) -> Prediction:
+        if not model.ready:
+            raise Overloaded(f"model {model.name!r} is not ready", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        item = WorkItem(
+            x=x, deltas=deltas, policies=policies,
+            want_probabilities=np.ones(len(x), bool) if want_probabilities else None,
+            loop=loop, future=loop.create_future(),
+        )
+        try:
+            model.batcher.submit(item)
+        except QueueFull as exc:
+            raise Overloaded(str(exc), headers={"Retry-After": "1"}) from None
+        except ShuttingDown as exc:
+            raise Overloaded(str(exc), headers={"Retry-After": "5"}) from None
+        model.metrics.queue_depth.labels(model.name).set(model.batcher.depth)
+        try:
+            result = await asyncio.wait_for(item.future, timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            item.cancelled = True
+            raise Timeout(f"no answer within {self.settings.request_timeout_s:g} s") from None
+        return Prediction(model, result)

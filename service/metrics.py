@@ -1,0 +1,49 @@
+"""Prometheus metrics (DESIGN.md §6): base units, no request ids or raw deltas as labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond resolution: a CPU segment of a small model takes ~0.1 ms.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+DELTA_BUCKETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
+
+
+class Metrics:
+    """All of one server's metrics on its own registry (so several apps can live in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("exitserve_requests", "Requests answered, by protocol and HTTP status",
+                                ["model", "protocol", "status"], registry=r)
+        self.request_duration = Histogram("exitserve_request_duration_seconds", "Time from request arrival to answer",
+                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("exitserve_queue_duration_seconds", "Time a request waited for a batch",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.segment_duration = Histogram("exitserve_segment_duration_seconds", "Time to run one segment on one batch",
+                                          ["model", "segment"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("exitserve_batch_size", "Samples per engine batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.exits = Counter("exitserve_exits", "Samples answered, by exit index", ["model", "exit"], registry=r)
+        self.exit_depth = Histogram("exitserve_exit_depth", "Exit index that answered each sample", ["model"],
+                                    buckets=tuple(range(0, 17)), registry=r)
+        self.compute_fraction = Histogram("exitserve_compute_fraction",
+                                          "FLOPs spent on a sample over the full model's FLOPs", ["model"],
+                                          buckets=FRACTION_BUCKETS, registry=r)
+        self.requested_delta = Histogram("exitserve_requested_delta", "Accuracy target asked for, per sample",
+                                         ["model"], buckets=DELTA_BUCKETS, registry=r)
+        self.estimated_accuracy = Histogram("exitserve_estimated_accuracy",
+                                            "Estimated accuracy of each answer", ["model"],
+                                            buckets=DELTA_BUCKETS, registry=r)
+        self.target_missed = Counter("exitserve_target_missed",
+                                     "Samples answered with target_met=false (even the last exit is below delta)",
+                                     ["model"], registry=r)
+        self.queue_depth = Gauge("exitserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.model_ready = Gauge("exitserve_model_ready", "1 when the model is loaded and warmed up", ["model"],
+                                 registry=r)

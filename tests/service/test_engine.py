@@ -1,0 +1,108 @@
+"""The engine and the batcher give every sample the offline decision, whatever shares its batch."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import Calibration, decide_all
+from models.bundle import load_bundle
+from models.data import load_dataset
+from service.batcher import DynamicBatcher, QueueFull, WorkItem
+from service.engine import ExitEngine
+from service.runner import OnnxRunner
+
+
+@pytest.fixture(scope="module")
+def setup(digits_bundle: Path):
+    bundle = load_bundle(digits_bundle)
+    runner = OnnxRunner(bundle)
+    calibration = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
+    data = load_dataset("digits:test")
+    x = data.x[:60]
+    logits = runner.run_all_exits(x, progress=False)
+    return ExitEngine(runner, calibration), calibration, x, logits
+
+
+POLICIES = ["pcee", "pcee-cond", "pcee-lb", "confidence", "per-exit-threshold", "full"]
+
+
+def test_engine_equals_offline_for_every_policy(setup) -> None:
+    engine, calibration, x, logits = setup
+    rng = np.random.default_rng(0)
+    deltas = rng.choice([0.6, 0.8, 0.9, 0.95, 0.99], size=len(x))
+    for policy in POLICIES:
+        got = engine.run(x, deltas, np.full(len(x), policy, dtype=object))
+        want = decide_all(calibration, policy, logits, deltas)
+        assert np.array_equal(got.exit_index, want.exit_index), policy
+        assert np.array_equal(got.class_index, want.prediction), policy
+        assert np.array_equal(got.target_met, want.target_met), policy
+        assert np.allclose(got.estimate, want.estimate), policy
+
+
+def test_mixed_policies_in_one_batch(setup) -> None:
+    engine, calibration, x, logits = setup
+    policies = np.array([POLICIES[i % len(POLICIES)] for i in range(len(x))], dtype=object)
+    deltas = np.full(len(x), 0.9)
+    got = engine.run(x, deltas, policies)
+    for policy in POLICIES:
+        rows = np.flatnonzero(policies == policy)
+        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows])
+        assert np.array_equal(got.exit_index[rows], want.exit_index)
+
+
+def test_exits_are_reported_as_they_happen(setup) -> None:
+    engine, _, x, _ = setup
+    seen: list[tuple[int, np.ndarray]] = []
+    result = engine.run(x, np.full(len(x), 0.6), np.full(len(x), "pcee", dtype=object),
+                        on_exit=lambda rows, r: seen.append((int(r.exit_index[rows[0]]), rows.copy())))
+    rows = np.concatenate([r for _, r in seen])
+    assert sorted(rows.tolist()) == list(range(len(x)))  # every sample reported exactly once
+    for k, reported in seen:
+        assert (result.exit_index[reported] == k).all()
+
+
+def test_batcher_results_do_not_depend_on_batch_mates(setup) -> None:
+    engine, calibration, x, logits = setup
+    rng = np.random.default_rng(1)
+    deltas = rng.choice([0.6, 0.9, 0.99], size=len(x))
+    policy = "pcee-cond"
+    want = decide_all(calibration, policy, logits, deltas)
+    batcher = DynamicBatcher(engine, max_batch_size=16, max_queue_delay_s=0.005, queue_limit=100, workers=2)
+    batcher.start()
+
+    async def send_all():
+        loop = asyncio.get_running_loop()
+        cuts = [0, 1, 4, 5, 13, 20, 21, 33, 45, 46, 60]  # requests of 1..12 samples
+        items = []
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            item = WorkItem(x[lo:hi], deltas[lo:hi], np.full(hi - lo, policy, dtype=object), None, loop, loop.create_future())
+            batcher.submit(item)
+            items.append((lo, hi, item))
+        return [(lo, hi, await item.future) for lo, hi, item in items]
+
+    try:
+        for lo, hi, result in asyncio.run(send_all()):
+            assert np.array_equal(result.exit_index, want.exit_index[lo:hi])
+            assert np.array_equal(result.class_index, want.prediction[lo:hi])
+            assert np.allclose(result.estimate, want.estimate[lo:hi])
+    finally:
+        assert batcher.close(timeout=5)
+
+
+def test_full_queue_rejects_at_once(setup) -> None:
+    engine, _, x, _ = setup
+    batcher = DynamicBatcher(engine, max_batch_size=4, max_queue_delay_s=0.0, queue_limit=2)  # not started: nothing drains
+
+    async def overfill():
+        loop = asyncio.get_running_loop()
+        make = lambda: WorkItem(x[:1], np.array([0.9]), np.array(["pcee"], dtype=object), None, loop, loop.create_future())  # noqa: E731
+        batcher.submit(make())
+        batcher.submit(make())
+        with pytest.raises(QueueFull, match="queue of model"):
+            batcher.submit(make())
+
+    asyncio.run(overfill())

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models.bundle import BundleError, load_bundle
+from service.onnx_gather import build
+from service.runner import OnnxRunner
+
+
+@pytest.mark.parametrize(("elem_type", "dtype", "rank"), [(1, np.float32, 4), (1, np.float32, 2), (7, np.int64, 3), (9, np.bool_, 2)])
+def test_hand_built_gather_graph(elem_type: int, dtype, rank: int) -> None:
+    session = ort.InferenceSession(build(elem_type, rank), providers=["CPUExecutionProvider"])
+    data = (np.random.default_rng(0).random((5,) + (3,) * (rank - 1)) * 10).astype(dtype)
+    rows = np.array([4, 0, 2], dtype=np.int64)
+    assert np.array_equal(session.run(None, {"data": data, "indices": rows})[0], data[rows])
+
+
+def test_gather_graph_passes_the_onnx_checker() -> None:
+    import onnx  # the train extra; tests install it
+    onnx.checker.check_model(onnx.load_from_string(build(1, 4)), full_check=True)
+
+
+def test_compaction_keeps_the_right_rows(digits_bundle_uncalibrated: Path) -> None:
+    runner = OnnxRunner(load_bundle(digits_bundle_uncalibrated))
+    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    full = runner.run_all_exits(x, progress=False)
+    state, _ = runner.run_segment(0, runner.start(x))
+    keep = np.array([5, 2, 3])
+    state, logits = runner.run_segment(1, runner.select(state, keep))
+    assert np.allclose(logits, full[1][keep], atol=1e-6)
+    _, last = runner.run_segment(2, runner.select(state, np.array([1])))
+    assert np.allclose(last, full[2][[2]], atol=1e-6)
+
+
+def test_onnx_that_does_not_load_fails_loudly(bundle_copy: Path) -> None:
+    from models.bundle import refresh_checksums
+
+    (bundle_copy / "segments" / "01.onnx").write_bytes(b"not a graph")
+    refresh_checksums(bundle_copy)
+    with pytest.raises(BundleError, match=r"01\.onnx: ONNX Runtime cannot load"):
+        OnnxRunner(load_bundle(bundle_copy))

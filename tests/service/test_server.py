@@ -1,0 +1,248 @@
+"""End to end against a real `exitserve serve` process: v1, v2 via the real tritonclient, metrics, bad input."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from calibration import Calibration, decide_all
+from models.bundle import load_bundle
+from models.data import load_dataset
+from service.runner import OnnxRunner
+
+MODEL = "digits"
+
+
+@pytest.fixture(scope="module")
+def samples() -> tuple[np.ndarray, np.ndarray]:
+    data = load_dataset("digits:test")
+    return data.x[:24], data.y[:24]
+
+
+@pytest.fixture(scope="module")
+def offline(digits_bundle: Path, samples):
+    """What `exitserve evaluate` decides for the same inputs: the reference every answer must equal."""
+    bundle = load_bundle(digits_bundle)
+    logits = OnnxRunner(bundle).run_all_exits(samples[0], progress=False)
+    calibration = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
+
+    def decide(delta: float, policy: str = "pcee-cond"):
+        return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta))
+
+    return decide
+
+
+def metric_value(text: str, name: str, labels: dict[str, str]) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def predict(server, body: object, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/models/{MODEL}/predict", json=body, timeout=10, **kwargs)
+
+
+def test_v1_predict_matches_offline_decisions(server, samples, offline) -> None:
+    x, _ = samples
+    for delta in (0.6, 0.9, 0.99):
+        response = predict(server, {"inputs": x.tolist(), "delta": delta})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == MODEL and body["request_id"]
+        preds = body["predictions"]
+        want = offline(delta)
+        assert [p["exit"] for p in preds] == want.exit_index.tolist()
+        assert [p["class_index"] for p in preds] == want.prediction.tolist()
+        assert [p["target_met"] for p in preds] == want.target_met.tolist()
+        assert np.allclose([p["estimated_accuracy"] for p in preds], want.estimate)
+        assert all(p["exits_total"] == 3 and p["label"] == str(p["class_index"]) for p in preds)
+        assert all(0 < p["compute_fraction"] <= 1 for p in preds)
+
+
+def test_v1_raw_tensor_and_probabilities(server, samples, offline) -> None:
+    x, _ = samples
+    raw = {"b64": base64.b64encode(x.astype("<f4").tobytes()).decode(), "dtype": "float32", "shape": list(x.shape)}
+    response = predict(server, {"inputs": raw, "delta": 0.9, "policy": "pcee-cond", "return_probabilities": True},
+                       headers={"X-Request-ID": "abc-123"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-request-id"] == "abc-123"
+    body = response.json()
+    assert body["request_id"] == "abc-123"
+    probs = np.array([p["probabilities"] for p in body["predictions"]])
+    assert probs.shape == (24, 10) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(probs.argmax(1), offline(0.9).prediction)
+
+
+def test_v1_per_sample_deltas(server, samples, offline) -> None:
+    x, _ = samples
+    deltas = [0.6 if i % 2 else 0.99 for i in range(len(x))]
+    body = predict(server, {"inputs": x.tolist(), "delta": deltas}).json()
+    low, high = offline(0.6), offline(0.99)
+    for i, p in enumerate(body["predictions"]):
+        want = low if i % 2 else high
+        assert p["exit"] == want.exit_index[i]
+
+
+def test_v2_binary_via_tritonclient(server, samples, offline) -> None:
+    x, _ = samples
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL)
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary by default
+    result = client.infer(MODEL, [inp], parameters={"delta": 0.9, "policy": "pcee-cond"}, request_id="r1")
+    want = offline(0.9)
+    assert result.get_response()["id"] == "r1"
+    assert np.array_equal(result.as_numpy("exit"), want.exit_index)
+    assert np.array_equal(result.as_numpy("class_index"), want.prediction)
+    assert np.array_equal(result.as_numpy("target_met"), want.target_met)
+    assert np.allclose(result.as_numpy("estimated_accuracy"), want.estimate, atol=1e-6)
+    assert [s.decode() for s in result.as_numpy("label")] == [str(c) for c in want.prediction]
+    assert result.as_numpy("probabilities") is None  # only when asked for
+
+
+def test_v2_json_via_tritonclient_with_outputs(server, samples, offline) -> None:
+    x, _ = samples
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    outputs = [triton.InferRequestedOutput("exit", binary_data=False),
+               triton.InferRequestedOutput("probabilities", binary_data=True)]
+    result = client.infer(MODEL, [inp], outputs=outputs, parameters={"delta": 0.6})
+    assert np.array_equal(result.as_numpy("exit"), offline(0.6).exit_index)
+    assert result.as_numpy("probabilities").shape == (24, 10)
+    assert result.as_numpy("label") is None
+
+
+def test_v2_errors_reach_tritonclient(server, samples) -> None:
+    x, _ = samples
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match=r"parameters.delta: must be in \(0, 1\]"):
+        client.infer(MODEL, [inp], parameters={"delta": 1.5})
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+        client.infer("nope", [inp])
+
+
+def test_v2_plain_json_and_gzip(server, samples) -> None:
+    x, _ = samples
+    body = {"id": "j1", "parameters": {"delta": 0.9},
+            "inputs": [{"name": "input", "shape": list(x[:2].shape), "datatype": "FP32", "data": x[:2].ravel().tolist()}]}
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=gzip.compress(json.dumps(body).encode()),
+                          headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    out = {o["name"]: o for o in response.json()["outputs"]}
+    assert response.json()["id"] == "j1" and out["exit"]["shape"] == [2]
+
+
+def test_health_docs_and_listing(server) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").json()["ready"] is True
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server.url}/v2").json()["extensions"]
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/v1/models/{model}/predict" in spec["paths"] and "PredictRequest" in spec["components"]["schemas"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    models = httpx.get(f"{server.url}/v1/models").json()["models"]
+    assert models[0]["name"] == MODEL and models[0]["exits"] == 3
+    config = httpx.get(f"{server.url}/v2/models/{MODEL}/config").json()
+    assert config["max_batch_size"] == 16
+
+
+def test_metrics_move_with_requests(server, samples) -> None:
+    x, _ = samples
+    before = httpx.get(f"{server.url}/metrics").text
+    body = predict(server, {"inputs": x.tolist(), "delta": 0.6}).json()
+    after = httpx.get(f"{server.url}/metrics").text
+    exits = np.bincount([p["exit"] for p in body["predictions"]], minlength=3)
+    for k in range(3):
+        moved = metric_value(after, "exitserve_exits_total", {"model": MODEL, "exit": str(k)}) - \
+            metric_value(before, "exitserve_exits_total", {"model": MODEL, "exit": str(k)})
+        assert moved == exits[k]
+    ok = {"model": MODEL, "protocol": "v1", "status": "200"}
+    assert metric_value(after, "exitserve_requests_total", ok) == metric_value(before, "exitserve_requests_total", ok) + 1
+    assert metric_value(after, "exitserve_model_ready", {"model": MODEL}) == 1
+    for name in ("exitserve_request_duration_seconds_count", "exitserve_queue_duration_seconds_count",
+                 "exitserve_batch_size_count", "exitserve_exit_depth_count", "exitserve_compute_fraction_count",
+                 "exitserve_estimated_accuracy_count", "exitserve_segment_duration_seconds_count"):
+        assert metric_value(after, name, {"model": MODEL}) > metric_value(before, name, {"model": MODEL}), name
+
+
+BAD_V1 = [
+    ("not json", b"{nope", 400, "invalid JSON"),
+    ("no inputs", {"delta": 0.9}, 400, "inputs: required"),
+    ("wrong shape", {"inputs": [[[0.0] * 8] * 8]}, 400, "does not match the model input"),
+    ("ragged", {"inputs": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}, 400, "rectangular"),
+    ("strings", {"inputs": [[[["a"] * 8] * 8]]}, 400, "rectangular nested list of numbers"),
+    ("nan", {"inputs": {"b64": base64.b64encode(np.full((1, 1, 8, 8), np.nan, "<f4").tobytes()).decode(),
+                        "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "NaN or infinity at index"),
+    ("inf", {"inputs": [[[[1e39] * 8] * 8]]}, 400, "NaN or infinity"),
+    ("json NaN token", b'{"inputs": [[[[NaN]]]]}', 400, "invalid JSON"),
+    ("delta zero", {"inputs": [[[[0.0] * 8] * 8]], "delta": 0}, 400, r"delta: must be in \(0, 1\]"),
+    ("delta negative", {"inputs": [[[[0.0] * 8] * 8]], "delta": -0.5}, 400, r"delta: must be in \(0, 1\]"),
+    ("delta above one", {"inputs": [[[[0.0] * 8] * 8]], "delta": 1.01}, 400, r"delta: must be in \(0, 1\]"),
+    ("delta text", {"inputs": [[[[0.0] * 8] * 8]], "delta": "high"}, 400, "delta"),
+    ("delta count", {"inputs": [[[[0.0] * 8] * 8]], "delta": [0.9, 0.8]}, 400, "2 values for 1 samples"),
+    ("policy", {"inputs": [[[[0.0] * 8] * 8]], "policy": "yolo"}, 400, "unknown policy 'yolo'"),
+    ("unknown field", {"inputs": [[[[0.0] * 8] * 8]], "deltaa": 0.9}, 400, "unknown field"),
+    ("bad b64", {"inputs": {"b64": "!!!", "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "not valid base64"),
+    ("b64 size", {"inputs": {"b64": base64.b64encode(b"\0" * 8).decode(), "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "needs 256"),
+    ("empty batch", {"inputs": []}, 400, "empty batch|does not match"),
+    ("too many samples", {"inputs": {"b64": base64.b64encode(b"\0" * 256 * 1025).decode(), "dtype": "float32", "shape": [1025, 1, 8, 8]}}, 413, "exceed the limit"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "message"), BAD_V1, ids=[c[0] for c in BAD_V1])
+def test_bad_v1_input_is_a_clear_4xx_and_the_next_request_succeeds(server, samples, case, body, status, message) -> None:
+    if isinstance(body, bytes):
+        response = httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=body, timeout=10)
+    else:
+        response = predict(server, body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    import re
+
+    assert re.search(message, response.json()["error"]), response.json()["error"]
+    good = predict(server, {"inputs": samples[0][:3].tolist(), "delta": 0.9})
+    assert good.status_code == 200
+
+
+def test_unknown_model_and_route(server) -> None:
+    response = httpx.post(f"{server.url}/v1/models/nope/predict", json={"inputs": []})
+    assert response.status_code == 404 and "unknown model" in response.json()["error"]
+    assert httpx.get(f"{server.url}/nowhere").status_code == 404
+
+
+def test_bad_v2_input_is_a_clear_4xx(server, samples) -> None:
+    x = samples[0][:2]
+    cases = [
+        ({"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 5}]}, "element"),
+        ({"inputs": [{"name": "other", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}, "unknown input"),
+        ({"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}],
+          "outputs": [{"name": "logits"}]}, "logits"),
+        ({"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}],
+          "parameters": {"policy": "nope"}}, "unknown policy"),
+    ]
+    for body, message in cases:
+        response = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body)
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]
+    lying = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=b'{"inputs": []}xx',
+                       headers={"Inference-Header-Content-Length": "999"})
+    assert lying.status_code == 400
+    good = predict(server, {"inputs": x.tolist()})
+    assert good.status_code == 200
