@@ -82,7 +82,8 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.logs()}")
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self) -> None:

@@ -1,0 +1,103 @@
+"""Settings that change how a real server behaves: API key, request timeout, logs, overload, shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ServerProcess
+from models.data import load_dataset
+
+MODEL = "digits"
+
+
+@pytest.fixture(scope="module")
+def x() -> np.ndarray:
+    return load_dataset("digits:test").x[:4]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(digits_bundle: Path):
+    proc = ServerProcess([digits_bundle], ["--api-key", "s3cret"])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_api_key_guards_inference_but_not_health(keyed_server, x) -> None:
+    url = f"{keyed_server.url}/v1/models/{MODEL}/predict"
+    body = {"inputs": x.tolist()}
+    assert httpx.post(url, json=body).status_code == 401
+    wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json() == {"error": "missing or wrong API key"}
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.post(url, json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert httpx.post(f"{keyed_server.url}/v2/models/{MODEL}/infer", json={}).status_code == 401
+    assert httpx.get(f"{keyed_server.url}/v2/models/{MODEL}").status_code == 401
+    for open_path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready"):
+        assert httpx.get(f"{keyed_server.url}{open_path}").status_code == 200, open_path
+
+
+def test_request_timeout_is_504_and_logs_are_json_with_request_id(digits_bundle: Path, x) -> None:
+    proc = ServerProcess([digits_bundle], ["--request-timeout", "0.000001"])
+    try:
+        proc.wait_ready()
+        response = httpx.post(f"{proc.url}/v1/models/{MODEL}/predict", json={"inputs": x.tolist()},
+                              headers={"X-Request-ID": "timeout-probe"})
+        assert response.status_code == 504 and "no answer within" in response.json()["error"]
+    finally:
+        proc.stop()
+    entries = [json.loads(line) for line in proc.logs().splitlines() if line.startswith("{")]
+    probe = [e for e in entries if e.get("request_id") == "timeout-probe"]
+    assert probe and probe[0]["status"] == 504 and probe[0]["model"] == MODEL
+
+
+def test_full_queue_answers_503_with_retry_after(digits_bundle: Path, x) -> None:
+    # One engine thread, a one-request queue and a long batching window: concurrent requests overflow.
+    proc = ServerProcess([digits_bundle], ["--queue-limit", "1", "--max-queue-delay-ms", "300", "--max-batch-size", "1000"])
+    try:
+        proc.wait_ready()
+        statuses: list[httpx.Response] = []
+
+        def send() -> None:
+            statuses.append(httpx.post(f"{proc.url}/v1/models/{MODEL}/predict", json={"inputs": x.tolist()}, timeout=30))
+
+        threads = [threading.Thread(target=send) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in statuses)
+        assert 200 in codes and 503 in codes, codes
+        rejected = next(r for r in statuses if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and "queue" in rejected.json()["error"]
+        assert httpx.post(f"{proc.url}/v1/models/{MODEL}/predict", json={"inputs": x.tolist()}).status_code == 200
+    finally:
+        proc.stop()
+
+
+def test_sigterm_drains_in_flight_requests(digits_bundle: Path, x) -> None:
+    proc = ServerProcess([digits_bundle], ["--max-queue-delay-ms", "1500", "--max-batch-size", "1000"])
+    try:
+        proc.wait_ready()
+        results: list[httpx.Response] = []
+        sender = threading.Thread(target=lambda: results.append(
+            httpx.post(f"{proc.url}/v1/models/{MODEL}/predict", json={"inputs": x.tolist()}, timeout=30)))
+        sender.start()
+        # The request now waits in the batcher for its 1.5 s window; stop the server meanwhile.
+        threading.Event().wait(0.5)
+        proc.process.send_signal(signal.SIGTERM)
+        sender.join(timeout=30)
+        assert results and results[0].status_code == 200, results
+        # uvicorn re-raises the signal after a graceful shutdown, so the status is -SIGTERM (or 0 on older ones)
+        assert proc.process.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        proc.stop()
