@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import ServerProcess
+
 from models.data import load_dataset
 
 MODEL = "digits"
