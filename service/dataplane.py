@@ -76,8 +76,11 @@ class Dataplane:
         if x.shape[0] > self.settings.max_request_samples:
             raise PayloadTooLarge(f"{where}: {x.shape[0]} samples exceed the limit of {self.settings.max_request_samples} per request")
         if x.dtype != model.input_dtype:
-            if x.dtype.kind not in "fiub":
-                raise InvalidInput(f"{where}: dtype {x.dtype} is not numeric")
+            # Casting between float widths is lossless enough; integers would silently skip the
+            # model's input scaling (e.g. uint8 pixels where [0, 1] floats are expected), so refuse them.
+            if x.dtype.kind != "f" or model.input_dtype.kind != "f":
+                raise InvalidInput(f"{where}: dtype {x.dtype} given, the model takes {model.input_dtype} "
+                                   f"({model.manifest.input.preprocessing or 'see the model metadata'})")
             x = x.astype(model.input_dtype)
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0].tolist()

@@ -201,6 +201,8 @@ BAD_V1 = [
     ("unknown field", {"inputs": [[[[0.0] * 8] * 8]], "deltaa": 0.9}, 400, "unknown field"),
     ("bad b64", {"inputs": {"b64": "!!!", "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "not valid base64"),
     ("b64 size", {"inputs": {"b64": base64.b64encode(b"\0" * 8).decode(), "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "needs 256"),
+    ("uint8 pixels", {"inputs": {"b64": base64.b64encode(b"\0" * 64).decode(), "dtype": "uint8", "shape": [1, 1, 8, 8]}}, 400,
+     "dtype uint8 given, the model takes float32"),
     ("empty batch", {"inputs": []}, 400, "empty batch|does not match"),
     ("too many samples", {"inputs": {"b64": base64.b64encode(b"\0" * 256 * 1025).decode(), "dtype": "float32", "shape": [1025, 1, 8, 8]}}, 413, "exceed the limit"),
 ]

@@ -101,3 +101,38 @@ def test_sigterm_drains_in_flight_requests(digits_bundle: Path, x) -> None:
         assert proc.process.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         proc.stop()
+
+
+def test_several_bundles_under_their_own_names(digits_bundle: Path, tmp_path: Path, x) -> None:
+    import shutil
+
+    second = tmp_path / "second"
+    shutil.copytree(digits_bundle, second)
+    manifest = json.loads((second / "manifest.json").read_text())
+    manifest["name"] = "digits-b"  # the manifest itself is not checksummed
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    proc = ServerProcess([digits_bundle, second])
+    try:
+        proc.wait_ready()
+        names = [m["name"] for m in httpx.get(f"{proc.url}/v1/models").json()["models"]]
+        assert names == [MODEL, "digits-b"]
+        first = httpx.post(f"{proc.url}/v1/models/{MODEL}/predict", json={"inputs": x.tolist()}).json()
+        other = httpx.post(f"{proc.url}/v1/models/digits-b/predict", json={"inputs": x.tolist()}).json()
+        assert other["model"] == "digits-b"
+        assert [p["class_index"] for p in first["predictions"]] == [p["class_index"] for p in other["predictions"]]
+    finally:
+        proc.stop()
+
+
+def test_bad_bundle_stops_start_up_with_the_file_named(digits_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_bundle, broken)
+    (broken / "calibration.json").write_text((broken / "calibration.json").read_text().replace("1", "2", 1))
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", str(broken), "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "calibration.json: sha256 mismatch" in result.stderr
