@@ -36,6 +36,13 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def stats(samples_s: list[float]) -> dict:
     a = np.asarray(samples_s) * 1000.0
     return {"n": int(a.size), "p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
@@ -195,6 +202,11 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
     inp.set_data_from_numpy(one)
     v2_body, v2_json_len = triton.InferenceServerClient.generate_request_body(
         [inp], outputs=[triton.InferRequestedOutput("label"), triton.InferRequestedOutput("exit")], parameters={"policy": "full"})
+    def raw64(policy: str, delta: float) -> bytes:
+        batch = np.ascontiguousarray(x[:64])
+        return json.dumps({"inputs": {"b64": base64.b64encode(batch.tobytes()).decode(), "dtype": "float32",
+                                      "shape": list(batch.shape)}, "policy": policy, "delta": delta}).encode()
+
     bodies = {
         "exitserve v1 JSON": (f"/v1/models/{name}/predict", json.dumps({"inputs": one.tolist(), "policy": "full"}).encode(),
                               {"Content-Type": "application/json"}),
@@ -202,11 +214,16 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
             "b64": base64.b64encode(one.tobytes()).decode(), "dtype": "float32", "shape": list(one.shape)}, "policy": "full"}).encode(),
             {"Content-Type": "application/json"}),
         "exitserve v2 binary": (f"/v2/models/{name}/infer", v2_body, {"Inference-Header-Content-Length": str(v2_json_len)}),
-        "plain FastAPI JSON": ("/predict", json.dumps({"inputs": one.tolist()}).encode(), {"Content-Type": "application/json"}),
+        "exitserve v1 raw, 64 images, full depth": (f"/v1/models/{name}/predict", raw64("full", 1.0), {"Content-Type": "application/json"}),
+        "exitserve v1 raw, 64 images, pcee-cond δ=0.85": (f"/v1/models/{name}/predict", raw64("pcee-cond", 0.85),
+                                                          {"Content-Type": "application/json"}),
+        "plain FastAPI JSON (pydantic body)": ("/predict_pydantic", json.dumps({"inputs": one.tolist()}).encode(),
+                                               {"Content-Type": "application/json"}),
+        "plain FastAPI JSON (orjson)": ("/predict", json.dumps({"inputs": one.tolist()}).encode(), {"Content-Type": "application/json"}),
         "plain FastAPI raw": ("/predict_raw", one.tobytes(), {"x-shape": ",".join(map(str, one.shape))}),
     }
     servers = {}
-    env = {**os.environ, "EXITSERVE_THREADS": str(threads), "EXITSERVE_LOG_LEVEL": "warning"}
+    env = {**os.environ, "EXITSERVE_THREADS": str(threads)}  # default settings otherwise, request logs included
     port = _free_port()
     servers["exitserve"] = (subprocess.Popen([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
                                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/readyz")
@@ -243,7 +260,17 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
 
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}. Command: `{results['command']}`", ""]
-    lines += ["**Cost of cutting** (p50 / p99 ms per batch; ratios of p50)", "",
+    if "cost_of_cutting" in results:
+        lines += cutting_table(results)
+    if "early_exit" in results:
+        lines += early_table(results)
+    if "http" in results:
+        lines += http_table(results)
+    return "\n".join(lines)
+
+
+def cutting_table(results: dict) -> list[str]:
+    lines = ["**Cost of cutting** (p50 / p99 ms per batch; ratios of p50)", "",
               "| threads | batch | chained | monolithic every exit | monolithic last exit | chained / every exit | chained / last exit |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for config, batches in results["cost_of_cutting"].items():
@@ -252,20 +279,27 @@ def markdown(results: dict) -> str:
             lines.append(f"| {config} | {batch.split()[1]} | {c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {a['p50_ms']:.3f} / {a['p99_ms']:.3f} "
                          f"| {last['p50_ms']:.3f} / {last['p99_ms']:.3f} | {row['ratio chained / monolithic every exit']:.3f} "
                          f"| {row['ratio chained / monolithic last exit']:.3f} |")
-    lines += ["", "**Early exit with 64-image batches** (in-process engine, pcee-cond)", "",
+    return lines
+
+
+def early_table(results: dict) -> list[str]:
+    lines = ["", "**Early exit with 64-image batches** (in-process engine, pcee-cond)", "",
               "| setting | p50 ms | p99 ms | images/s | mean compute fraction | speedup vs full | ideal (1/fraction) | share of ideal |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in results["early_exit"].items():
         lines.append(f"| {key} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['images_per_s']:.0f} | {row['mean_compute_fraction']:.3f} "
                      f"| {row['speedup_vs_full']:.2f} | {row['ideal_speedup']:.2f} | {row['share_of_ideal']:.2f} |")
-    if "http" in results:
-        lines += ["", "**Single-image requests over HTTP** (wrk, 1 thread; exitserve at full depth)", "",
-                  "| variant | req/s | p50 ms | p99 ms | server CPU ms/request | client CPU share | errors |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for key, row in results["http"].items():
-            lines.append(f"| {key} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-                         f"{row['server_cpu_ms_per_request']:.2f} | {row['client_cpu_share']:.2f} | {row['socket_errors'] + row['non_2xx']} |")
-    return "\n".join(lines)
+    return lines
+
+
+def http_table(results: dict) -> list[str]:
+    lines = ["", "**Requests over HTTP** (wrk, 1 thread; single images with exitserve at full depth unless the row says otherwise)", "",
+             "| variant | req/s | p50 ms | p99 ms | server CPU ms/request | client CPU share | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, row in results["http"].items():
+        lines.append(f"| {key} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{row['server_cpu_ms_per_request']:.2f} | {row['client_cpu_share']:.2f} | {row['socket_errors'] + row['non_2xx']} |")
+    return lines
 
 
 def main() -> None:
@@ -276,19 +310,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--deltas", default="0.8,0.85,0.9")
     parser.add_argument("--http-seconds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every variant")
+    parser.add_argument("--parts", default="cutting,early,http", help="comma-separated: cutting, early, http")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = parser.parse_args()
     data = load_dataset(args.data)
     x = data.x[:1024]
-    results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, onnxruntime {ort.__version__}",
+    parts = set(args.parts.split(","))
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}, onnxruntime {ort.__version__}",
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-        "cost_of_cutting": cost_of_cutting(Path(args.bundle), Path(args.monolithic), x, args.rounds),
-        "early_exit": early_exit_efficiency(Path(args.bundle), x, [float(d) for d in args.deltas.split(",")], args.rounds, args.threads),
     }
-    if not args.skip_http:
+    if "cutting" in parts:
+        results["cost_of_cutting"] = cost_of_cutting(Path(args.bundle), Path(args.monolithic), x, args.rounds)
+    if "early" in parts:
+        results["early_exit"] = early_exit_efficiency(Path(args.bundle), x, [float(d) for d in args.deltas.split(",")], args.rounds, args.threads)
+    if "http" in parts:
         if shutil.which("wrk") is None:
             raise SystemExit("wrk is needed for the HTTP part (apt-get install wrk), or pass --skip-http")
         results["http"] = http_overhead(Path(args.bundle), Path(args.monolithic), x, args.http_seconds, args.threads)

@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     default_delta: float = Field(0.9, gt=0.0, le=1.0)
     default_policy: str = "pcee-cond"
     max_batch_size: int = Field(64, ge=1, description="samples per engine batch")
-    max_queue_delay_ms: float = Field(2.0, ge=0.0)
+    # 0 = opportunistic batching: a batch is whatever has queued while the engine was busy, so a lone
+    # request never waits; raise it to trade latency for fuller batches at moderate load.
+    max_queue_delay_ms: float = Field(0.0, ge=0.0)
     queue_limit: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_request_samples: int = Field(1024, ge=1)
     max_body_bytes: int = Field(64 << 20, ge=1024)
