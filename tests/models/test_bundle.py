@@ -74,7 +74,7 @@ def test_refresh_checksums_accepts_deliberate_change(bundle_copy: Path) -> None:
 
 def test_loader_and_runner_import_without_torch() -> None:
     code = (
-        "import sys, models.bundle, models.data, service.runner, service.cli\n"
+        "import sys, models.bundle, models.data, service.runner, service.cli, service.app, calibration\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

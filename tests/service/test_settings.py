@@ -1,0 +1,31 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import DEFAULT_BUNDLE, Settings
+
+
+def test_defaults_serve_the_committed_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("EXITSERVE_BUNDLES", "EXITSERVE_DEFAULT_DELTA"):
+        monkeypatch.delenv(key, raising=False)
+    settings = Settings()
+    assert settings.bundles == [DEFAULT_BUNDLE] and (DEFAULT_BUNDLE / "manifest.json").is_file()
+    assert settings.max_queue_delay_ms == 0.0 and settings.default_policy == "pcee-cond"
+
+
+@pytest.mark.parametrize("value", ["/a/one,/b/two", " /a/one , /b/two ", '["/a/one", "/b/two"]'])
+def test_bundles_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("EXITSERVE_BUNDLES", value)
+    assert Settings().bundles == [Path("/a/one"), Path("/b/two")]
+
+
+def test_out_of_range_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXITSERVE_DEFAULT_DELTA", "1.5")
+    with pytest.raises(ValidationError, match="default_delta"):
+        Settings()
+
+
+def test_warmup_sizes_cover_every_batch_size_up_to_the_limit() -> None:
+    assert Settings(max_batch_size=20).warmup_sizes() == [1, 2, 4, 8, 16, 20]
+    assert Settings(warmup_batch_sizes=[8, 1, 8]).warmup_sizes() == [1, 8]
