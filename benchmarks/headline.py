@@ -1,0 +1,254 @@
+"""Large model with early exit vs small model at equal cost (issue 6, part 1; arXiv 2412.19325's headline).
+
+    python benchmarks/headline.py --small runs/bundles/cifar10-resnet-small --large bundles/cifar10-resnet-large
+
+Calibrates the small bundle on cifar10:val (in place: it is the runs/ copy, never committed), takes
+every exit's logits on cifar10:val and cifar10:test for both models once (cached under runs/cache),
+and compares test error against mean FLOPs per sample: each exit of the small model run to full
+depth, the small model with PCEE over δ, the large model with PCEE over δ. Decisions go through
+`decide_all`, the function the server's engine uses. Writes benchmarks/results/headline.json and
+headline.png and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from logits_cache import DEFAULT_CACHE, split_logits
+
+from calibration import Calibration, decide_all, fit_calibration
+from calibration.evaluation import DEFAULT_EVAL_DELTAS, policy_row
+from calibration.io import save_calibration
+from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+HEADLINE_POLICIES = ("pcee", "pcee-cond")
+PAPER_ERRORS = (0.060, 0.074)  # large with PCEE vs small, at the small model's FLOPs (arXiv 2412.19325)
+PAPER_RATIO = PAPER_ERRORS[0] / PAPER_ERRORS[1]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def calibrate_in_place(directory: Path, bundle: Bundle, cache: Path) -> Calibration:
+    """What `exitserve calibrate DIR --data cifar10:val` does, but from the cached logits."""
+    val = split_logits(bundle, "cifar10:val", cache)
+    calibration = fit_calibration(val.logits, val.labels, data_fingerprint=val.fingerprint)
+    save_calibration(calibration, directory / CALIBRATION_FILE)
+    refresh_checksums(directory)
+    load_bundle(directory, require_calibration=True)  # what we wrote must load
+    return calibration
+
+
+def model_curves(bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray) -> dict:
+    """Per exit at full depth, and each headline policy over δ: test error and mean MFLOPs per sample."""
+    manifest = bundle.manifest
+    test = split_logits(bundle, "cifar10:test", cache)
+    mflops = np.array([e.cumulative_flops for e in manifest.exits]) / 1e6
+    fractions = np.asarray(manifest.compute_fractions())
+    exits = []
+    for k, z in enumerate(test.logits):
+        accuracy = float((z.argmax(axis=1) == test.labels).mean())
+        exits.append({"index": k, "mflops": float(mflops[k]), "compute_fraction": float(fractions[k]),
+                      "accuracy": accuracy, "error": 1.0 - accuracy})
+    policies = {}
+    for policy in HEADLINE_POLICIES:
+        rows = []
+        for delta in deltas:
+            d = decide_all(calibration, policy, test.logits, float(delta))
+            row = policy_row(d, test.labels, float(delta), fractions, manifest.num_exits)
+            row["mflops"] = float(mflops[d.exit_index].mean())
+            row["error"] = 1.0 - row["accuracy"]
+            rows.append(row)
+        policies[policy] = rows
+    return {
+        "bundle": manifest.name, "full_mflops": float(mflops[-1]), "test_n": int(test.labels.size),
+        "calibration_fingerprint": calibration.data_fingerprint, "logits_seconds": test.seconds,
+        "exits": exits, "policies": policies,
+    }
+
+
+def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The δ-sweep as a piecewise-linear curve in (MFLOPs, error), sorted by cost; at equal cost the lower error."""
+    points: dict[float, float] = {}
+    for r in rows:
+        x = round(r["mflops"], 9)
+        points[x] = min(points.get(x, np.inf), r["error"])
+    xs = np.array(sorted(points))
+    return xs, np.array([points[x] for x in xs])
+
+
+def error_at(rows: list[dict], mflops: float) -> float | None:
+    """Error interpolated along the curve at this cost; None outside the costs the curve reaches."""
+    xs, ys = frontier(rows)
+    if mflops < xs[0] or mflops > xs[-1]:
+        return None
+    return float(np.interp(mflops, xs, ys))
+
+
+def mflops_to_reach(rows: list[dict], error: float) -> float | None:
+    """Lowest cost at which the curve (linear between δ points) reaches this error or less; None if never."""
+    xs, ys = frontier(rows)
+    if ys[0] <= error:
+        return float(xs[0])
+    for i in range(1, xs.size):
+        if ys[i] <= error:  # crossing inside segment i-1 .. i
+            t = (ys[i - 1] - error) / (ys[i - 1] - ys[i])
+            return float(xs[i - 1] + t * (xs[i] - xs[i - 1]))
+    return None
+
+
+def compare(small: dict, large: dict) -> dict:
+    small_mflops = small["full_mflops"]
+    small_error = small["exits"][-1]["error"]
+    out = {}
+    for policy in HEADLINE_POLICIES:
+        rows = large["policies"][policy]
+        xs, ys = frontier(rows)
+        error = error_at(rows, small_mflops)
+        match = mflops_to_reach(rows, small_error)
+        ratio = None if error is None else error / small_error
+        cheapest = int(np.argmin(xs))
+        out[policy] = {
+            "small_full_mflops": small_mflops,
+            "small_full_error": small_error,
+            "large_error_at_small_mflops": error,
+            "error_ratio": ratio,
+            "large_mflops_to_match_small_error": match,
+            "mflops_ratio_to_match": None if match is None else match / small_mflops,
+            # The large model cannot spend less than its first exit on any sample; if that already costs
+            # more than the small model at full depth, equal cost is out of reach and no ratio exists.
+            "large_min_mflops": float(xs[cheapest]),
+            "large_error_at_min_mflops": float(ys[cheapest]),
+            "large_first_exit_mflops": large["exits"][0]["mflops"],
+            "equal_cost_reachable": error is not None,
+            "goal_met": ratio is not None and ratio <= PAPER_RATIO,
+        }
+    return out
+
+
+def plot(small: dict, large: dict, result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"pcee": "-", "pcee-cond": "--"}
+    for model, color, name in ((small, "tab:orange", "small"), (large, "tab:blue", "large")):
+        for policy in HEADLINE_POLICIES:
+            xs, ys = frontier(model["policies"][policy])
+            ax.plot(xs, 100 * ys, styles[policy], color=color, marker=".", markersize=3,
+                    label=f"{name} + {policy} (δ 0.50…0.99)")
+        ex = model["exits"]
+        marker = "s" if name == "small" else "o"
+        face = color if name == "small" else "none"
+        ax.plot([e["mflops"] for e in ex], [100 * e["error"] for e in ex], marker, color=color, markerfacecolor=face,
+                markersize=7, linestyle="none", label=f"{name}: each exit at full depth")
+        for e in ex:
+            ax.annotate(f"{name[0].upper()}{e['index']}", (e["mflops"], 100 * e["error"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=color)
+    h = result["pcee"]
+    ax.axvline(h["small_full_mflops"], color="gray", linewidth=0.8, linestyle=":")
+    ax.axhline(100 * h["small_full_error"], color="gray", linewidth=0.8, linestyle=":")
+    ax.annotate("small, full depth", (h["small_full_mflops"], 100 * h["small_full_error"]), textcoords="offset points",
+                xytext=(6, -14), fontsize=8, color="gray")
+    ax.set_xlabel("mean MFLOPs per sample (multiply-add = 2)")
+    ax.set_ylabel("CIFAR-10 test error (%)")
+    ax.set_title("Large model with PCEE vs small model (CIFAR-10 test, 10,000 images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "–") -> str:
+    return missing if value is None else format(value * scale, spec)
+
+
+def render(report: dict) -> str:
+    lines = ["| model | exit | MFLOPs | test accuracy | test error |", "| --- | --- | --- | --- | --- |"]
+    for key in ("small", "large"):
+        for e in report["models"][key]["exits"]:
+            lines.append(f"| {key} | {e['index']} | {e['mflops']:.1f} | {e['accuracy']:.4f} | {100 * e['error']:.2f} % |")
+    lines += ["", "| policy (large) | small full depth: MFLOPs, error | large error at that cost | ratio (paper 0.81) | "
+              "large MFLOPs to match small's error | large's cheapest point: MFLOPs, error | goal met |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for policy, h in report["comparison"].items():
+        match = h["large_mflops_to_match_small_error"]
+        times = "" if match is None else f" ({match / h['small_full_mflops']:.2f}× small)"
+        lines.append(
+            f"| {policy} | {h['small_full_mflops']:.1f}, {100 * h['small_full_error']:.2f} % | "
+            f"{fmt(h['large_error_at_small_mflops'], '.2f', 100, 'out of reach')}"
+            f"{'' if h['large_error_at_small_mflops'] is None else ' %'} | {fmt(h['error_ratio'], '.3f')} | "
+            f"{fmt(match, '.1f')}{times} | "
+            f"{h['large_min_mflops']:.1f}, {100 * h['large_error_at_min_mflops']:.2f} % | "
+            f"{'**yes**' if h['goal_met'] else '**no**'} |")
+    lines += ["", "| model + policy | δ | MFLOPs | test error | coverage | promised accuracy |", "| --- | --- | --- | --- | --- | --- |"]
+    for key in ("small", "large"):
+        for policy, rows in report["models"][key]["policies"].items():
+            for r in rows:
+                if round(r["delta"], 2) in (0.50, 0.80, 0.90, 0.95, 0.99):
+                    lines.append(f"| {key} + {policy} | {r['delta']:.2f} | {r['mflops']:.1f} | {100 * r['error']:.2f} % | "
+                                 f"{r['coverage']:.3f} | {fmt(r['accuracy_promised'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-small")
+    parser.add_argument("--large", type=Path, default=REPO / "bundles" / "cifar10-resnet-large")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-calibrate", action="store_true", help="use the small bundle's calibration as it is")
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    small_bundle = load_bundle(args.small)
+    if args.no_calibrate:
+        small_bundle = load_bundle(args.small, require_calibration=True)
+        small_cal = Calibration.from_dict(small_bundle.calibration, num_exits=small_bundle.manifest.num_exits)
+    else:
+        small_cal = calibrate_in_place(args.small, small_bundle, args.cache)
+    # The default bundle is committed and already calibrated on cifar10:val: use it as it is.
+    large_bundle = load_bundle(args.large, require_calibration=True)
+    large_cal = Calibration.from_dict(large_bundle.calibration, num_exits=large_bundle.manifest.num_exits)
+    split_logits(large_bundle, "cifar10:val", args.cache)  # cached for benchmarks/control.py
+
+    small = model_curves(small_bundle, small_cal, args.cache, DEFAULT_EVAL_DELTAS)
+    large = model_curves(large_bundle, large_cal, args.cache, DEFAULT_EVAL_DELTAS)
+    comparison = compare(small, large)
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{cpu_model()}, {platform.machine()}, no GPU",
+        "data": "cifar10:test (10,000 images); calibration on cifar10:val (5,000 held-out training images, split seed 0)",
+        "deltas": [float(d) for d in DEFAULT_EVAL_DELTAS],
+        "paper": {"large_pcee_error": PAPER_ERRORS[0], "small_error": PAPER_ERRORS[1], "ratio": PAPER_RATIO},
+        "models": {"small": small, "large": large},
+        "comparison": comparison,
+        "goal": "large with PCEE has lower error than the small model at the small model's full-depth FLOPs, "
+                f"error ratio <= {PAPER_RATIO:.3f}",
+        "goal_met": comparison["pcee"]["goal_met"],
+        "seconds": time.perf_counter() - start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "headline.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    plot(small, large, comparison, args.out / "headline.png")
+    print(render(report))
+    print(f"\nwrote {args.out / 'headline.json'} and headline.png in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
