@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import api_v1, api_v2
+from service import admin, api_v1, api_v2
 from service.dataplane import Dataplane, ServiceError
 from service.metrics import Metrics
 from service.repository import ModelRepository, UnknownModel
@@ -165,7 +165,8 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         warmup["task"] = asyncio.create_task(asyncio.to_thread(repository.start))
-        yield
+        with admin.sighup_reloads(repository):  # SIGHUP reloads every model from its bundle directory
+            yield
         if warmup["task"] is not None:
             with contextlib.suppress(Exception):
                 await warmup["task"]
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     _install_error_handlers(app)
     app.include_router(api_v1.build_router(dataplane))
     app.include_router(api_v2.build_router(dataplane))
+    app.include_router(admin.build_router(repository))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

@@ -125,7 +125,7 @@ class Dataplane:
             loop=loop, future=loop.create_future(),
         )
         try:
-            model.batcher.submit(item)
+            model.submit(item)  # a model retired by a reload hands the request on
         except QueueFull as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "1"}) from None
         except ShuttingDown as exc:

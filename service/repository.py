@@ -1,16 +1,25 @@
-"""Served models: a bundle, its runner, engine and batcher, under a model name."""
+"""Served models: a bundle, its runner, engine and batcher, under a model name.
+
+Hot reload (`ModelRepository.reload`): the new model is built and warmed up off the event loop
+while the old one keeps serving; then the dict entry is swapped (one atomic store) and the old
+batcher drains. A request that picked the old model before the swap but submits after its batcher
+closed is handed to the successor (when it takes the same inputs and gives the same labels), so a
+good reload fails no request. A bad bundle raises BundleError and leaves the old model untouched.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import Counter
 
 from calibration import Calibration
 from models.bundle import Bundle, BundleError, load_bundle
-from service.batcher import DynamicBatcher, ItemResult
+from service.batcher import DynamicBatcher, ItemResult, ShuttingDown, WorkItem
 from service.engine import ExitEngine
 from service.metrics import Metrics
 from service.runner import OnnxRunner, RunnerOptions
@@ -40,6 +49,7 @@ class ServedModel:
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
         )
         self.runner = OnnxRunner(bundle, options=options)
+        _check_logits_width(self.runner, bundle)
         self.engine = ExitEngine(self.runner, self.calibration)
         self.compute_fractions = np.asarray(bundle.manifest.compute_fractions())
         self.labels = np.asarray(bundle.manifest.labels, dtype=object)
@@ -47,6 +57,7 @@ class ServedModel:
         self.input_dtype = np.dtype(bundle.manifest.input.dtype)
         self.metrics = metrics
         self.ready = False
+        self.successor: ServedModel | None = None  # set when a reload replaces this model
         self.batcher = DynamicBatcher(
             self.engine,
             max_batch_size=settings.max_batch_size,
@@ -76,6 +87,29 @@ class ServedModel:
         self.metrics.model_ready.labels(self.name).set(0)
         return self.batcher.close(timeout)
 
+    def submit(self, item: WorkItem) -> None:
+        """Queue a request; once retired by a reload, hand it to the successor instead of refusing it."""
+        try:
+            self.batcher.submit(item)
+        except ShuttingDown:
+            successor = self.successor
+            if successor is None or not successor.accepts_requests_of(self):
+                raise
+            successor.submit(item)
+
+    def accepts_requests_of(self, other: ServedModel) -> bool:
+        """True when a request validated (and to be answered) against `other` is valid here too."""
+        return (self.sample_shape == other.sample_shape and self.input_dtype == other.input_dtype
+                and self.manifest.labels == other.manifest.labels
+                and self.compute_fractions.tolist() == other.compute_fractions.tolist())
+
+    def retire(self, successor: ServedModel, timeout: float) -> bool:
+        """After a reload: route late submits to `successor`, drain the accepted ones, stop the threads.
+
+        The ready gauge is left alone: it belongs to the name, which the successor now serves."""
+        self.successor = successor  # before closing, so no submit sees a closed batcher without a successor
+        return self.batcher.close(timeout)
+
     # --- metrics hooks (engine threads) -----------------------------------------------------------
 
     def _observe_segment(self, k: int, seconds: float) -> None:
@@ -103,28 +137,110 @@ class ServedModel:
             m.target_missed.labels(name).inc(missed)
 
 
+def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
+    """Every exit must score exactly the manifest's labels (a relabelled manifest would mislabel answers)."""
+    width = len(bundle.manifest.labels)
+    for k, (session, spec) in enumerate(zip(runner.sessions, bundle.manifest.segments, strict=True)):
+        shape = next(o.shape for o in session.get_outputs() if o.name == spec.logits)
+        if shape and isinstance(shape[-1], int) and shape[-1] != width:
+            raise BundleError(f"{bundle.segment_path(k)}: exit {k} scores {shape[-1]} classes but the manifest "
+                              f"lists {width} labels")
+
+
+def _reload_counter(metrics: Metrics) -> Counter:
+    # Kept on the Metrics object so that every repository sharing a registry shares the one counter.
+    counter = getattr(metrics, "model_reloads", None)
+    if counter is None:
+        counter = Counter("exitserve_model_reloads", "Hot reloads of a model, by outcome (ok or error)",
+                          ["model", "outcome"], registry=metrics.registry)
+        metrics.model_reloads = counter  # type: ignore[attr-defined]
+    return counter
+
+
+class ReloadRefused(RuntimeError):
+    """A reload that cannot start now (the model is still warming up)."""
+
+
 class ModelRepository:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, ServedModel] = {}
-        self._lock = threading.Lock()
+        self.paths: dict[str, Path] = {}  # where each model was loaded from: the default for a reload
+        self._lock = threading.Lock()  # one reload at a time
+        self.reloads = _reload_counter(metrics)
+
+    def build(self, path: Path) -> ServedModel:
+        return ServedModel(load_bundle(path, require_calibration=True), self.settings, self.metrics)
 
     def load(self, paths: list[Path]) -> None:
         for path in paths:
-            model = ServedModel(load_bundle(path, require_calibration=True), self.settings, self.metrics)
+            model = self.build(path)
             if model.name in self.models:
                 raise BundleError(f"{path}: a model named {model.name!r} is already loaded")
             self.models[model.name] = model
+            self.paths[model.name] = Path(path)
             self.metrics.model_ready.labels(model.name).set(0)
+            for outcome in ("ok", "error"):
+                self.reloads.labels(model.name, outcome)
             log.info("loaded bundle", extra={"model": model.name, "path": str(path)})
+
+    def reload(self, name: str, path: Path | None = None) -> ServedModel:
+        """Replace model `name` by the bundle at `path` (default: where it came from). Blocking: call
+        it off the event loop. Raises UnknownModel, ReloadRefused, or BundleError (old model kept)."""
+        with self._lock:
+            old = self.get(name)
+            if not old.ready:
+                raise ReloadRefused(f"model {name!r} is still warming up; retry when /readyz is 200")
+            source = Path(path) if path is not None else self.paths[name]
+            started = time.perf_counter()
+            try:
+                new = self._build_warm(source, name)
+            except BundleError:
+                self.reloads.labels(name, "error").inc()
+                raise
+            self.models[name] = new  # the swap: one dict store, atomic under the GIL
+            self.paths[name] = source
+            drained = old.retire(new, self.settings.drain_timeout_s)
+            self.reloads.labels(name, "ok").inc()
+            log.info("reloaded model", extra={"model": name, "path": str(source), "drained": drained,
+                                              "seconds": round(time.perf_counter() - started, 3)})
+            return new
+
+    def _build_warm(self, source: Path, name: str) -> ServedModel:
+        try:
+            new = self.build(source)
+        except BundleError:
+            raise
+        except Exception as exc:  # anything else a broken bundle can raise must not escape as a 500
+            raise BundleError(f"{source}: cannot load ({type(exc).__name__}: {exc})") from exc
+        if new.name != name:
+            raise BundleError(f"{source}: the bundle is named {new.name!r}, not {name!r}")
+        try:
+            new.start(self.settings.warmup_sizes())  # warm before the swap: the first request after it is fast
+        except Exception as exc:
+            raise BundleError(f"{source}: warm-up failed ({type(exc).__name__}: {exc})") from exc
+        return new
+
+    def reload_all(self) -> dict[str, str | None]:
+        """Reload every model from its directory (SIGHUP): name -> None, or the error. Never raises."""
+        outcome: dict[str, str | None] = {}
+        for name in list(self.models):
+            try:
+                self.reload(name)
+                outcome[name] = None
+            except (BundleError, ReloadRefused) as exc:
+                outcome[name] = str(exc)
+                log.error("reload failed; the old model keeps serving", extra={"model": name, "error": str(exc)})
+        return outcome
 
     def start(self) -> None:
         for model in self.models.values():
             model.start(self.settings.warmup_sizes())
 
     def stop(self, timeout: float) -> bool:
-        return all([model.stop(timeout) for model in self.models.values()])
+        with self._lock:  # a reload under way finishes first, so its new model is stopped too
+            return all([model.stop(timeout) for model in self.models.values()])
 
     def get(self, name: str) -> ServedModel:
         model = self.models.get(name)
