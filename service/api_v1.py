@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,8 @@ def decode_raw_tensor(raw: dict, where: str = "inputs") -> np.ndarray:
         data = base64.b64decode(raw["b64"], validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise InvalidInput(f"{where}.b64: not valid base64") from None
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    # math.prod on Python ints: np.prod wraps around at 2**64, so a huge shape could claim 0 bytes.
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
     if len(data) != expected:
         raise InvalidInput(f"{where}.b64: {len(data)} bytes, but shape {shape} of {dtype} needs {expected}")
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
