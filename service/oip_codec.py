@@ -246,7 +246,8 @@ def _parse_input_spec(index: int, item: Any) -> _InputSpec:
     datatype = item.get("datatype")
     if datatype is None:
         raise ProtocolError(f"{where}: 'datatype' is missing")
-    if datatype != "BYTES" and datatype not in DATATYPE_TO_NUMPY:
+    # isinstance first: a list or object as datatype is unhashable and would escape as a 500.
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPE_TO_NUMPY):
         raise ProtocolError(f"{where}: unknown datatype {datatype!r}; expected one of {_DATATYPES}")
     shape = _parse_shape(item.get("shape"), where)
     parameters = dict(_check_parameters(item.get("parameters"), where))
