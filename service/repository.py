@@ -69,12 +69,17 @@ class ServedModel:
             on_result=self._observe_result,
             segment_timer=self._observe_segment,
         )
-        self._segment_histograms = [
-            metrics.segment_duration.labels(self.name, str(k)) for k in range(bundle.manifest.num_exits)
-        ]
-        self._exit_counters = [metrics.exits.labels(self.name, str(k)) for k in range(bundle.manifest.num_exits)]
-        self._requested_delta = metrics.requested_delta.labels(self.name)
-        metrics.target_missed.labels(self.name)  # the series exists at 0 before the first miss
+        # Label children resolved once: a labels() lookup takes a lock on every call.
+        name = self.name
+        self._segment_histograms = [metrics.segment_duration.labels(name, str(k)) for k in range(bundle.manifest.num_exits)]
+        self._exit_counters = [metrics.exits.labels(name, str(k)) for k in range(bundle.manifest.num_exits)]
+        self._queue_duration = metrics.queue_duration.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
+        self._exit_depth = metrics.exit_depth.labels(name)
+        self._compute_fraction = metrics.compute_fraction.labels(name)
+        self._estimated_accuracy = metrics.estimated_accuracy.labels(name)
+        self._requested_delta = metrics.requested_delta.labels(name)
+        self._target_missed = metrics.target_missed.labels(name)  # exists at 0 before the first miss
 
     def start(self, warmup_sizes: list[int]) -> None:
         self.runner.warmup(warmup_sizes)
@@ -116,26 +121,21 @@ class ServedModel:
         self._segment_histograms[k].observe(seconds)
 
     def _observe_batch(self, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(self.name).observe(size)
+        self._batch_size.observe(size)
 
     def _observe_result(self, result: ItemResult, deltas: np.ndarray) -> None:
-        m, name = self.metrics, self.name
-        for delta in deltas.tolist():
-            self._requested_delta.observe(delta)
-        m.queue_duration.labels(name).observe(max(result.queue_seconds, 0.0))
+        self._queue_duration.observe(max(result.queue_seconds, 0.0))
         counts = np.bincount(result.exit_index, minlength=len(self._exit_counters))
-        depth, fraction, estimate = m.exit_depth.labels(name), m.compute_fraction.labels(name), m.estimated_accuracy.labels(name)
-        for k, count in enumerate(counts):
+        for counter, count in zip(self._exit_counters, counts.tolist(), strict=True):
             if count:
-                self._exit_counters[k].inc(int(count))
-        for k, est in zip(result.exit_index.tolist(), result.estimate.tolist(), strict=True):
-            depth.observe(k)
-            fraction.observe(self.compute_fractions[k])
-            estimate.observe(est)
-        missed = int((~result.target_met).sum())
+                counter.inc(count)
+        self._exit_depth.observe_many(result.exit_index)
+        self._compute_fraction.observe_many(self.compute_fractions[result.exit_index])
+        self._estimated_accuracy.observe_many(result.estimate)
+        self._requested_delta.observe_many(deltas)
+        missed = int(np.count_nonzero(~result.target_met))
         if missed:
-            m.target_missed.labels(name).inc(missed)
-
+            self._target_missed.inc(missed)
 
 def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
     """Every exit must score exactly the manifest's labels (a relabelled manifest would mislabel answers)."""
