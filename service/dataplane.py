@@ -131,9 +131,15 @@ class Dataplane:
         except ShuttingDown as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "5"}) from None
         model.metrics.queue_depth.labels(model.name).set(model.batcher.depth)
+        # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
+        timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         try:
-            result = await asyncio.wait_for(item.future, timeout=self.settings.request_timeout_s)
-        except TimeoutError:
-            item.cancelled = True
-            raise Timeout(f"no answer within {self.settings.request_timeout_s:g} s") from None
+            result = await item.future
+        finally:
+            timer.cancel()
         return Prediction(model, result)
+
+    def _expire(self, item: WorkItem) -> None:
+        if not item.future.done():
+            item.cancelled = True  # the engine skips it if it has not started yet
+            item.future.set_exception(Timeout(f"no answer within {self.settings.request_timeout_s:g} s"))
