@@ -14,12 +14,11 @@ def test_sample_histogram_exposes_what_a_prometheus_histogram_would() -> None:
     buckets = (0.5, 0.85, 0.9, 1.0)
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     sample = SampleHistogram("a_metric", "doc", ["model"], buckets=buckets, registry=ours)
-    sample.labels("m").observe_many(values[:6])
+    sample.labels("m").observe_many(values[:6])  # the vectorised path
+    sample.labels("m").observe_many(values[6:8])  # the small-batch path
     hist = Histogram("a_metric", "doc", ["model"], buckets=buckets, registry=theirs)
-    for v in values[:6]:
-        hist.labels("m").observe(v)
-    sample.labels("m").observe_many(values[6:])  # the same child again: values accumulate
-    for v in values[6:]:
+    sample.labels("m").observe_many(values[8:])  # the same child again: values accumulate
+    for v in values:
         hist.labels("m").observe(v)
     assert _series(generate_latest(ours).decode(), "a_metric") == _series(generate_latest(theirs).decode(), "a_metric")
 
