@@ -38,6 +38,7 @@ class SegmentSpec(_Strict):
     outputs: list[str] = Field(description="tensors passed on to the next segment, then the exit logits")
     logits: str = Field(description="name of the output holding this segment's exit logits")
     flops: int = Field(ge=0, description="measured FLOPs per sample of the segment and its exit head")
+    torchscript: str | None = Field(None, description="optional TorchScript twin of `file`, for the torch runner")
 
     @property
     def state_outputs(self) -> list[str]:
@@ -184,8 +185,9 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
     for name in sorted(on_disk - listed):
         raise BundleError(f"{directory / name}: not listed in the manifest (unexpected file)")
     for segment in manifest.segments:
-        if segment.file not in listed:
-            raise BundleError(f"{directory / segment.file}: segment file has no checksum in the manifest")
+        for file in filter(None, (segment.file, segment.torchscript)):
+            if file not in listed:
+                raise BundleError(f"{directory / file}: segment file has no checksum in the manifest")
     for name in sorted(listed):
         actual = sha256_of(directory / name)
         if actual != manifest.sha256[name]:

@@ -100,11 +100,13 @@ def export_bundle(
     preprocessing: dict[str, Any] | None = None,
     data_fingerprint: str = "",
     extra_provenance: dict[str, Any] | None = None,
+    torchscript: bool = False,
 ) -> tuple[Manifest, list[float]]:
     """Write a verified bundle directory; returns the manifest and the max parity error per segment.
 
     `example_inputs` are real inputs with at least 7 samples: they are used for tracing, for the
-    FLOPs count and for the parity check at batch 1 and 7.
+    FLOPs count and for the parity check at batch 1 and 7. `torchscript` also writes a traced
+    TorchScript twin of every segment (`segments/NN.pt`) for the torch runner.
     """
     inputs = as_tuple(example_inputs)
     if inputs[0].shape[0] < max(PARITY_BATCHES):
@@ -124,10 +126,16 @@ def export_bundle(
     for k, (seg_inputs, seg_outputs, logits) in enumerate(names):
         file = f"segments/{k:02d}.onnx"
         _export_segment(SegmentWithHead(net, k), state, out / file, seg_inputs, seg_outputs)
+        spec = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
+        if torchscript:
+            spec["torchscript"] = f"segments/{k:02d}.pt"
+            with torch.no_grad():
+                traced = torch.jit.trace(SegmentWithHead(net, k).eval(), state, check_trace=False)
+            torch.jit.save(traced, str(out / spec["torchscript"]))
         with torch.no_grad():
             state = as_tuple(net.segments[k](*state))
         cumulative += flops[k]
-        segments.append({"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]})
+        segments.append(spec)
         exits.append({"index": k, "after_segment": k, "cumulative_flops": cumulative})
 
     shape = [-1, *inputs[0].shape[1:]]

@@ -51,11 +51,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     (out / "history.json").write_text(json.dumps({"config": history.config, "epochs": meta["history"]}, indent=2))
     print(f"checkpoint: {out / 'checkpoint.pt'}")
     if args.export:
-        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version)
+        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version, args.torchscript)
     return 0
 
 
-def _export(checkpoint: Path, out: Path, name: str | None, version: str) -> int:
+def _export(checkpoint: Path, out: Path, name: str | None, version: str, torchscript: bool = False) -> int:
     import torch
 
     from models.checkpoint import load_checkpoint
@@ -76,6 +76,7 @@ def _export(checkpoint: Path, out: Path, name: str | None, version: str) -> int:
             "val_accuracy": meta["history"][-1]["val_accuracy"] if meta.get("history") else None,
             "train_seconds": meta.get("train_seconds"),
         },
+        torchscript=torchscript,
     )
     print(f"bundle {out}: {manifest.num_exits} exits; ONNX vs PyTorch max |diff| per segment: "
           + ", ".join(f"{d:.1e}" for d in worst))
@@ -83,7 +84,7 @@ def _export(checkpoint: Path, out: Path, name: str | None, version: str) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    return _export(Path(args.checkpoint), Path(args.out), args.name, args.version)
+    return _export(Path(args.checkpoint), Path(args.out), args.name, args.version, args.torchscript)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -142,6 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "default_policy": args.policy, "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms, "queue_limit": args.queue_limit,
             "request_timeout_s": args.request_timeout, "provider": args.provider, "threads": args.threads,
+            "runner": args.runner,
             "workers": args.workers, "api_key": args.api_key, "log_level": args.log_level,
         }.items()
         if value is not None
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", help="also export a bundle to this directory")
     p.add_argument("--name", help="bundle name (default: the export directory's name)")
     p.add_argument("--version", default="1")
+    p.add_argument("--torchscript", action="store_true", help="also write TorchScript twins for the torch runner")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="export a checkpoint as a bundle of per-segment ONNX graphs")
@@ -189,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--name")
     p.add_argument("--version", default="1")
+    p.add_argument("--torchscript", action="store_true", help="also write TorchScript twins for the torch runner")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("calibrate", help="fit temperatures and reliability tables on held-out data")
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-limit", type=int)
     p.add_argument("--request-timeout", type=float)
     p.add_argument("--provider", choices=["cpu", "cuda"])
+    p.add_argument("--runner", choices=["onnx", "torch"], help="torch runs the bundle's TorchScript twins")
     p.add_argument("--threads", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--api-key")

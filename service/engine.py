@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration import Calibration
-from service.runner import OnnxRunner
+from service.runner import ChainRunner
 
 
 @dataclass
@@ -31,7 +31,7 @@ SegmentTimer = Callable[[int, float], None]
 
 
 class ExitEngine:
-    def __init__(self, runner: OnnxRunner, calibration: Calibration):
+    def __init__(self, runner: ChainRunner, calibration: Calibration):
         if calibration.num_exits != runner.num_exits:
             raise ValueError(f"calibration has {calibration.num_exits} exits, the model {runner.num_exits}")
         self.runner = runner

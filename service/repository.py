@@ -48,8 +48,13 @@ class ServedModel:
             provider=settings.provider, device_id=settings.device_id, thread_pool=settings.thread_pool,
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
         )
-        self.runner = OnnxRunner(bundle, options=options)
-        _check_logits_width(self.runner, bundle)
+        if settings.runner == "torch":
+            from service.torch_runner import TorchRunner  # torch only when asked for
+
+            self.runner = TorchRunner(bundle, device="cuda" if settings.provider == "cuda" else "cpu", threads=settings.threads)
+        else:
+            self.runner = OnnxRunner(bundle, options=options)
+            _check_logits_width(self.runner, bundle)
         self.engine = ExitEngine(self.runner, self.calibration)
         self.compute_fractions = np.asarray(bundle.manifest.compute_fractions())
         self.labels = np.asarray(bundle.manifest.labels, dtype=object)

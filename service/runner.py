@@ -79,7 +79,48 @@ def _gather_model_bytes(elem_type: int, rank: int) -> bytes:
 State = dict[str, ort.OrtValue]
 
 
-class OnnxRunner:
+class ChainRunner:
+    """What every runner offers on top of start / run_segment / select (the engine's three steps)."""
+
+    bundle: Bundle
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.bundle.manifest.segments)
+
+    def start(self, x: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def run_segment(self, k: int, state: dict) -> tuple[dict, np.ndarray]:
+        raise NotImplementedError
+
+    def select(self, state: dict, rows: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
+        """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
+        chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
+        starts = range(0, len(x), batch_size)
+        for start in tqdm(starts, desc="running segments", disable=not progress, unit="batch"):
+            state = self.start(x[start : start + batch_size])
+            for k in range(self.num_exits):
+                state, logits = self.run_segment(k, state)
+                chunks[k].append(logits)
+        return [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run every segment (and the compaction gathers) once per batch size, before serving."""
+        shape = [d if d > 0 else 1 for d in self.bundle.manifest.input.shape[1:]]
+        dtype = np.dtype(self.bundle.manifest.input.dtype)
+        for n in batch_sizes:
+            state = self.start(np.zeros([n, *shape], dtype=dtype))
+            for k in range(self.num_exits):
+                state, _ = self.run_segment(k, state)
+                if state and n > 1:
+                    state = self.select(state, np.arange(n - 1))
+
+
+class OnnxRunner(ChainRunner):
     """Runs segments of one bundle. Thread-safe: ORT sessions are, and per-call state is local."""
 
     def __init__(self, bundle: Bundle, provider: Provider = "cpu", threads: int = 1, options: RunnerOptions | None = None):
@@ -114,10 +155,6 @@ class OnnxRunner:
             o.name: (o.type, len(o.shape)) for s in self.sessions for o in s.get_outputs()
         }
         self._input_type = self.sessions[0].get_inputs()[0]
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.sessions)
 
     # --- the three steps the engine composes ----------------------------------------------------
 
@@ -168,27 +205,3 @@ class OnnxRunner:
                     session = ort.InferenceSession(model, session_options(self.options), providers=providers)
                     self._gather_sessions[key] = session
         return session
-
-    # --- conveniences -----------------------------------------------------------------------------
-
-    def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
-        """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
-        chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
-        starts = range(0, len(x), batch_size)
-        for start in tqdm(starts, desc="running segments", disable=not progress, unit="batch"):
-            state = self.start(x[start : start + batch_size])
-            for k in range(self.num_exits):
-                state, logits = self.run_segment(k, state)
-                chunks[k].append(logits)
-        return [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
-
-    def warmup(self, batch_sizes: list[int]) -> None:
-        """Run every segment (and the compaction gathers) once per batch size, before serving."""
-        shape = [d if d > 0 else 1 for d in self.bundle.manifest.input.shape[1:]]
-        dtype = np.dtype(self.bundle.manifest.input.dtype)
-        for n in batch_sizes:
-            state = self.start(np.zeros([n, *shape], dtype=dtype))
-            for k in range(self.num_exits):
-                state, _ = self.run_segment(k, state)
-                if state and n > 1:
-                    state = self.select(state, np.arange(n - 1))

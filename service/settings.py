@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 << 20, ge=1024)
     request_timeout_s: float = Field(30.0, gt=0.0)
     drain_timeout_s: float = Field(20.0, ge=0.0)
+    runner: Literal["onnx", "torch"] = "onnx"  # torch needs TorchScript twins in the bundle and the train extra
     provider: Literal["cpu", "cuda"] = "cpu"
     device_id: int = 0
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads")

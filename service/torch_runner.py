@@ -1,0 +1,53 @@
+"""Torch runner: chains a bundle's TorchScript segment twins (the `train` extra brings torch).
+
+Same three steps as the ONNX runner, so the engine cannot tell them apart: the hidden state stays
+a device tensor between segments, only exit logits come to the host, compaction is an
+index_select on the device. Loading uses torch.jit.load (a TorchScript archive, never a pickle of
+Python objects).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.bundle import Bundle, BundleError
+from service.runner import ChainRunner
+
+State = dict[str, torch.Tensor]
+
+
+class TorchRunner(ChainRunner):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.modules: list[torch.jit.ScriptModule] = []
+        for k, spec in enumerate(bundle.manifest.segments):
+            if spec.torchscript is None:
+                raise BundleError(f"{bundle.path / spec.file}: segment {k} has no TorchScript twin; "
+                                  "export with --torchscript to use the torch runner")
+            path = bundle.path / spec.torchscript
+            try:
+                module = torch.jit.load(str(path), map_location=self.device)
+            except Exception as exc:  # torch raises several types for a bad archive
+                raise BundleError(f"{path}: torch cannot load this TorchScript segment ({exc})") from exc
+            self.modules.append(module.eval())
+
+    def start(self, x: np.ndarray) -> State:
+        name = self.bundle.manifest.input.name
+        return {name: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)}
+
+    @torch.inference_mode()
+    def run_segment(self, k: int, state: State) -> tuple[State, np.ndarray]:
+        spec = self.bundle.manifest.segments[k]
+        outputs = self.modules[k](*(state[name] for name in spec.inputs))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        values = dict(zip(spec.outputs, outputs, strict=True))
+        logits = values.pop(spec.logits).float().cpu().numpy()
+        return values, logits
+
+    def select(self, state: State, rows: np.ndarray) -> State:
+        index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)
+        return {name: value.index_select(0, index) for name, value in state.items()}

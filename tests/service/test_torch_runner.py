@@ -1,0 +1,81 @@
+"""The torch runner (TorchScript twins) answers exactly like the ONNX runner, in the engine and over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import ServerProcess
+
+from calibration import Calibration, decide_all
+from models.architectures import build_architecture
+from models.bundle import BundleError, load_bundle, refresh_checksums
+from models.data import load_dataset
+from models.export import export_bundle
+from service.engine import ExitEngine
+from service.offline import calibrate_bundle
+from service.runner import OnnxRunner
+from service.torch_runner import TorchRunner
+
+
+@pytest.fixture(scope="module")
+def twin_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    val = load_dataset("digits:val")
+    net = build_architecture("digits-compact", 10).eval()
+    out = tmp_path_factory.mktemp("twins") / "digits-twins"
+    export_bundle(net, torch.from_numpy(val.x[:16]), out, labels=val.labels, name="digits-twins", torchscript=True)
+    calibrate_bundle(out, "digits:val", progress=False)
+    return out
+
+
+def test_twins_are_listed_and_checksummed(twin_bundle: Path) -> None:
+    bundle = load_bundle(twin_bundle)
+    assert [s.torchscript for s in bundle.manifest.segments] == ["segments/00.pt", "segments/01.pt", "segments/02.pt"]
+    assert all(s.torchscript in bundle.manifest.sha256 for s in bundle.manifest.segments)
+
+
+def test_torch_and_onnx_runners_agree(twin_bundle: Path) -> None:
+    bundle = load_bundle(twin_bundle)
+    x = load_dataset("digits:test").x[:50]
+    onnx_logits = OnnxRunner(bundle).run_all_exits(x, batch_size=17, progress=False)
+    torch_runner = TorchRunner(bundle)
+    torch_logits = torch_runner.run_all_exits(x, batch_size=17, progress=False)
+    for a, b in zip(onnx_logits, torch_logits, strict=True):
+        assert np.abs(a - b).max() < 1e-4
+    calibration = Calibration.from_dict(bundle.calibration, 3)
+    deltas = np.full(len(x), 0.9)
+    got = ExitEngine(torch_runner, calibration).run(x, deltas, np.full(len(x), "pcee-cond", dtype=object))
+    want = decide_all(calibration, "pcee-cond", onnx_logits, deltas)
+    assert np.array_equal(got.exit_index, want.exit_index) and np.array_equal(got.class_index, want.prediction)
+
+
+def test_bundle_without_twins_is_refused_by_the_torch_runner(digits_bundle: Path) -> None:
+    with pytest.raises(BundleError, match="no TorchScript twin"):
+        TorchRunner(load_bundle(digits_bundle))
+
+
+def test_broken_twin_fails_loudly(twin_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(twin_bundle, copy)
+    (copy / "segments" / "01.pt").write_bytes(b"not an archive")
+    refresh_checksums(copy)
+    with pytest.raises(BundleError, match=r"01\.pt: torch cannot load"):
+        TorchRunner(load_bundle(copy))
+
+
+def test_server_with_the_torch_runner(twin_bundle: Path) -> None:
+    x = load_dataset("digits:test").x[:8]
+    proc = ServerProcess([twin_bundle], ["--runner", "torch"])
+    try:
+        proc.wait_ready()
+        body = httpx.post(f"{proc.url}/v1/models/digits-twins/predict", json={"inputs": x.tolist(), "policy": "full"}).json()
+        logits = OnnxRunner(load_bundle(twin_bundle)).run_all_exits(x, progress=False)[-1]
+        assert [p["class_index"] for p in body["predictions"]] == logits.argmax(1).tolist()
+    finally:
+        proc.stop()
