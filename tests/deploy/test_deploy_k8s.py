@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -132,7 +133,7 @@ def test_kustomization_lists_files_that_exist() -> None:
     assert not any("inferenceservice" in r for r in kustomization["resources"])
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.skipif(shutil.which("kubectl") is None and not os.environ.get("CI"), reason="kubectl not installed (the machine image has it)")
 def test_kustomize_build_renders_valid_manifests() -> None:
     result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
