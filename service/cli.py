@@ -19,7 +19,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from models.data import load_dataset
     from models.training import TrainConfig, train
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train_data = load_dataset(f"{args.data}:train", seed=args.split_seed)
     val_data = load_dataset(f"{args.data}:val", seed=args.split_seed)
     if args.init:

@@ -58,7 +58,7 @@ class ExitEngine:
         )
         active = np.arange(n)  # original row of each row still running
         state = self.runner.start(x)
-        groups = {name: None for name in np.unique(policies)}
+        policy_names = [str(name) for name in np.unique(policies)]
         for k in range(self.runner.num_exits):
             started = time.perf_counter()
             state, logits = self.runner.run_segment(k, state)
@@ -66,11 +66,11 @@ class ExitEngine:
                 segment_timer(k, time.perf_counter() - started)
             leave = np.zeros(len(active), bool)
             active_policies = policies[active]
-            for name in groups:
-                rows = np.flatnonzero(active_policies == name) if len(groups) > 1 else np.arange(len(active))
+            for name in policy_names:
+                rows = np.flatnonzero(active_policies == name) if len(policy_names) > 1 else np.arange(len(active))
                 if not len(rows):
                     continue
-                step = self.calibration.step(str(name), k, logits[rows], deltas[active[rows]])
+                step = self.calibration.step(name, k, logits[rows], deltas[active[rows]])
                 out_rows = rows[step.exit_now]
                 if not len(out_rows):
                     continue
