@@ -1,0 +1,194 @@
+"""Hot reload (admin endpoint and SIGHUP) and the API key on every route, against a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ServerProcess
+from reliability_support import DAMAGE_KINDS, MODEL, Reference, damage, metric, raw_tensor, v1_answer
+
+from models.data import load_dataset
+
+KEY = "reload-s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OPEN = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+DELTAS = np.array([0.5, 0.8, 0.9, 0.95, 0.99])
+
+
+@pytest.fixture(scope="module")
+def served_bundle(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle directory the server loads (and SIGHUP reloads); tests here may break and mend it."""
+    target = tmp_path_factory.mktemp("served") / "digits"
+    shutil.copytree(digits_bundle, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def keyed(served_bundle: Path):
+    proc = ServerProcess([served_bundle], ["--api-key", KEY])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(digits_bundle: Path) -> Reference:
+    return Reference.of(digits_bundle, load_dataset("digits:test").x[:64])
+
+
+def predict(server: ServerProcess, x: np.ndarray, delta: float | list[float] = 0.9, client: httpx.Client | None = None) -> httpx.Response:
+    body = {"inputs": raw_tensor(x), "delta": delta}
+    return (client or httpx).post(f"{server.url}/v1/models/{MODEL}/predict", json=body, headers=AUTH, timeout=30)
+
+
+def reload(server: ServerProcess, body: object = None, **kwargs: object) -> httpx.Response:
+    headers = {**AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    content = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    return httpx.post(f"{server.url}/admin/models/{MODEL}/reload", content=content, headers=headers, timeout=60)
+
+
+def test_every_route_but_health_needs_the_key(keyed) -> None:
+    schema = httpx.get(f"{keyed.url}/openapi.json").json()  # open, so it enumerates every route there is
+    guarded = []
+    for path, methods in schema["paths"].items():
+        if path.startswith(OPEN):
+            continue
+        for method in methods:
+            guarded.append((method.upper(), path.replace("{model}", MODEL).replace("{version}", "1")))
+    assert ("POST", f"/admin/models/{MODEL}/reload") in guarded and ("POST", f"/v1/models/{MODEL}/predict") in guarded
+    assert len(guarded) >= 10, guarded
+    for method, path in guarded:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": KEY}):
+            response = httpx.request(method, f"{keyed.url}{path}", headers=headers, content=b"{}")
+            assert response.status_code == 401, (method, path, headers, response.status_code)
+            assert response.json() == {"error": "missing or wrong API key"}
+    for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/openapi.json"):
+        assert httpx.get(f"{keyed.url}{path}").status_code == 200, path
+
+
+def test_key_is_compared_in_constant_time() -> None:
+    import inspect
+
+    from service import app
+
+    source = inspect.getsource(app.EdgeMiddleware._authorised)
+    assert "hmac.compare_digest(supplied, self.api_key)" in source and "== self.api_key" not in source
+
+
+def test_bad_admin_requests(keyed) -> None:
+    assert reload(keyed, b"{nope").status_code == 400
+    assert "path" in reload(keyed, {"path": 5}).json()["error"]
+    assert reload(keyed, {"unexpected": 1}).status_code == 400
+    missing = httpx.post(f"{keyed.url}/admin/models/nope/reload", headers=AUTH)
+    assert missing.status_code == 404 and "unknown model" in missing.json()["error"]
+
+
+def test_bad_reload_keeps_the_old_model_serving(keyed, digits_bundle: Path, tmp_path: Path, reference) -> None:
+    x = reference.x[:16]
+    before = v1_answer(predict(keyed, x).json())
+    errors_before = metric(httpx.get(f"{keyed.url}/metrics").text, "exitserve_model_reloads_total", model=MODEL, outcome="error")
+    cases = [damage(digits_bundle, tmp_path / kind.replace(" ", "-"), kind) for kind in DAMAGE_KINDS]
+    renamed = tmp_path / "renamed"
+    shutil.copytree(digits_bundle, renamed)
+    manifest = json.loads((renamed / "manifest.json").read_text())
+    manifest["name"] = "other"
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+    cases += [(renamed, "is named 'other', not 'digits'"), (tmp_path / "nowhere", "not a bundle directory")]
+    for path, expected in cases:
+        response = reload(keyed, {"path": str(path)})
+        assert response.status_code == 422, (path, response.text)
+        assert expected in response.json()["error"] and "old model keeps serving" in response.json()["error"], response.text
+        assert v1_answer(predict(keyed, x).json()) == before, path  # still the old model, answers unchanged
+    text = httpx.get(f"{keyed.url}/metrics").text
+    assert metric(text, "exitserve_model_reloads_total", model=MODEL, outcome="error") == errors_before + len(cases)
+    assert metric(text, "exitserve_model_ready", model=MODEL) == 1
+    assert httpx.get(f"{keyed.url}/readyz").status_code == 200
+
+
+def test_good_reload_under_load_fails_no_request(keyed, served_bundle: Path, tmp_path: Path, reference) -> None:
+    other = tmp_path / "same-model-elsewhere"
+    shutil.copytree(served_bundle, other)
+    stop = threading.Event()
+    outcomes: list[tuple[int, bool]] = []  # (status, answer equals the offline decision)
+    rng = np.random.default_rng(7)
+
+    def sender(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        with httpx.Client(headers=AUTH, timeout=30) as client:
+            for _ in range(2000):  # bounded; stops much earlier when the reloads are done
+                if stop.is_set():
+                    return
+                rows = local.choice(len(reference.x), size=int(local.integers(1, 9)), replace=False)
+                deltas = local.choice(DELTAS, size=len(rows))
+                response = predict(keyed, reference.x[rows], deltas.tolist(), client)
+                ok = response.status_code == 200 and v1_answer(response.json()) == reference.decide(rows, deltas)
+                outcomes.append((response.status_code, ok))
+
+    threads = [threading.Thread(target=sender, args=(int(s),)) for s in rng.integers(0, 1 << 30, size=3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        answers = [reload(keyed), reload(keyed, {"path": str(other)}), reload(keyed, {"path": str(served_bundle)})]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert [a.json()["path"] for a in answers] == [str(served_bundle), str(other), str(served_bundle)]
+    print(f"\nreload under load: {len(outcomes)} requests, reload seconds {[a.json()['seconds'] for a in answers]}")
+    assert len(outcomes) >= 20
+    assert all(status == 200 for status, _ in outcomes), sorted({s for s, _ in outcomes})
+    assert all(ok for _, ok in outcomes)
+    text = httpx.get(f"{keyed.url}/metrics").text
+    assert metric(text, "exitserve_model_reloads_total", model=MODEL, outcome="ok") >= 3
+    assert metric(text, "exitserve_model_ready", model=MODEL) == 1
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sighup_reloads_and_a_bad_bundle_is_logged_not_served(keyed, served_bundle: Path, reference) -> None:
+    x = reference.x[:16]
+    before = v1_answer(predict(keyed, x).json())
+
+    def reloads(outcome: str) -> float:
+        return metric(httpx.get(f"{keyed.url}/metrics").text, "exitserve_model_reloads_total", model=MODEL, outcome=outcome)
+
+    ok_before, errors_before = reloads("ok"), reloads("error")
+    segment = served_bundle / "segments" / "01.onnx"
+    pristine = segment.read_bytes()
+    damaged = bytearray(pristine)
+    damaged[len(damaged) // 2] ^= 0xFF
+    segment.write_bytes(bytes(damaged))
+    try:
+        keyed.process.send_signal(signal.SIGHUP)
+        assert _wait_for(lambda: reloads("error") == errors_before + 1)
+        failures = [json.loads(line) for line in keyed.logs().splitlines()
+                    if line.startswith("{") and "reload failed" in line]
+        assert failures and "segments/01.onnx: sha256 mismatch" in failures[-1]["error"], failures
+        assert v1_answer(predict(keyed, x).json()) == before
+    finally:
+        segment.write_bytes(pristine)
+    keyed.process.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: reloads("ok") == ok_before + 1)
+    assert keyed.process.poll() is None  # SIGHUP must not kill the server
+    assert v1_answer(predict(keyed, x).json()) == before
+    assert httpx.get(f"{keyed.url}/readyz").status_code == 200
