@@ -70,6 +70,8 @@ def summarise(rows: list[list[dict]], deltas: np.ndarray) -> list[dict]:
         at = [split[j] for split in rows]
         promised = [r["accuracy_promised"] for r in at if r["accuracy_promised"] is not None]
         violations = sum(r["violation"] for r in at)
+        # Small p = the shortfall is unlikely to be test-half noise alone (one-sided binomial, from policy_row).
+        p_values = [r["violation_p_value"] for r in at if r["violation_p_value"] is not None]
         out.append({
             "delta": float(d),
             "splits": len(at),
@@ -78,6 +80,8 @@ def summarise(rows: list[list[dict]], deltas: np.ndarray) -> list[dict]:
             "violation_rate": violations / len(at),
             "accuracy_promised_mean": float(np.mean(promised)) if promised else None,
             "accuracy_promised_min": float(np.min(promised)) if promised else None,
+            "n_promised_mean": float(np.mean([r["n_promised"] for r in at])),
+            "violation_p_value_median": float(np.median(p_values)) if p_values else None,
             "coverage": float(np.mean([r["coverage"] for r in at])),
             "accuracy": float(np.mean([r["accuracy"] for r in at])),
             "accuracy_std": float(np.std([r["accuracy"] for r in at])),
@@ -130,22 +134,29 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 
 def render(report: dict) -> str:
     n = report["splits"]
-    lines = [f"| policy | δ | violations (of {n}) | promised accuracy: mean (min) | coverage | accuracy | compute |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| policy | δ | violations (of {n}) | promised accuracy: mean (min) | promised samples (mean) | coverage | accuracy | compute |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for policy, summary in report["policies"].items():
         for r in summary["per_delta"]:
             if round(r["delta"], 2) not in KEY_DELTAS:
                 continue
             v = f"{r['violations']} ({r['violation_rate']:.2f})"
             lines.append(f"| {policy} | {r['delta']:.2f} | {'**' + v + '**' if r['violation_rate'] > report['fit']['alpha'] else v} | "
-                         f"{fmt(r['accuracy_promised_mean'])} ({fmt(r['accuracy_promised_min'])}) | {r['coverage']:.3f} | "
+                         f"{fmt(r['accuracy_promised_mean'])} ({fmt(r['accuracy_promised_min'])}) | {r['n_promised_mean']:.1f} | "
+                         f"{r['coverage']:.3f} | "
                          f"{r['accuracy']:.3f} | {r['compute_fraction']:.3f} |")
     lines += ["", f"| policy | worst violation rate at key δ | violation rate over the whole sweep ({len(report['deltas'])} δ × {n}) | "
-              "goal (≤ α at every key δ) |", "| --- | --- | --- | --- |"]
+              "δ in the sweep where the rate > α: rate (median p of the violations) | goal (≤ α at every key δ) |",
+              "| --- | --- | --- | --- | --- |"]
+    alpha = report["fit"]["alpha"]
     for policy, summary in report["policies"].items():
         goal = summary["goal_met"]
+        over = [f"{r['delta']:.2f}: {r['violation_rate']:.2f} (p {fmt(r['violation_p_value_median'], '.2g')})"
+                for r in summary["per_delta"] if r["violation_rate"] > alpha]
+        if len(over) > 6:
+            over = [*over[:2], f"… {len(over) - 4} more …", *over[-2:]]
         lines.append(f"| {policy} | {summary['worst_key_violation_rate']:.2f} | {summary['sweep_violation_rate']:.3f} | "
-                     f"{'–' if goal is None else ('**met**' if goal else '**missed**')} |")
+                     f"{'; '.join(over) or 'none'} | {'–' if goal is None else ('**met**' if goal else '**missed**')} |")
     return "\n".join(lines)
 
 

@@ -164,6 +164,10 @@ def plot(small: dict, large: dict, result: dict, path: Path) -> None:
     ax.axhline(100 * h["small_full_error"], color="gray", linewidth=0.8, linestyle=":")
     ax.annotate("small, full depth", (h["small_full_mflops"], 100 * h["small_full_error"]), textcoords="offset points",
                 xytext=(6, -14), fontsize=8, color="gray")
+    # No policy can spend less than the large model's first exit on a sample: its curve starts right of this.
+    ax.axvline(h["large_first_exit_mflops"], color="tab:blue", linewidth=0.8, linestyle=":")
+    ax.annotate("large: cheapest possible\n(exit 0 for every sample)", (h["large_first_exit_mflops"], 100 * h["small_full_error"]),
+                textcoords="offset points", xytext=(4, 40), fontsize=7, color="tab:blue")
     ax.set_xlabel("mean MFLOPs per sample (multiply-add = 2)")
     ax.set_ylabel("CIFAR-10 test error (%)")
     ax.set_title("Large model with PCEE vs small model (CIFAR-10 test, 10,000 images)")
