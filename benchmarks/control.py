@@ -132,9 +132,23 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def render_matrix(report: dict) -> list[str]:
+    """Policies × key δ: violations of n splits, then mean coverage / mean compute fraction."""
+    n, alpha = report["splits"], report["fit"]["alpha"]
+    lines = ["| policy | " + " | ".join(f"δ = {d:.2f}" for d in KEY_DELTAS) + " |", "| --- |" + " --- |" * len(KEY_DELTAS)]
+    for policy, summary in report["policies"].items():
+        cells = []
+        for r in summary["per_delta"]:
+            if round(r["delta"], 2) in KEY_DELTAS:
+                v = f"{r['violations']}/{n}"
+                cells.append(f"{'**' + v + '**' if r['violation_rate'] > alpha else v} · {r['coverage']:.2f} / {r['compute_fraction']:.2f}")
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(report: dict) -> str:
     n = report["splits"]
-    lines = [f"| policy | δ | violations (of {n}) | promised accuracy: mean (min) | promised samples (mean) | coverage | accuracy | compute |",
+    lines = [*render_matrix(report), "", f"| policy | δ | violations (of {n}) | promised accuracy: mean (min) | promised samples (mean) | coverage | accuracy | compute |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for policy, summary in report["policies"].items():
         for r in summary["per_delta"]:
