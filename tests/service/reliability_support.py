@@ -24,12 +24,13 @@ class Reference:
     x: np.ndarray
     logits: list[np.ndarray]
     calibration: Calibration
+    model: str = MODEL
 
     @classmethod
     def of(cls, bundle_path: Path, x: np.ndarray) -> Reference:
         bundle = load_bundle(bundle_path)
         logits = OnnxRunner(bundle).run_all_exits(x, progress=False)
-        return cls(x, logits, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits))
+        return cls(x, logits, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits), bundle.manifest.name)
 
     def decide(self, rows: np.ndarray, deltas: np.ndarray, policy: str = "pcee-cond") -> tuple[list[int], list[int]]:
         decisions = decide_all(self.calibration, policy, [z[rows] for z in self.logits], deltas)

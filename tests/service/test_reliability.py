@@ -1,0 +1,222 @@
+"""Sustained load and overload on a real server: zero errors, answers equal the offline decisions,
+memory flat, overload shed fast with 503 + Retry-After, latency back to normal after the burst.
+
+Figures are printed (run with -s) for BENCHMARKS.md; the assertions are on counts, correctness and
+generous ratios, not on absolute timings (DESIGN.md §8). EXITSERVE_SOAK_SECONDS sets the soak length
+(default 15 s; CI budget) and EXITSERVE_SOAK_RATE its request rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ServerProcess
+from reliability_support import (
+    MODEL,
+    Reference,
+    percentiles,
+    raw_tensor,
+    rss_bytes,
+    v1_answer,
+    v2_answer,
+    v2_json_body,
+)
+
+from models.data import load_dataset
+from service.settings import DEFAULT_BUNDLE
+
+SOAK_SECONDS = float(os.environ.get("EXITSERVE_SOAK_SECONDS", "15"))
+SOAK_RATE = float(os.environ.get("EXITSERVE_SOAK_RATE", "100"))  # requests per second, open loop
+DELTAS = np.array([0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
+
+
+@pytest.fixture(scope="module")
+def reference(digits_bundle: Path) -> Reference:
+    return Reference.of(digits_bundle, load_dataset("digits:test").x[:256])
+
+
+@dataclass
+class Sent:
+    protocol: str
+    rows: np.ndarray
+    deltas: np.ndarray
+    status: int
+    seconds: float
+    response: httpx.Response
+
+    def correct(self, reference: Reference) -> bool:
+        """The answer equals the offline decision (checked after the run, off the clock)."""
+        if self.status != 200:
+            return False
+        payload = self.response.json()
+        answer = v1_answer(payload) if self.protocol == "v1" else v2_answer(payload)
+        return answer == reference.decide(self.rows, self.deltas)
+
+
+def _request(reference: Reference, rng: np.random.Generator, protocol: str, n: int | None = None) -> tuple:
+    """(protocol, rows, deltas, path, body bytes): random rows with per-sample deltas."""
+    size = n or int(rng.integers(1, 9))
+    rows = rng.choice(len(reference.x), size=size, replace=size > len(reference.x))
+    deltas = rng.choice(DELTAS, size=len(rows))
+    if protocol == "v1":
+        path, body = f"/v1/models/{reference.model}/predict", {"inputs": raw_tensor(reference.x[rows]), "delta": deltas.tolist()}
+    else:
+        path, body = f"/v2/models/{reference.model}/infer", v2_json_body(reference.x[rows], deltas)
+    return protocol, rows, deltas, path, json.dumps(body).encode()
+
+
+async def _send(client: httpx.AsyncClient, request: tuple, request_id: str | None = None) -> Sent:
+    protocol, rows, deltas, path, body = request
+    headers = {"Content-Type": "application/json", **({"X-Request-ID": request_id} if request_id else {})}
+    started = time.perf_counter()
+    response = await client.post(path, content=body, headers=headers)
+    return Sent(protocol, rows, deltas, response.status_code, time.perf_counter() - started, response)
+
+
+async def _one(client: httpx.AsyncClient, reference: Reference, rng: np.random.Generator, protocol: str,
+               n: int | None = None) -> Sent:
+    return await _send(client, _request(reference, rng, protocol, n))
+
+
+async def _steady(url: str, reference: Reference, seconds: float, rate: float, seed: int) -> list[Sent]:
+    """Open-loop load: request i leaves at start + i / rate, whatever the earlier ones are doing."""
+    rng = np.random.default_rng(seed)
+    total = max(1, int(seconds * rate))
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def scheduled(i: int) -> Sent:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            return await _one(client, reference, rng, "v2" if i % 4 == 3 else "v1")
+
+        return await asyncio.gather(*(scheduled(i) for i in range(total)))
+
+
+def test_sustained_load_zero_errors_correct_answers_flat_memory(digits_bundle: Path, reference) -> None:
+    proc = ServerProcess([digits_bundle])
+    try:
+        proc.wait_ready()
+        warm = asyncio.run(_steady(proc.url, reference, min(3.0, SOAK_SECONDS), SOAK_RATE, seed=1))
+        assert all(sent.correct(reference) for sent in warm)
+        rss_warm = rss_bytes(proc.process.pid)
+        started = time.perf_counter()
+        results = asyncio.run(_steady(proc.url, reference, SOAK_SECONDS, SOAK_RATE, seed=2))
+        elapsed = time.perf_counter() - started
+        rss_end = rss_bytes(proc.process.pid)
+    finally:
+        proc.stop()
+    errors = [sent.status for sent in results if sent.status != 200]
+    wrong = sum(1 for sent in results if sent.status == 200 and not sent.correct(reference))
+    summary = percentiles([sent.seconds for sent in results])
+    print(f"\nsoak: {len(results)} requests in {elapsed:.1f} s ({len(results) / elapsed:.0f}/s target {SOAK_RATE:g}/s), "
+          f"errors {len(errors)}, wrong answers {wrong}, latency {summary}, "
+          f"RSS after warm-up {rss_warm / 2**20:.1f} MiB, at the end {rss_end / 2**20:.1f} MiB "
+          f"({100 * (rss_end - rss_warm) / rss_warm:+.1f} %)")
+    assert not errors, sorted(set(errors))
+    assert wrong == 0
+    assert abs(rss_end - rss_warm) <= 0.10 * rss_warm
+
+
+@pytest.fixture(scope="module")
+def cifar_reference() -> Reference:
+    # Random images in [0, 1]: correctness here means "equal to the offline decision", whatever the input.
+    return Reference.of(DEFAULT_BUNDLE, np.random.default_rng(0).random((64, 3, 32, 32), dtype=np.float32))
+
+
+def test_overload_sheds_fast_and_recovers(cifar_reference: Reference) -> None:
+    # The committed CIFAR-10 bundle: the digits model is so fast that the engine outruns the event loop
+    # and no queue ever fills. 10x more concurrent requests than the queue holds, one batch each.
+    reference = cifar_reference
+    queue_limit, burst, samples = 4, 40, 16
+    proc = ServerProcess([DEFAULT_BUNDLE], ["--queue-limit", str(queue_limit), "--max-batch-size", str(samples)])
+
+    async def scenario() -> dict:
+        limits = httpx.Limits(max_connections=burst + 8, max_keepalive_connections=burst + 8)
+        async with httpx.AsyncClient(base_url=proc.url, timeout=60, limits=limits) as client:
+            await asyncio.gather(*(client.get("/healthz") for _ in range(burst)))  # open the connections first
+            rng = np.random.default_rng(3)
+            before = [(await _one(client, reference, rng, "v1")).seconds for _ in range(30)]
+            rss_before = rss_bytes(proc.process.pid)
+            # Bodies built beforehand so that the burst leaves at once rather than at the client's encoding pace.
+            requests = [_request(reference, rng, "v1", n=samples) for _ in range(burst)]
+            outcomes = await asyncio.gather(*(_send(client, r, f"burst-{i}") for i, r in enumerate(requests)))
+            rss_after = rss_bytes(proc.process.pid)
+            after = [(await _one(client, reference, rng, "v1")).seconds for _ in range(30)]
+            return {"before": before, "outcomes": outcomes, "after": after, "rss": (rss_before, rss_after)}
+
+    try:
+        proc.wait_ready()
+        run = asyncio.run(scenario())
+    finally:
+        proc.stop()
+    outcomes = run["outcomes"]
+    accepted = [o for o in outcomes if o.status == 200]
+    shed = [o for o in outcomes if o.status == 503]
+    assert len(accepted) + len(shed) == burst, sorted({o.status for o in outcomes})
+    assert all(o.correct(reference) for o in accepted)  # accepted requests are answered, and correctly
+    assert shed, "the burst never filled the queue"
+    for o in shed:
+        assert o.response.headers["retry-after"] == "1" and "queue" in o.response.json()["error"]
+    # Client-side times are dominated by the client pushing 40 bodies through one connection pool;
+    # the server's own log (headers in -> answer out, per request id) shows what shedding costs.
+    logged = [json.loads(line) for line in proc.logs().splitlines() if line.startswith("{") and '"burst-' in line]
+    server_seconds = {status: [e["seconds"] for e in logged if e["status"] == status] for status in (200, 503)}
+    assert len(logged) == burst
+    shed_server, accepted_server = percentiles(server_seconds[503]), percentiles(server_seconds[200])
+    before, after = percentiles(run["before"]), percentiles(run["after"])
+    rss_before, rss_after = run["rss"]
+    print(f"\noverload: {burst} concurrent requests of {samples} samples, queue limit {queue_limit}: "
+          f"{len(accepted)} accepted, in the server {accepted_server}, at the client {percentiles([o.seconds for o in accepted])}; "
+          f"{len(shed)} shed with 503, in the server {shed_server}, at the client {percentiles([o.seconds for o in shed])}; "
+          f"single-request latency before {before}, after {after}; RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
+    # Shedding costs no queueing: in the server a 503 takes a fraction of what an accepted request waits.
+    assert shed_server["p99_ms"] < accepted_server["p50_ms"]
+    assert rss_after - rss_before < 64 * 2**20  # bounded: the queue does not grow with the burst
+    # Recovered: latency after the burst is back near what it was before (generous for a noisy machine).
+    assert after["p50_ms"] <= max(3 * before["p50_ms"], before["p50_ms"] + 20)
+
+
+def test_sigterm_answers_every_accepted_request_refuses_new_ones_and_exits_in_time(digits_bundle: Path, reference) -> None:
+    grace = 5.0
+    # A 1.5 s batching window holds the requests in flight while the signal arrives.
+    proc = ServerProcess([digits_bundle], ["--max-queue-delay-ms", "1500", "--max-batch-size", "1000"],
+                         env={"EXITSERVE_DRAIN_TIMEOUT_S": str(grace)})
+
+    async def scenario() -> tuple[list[Sent], list, float, int]:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=30) as client:
+            rng = np.random.default_rng(5)
+            in_flight = [asyncio.create_task(_one(client, reference, rng, "v1" if i % 2 else "v2")) for i in range(8)]
+            await asyncio.sleep(0.5)
+            signalled = time.perf_counter()
+            proc.process.terminate()
+            await asyncio.sleep(0.2)
+            late = []
+            for _ in range(5):  # new requests: refused at once (listener closed) or 503, never accepted or hung
+                try:
+                    async with httpx.AsyncClient(base_url=proc.url, timeout=5) as fresh:
+                        late.append((await fresh.post(f"/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(reference.x[:1])})).status_code)
+                except httpx.TransportError as exc:
+                    late.append(type(exc).__name__)
+            answered = await asyncio.gather(*in_flight)
+            exit_code = await asyncio.to_thread(proc.process.wait, grace + 10)
+            return answered, late, time.perf_counter() - signalled, exit_code
+
+    try:
+        proc.wait_ready()
+        answered, late, seconds, exit_code = asyncio.run(scenario())
+    finally:
+        proc.stop()
+    print(f"\nSIGTERM: {len(answered)} in-flight answered {sorted({a.status for a in answered})}, new requests {late}, "
+          f"exit {exit_code} after {seconds:.2f} s (grace {grace:g} s)")
+    assert all(sent.correct(reference) for sent in answered)  # no accepted request lost
+    assert all(outcome == 503 or isinstance(outcome, str) for outcome in late), late
+    assert exit_code in (0, -15) and seconds < grace + 3
