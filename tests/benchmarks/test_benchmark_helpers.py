@@ -1,0 +1,62 @@
+"""The pure parts of benchmarks/headline.py and benchmarks/control.py: curve interpolation and split summaries."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # scripts, not a package
+
+import control  # noqa: E402
+import headline  # noqa: E402
+
+
+def rows(points: list[tuple[float, float]]) -> list[dict]:
+    return [{"mflops": x, "error": e} for x, e in points]
+
+
+def test_frontier_sorts_by_cost_and_keeps_the_lower_error_at_equal_cost() -> None:
+    xs, ys = headline.frontier(rows([(60.0, 0.15), (50.0, 0.20), (60.0, 0.14)]))
+    assert xs.tolist() == [50.0, 60.0]
+    assert ys.tolist() == [0.20, 0.14]
+
+
+def test_error_at_interpolates_and_refuses_costs_outside_the_curve() -> None:
+    curve = rows([(50.0, 0.20), (70.0, 0.10)])
+    assert headline.error_at(curve, 60.0) == pytest.approx(0.15)
+    assert headline.error_at(curve, 40.0) is None  # cheaper than the first exit: out of reach
+    assert headline.error_at(curve, 80.0) is None
+
+
+def test_mflops_to_reach_finds_the_first_crossing() -> None:
+    curve = rows([(50.0, 0.20), (70.0, 0.10), (90.0, 0.08)])
+    assert headline.mflops_to_reach(curve, 0.15) == pytest.approx(60.0)
+    assert headline.mflops_to_reach(curve, 0.25) == 50.0
+    assert headline.mflops_to_reach(curve, 0.05) is None
+
+
+def test_compare_reports_no_ratio_when_costs_do_not_overlap() -> None:
+    small = {"full_mflops": 36.0, "exits": [{"mflops": 36.0, "error": 0.15}]}
+    policy_rows = rows([(55.0, 0.22), (73.0, 0.15), (140.0, 0.12)])
+    large = {"exits": [{"mflops": 44.0}], "policies": {p: policy_rows for p in headline.HEADLINE_POLICIES}}
+    out = headline.compare(small, large)["pcee"]
+    assert out["large_error_at_small_mflops"] is None and out["error_ratio"] is None
+    assert out["goal_met"] is False and out["equal_cost_reachable"] is False
+    assert out["large_mflops_to_match_small_error"] == pytest.approx(73.0)
+
+
+def test_summarise_counts_violations_per_delta_over_splits() -> None:
+    def row(promised: float | None, delta: float) -> dict:
+        return {"accuracy_promised": promised, "violation": promised is not None and promised < delta,
+                "violation_p_value": 0.01 if promised is not None and promised < delta else None,
+                "coverage": 0.5, "accuracy": 0.9, "compute_fraction": 0.6, "n_promised": 0 if promised is None else 10}
+
+    deltas = np.array([0.8, 0.9])
+    splits = [[row(0.85, 0.8), row(0.88, 0.9)], [row(0.82, 0.8), row(None, 0.9)]]
+    out = control.summarise(splits, deltas)
+    assert [r["violations"] for r in out] == [0, 1]
+    assert out[1]["violation_rate"] == 0.5 and out[1]["splits_with_promise"] == 1
+    assert out[1]["accuracy_promised_min"] == pytest.approx(0.88)
