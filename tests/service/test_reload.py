@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -154,6 +155,29 @@ def test_good_reload_under_load_fails_no_request(keyed, served_bundle: Path, tmp
     text = httpx.get(f"{keyed.url}/metrics").text
     assert metric(text, "exitserve_model_reloads_total", model=MODEL, outcome="ok") >= 3
     assert metric(text, "exitserve_model_ready", model=MODEL) == 1
+
+
+def test_request_begun_before_a_reload_is_answered_by_the_new_model(keyed, reference) -> None:
+    """A request picks its model when its headers arrive; if a reload retires that model before the
+    body is in, the request is handed to the successor rather than refused."""
+    x = reference.x[:4]
+    body = json.dumps({"inputs": raw_tensor(x), "delta": 0.9}).encode()
+    head = (f"POST /v1/models/{MODEL}/predict HTTP/1.1\r\nHost: 127.0.0.1:{keyed.port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", keyed.port), timeout=10) as s:
+        s.sendall(head + body[: len(body) // 2])
+        time.sleep(0.3)  # the handler is now waiting for the rest of the body, holding the current model
+        assert reload(keyed).status_code == 200  # swaps in a new model, drains and closes the old one
+        s.sendall(body[len(body) // 2 :])
+        reply = b""
+        for _ in range(1000):  # bounded read until the server closes
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status_line, _, payload = reply.partition(b"\r\n\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert v1_answer(json.loads(payload)) == reference.decide(np.arange(4), np.full(4, 0.9))
 
 
 def _wait_for(predicate, timeout: float = 20.0) -> bool:  # noqa: ANN001
