@@ -31,7 +31,7 @@ class RawTensor(BaseModel):
 class PredictRequest(BaseModel):
     inputs: list[Any] | RawTensor = Field(description="a batch of samples as nested lists, or a raw tensor")
     delta: float | list[float] | None = Field(None, description="accuracy target in (0, 1]; one value or one per sample")
-    policy: str | None = Field(None, description="exit policy, e.g. pcee-cond (default), pcee, pcee-lb, confidence, full")
+    policy: str | None = Field(None, description="exit policy, e.g. pcee-lb-cond (default), pcee-cond, pcee, confidence, full")
     return_probabilities: bool = False
 
 

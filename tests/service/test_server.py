@@ -35,7 +35,7 @@ def offline(digits_bundle: Path, samples):
     logits = OnnxRunner(bundle).run_all_exits(samples[0], progress=False)
     calibration = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
 
-    def decide(delta: float, policy: str = "pcee-cond"):
+    def decide(delta: float, policy: str = "pcee-lb-cond"):  # the server's default policy
         return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta))
 
     return decide
@@ -82,7 +82,7 @@ def test_v1_raw_tensor_and_probabilities(server, samples, offline) -> None:
     assert body["request_id"] == "abc-123"
     probs = np.array([p["probabilities"] for p in body["predictions"]])
     assert probs.shape == (24, 10) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert np.array_equal(probs.argmax(1), offline(0.9).prediction)
+    assert np.array_equal(probs.argmax(1), offline(0.9, "pcee-cond").prediction)
 
 
 def test_v1_per_sample_deltas(server, samples, offline) -> None:
@@ -104,7 +104,7 @@ def test_v2_binary_via_tritonclient(server, samples, offline) -> None:
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)  # binary by default
     result = client.infer(MODEL, [inp], parameters={"delta": 0.9, "policy": "pcee-cond"}, request_id="r1")
-    want = offline(0.9)
+    want = offline(0.9, "pcee-cond")
     assert result.get_response()["id"] == "r1"
     assert np.array_equal(result.as_numpy("exit"), want.exit_index)
     assert np.array_equal(result.as_numpy("class_index"), want.prediction)
