@@ -13,8 +13,10 @@ import numpy as np
 from calibration import Calibration, decide_all
 from models.bundle import MANIFEST_FILE, load_bundle, refresh_checksums
 from service.runner import OnnxRunner
+from service.settings import Settings
 
 MODEL = "digits"
+SERVER_DEFAULT_POLICY: str = Settings.model_fields["default_policy"].default
 
 
 @dataclass
@@ -32,7 +34,9 @@ class Reference:
         logits = OnnxRunner(bundle).run_all_exits(x, progress=False)
         return cls(x, logits, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits), bundle.manifest.name)
 
-    def decide(self, rows: np.ndarray, deltas: np.ndarray, policy: str = "pcee-cond") -> tuple[list[int], list[int]]:
+    def decide(self, rows: np.ndarray, deltas: np.ndarray, policy: str | None = None) -> tuple[list[int], list[int]]:
+        """What the server must answer; `policy` None means the server's default policy."""
+        policy = policy or SERVER_DEFAULT_POLICY
         decisions = decide_all(self.calibration, policy, [z[rows] for z in self.logits], deltas)
         return decisions.prediction.tolist(), decisions.exit_index.tolist()
 
@@ -47,11 +51,14 @@ def v1_answer(payload: dict) -> tuple[list[int], list[int]]:
     return [p["class_index"] for p in payload["predictions"]], [p["exit"] for p in payload["predictions"]]
 
 
-def v2_json_body(x: np.ndarray, deltas: np.ndarray) -> dict:
-    return {"inputs": [
+def v2_json_body(x: np.ndarray, deltas: np.ndarray, policy: str | None = None) -> dict:
+    body = {"inputs": [
         {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()},
         {"name": "delta", "shape": [len(deltas)], "datatype": "FP64", "data": deltas.tolist()},
     ], "outputs": [{"name": "class_index"}, {"name": "exit"}]}
+    if policy is not None:
+        body["parameters"] = {"policy": policy}
+    return body
 
 
 def v2_answer(payload: dict) -> tuple[list[int], list[int]]:
