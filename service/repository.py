@@ -103,8 +103,12 @@ class ServedModel:
             self.batcher.submit(item)
         except ShuttingDown:
             successor = self.successor
-            if successor is None or not successor.accepts_requests_of(self):
+            if successor is None:
                 raise
+            if not successor.accepts_requests_of(self):
+                # Validated against inputs or labels that no longer exist: the client must ask again.
+                raise ShuttingDown(f"model {self.name!r} was reloaded with other inputs or labels; "
+                                   "send the request again") from None
             successor.submit(item)
 
     def accepts_requests_of(self, other: ServedModel) -> bool:
