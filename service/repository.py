@@ -62,6 +62,7 @@ class ServedModel:
         self.input_dtype = np.dtype(bundle.manifest.input.dtype)
         self.metrics = metrics
         self.ready = False
+        self.started = False  # batcher threads running
         self.successor: ServedModel | None = None  # set when a reload replaces this model
         self.batcher = DynamicBatcher(
             self.engine,
@@ -89,13 +90,15 @@ class ServedModel:
     def start(self, warmup_sizes: list[int]) -> None:
         self.runner.warmup(warmup_sizes)
         self.batcher.start()
+        self.started = True
         self.ready = True
         self.metrics.model_ready.labels(self.name).set(1)
 
     def stop(self, timeout: float) -> bool:
         self.ready = False
         self.metrics.model_ready.labels(self.name).set(0)
-        return self.batcher.close(timeout)
+        # A model whose warm-up never ran (or failed) has no threads to join.
+        return self.batcher.close(timeout) if self.started else True
 
     def submit(self, item: WorkItem) -> None:
         """Queue a request; once retired by a reload, hand it to the successor instead of refusing it."""
