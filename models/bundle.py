@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -92,6 +92,10 @@ class Manifest(_Strict):
             passed = self.segments[k - 1].state_outputs
             if self.segments[k].inputs != passed:
                 raise ValueError(f"segment {k} inputs {self.segments[k].inputs} != segment {k - 1} outputs {passed}")
+        for file in [*self.sha256, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
+            parts = PurePosixPath(file).parts
+            if not parts or PurePosixPath(file).is_absolute() or ".." in parts or "\\" in file:
+                raise ValueError(f"file path {file!r} escapes the bundle directory (relative paths inside it only)")
         if len(set(self.labels)) != len(self.labels) or not self.labels:
             raise ValueError("labels must be non-empty and unique")
         return self

@@ -141,7 +141,7 @@ def damage(source: Path, target: Path, kind: str) -> tuple[Path, str]:
 
         (target / "segments" / "00.onnx").unlink()
         _edit_manifest(target, escape)
-        return target, f"../{outside.name}: listed in the manifest but missing"
+        return target, f"'../{outside.name}' escapes the bundle directory"
     raise ValueError(kind)
 
 
