@@ -12,6 +12,7 @@ thread) so the client does not starve the server of the 2 cores; its CPU time is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -136,8 +137,22 @@ def early_exit_efficiency(bundle_dir: Path, x: np.ndarray, deltas: list[float], 
 
 WRK_SCRIPT = """
 wrk.method = "POST"
-local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
+-- BODY_FILE holds one or more bodies separated by SEPARATOR; requests cycle through them.
+local f = io.open(os.getenv("BODY_FILE"), "rb"); local all = f:read("*a"); f:close()
+local sep = os.getenv("SEPARATOR")
+local bodies = {}
+local start = 1
+while true do
+  local i, j = string.find(all, sep, start, true)
+  if not i then table.insert(bodies, string.sub(all, start)); break end
+  table.insert(bodies, string.sub(all, start, i - 1)); start = j + 1
+end
 for k, v in string.gmatch(os.getenv("HEADERS") or "", "([^=;]+)=([^;]+)") do wrk.headers[k] = v end
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, bodies[(n % #bodies) + 1])
+end
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "socket_errors": %d, "non_2xx": %d, "p50_us": %d, "p99_us": %d}\\n',
@@ -145,6 +160,7 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
+SEPARATOR = b"\n--exitserve-body--\n"
 
 
 def _free_port() -> int:
@@ -172,15 +188,16 @@ def _wait_ready(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
-def _wrk(url: str, body: bytes, headers: dict[str, str], connections: int, seconds: int, workdir: Path) -> dict:
+def _wrk(url: str, body: bytes | list[bytes], headers: dict[str, str], connections: int, seconds: int, workdir: Path) -> dict:
     body_file = workdir / "body.bin"
-    body_file.write_bytes(body)
+    body_file.write_bytes(SEPARATOR.join(body) if isinstance(body, list) else body)
     script = workdir / "post.lua"
     script.write_text(WRK_SCRIPT)
-    env = {**os.environ, "BODY_FILE": str(body_file), "HEADERS": ";".join(f"{k}={v}" for k, v in headers.items())}
+    env = {**os.environ, "BODY_FILE": str(body_file), "SEPARATOR": SEPARATOR.decode(),
+           "HEADERS": ";".join(f"{k}={v}" for k, v in headers.items())}
     started = time.perf_counter()
     cpu0 = os.times()
-    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(script), url],
                           env=env, capture_output=True, text=True, check=True)
     cpu1 = os.times()
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON "))
@@ -255,6 +272,131 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
     return out
 
 
+# --- 4. exitserve against its peers at 1, 8 and 64 clients (issue 6, part 3) -----------------------
+
+PEER_DELTAS = (0.99, 0.95, 0.90, 0.80)
+
+
+def _start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    # A session of its own, so that stopping it takes its worker processes too (LitServe's outlive
+    # a SIGTERM to their parent and keep polling, which skews every later measurement).
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+
+
+def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads: int, clients: tuple[int, ...]) -> dict:
+    import base64
+
+    import httpx
+
+    name = load_bundle(bundle_dir).manifest.name
+
+    def raw_body(batch: np.ndarray, **extra: object) -> bytes:
+        return json.dumps({"inputs": {"b64": base64.b64encode(batch.tobytes()).decode(), "dtype": "float32",
+                                      "shape": list(batch.shape)}, **extra}).encode()
+
+    commands = {
+        "exitserve": lambda port: ([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
+                                   {"EXITSERVE_THREADS": str(threads)}),
+        "plain": lambda port: ([sys.executable, str(REPO / "benchmarks" / "plain_server.py"), str(mono_dir / "last-exit.onnx"),
+                                "--port", str(port), "--threads", str(threads)], None),
+        "litserve": lambda port: ([sys.executable, str(REPO / "benchmarks" / "litserve_server.py"), str(mono_dir / "last-exit.onnx"),
+                                   "--port", str(port), "--threads", str(threads), "--max-batch-size", "64"], None),
+    }
+    ready = {"exitserve": "/readyz", "plain": "/docs", "litserve": "/health"}
+    json_headers = {"Content-Type": "application/json"}
+    out: dict = {}
+    # One server alive at a time: LitServe's worker processes poll, and an idle peer must not eat the cores.
+    for server, command in commands.items():
+        port = _free_port()
+        cmd, env = command(port)
+        proc = _start(cmd, env)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}{ready[server]}")
+            for images in (1, 64):
+                # Different images per request (cycled by wrk), so exits and compute are those of real traffic.
+                batches = [np.ascontiguousarray(x[i : i + images]) for i in range(0, min(len(x), 256 * images), images)][:256]
+                variants: dict[str, tuple[str, list[bytes], dict]] = {}
+                if server == "exitserve":
+                    path = f"/v1/models/{name}/predict"
+                    variants["exitserve full depth"] = (path, [raw_body(b, policy="full") for b in batches], json_headers)
+                    for delta in PEER_DELTAS:
+                        variants[f"exitserve δ={delta}"] = (path, [raw_body(b, delta=delta) for b in batches], json_headers)
+                elif server == "plain":
+                    variants["plain FastAPI (raw bytes)"] = ("/predict_raw", [b.tobytes() for b in batches],
+                                                             {"x-shape": ",".join(map(str, batches[0].shape))})
+                else:
+                    variants["LitServe (max batch 64)"] = ("/predict", [raw_body(b) for b in batches], json_headers)
+                with tempfile.TemporaryDirectory() as tmp:
+                    for variant, (path, bodies, headers) in variants.items():
+                        url = f"http://127.0.0.1:{port}{path}"
+                        fraction = None
+                        if server == "exitserve":
+                            answered = [httpx.post(url, content=body, headers=headers, timeout=60).json() for body in bodies]
+                            fraction = float(np.mean([p["compute_fraction"] for a in answered for p in a["predictions"]]))
+                        for connections in clients:
+                            _wrk(url, bodies, headers, connections, 1, Path(tmp))  # warm-up
+                            cpu_before = _cpu_seconds_tree(proc.pid)
+                            result = _wrk(url, bodies, headers, connections, seconds, Path(tmp))
+                            cpu = _cpu_seconds_tree(proc.pid) - cpu_before
+                            result["p50_ms"] = result.pop("p50_us") / 1000
+                            result["p99_ms"] = result.pop("p99_us") / 1000
+                            result["images_per_s"] = result["req_per_s"] * images
+                            result["server_cpu_ms_per_request"] = 1000 * cpu / max(result["requests"], 1)
+                            result["mean_compute_fraction"] = fraction
+                            out[f"{images} image(s), {connections} client(s), {variant}"] = result
+        finally:
+            _stop(proc)
+    return dict(sorted(out.items(), key=lambda kv: _peer_order(kv[0])))
+
+
+def _peer_order(key: str) -> tuple[int, int, int]:
+    images, clients, variant = (part.strip() for part in key.split(",", 2))
+    rank = 0 if variant.startswith("exitserve full") else 1 if variant.startswith("exitserve") else 2 if variant.startswith("plain") else 3
+    return int(images.split()[0]), int(clients.split()[0]), rank
+
+
+def _cpu_seconds_tree(pid: int) -> float:
+    """CPU seconds of a process and its children (LitServe runs its API server and worker as processes)."""
+    total = _cpu_seconds(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a child that just exited
+            total += _cpu_seconds_tree(int(child))
+    return total
+
+
+def peers_table(results: dict) -> list[str]:
+    lines = ["", "**exitserve against its peers** (wrk, 1 thread; raw float32 tensors; exitserve's δ rows use the "
+             "default policy; gain = exitserve images/s over the peer's, ideal = 1 / mean compute fraction)", "",
+             "| images/request | clients | variant | req/s | images/s | p50 ms | p99 ms | server CPU ms/request | errors | compute fraction "
+             "| gain vs plain | gain vs LitServe | ideal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = results["peers"]
+    for key, row in rows.items():
+        images, clients, variant = (part.strip() for part in key.split(",", 2))
+        plain = rows[f"{images}, {clients}, plain FastAPI (raw bytes)"]["images_per_s"]
+        lit = rows[f"{images}, {clients}, LitServe (max batch 64)"]["images_per_s"]
+        fraction = row["mean_compute_fraction"]
+        is_exitserve = variant.startswith("exitserve")
+        gains = (f"{row['images_per_s'] / plain:.2f} | {row['images_per_s'] / lit:.2f}" if is_exitserve and plain and lit else "– | –")
+        lines.append(f"| {images.split()[0]} | {clients.split()[0]} | {variant} | {row['req_per_s']:.0f} | {row['images_per_s']:.0f} "
+                     f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['server_cpu_ms_per_request']:.2f} "
+                     f"| {row['socket_errors'] + row['non_2xx']} | {'–' if fraction is None else f'{fraction:.3f}'} | {gains} | {'–' if not fraction else f'{1 / fraction:.2f}'} |")
+    return lines
+
+
 # --- report -----------------------------------------------------------------------------------------
 
 
@@ -266,6 +408,8 @@ def markdown(results: dict) -> str:
         lines += early_table(results)
     if "http" in results:
         lines += http_table(results)
+    if "peers" in results:
+        lines += peers_table(results)
     return "\n".join(lines)
 
 
@@ -311,7 +455,8 @@ def main() -> None:
     parser.add_argument("--deltas", default="0.8,0.85,0.9")
     parser.add_argument("--http-seconds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every variant")
-    parser.add_argument("--parts", default="cutting,early,http", help="comma-separated: cutting, early, http")
+    parser.add_argument("--parts", default="cutting,early,http", help="comma-separated: cutting, early, http, peers")
+    parser.add_argument("--clients", default="1,8,64", help="peers: concurrent clients")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = parser.parse_args()
     data = load_dataset(args.data)
@@ -329,6 +474,9 @@ def main() -> None:
         if shutil.which("wrk") is None:
             raise SystemExit("wrk is needed for the HTTP part (apt-get install wrk), or pass --skip-http")
         results["http"] = http_overhead(Path(args.bundle), Path(args.monolithic), x, args.http_seconds, args.threads)
+    if "peers" in parts:
+        results["peers"] = peers(Path(args.bundle), Path(args.monolithic), x, args.http_seconds, args.threads,
+                                 tuple(int(c) for c in args.clients.split(",")))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
