@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from prometheus_client.parser import text_string_to_metric_families
+from reliability_support import metric
 from tritonclient.utils import InferenceServerException
 
 from calibration import Calibration, decide_all
@@ -39,15 +39,6 @@ def offline(digits_bundle: Path, samples):
         return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta))
 
     return decide
-
-
-def metric_value(text: str, name: str, labels: dict[str, str]) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def predict(server, body: object, **kwargs) -> httpx.Response:
@@ -170,16 +161,16 @@ def test_metrics_move_with_requests(server, samples) -> None:
     after = httpx.get(f"{server.url}/metrics").text
     exits = np.bincount([p["exit"] for p in body["predictions"]], minlength=3)
     for k in range(3):
-        moved = metric_value(after, "exitserve_exits_total", {"model": MODEL, "exit": str(k)}) - \
-            metric_value(before, "exitserve_exits_total", {"model": MODEL, "exit": str(k)})
+        moved = metric(after, "exitserve_exits_total", **{"model": MODEL, "exit": str(k)}) - \
+            metric(before, "exitserve_exits_total", **{"model": MODEL, "exit": str(k)})
         assert moved == exits[k]
     ok = {"model": MODEL, "protocol": "v1", "status": "200"}
-    assert metric_value(after, "exitserve_requests_total", ok) == metric_value(before, "exitserve_requests_total", ok) + 1
-    assert metric_value(after, "exitserve_model_ready", {"model": MODEL}) == 1
+    assert metric(after, "exitserve_requests_total", **ok) == metric(before, "exitserve_requests_total", **ok) + 1
+    assert metric(after, "exitserve_model_ready", **{"model": MODEL}) == 1
     for name in ("exitserve_request_duration_seconds_count", "exitserve_queue_duration_seconds_count",
                  "exitserve_batch_size_count", "exitserve_exit_depth_count", "exitserve_compute_fraction_count",
                  "exitserve_estimated_accuracy_count", "exitserve_segment_duration_seconds_count"):
-        assert metric_value(after, name, {"model": MODEL}) > metric_value(before, name, {"model": MODEL}), name
+        assert metric(after, name, **{"model": MODEL}) > metric(before, name, **{"model": MODEL}), name
 
 
 BAD_V1 = [
