@@ -74,6 +74,8 @@ def main() -> int:
     else:
         print(f"\nskipped serving: needs {CHECKPOINT} (exitserve train ..., README) for the monolithic baselines")
     results.append(run("Scaling with work", [str(BENCH / "scaling.py"), "--seconds-per-row", "1" if quick else "2"]))
+    if (REPO / "benchmarks/results/serving-peers.json").is_file():
+        results.append(run("Plots", [str(BENCH / "plot_serving.py")]))
     return 0 if all(results) else 1
 
 
