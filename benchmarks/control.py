@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_support import cpu_model
 from logits_cache import DEFAULT_CACHE, split_logits
 
 from calibration import POLICIES, decide_all, fit_calibration
@@ -34,13 +35,6 @@ RESULTS = REPO / "benchmarks" / "results"
 # Policies the goal applies to (violation rate <= alpha); the rest are shown beside them.
 CONTROLLED = ("pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond")
 FIT_KEYS = ("confidence", "binning", "bins", "window", "alpha")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def run_splits(logits: list[np.ndarray], labels: np.ndarray, fractions: np.ndarray, fit_kwargs: dict,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_support import cpu_model
 from logits_cache import DEFAULT_CACHE, split_logits
 
 from calibration import Calibration, decide_all, fit_calibration
@@ -32,13 +33,6 @@ RESULTS = REPO / "benchmarks" / "results"
 HEADLINE_POLICIES = ("pcee", "pcee-cond")
 PAPER_ERRORS = (0.060, 0.074)  # large with PCEE vs small, at the small model's FLOPs (arXiv 2412.19325)
 PAPER_RATIO = PAPER_ERRORS[0] / PAPER_ERRORS[1]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def calibrate_in_place(directory: Path, bundle: Bundle, cache: Path) -> Calibration:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from bench_support import free_port, wait_ready
 
 from calibration import Calibration
 from models.bundle import load_bundle
@@ -69,12 +69,6 @@ def engine_scaling(bundle_dir: Path, x: np.ndarray, budget_s: float) -> list[dic
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -95,19 +89,12 @@ def server_memory(bundle_dir: Path, x: np.ndarray) -> list[dict]:
             (target / "manifest.json").write_text(json.dumps(manifest))
             copies.append(target)
         for count in (1, 3):
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *map(str, copies[:count]), "--port", str(port)],
                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 url = f"http://127.0.0.1:{port}"
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    try:
-                        if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.2)
+                wait_ready(f"{url}/readyz")
                 after_warmup = _peak_rss_mib(proc.pid)
                 for i in range(count):
                     name = json.loads((copies[i] / "manifest.json").read_text())["name"]

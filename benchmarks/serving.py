@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from bench_support import cpu_model, free_port, wait_ready
 
 from calibration import Calibration
 from models.bundle import load_bundle
@@ -35,13 +35,6 @@ from service.runner import OnnxRunner, RunnerOptions
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def stats(samples_s: list[float]) -> dict:
@@ -163,29 +156,9 @@ end
 SEPARATOR = b"\n--exitserve-body--\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wait_ready(url: str, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 def _wrk(url: str, body: bytes | list[bytes], headers: dict[str, str], connections: int, seconds: int, workdir: Path) -> dict:
@@ -241,17 +214,17 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
     }
     servers = {}
     env = {**os.environ, "EXITSERVE_THREADS": str(threads)}  # default settings otherwise, request logs included
-    port = _free_port()
+    port = free_port()
     servers["exitserve"] = (subprocess.Popen([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
                                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/readyz")
-    port = _free_port()
+    port = free_port()
     servers["plain"] = (subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "plain_server.py"), str(mono_dir / "last-exit.onnx"),
                                           "--port", str(port), "--threads", str(threads)], cwd=REPO,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/docs")
     out: dict = {}
     try:
         for _, port, ready in servers.values():
-            _wait_ready(f"http://127.0.0.1:{port}{ready}")
+            wait_ready(f"http://127.0.0.1:{port}{ready}")
         with tempfile.TemporaryDirectory() as tmp:
             for connections in (1, 8):
                 for variant, (path, body, headers) in bodies.items():
@@ -319,11 +292,11 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
     out: dict = {}
     # One server alive at a time: LitServe's worker processes poll, and an idle peer must not eat the cores.
     for server, command in commands.items():
-        port = _free_port()
+        port = free_port()
         cmd, env = command(port)
         proc = _start(cmd, env)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}{ready[server]}")
+            wait_ready(f"http://127.0.0.1:{port}{ready[server]}")
             for images in (1, 64):
                 # Different images per request (cycled by wrk), so exits and compute are those of real traffic.
                 batches = [np.ascontiguousarray(x[i : i + images]) for i in range(0, min(len(x), 256 * images), images)][:256]
