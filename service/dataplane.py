@@ -130,7 +130,6 @@ class Dataplane:
             raise Overloaded(str(exc), headers={"Retry-After": "1"}) from None
         except ShuttingDown as exc:
             raise Overloaded(str(exc), headers={"Retry-After": "5"}) from None
-        model.metrics.queue_depth.labels(model.name).set(model.batcher.depth)
         # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
         timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         try:
