@@ -106,6 +106,7 @@ class _ExitTables:
     cond_allowed_upto: dict[str, np.ndarray]  # conditional policy -> [M + 1] last grid index allowed, -1 none
     thresholds: np.ndarray  # per-exit-threshold record candidates, ascending
     precision: np.ndarray  # their precision, strictly ascending
+    agreement: tuple[np.ndarray, np.ndarray] | None  # per bin: samples seen at the last exit too, agreeing with it
 
 
 class Calibration:
@@ -207,6 +208,20 @@ class Calibration:
         """(count, correct count) per bin of the unconditional table."""
         ex = self._exit(exit_index)
         return ex.counts.copy(), ex.correct.copy()
+
+    def agreement(self, exit_index: int) -> tuple[np.ndarray, float] | None:
+        """Calibration-time agreement of this exit's prediction with the last exit's: per bin
+        (with the exit's overall rate where a bin is empty) and overall. None when not recorded."""
+        stored = self._exit(exit_index).agreement
+        if stored is None:
+            return None
+        counts, agree = stored
+        if not counts.sum():
+            return None
+        overall = float(agree.sum() / counts.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_bin = np.where(counts > 0, agree / counts, overall)
+        return np.append(per_bin, overall), overall  # the extra entry serves the NaN-sentinel bin
 
     def table(self, kind: str, exit_index: int) -> np.ndarray:
         """Unconditional table values per bin: kind in accuracy, smoothed, lower (-inf / 0 when empty)."""
@@ -380,6 +395,8 @@ def _parse_exit(raw: dict, k: int, grid: np.ndarray, window: int, alpha: float, 
         _check_consistent(np.array([float(raw["validation_accuracy"])]), np.array([correct.sum() / counts.sum()]),
                           f"{where}: validation_accuracy")
 
+    agreement = _parse_agreement(raw.get("agreement"), m, where)
+
     pet = _field(raw, "per_exit_threshold", dict, where)
     thresholds = _float_array(_field(pet, "thresholds", list, f"{where}: per_exit_threshold"), f"{where}: thresholds")
     precision = _float_array(_field(pet, "precision", list, f"{where}: per_exit_threshold"), f"{where}: precision")
@@ -421,7 +438,22 @@ def _parse_exit(raw: dict, k: int, grid: np.ndarray, window: int, alpha: float, 
         cond_allowed_upto=cond_allowed,
         thresholds=thresholds,
         precision=precision,
+        agreement=agreement,
     )
+
+
+def _parse_agreement(raw: object, m: int, where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Optional per-bin agreement with the last exit (documents written before it lack it)."""
+    if raw is None:
+        return None
+    where = f"{where}: agreement"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object")
+    counts = _int_array(_field(raw, "counts", list, where), f"{where}: counts", (m,))
+    agree = _int_array(_field(raw, "agree", list, where), f"{where}: agree", (m,))
+    if np.any(agree > counts):
+        raise ValueError(f"{where}: a bin has more agreeing samples than samples")
+    return counts, agree
 
 
 # --- fitting and offline decisions --------------------------------------------------------------
