@@ -20,8 +20,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import admin, api_v1, api_v2
+from service import admin, api_feedback, api_v1, api_v2
 from service.dataplane import Dataplane, ServiceError
+from service.decisions import REQUEST_ID
 from service.metrics import Metrics
 from service.repository import ModelRepository, UnknownModel
 from service.settings import Settings
@@ -67,6 +68,7 @@ class EdgeMiddleware:
         headers = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # the dataplane records decisions under it (labelled feedback)
         path = scope["path"]
         status_holder = {"status": 500}
 
@@ -195,6 +197,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.include_router(api_v1.build_router(dataplane))
     app.include_router(api_v2.build_router(dataplane))
     app.include_router(admin.build_router(repository))
+    app.include_router(api_feedback.build_router(repository))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

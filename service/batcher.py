@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import BatchResult, ExitEngine
+from service.engine import BatchResult, ExitEngine, Trace
 
 log = logging.getLogger("exitserve.batcher")
 
@@ -41,6 +41,8 @@ class WorkItem:
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    request_id: str | None = None  # the key decisions are recorded under, for labelled feedback
+    record_slot: int | None = None  # where the decision record put it (set on answer)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -54,6 +56,8 @@ class ItemResult:
     target_met: np.ndarray
     probabilities: np.ndarray | None
     queue_seconds: float
+    confidence: np.ndarray | None = None  # at the answering exit
+    trace: Trace | None = None  # every exit the samples passed, when the engine traces
 
 
 def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
@@ -67,6 +71,8 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
 
 BatchObserver = Callable[[int, float], None]  # (batch size, seconds) hook for metrics
 ResultObserver = Callable[[ItemResult, np.ndarray], None]  # (result, requested deltas)
+AnswerObserver = Callable[[WorkItem, ItemResult], None]  # runs before the request is answered
+BatchEndObserver = Callable[[list[WorkItem], np.ndarray, BatchResult], None]  # (items, row offsets, result)
 
 
 class DynamicBatcher:
@@ -81,6 +87,8 @@ class DynamicBatcher:
         on_batch: BatchObserver | None = None,
         on_result: ResultObserver | None = None,
         segment_timer: Callable[[int, float], None] | None = None,
+        on_answer: AnswerObserver | None = None,
+        on_batch_end: BatchEndObserver | None = None,
     ):
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -90,6 +98,8 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.on_result = on_result
         self.segment_timer = segment_timer
+        self.on_answer = on_answer
+        self.on_batch_end = on_batch_end  # after the whole batch, shadow rows included, has run
         self._threads = [threading.Thread(target=self._work, name=f"exitserve-{name}-{i}", daemon=True) for i in range(workers)]
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -196,7 +206,9 @@ class DynamicBatcher:
                 if remaining[index] == 0:
                     self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
-        self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.segment_timer)
+        result = self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.segment_timer)
+        if self.on_batch_end:
+            self.on_batch_end(items, offsets, result)
         if self.on_batch:
             self.on_batch(len(x), time.perf_counter() - started)
 
@@ -208,7 +220,11 @@ class DynamicBatcher:
             target_met=result.target_met[lo:hi].copy(),
             probabilities=None if result.probabilities is None else result.probabilities[lo:hi].copy(),
             queue_seconds=batch_started - item.enqueued_at,
+            confidence=None if result.confidence is None else result.confidence[lo:hi].copy(),
+            trace=None if result.trace is None else result.trace.rows(slice(lo, hi)),
         )
         if self.on_result:
             self.on_result(value, item.deltas)
+        if self.on_answer:
+            self.on_answer(item, value)
         item.loop.call_soon_threadsafe(_settle, item.future, value, None)

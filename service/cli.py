@@ -114,11 +114,42 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from service.offline import calibrate_bundle
 
+    if args.from_feedback:
+        return _calibrate_from_feedback(args)
+    if args.merge or args.out or args.version:
+        print("error: --merge, --out and --version go with --from-feedback", file=sys.stderr)
+        return 2
+    if not args.data:
+        print("error: calibrate needs --data (held-out data) or --from-feedback LOG", file=sys.stderr)
+        return 2
     calibrate_bundle(
         args.bundle, args.data, progress=not args.no_progress, confidence=args.confidence, bins=args.bins,
         binning=args.binning, window=args.window, alpha=args.alpha, fit_temperature=not args.no_temperature,
     )
     print(f"wrote {Path(args.bundle) / 'calibration.json'} and re-signed the manifest")
+    return 0
+
+
+def _calibrate_from_feedback(args: argparse.Namespace) -> int:
+    from service.offline import _command_line
+    from service.recalibrate import recalibrate_from_feedback, validation_spec
+
+    if args.data and not args.merge:
+        print("error: with --from-feedback, --data names the data to --merge with", file=sys.stderr)
+        return 2
+    try:
+        merge = (args.data or validation_spec(args.bundle)) if args.merge else None
+        done = recalibrate_from_feedback(args.bundle, args.from_feedback, out=args.out, version=args.version,
+                                         merge_data=merge, command=_command_line(), progress=not args.no_progress)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{n} {why}" for why, n in done.skipped.items())
+    print(f"tables recounted from {done.feedback_samples} labelled samples"
+          + (f" and {done.merged_samples} from {merge}" if merge else "")
+          + f"; samples per exit {done.per_exit_samples}" + (f"; skipped {skipped}" if skipped else ""))
+    print(f"wrote bundle version {done.version} to {done.out}; "
+          f"hot-reload it with POST /admin/models/<model>/reload {{\"path\": \"{done.out}\"}}")
     return 0
 
 
@@ -198,7 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="fit temperatures and reliability tables on held-out data")
     p.add_argument("bundle")
-    p.add_argument("--data", required=True, help="e.g. cifar10:val, digits:val, or an .npz with x and y")
+    p.add_argument("--data", help="e.g. cifar10:val, digits:val, or an .npz with x and y")
+    p.add_argument("--from-feedback", metavar="LOG",
+                   help="recount the tables from a server's feedback log (EXITSERVE_FEEDBACK_LOG) into a new "
+                        "bundle version; temperatures, bins and settings stay the bundle's")
+    p.add_argument("--merge", action="store_true",
+                   help="with --from-feedback: count validation data too (--data, default the bundle's own split)")
+    p.add_argument("--out", help="with --from-feedback: directory of the new bundle (default BUNDLE-v<version>)")
+    p.add_argument("--version", help="with --from-feedback: the new bundle's version (default: the next one)")
     p.add_argument("--confidence", default="max-softmax", choices=["max-softmax", "entropy", "margin"])
     p.add_argument("--bins", type=int, default=15)
     p.add_argument("--binning", default="equal-width", choices=["equal-width", "equal-mass"])

@@ -9,6 +9,7 @@ import numpy as np
 
 from calibration import POLICIES
 from service.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from service.decisions import REQUEST_ID
 from service.repository import ModelRepository, ServedModel
 from service.settings import Settings
 
@@ -123,6 +124,7 @@ class Dataplane:
             x=x, deltas=deltas, policies=policies,
             want_probabilities=np.ones(len(x), bool) if want_probabilities else None,
             loop=loop, future=loop.create_future(),
+            request_id=REQUEST_ID.get(),  # set by the edge middleware: decisions are recorded under it
         )
         try:
             model.submit(item)  # a model retired by a reload hands the request on

@@ -3,10 +3,17 @@
 Each sample carries its own delta and policy. After segment k the calibration package's
 `Calibration.step` (the same function `exitserve evaluate` uses offline) decides who leaves; those
 samples are reported at once through `on_exit`, and only the survivors' rows go on.
+
+Shadow checks (issue 8): with `shadow_fraction` > 0, that share of the samples that leave at an
+early exit is answered as usual (reported through `on_exit`, so the response is not delayed) but
+their rows stay in the batch, undecided, until the last exit; its prediction lands in
+`BatchResult.shadow_prediction` for a label-free agreement check. With `trace` on, every exit's
+confidence, top-2 margin and prediction are kept per row (what recalibration from feedback needs).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +21,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from calibration import Calibration
+from calibration.confidence import confidence_from_probs, top2_margin
 from service.runner import ChainRunner
+
+
+@dataclass
+class Trace:
+    """Per row and exit: confidence measure, top-2 margin, prediction; NaN / -1 where the row did not run."""
+
+    confidence: np.ndarray  # float32 [n, L]
+    margin: np.ndarray  # float32 [n, L]
+    prediction: np.ndarray  # int32 [n, L]
+
+    @classmethod
+    def empty(cls, n: int, num_exits: int) -> Trace:
+        return cls(np.full((n, num_exits), np.nan, np.float32), np.full((n, num_exits), np.nan, np.float32),
+                   np.full((n, num_exits), -1, np.int32))
+
+    def rows(self, index: np.ndarray | slice) -> Trace:
+        return Trace(self.confidence[index].copy(), self.margin[index].copy(), self.prediction[index].copy())
 
 
 @dataclass
@@ -24,6 +49,9 @@ class BatchResult:
     estimate: np.ndarray  # float64 [n]
     target_met: np.ndarray  # bool [n]
     probabilities: np.ndarray | None  # float32 [n, C] where asked for (rows not asked for are zeros)
+    confidence: np.ndarray | None = None  # float64 [n]: the confidence measure at the answering exit
+    shadow_prediction: np.ndarray | None = None  # int64 [n]: last exit's class for shadowed rows, else -1
+    trace: Trace | None = None
 
 
 ExitCallback = Callable[[np.ndarray, BatchResult], None]
@@ -31,12 +59,29 @@ SegmentTimer = Callable[[int, float], None]
 
 
 class ExitEngine:
-    def __init__(self, runner: ChainRunner, calibration: Calibration):
+    def __init__(self, runner: ChainRunner, calibration: Calibration, shadow_fraction: float = 0.0, trace: bool = False):
         if calibration.num_exits != runner.num_exits:
             raise ValueError(f"calibration has {calibration.num_exits} exits, the model {runner.num_exits}")
+        if not 0.0 <= shadow_fraction <= 1.0:
+            raise ValueError(f"shadow_fraction must lie in [0, 1], got {shadow_fraction}")
         self.runner = runner
         self.calibration = calibration
         self.num_classes = len(runner.bundle.manifest.labels)
+        self.shadow_fraction = shadow_fraction
+        self.trace = trace
+        self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
+
+    def _rng(self) -> np.random.Generator:
+        rng = getattr(self._local, "rng", None)
+        if rng is None:
+            rng = self._local.rng = np.random.default_rng()
+        return rng
+
+    def _record_trace(self, trace: Trace, k: int, rows: np.ndarray, logits: np.ndarray) -> None:
+        probs = self.calibration.probabilities(k, logits)
+        trace.confidence[rows, k] = confidence_from_probs(probs, self.calibration.measure)
+        trace.margin[rows, k] = top2_margin(probs)
+        trace.prediction[rows, k] = logits.argmax(axis=1)
 
     def run(
         self,
@@ -49,14 +94,20 @@ class ExitEngine:
     ) -> BatchResult:
         """Decide every sample of `x`; `policies` is an array of policy names, one per sample."""
         n = len(x)
+        last_exit = self.runner.num_exits - 1
+        fraction = self.shadow_fraction
         result = BatchResult(
             class_index=np.zeros(n, np.int64),
             exit_index=np.zeros(n, np.int64),
             estimate=np.zeros(n, np.float64),
             target_met=np.zeros(n, bool),
             probabilities=np.zeros((n, self.num_classes), np.float32) if want_probabilities is not None and want_probabilities.any() else None,
+            confidence=np.zeros(n, np.float64),
+            shadow_prediction=np.full(n, -1, np.int64) if fraction > 0 else None,
+            trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
         active = np.arange(n)  # original row of each row still running
+        shadow = np.zeros(n, bool)  # per running row: answered already, running on only to be compared
         state = self.runner.start(x)
         policy_names = [str(name) for name in np.unique(policies)]
         for k in range(self.runner.num_exits):
@@ -64,10 +115,18 @@ class ExitEngine:
             state, logits = self.runner.run_segment(k, state)
             if segment_timer:
                 segment_timer(k, time.perf_counter() - started)
+            if result.trace is not None:
+                self._record_trace(result.trace, k, active, logits)
+            any_shadow = bool(shadow.any())
+            if any_shadow and k == last_exit:
+                result.shadow_prediction[active[shadow]] = logits[shadow].argmax(axis=1)
             leave = np.zeros(len(active), bool)
             active_policies = policies[active]
             for name in policy_names:
-                rows = np.flatnonzero(active_policies == name) if len(policy_names) > 1 else np.arange(len(active))
+                if len(policy_names) == 1 and not any_shadow:
+                    rows = np.arange(len(active))
+                else:
+                    rows = np.flatnonzero((active_policies == name) & ~shadow)
                 if not len(rows):
                     continue
                 step = self.calibration.step(name, k, logits[rows], deltas[active[rows]])
@@ -80,18 +139,24 @@ class ExitEngine:
                 result.exit_index[original] = k
                 result.estimate[original] = step.estimate[step.exit_now]
                 result.target_met[original] = step.target_met[step.exit_now]
+                result.confidence[original] = step.confidence[step.exit_now]
                 if result.probabilities is not None:
                     wanted = want_probabilities[original]
                     if wanted.any():
                         probs = self.calibration.probabilities(k, logits[out_rows[wanted]])
                         result.probabilities[original[wanted]] = probs
+            if fraction > 0 and k < last_exit and leave.any():
+                # Answered now (on_exit below) but kept running: leave stays True for the callback.
+                leaving = np.flatnonzero(leave)
+                shadow[leaving[self._rng().random(len(leaving)) < fraction]] = True
             left = active[leave]
             if on_exit is not None and len(left):
                 on_exit(left, result)
-            if leave.all():
+            keep = np.flatnonzero(~leave | shadow)
+            if not len(keep) or k == last_exit:
                 break
-            keep = np.flatnonzero(~leave)
             if len(keep) < len(active):
                 state = self.runner.select(state, keep)
             active = active[keep]
+            shadow = shadow[keep]
         return result

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -91,6 +91,41 @@ class SampleHistogramChild:
             return self._counts.copy(), self._sum
 
 
+class SampleSummary(Collector):
+    """A labelled sum and count fed whole batches at once (a Summary without quantiles).
+
+    Used where PromQL needs increase(sum) / increase(count) over a window: the mean estimate
+    promised to labelled samples, the expected shadow agreement."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry):
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # key -> [count, sum]
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def declare(self, *values: str) -> None:
+        """Expose the series at 0 before its first observation (dashboards and rules see it)."""
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            self._series.setdefault(key, [0.0, 0.0])
+
+    def observe_many(self, values: np.ndarray, *labels: str) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        key = tuple(str(v) for v in labels)
+        with self._lock:
+            series = self._series.setdefault(key, [0.0, 0.0])
+            series[0] += values.size
+            series[1] += float(values.sum())
+
+    def collect(self) -> Iterator[SummaryMetricFamily]:
+        family = SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = [(key, count, total) for key, (count, total) in self._series.items()]
+        for key, count, total in series:
+            family.add_metric(list(key), count_value=count, sum_value=total)
+        yield family
+
+
 class Metrics:
     """All of one server's metrics on its own registry (so several apps can live in one process)."""
 
@@ -124,3 +159,20 @@ class Metrics:
         self.queue_depth = Gauge("exitserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.model_ready = Gauge("exitserve_model_ready", "1 when the model is loaded and warmed up", ["model"],
                                  registry=r)
+        # Online accuracy monitoring (issue 8).
+        self.feedback = Counter("exitserve_feedback", "Labelled samples scored, by the exit that answered them and "
+                                "outcome (correct, incorrect)", ["model", "exit", "outcome"], registry=r)
+        self.feedback_estimate = SampleSummary("exitserve_feedback_estimate",
+                                               "Estimated accuracy promised for the labelled samples", ["model", "exit"],
+                                               registry=r)
+        self.feedback_unmatched = Counter("exitserve_feedback_unmatched",
+                                          "Feedback items not scored: unknown (expired, evicted or never seen) or "
+                                          "duplicate (labelled before)", ["model", "reason"], registry=r)
+        self.shadow = Counter("exitserve_shadow", "Early-exited samples run on to the last exit, by exit and outcome "
+                              "(agree, disagree with the last exit)", ["model", "exit", "outcome"], registry=r)
+        self.shadow_expected = SampleSummary("exitserve_shadow_expected_agreement",
+                                             "Calibration-time agreement with the last exit of each shadowed sample's "
+                                             "confidence bin", ["model", "exit"], registry=r)
+        self.calibration_agreement = Gauge("exitserve_calibration_agreement",
+                                           "Share of calibration samples on which the exit agrees with the last exit",
+                                           ["model", "exit"], registry=r)

@@ -22,6 +22,7 @@ from models.bundle import Bundle, BundleError, load_bundle
 from service.batcher import DynamicBatcher, ItemResult, ShuttingDown, WorkItem
 from service.engine import ExitEngine
 from service.metrics import Metrics
+from service.monitoring import ModelMonitor
 from service.runner import OnnxRunner, RunnerOptions
 from service.settings import Settings
 
@@ -55,7 +56,11 @@ class ServedModel:
         else:
             self.runner = OnnxRunner(bundle, options=options)
             _check_logits_width(self.runner, bundle)
-        self.engine = ExitEngine(self.runner, self.calibration)
+        # Decision records, feedback scoring and shadow checks (issue 8); the engine traces every
+        # exit only when a feedback log wants it.
+        self.monitor = ModelMonitor(self.name, bundle.manifest.version, self.calibration, metrics, settings)
+        self.engine = ExitEngine(self.runner, self.calibration, shadow_fraction=settings.shadow_fraction,
+                                 trace=self.monitor.trace)
         self.compute_fractions = np.asarray(bundle.manifest.compute_fractions())
         self.labels = np.asarray(bundle.manifest.labels, dtype=object)
         self.sample_shape = tuple(bundle.manifest.input.shape[1:])
@@ -74,6 +79,8 @@ class ServedModel:
             on_batch=self._observe_batch,
             on_result=self._observe_result,
             segment_timer=self._observe_segment,
+            on_answer=self.monitor.record_answer,
+            on_batch_end=self.monitor.observe_batch_end,
         )
         # Label children resolved once: a labels() lookup takes a lock on every call.
         name = self.name
@@ -211,6 +218,7 @@ class ModelRepository:
             except BundleError:
                 self.reloads.labels(name, "error").inc()
                 raise
+            new.monitor.adopt(old.monitor)  # feedback for requests the old model answered still scores
             self.models[name] = new  # the swap: one dict store, atomic under the GIL
             self.paths[name] = source
             drained = old.retire(new, self.settings.drain_timeout_s)

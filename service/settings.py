@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="engine threads per model")
     warmup_batch_sizes: list[int] | None = None
     api_key: str | None = None
+    # Online accuracy monitoring (issue 8). Decisions kept per model for labelled feedback: the last
+    # `feedback_capacity` samples (about 22 bytes each, 70 with a feedback log) for at most the TTL.
+    feedback_capacity: int = Field(100_000, ge=0, description="samples of recent decisions kept per model; 0 = no feedback")
+    feedback_ttl_s: float = Field(3600.0, gt=0.0, description="feedback for a request older than this is 'unknown'")
+    feedback_log: Path | None = Field(None, description="append decisions joined with labels here (JSON lines)")
+    shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of early-exited samples also run to the last exit")
     log_level: str = "info"
 
     @field_validator("bundles", mode="before")

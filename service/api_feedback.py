@@ -1,0 +1,124 @@
+"""Labelled feedback: `POST /v1/models/{model}/feedback` with `[{request_id, index, label}]`.
+
+`request_id` is the server's request id of the prediction (`request_id` in a v1 answer, the
+X-Request-Id response header for v1 and v2 alike; a client may choose it by sending X-Request-Id),
+`index` the sample's position in that request, `label` the true class as a name or an index.
+
+What a client gets wrong is a 400 and nothing is scored (a malformed item, a label the model does
+not know, an index past the end of a request the server remembers). A request id the server does
+not remember (expired, evicted, answered by another replica, never seen) is not an error: ids age
+out by design, so the item is answered with status "unknown" and counted in
+`exitserve_feedback_unmatched_total{reason="unknown"}`. A sample labelled twice is scored once
+(status "duplicate"), so a client may retry a feedback call safely. Same API-key rule as predict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from service.dataplane import InvalidInput, PayloadTooLarge, ServiceError
+from service.decisions import UnknownIndex
+from service.repository import ModelRepository, ServedModel
+
+MAX_ITEMS = 10_000
+_FIELDS = {"request_id", "index", "label"}
+
+
+class FeedbackItem(BaseModel):
+    request_id: str = Field(description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
+    index: int = Field(ge=0, description="position of the sample in that request, from 0")
+    label: str | int = Field(description="the true class: a label name or a class index")
+
+
+class FeedbackResult(BaseModel):
+    status: str = Field(description="scored, unknown (request not remembered) or duplicate (labelled before)")
+    correct: bool | None = None
+    exit: int | None = None
+    estimated_accuracy: float | None = None
+
+
+class FeedbackResponse(BaseModel):
+    model: str
+    scored: int
+    correct: int
+    unknown: int
+    duplicate: int
+    results: list[FeedbackResult]
+
+
+def parse_items(served: ServedModel, payload: Any) -> list[tuple[str, int, int]]:
+    """(request id, index, class index) per item, or InvalidInput naming the first bad item."""
+    if not isinstance(payload, list):
+        raise InvalidInput("body: must be a JSON array of {request_id, index, label}")
+    if not payload:
+        raise InvalidInput("body: empty array")
+    if len(payload) > MAX_ITEMS:
+        raise PayloadTooLarge(f"body: {len(payload)} items exceed the limit of {MAX_ITEMS} per call")
+    labels = served.manifest.labels
+    by_name = {name: i for i, name in enumerate(labels)}
+    out = []
+    for i, item in enumerate(payload):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"[{i}]: must be an object {{request_id, index, label}}")
+        missing, unknown = _FIELDS - set(item), set(item) - _FIELDS
+        if missing or unknown:
+            raise InvalidInput(f"[{i}]: " + "; ".join(
+                ([f"missing {sorted(missing)}"] if missing else []) + ([f"unknown field(s) {sorted(unknown)}"] if unknown else [])))
+        request_id, index, label = item["request_id"], item["index"], item["label"]
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidInput(f"[{i}].request_id: must be a non-empty string")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise InvalidInput(f"[{i}].index: must be an integer >= 0, got {index!r}")
+        if isinstance(label, str):
+            if label not in by_name:
+                raise InvalidInput(f"[{i}].label: {label!r} is not a class of model {served.name!r}")
+            label = by_name[label]
+        elif isinstance(label, int) and not isinstance(label, bool):
+            if not 0 <= label < len(labels):
+                raise InvalidInput(f"[{i}].label: class index {label} outside [0, {len(labels)})")
+        else:
+            raise InvalidInput(f"[{i}].label: must be a class name or a class index, got {label!r}")
+        out.append((request_id, index, label))
+    return out
+
+
+def build_router(repository: ModelRepository) -> APIRouter:
+    router = APIRouter(tags=["v1"])
+
+    @router.post(
+        "/v1/models/{model}/feedback",
+        response_model=FeedbackResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "array", "items": FeedbackItem.model_json_schema()}}}}},
+        summary="Score earlier predictions against true labels (accuracy monitoring, recalibration log)",
+    )
+    async def feedback(model: str, request: Request) -> Response:
+        served = repository.get(model)
+        if not served.monitor.store.enabled:
+            raise ServiceError("feedback is off on this server (EXITSERVE_FEEDBACK_CAPACITY=0)", status=409)
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"body: invalid JSON ({exc})") from None
+        wanted = parse_items(served, payload)
+        try:
+            scored = served.monitor.score(wanted)
+        except UnknownIndex as exc:
+            raise InvalidInput(str(exc)) from None
+        results, counts = [], {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
+        for s in scored:
+            counts[s.status] += 1
+            if s.decision is None:
+                results.append({"status": s.status})
+                continue
+            counts["correct"] += bool(s.correct)
+            results.append({"status": s.status, "correct": s.correct, "exit": s.decision.exit,
+                            "estimated_accuracy": s.decision.estimate})
+        body = {"model": served.name, **counts, "results": results}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    return router

@@ -1,0 +1,189 @@
+"""A bounded, time-limited record of recent decisions, so labelled feedback can be scored (issue 8).
+
+Per model, a ring buffer of the last `capacity` answered samples (columns of numpy arrays: no
+Python object per sample) and an insertion-ordered index request id -> (first slot, size, time).
+A request is forgotten when its rows are overwritten or it is older than the TTL; feedback for it
+is then "unknown", never an error. Engine threads write, the event loop reads: one lock.
+
+The request id is the server's (the X-Request-Id header, sent by the client or generated, and
+`request_id` in v1 answers); `REQUEST_ID` carries it from the edge middleware to the dataplane.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration import POLICIES
+from service.engine import Trace
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("exitserve_request_id", default=None)
+
+SHADOW_NONE, SHADOW_AGREE, SHADOW_DISAGREE = 0, 1, 2
+_POLICY_CODE = {name: i for i, name in enumerate(POLICIES)}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    start: int  # position of the first sample in the ring (monotonic; slot = position % capacity)
+    size: int
+    at: float  # time.monotonic() when recorded
+    calibration: str  # key of the calibration the decisions (and traced confidences) came from
+
+
+@dataclass(frozen=True)
+class SampleDecision:
+    """One recorded sample, as scored and logged."""
+
+    exit: int
+    prediction: int
+    estimate: float
+    delta: float
+    policy: str
+    target_met: bool
+    confidence: float
+    shadow: int  # SHADOW_NONE / _AGREE / _DISAGREE
+    calibration: str
+    trace: list[tuple[float, float, int]] | None  # per observed exit: confidence, margin, prediction
+
+
+def _policy_codes(policies: np.ndarray) -> np.ndarray | int:
+    first = policies[0]
+    if (policies == first).all():  # the usual case: one policy per request
+        return _POLICY_CODE.get(str(first), 0)
+    return np.array([_POLICY_CODE.get(str(p), 0) for p in policies.tolist()], np.int8)
+
+
+class UnknownIndex(ValueError):
+    pass
+
+
+class DecisionStore:
+    def __init__(self, capacity: int, ttl_s: float, num_exits: int, trace: bool = False):
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.num_exits = num_exits
+        n = max(capacity, 0)
+        self._exit = np.zeros(n, np.int16)
+        self._prediction = np.zeros(n, np.int32)
+        self._estimate = np.zeros(n, np.float32)
+        self._delta = np.zeros(n, np.float32)
+        self._confidence = np.zeros(n, np.float32)
+        self._policy = np.zeros(n, np.int8)
+        self._target_met = np.zeros(n, bool)
+        self._labelled = np.zeros(n, bool)
+        self._shadow = np.zeros(n, np.int8)
+        self._trace = Trace.empty(n, num_exits) if trace else None
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._head = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def compatible(self, num_exits: int, trace: bool) -> bool:
+        return self.num_exits == num_exits and (self._trace is not None) == trace
+
+    def record(self, request_id: str, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
+               exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
+               trace: Trace | None, calibration: str) -> int | None:
+        """Store one answered request; returns its ring position (for shadow updates), None if not kept."""
+        n = len(class_index)
+        if not self.enabled or n == 0 or n > self.capacity:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            start = self._head
+            slots = (start + np.arange(n)) % self.capacity
+            self._exit[slots] = exit_index
+            self._prediction[slots] = class_index
+            self._estimate[slots] = estimate
+            self._delta[slots] = deltas
+            self._confidence[slots] = 0.0 if confidence is None else confidence
+            self._policy[slots] = _policy_codes(policies)
+            self._target_met[slots] = target_met
+            self._labelled[slots] = False
+            self._shadow[slots] = SHADOW_NONE
+            if self._trace is not None:
+                if trace is None:
+                    self._trace.confidence[slots] = np.nan
+                    self._trace.margin[slots] = np.nan
+                    self._trace.prediction[slots] = -1
+                else:
+                    self._trace.confidence[slots] = trace.confidence
+                    self._trace.margin[slots] = trace.margin
+                    self._trace.prediction[slots] = trace.prediction
+            self._head = start + n
+            self._entries.pop(request_id, None)  # a reused id: the newest request wins
+            self._entries[request_id] = _Entry(start, n, now, calibration)
+            self._evict(now)
+        return start
+
+    def _evict(self, now: float) -> None:
+        oldest_kept = self._head - self.capacity
+        while self._entries:
+            entry = next(iter(self._entries.values()))
+            if entry.start >= oldest_kept and now - entry.at <= self.ttl_s:
+                break
+            self._entries.popitem(last=False)
+
+    def update_shadow(self, start: int, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
+        """Shadow outcomes (and the now complete traces) of rows of the request recorded at `start`."""
+        with self._lock:
+            if start < self._head - self.capacity:
+                return  # overwritten meanwhile
+            slots = (start + rows) % self.capacity
+            self._shadow[slots] = np.where(agree, SHADOW_AGREE, SHADOW_DISAGREE)
+            if self._trace is not None and trace is not None:
+                self._trace.confidence[slots] = trace.confidence
+                self._trace.margin[slots] = trace.margin
+                self._trace.prediction[slots] = trace.prediction
+
+    def claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
+        """For each (request id, index): its decision, marked labelled, or "unknown" / "duplicate".
+
+        Raises UnknownIndex (and marks nothing) when an index is outside a known request."""
+        now = time.monotonic()
+        with self._lock:
+            self._evict(now)
+            entries = [self._entries.get(request_id) for request_id, _ in wanted]
+            for position, ((request_id, index), entry) in enumerate(zip(wanted, entries, strict=True)):
+                if entry is not None and index >= entry.size:
+                    raise UnknownIndex(f"[{position}].index: {index} is out of range; request {request_id!r} "
+                                       f"had {entry.size} sample(s)")
+            out: list[SampleDecision | str] = []
+            for (_, index), entry in zip(wanted, entries, strict=True):
+                if entry is None:
+                    out.append("unknown")
+                    continue
+                slot = (entry.start + index) % self.capacity
+                if self._labelled[slot]:
+                    out.append("duplicate")
+                    continue
+                self._labelled[slot] = True
+                out.append(self._decision(slot, entry.calibration))
+            return out
+
+    def _decision(self, slot: int, calibration: str) -> SampleDecision:
+        trace = None
+        if self._trace is not None:
+            seen = self._trace.prediction[slot] >= 0
+            trace = [(float(c), float(m), int(p)) for c, m, p, s in zip(
+                self._trace.confidence[slot].tolist(), self._trace.margin[slot].tolist(),
+                self._trace.prediction[slot].tolist(), seen.tolist(), strict=True) if s]
+        return SampleDecision(
+            exit=int(self._exit[slot]), prediction=int(self._prediction[slot]), estimate=float(self._estimate[slot]),
+            delta=float(self._delta[slot]), policy=POLICIES[int(self._policy[slot])],
+            target_met=bool(self._target_met[slot]), confidence=float(self._confidence[slot]),
+            shadow=int(self._shadow[slot]), calibration=calibration, trace=trace,
+        )

@@ -1,0 +1,157 @@
+"""Online accuracy monitoring of one served model (issue 8): record decisions, score labelled
+feedback, count shadow agreement, write the feedback log.
+
+Hooks run on engine threads (`record_answer` before the client is answered, `observe_batch_end`
+after the batch's shadow rows reached the last exit); `score` runs on the event loop. A failure
+here is logged and never fails a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibration import Calibration
+from service.batcher import ItemResult, WorkItem
+from service.decisions import SHADOW_AGREE, SHADOW_DISAGREE, DecisionStore, SampleDecision
+from service.engine import BatchResult
+from service.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("exitserve.monitoring")
+_SHADOW_NAMES = {SHADOW_AGREE: "agree", SHADOW_DISAGREE: "disagree"}
+
+
+@dataclass(frozen=True)
+class Scored:
+    status: str  # scored, unknown, duplicate
+    decision: SampleDecision | None = None
+    correct: bool | None = None
+
+
+class ModelMonitor:
+    def __init__(self, name: str, version: str, calibration: Calibration, metrics: Metrics, settings: Settings):
+        self.name = name
+        self.version = version
+        self.calibration = calibration
+        self.num_exits = calibration.num_exits
+        self.key = calibration_key(calibration)
+        self.log = FeedbackLog.shared(settings.feedback_log) if settings.feedback_log else None
+        self.trace = self.log is not None  # per-exit traces are only needed for the log
+        self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
+        exits = [str(k) for k in range(self.num_exits)]
+        # Every series exists at 0 from the start, so rates and rules have data before the first event.
+        self._feedback = {(k, o): metrics.feedback.labels(name, k, o) for k in exits for o in ("correct", "incorrect")}
+        self._estimate = metrics.feedback_estimate
+        self._unmatched = {r: metrics.feedback_unmatched.labels(name, r) for r in ("unknown", "duplicate")}
+        self._shadow = {(k, o): metrics.shadow.labels(name, k, o) for k in exits[:-1] for o in ("agree", "disagree")}
+        self._shadow_expected = metrics.shadow_expected
+        for k in exits:
+            self._estimate.declare(name, k)
+        for k in exits[:-1]:
+            self._shadow_expected.declare(name, k)
+        self._agreement = [calibration.agreement(k) for k in range(self.num_exits)]
+        for k, agreement in enumerate(self._agreement):
+            if agreement is None:  # calibrated before agreement was recorded: no reference to show
+                with contextlib.suppress(KeyError):
+                    metrics.calibration_agreement.remove(name, str(k))
+            else:
+                metrics.calibration_agreement.labels(name, str(k)).set(agreement[1])
+
+    def adopt(self, previous: ModelMonitor) -> None:
+        """After a hot reload: keep the decisions answered by the previous model scoreable."""
+        if previous.store.compatible(self.num_exits, self.trace) and previous.store.capacity == self.store.capacity:
+            self.store = previous.store
+
+    # --- engine threads -------------------------------------------------------------------------
+
+    def record_answer(self, item: WorkItem, result: ItemResult) -> None:
+        if item.request_id is None or not self.store.enabled:
+            return
+        try:
+            item.record_slot = self.store.record(
+                item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
+                result.target_met, result.confidence, result.trace, self.key,
+            )
+        except Exception:  # monitoring must never fail an answer
+            log.exception("recording a decision failed", extra={"model": self.name})
+
+    def observe_batch_end(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
+        if result.shadow_prediction is None:
+            return
+        try:
+            self._observe_shadows(items, offsets, result)
+        except Exception:
+            log.exception("shadow bookkeeping failed", extra={"model": self.name})
+
+    def _observe_shadows(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
+        rows = np.flatnonzero(result.shadow_prediction >= 0)
+        if not len(rows):
+            return
+        exits = result.exit_index[rows]
+        agree = result.class_index[rows] == result.shadow_prediction[rows]
+        for k in np.unique(exits).tolist():
+            mine = exits == k
+            hits = int(np.count_nonzero(agree[mine]))
+            if hits:
+                self._shadow[(str(k), "agree")].inc(hits)
+            if hits < mine.sum():
+                self._shadow[(str(k), "disagree")].inc(int(mine.sum()) - hits)
+            reference = self._agreement[k]
+            if reference is not None and result.confidence is not None:
+                bins = self.calibration.bin_index(k, result.confidence[rows[mine]])
+                self._shadow_expected.observe_many(reference[0][bins], self.name, str(k))
+        owners = np.searchsorted(offsets, rows, side="right") - 1
+        for owner in np.unique(owners).tolist():
+            item = items[owner]
+            if item.record_slot is None:
+                continue
+            mine = owners == owner
+            local = rows[mine] - offsets[owner]
+            self.store.update_shadow(item.record_slot, local, agree[mine],
+                                     None if result.trace is None else result.trace.rows(rows[mine]))
+
+    # --- event loop -------------------------------------------------------------------------------
+
+    def score(self, wanted: list[tuple[str, int, int]]) -> list[Scored]:
+        """Score (request id, index, class index) items; raises decisions.UnknownIndex before changing anything."""
+        claims = self.store.claim([(request_id, index) for request_id, index, _ in wanted])
+        out: list[Scored] = []
+        estimates: dict[int, list[float]] = {}
+        lines = []
+        now = time.time()
+        for (request_id, index, label), claim in zip(wanted, claims, strict=True):
+            if isinstance(claim, str):
+                self._unmatched[claim].inc()
+                out.append(Scored(claim))
+                continue
+            correct = claim.prediction == label
+            self._feedback[(str(claim.exit), "correct" if correct else "incorrect")].inc()
+            estimates.setdefault(claim.exit, []).append(claim.estimate)
+            out.append(Scored("scored", claim, correct))
+            if self.log is not None:
+                lines.append(self._line(now, request_id, index, label, claim, correct))
+        for k, values in estimates.items():
+            self._estimate.observe_many(np.asarray(values), self.name, str(k))
+        if lines:
+            try:
+                self.log.write(lines)
+            except OSError:
+                log.exception("writing the feedback log failed", extra={"model": self.name})
+        return out
+
+    def _line(self, now: float, request_id: str, index: int, label: int, d: SampleDecision, correct: bool) -> dict:
+        return {
+            "v": LOG_VERSION, "time": round(now, 3), "model": self.name, "version": self.version,
+            "calibration": d.calibration, "request_id": request_id, "index": index, "label": label,
+            "prediction": d.prediction, "correct": correct, "exit": d.exit, "estimate": round(d.estimate, 6),
+            "delta": round(d.delta, 6), "policy": d.policy, "target_met": d.target_met,
+            "shadow": _SHADOW_NAMES.get(d.shadow),
+            "exits": None if d.trace is None else [[round(c, 7), round(m, 7), p] for c, m, p in d.trace],
+        }
+
