@@ -91,6 +91,9 @@ REQUIRED_PANELS = {
     "target-missed rate": r"exitserve_target_missed_total",
     "per-segment time": r"by \(segment[^)]*\) \(rate\(exitserve_segment_duration_seconds",
     "model readiness": r"exitserve_model_ready",
+    # issue 8: promise vs reality side by side, and the label-free check against its calibration reference
+    "labelled accuracy vs promised": r"exitserve_feedback_total\{[^}]*correct(.|\n)*exitserve_feedback_estimate_sum",
+    "shadow agreement vs calibration": r"by \(exit\) \(increase\(exitserve_shadow_total(.|\n)*exitserve_shadow_expected_agreement_sum",
 }
 
 

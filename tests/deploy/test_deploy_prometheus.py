@@ -21,6 +21,8 @@ REQUIRED_ALERTS = {
     "ExitserveHighLatencyP99",
     "ExitserveQueueSaturated",
     "ExitserveTargetMissedRatioHigh",
+    "ExitserveAccuracyBelowPromise",  # issue 8: labelled feedback below the promise
+    "ExitserveShadowAgreementDrop",  # issue 8: label-free shadow agreement below calibration
 }
 
 
