@@ -25,11 +25,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TextSpec(_Strict):
+    """Text models: the graph takes token ids [batch, sequence]; the server tokenises with this."""
+
+    tokenizer: str = Field(description="bundle-relative tokenizer.json, loaded with the `tokenizers` package")
+    max_length: int = Field(gt=0, description="longest token sequence accepted, special tokens included")
+    pad_id: int = Field(0, ge=0, description="padding token id; the graph masks positions holding it")
+    vocab_size: int = Field(gt=0)
+
+
 class InputSpec(_Strict):
     name: str
     shape: list[int] = Field(description="-1 marks the batch axis (and any other variable axis)")
     dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
     preprocessing: dict[str, Any] = Field(default_factory=dict)
+    text: TextSpec | None = None
+
+    @model_validator(mode="after")
+    def _text_takes_token_ids(self) -> InputSpec:
+        if self.text is not None and (self.dtype not in ("int64", "int32") or len(self.shape) != 2):
+            raise ValueError("a text input must be integer token ids of shape [-1, -1]")
+        return self
 
 
 class SegmentSpec(_Strict):
@@ -92,7 +108,8 @@ class Manifest(_Strict):
             passed = self.segments[k - 1].state_outputs
             if self.segments[k].inputs != passed:
                 raise ValueError(f"segment {k} inputs {self.segments[k].inputs} != segment {k - 1} outputs {passed}")
-        for file in [*self.sha256, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
+        tokenizer = [self.input.text.tokenizer] if self.input.text else []
+        for file in [*self.sha256, *tokenizer, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
             parts = PurePosixPath(file).parts
             if not parts or PurePosixPath(file).is_absolute() or ".." in parts or "\\" in file:
                 raise ValueError(f"file path {file!r} escapes the bundle directory (relative paths inside it only)")
@@ -192,6 +209,8 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
         for file in filter(None, (segment.file, segment.torchscript)):
             if file not in listed:
                 raise BundleError(f"{directory / file}: segment file has no checksum in the manifest")
+    if manifest.input.text and manifest.input.text.tokenizer not in listed:
+        raise BundleError(f"{directory / manifest.input.text.tokenizer}: tokenizer file has no checksum in the manifest")
     for name in sorted(listed):
         actual = sha256_of(directory / name)
         if actual != manifest.sha256[name]:

@@ -5,6 +5,8 @@ as int64. Validation is carved out of the training set with a seeded permutation
 so calibration data is never trained on.
 
 Spec strings: `cifar10:val`, `mnist:test`, `digits:train`, or a path to an `.npz` with `x` and `y`.
+Text sets (`sst2:…`, `agnews:…`) come back with `x` an object array of strings; the bundle's own
+tokenizer turns them into token ids.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+SST2_CLASSES = ["negative", "positive"]
+AGNEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+TEXT_DATASETS = ("sst2", "agnews")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 SPLITS = ("train", "val", "test")
@@ -39,7 +44,10 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        if self.x.dtype == object:  # strings: hash the text, not the object pointers
+            digest = hashlib.sha256("\n".join(map(str, self.x)).encode())
+        else:
+            digest = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
         digest.update(np.ascontiguousarray(self.y).tobytes())
         return f"{self.name}:{len(self)}:{digest.hexdigest()[:16]}"
 
@@ -223,6 +231,52 @@ def load_digits_arrays() -> dict[str, np.ndarray]:
     return {"x_train": x[order[:cut]], "y_train": y[order[:cut]], "x_test": x[order[cut:]], "y_test": y[order[cut:]]}
 
 
+# --- text ------------------------------------------------------------------------------------
+
+
+def _read_tsv(path: Path, header: bool) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: text data not found (set EXITSERVE_DATA to the folder holding text/)")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if header and number == 0:
+                continue
+            text, sep, label = line.rstrip("\n").rpartition("\t")
+            if not sep:
+                raise ValueError(f"{path}:{number + 1}: expected text<TAB>label")
+            rows.append((text.strip(), label.strip()))
+    return rows
+
+
+AGNEWS_VALIDATION_SIZE = 2500  # of the 10,001 labelled non-test rows; the rest trains
+
+
+def load_text_dataset(name: str, split: str, seed: int = 0, root: Path | None = None) -> Dataset:
+    """SST-2 (train / dev as val / GLUE dev as test) or AG News (dev split seeded into train and val; test).
+
+    Layout under the data root: text/sst2/{train,dev,test}.tsv with a `sentence<TAB>label` header,
+    text/agnews/{dev,test}.tsv without header, `text<TAB>label-name`.
+    """
+    base = (root or data_root()) / "text" / name
+    if name == "sst2":
+        labels = SST2_CLASSES
+        rows = _read_tsv(base / {"train": "train.tsv", "val": "dev.tsv", "test": "test.tsv"}[split], header=True)
+        y = np.array([int(label) for _, label in rows], np.int64)
+    else:
+        labels = AGNEWS_CLASSES
+        rows = _read_tsv(base / ("test.tsv" if split == "test" else "dev.tsv"), header=False)
+        y = np.array([labels.index(label) for _, label in rows], np.int64)
+        if split != "test":
+            train_idx, val_idx = split_train_val(len(rows), AGNEWS_VALIDATION_SIZE, seed)
+            idx = train_idx if split == "train" else val_idx
+            rows, y = [rows[i] for i in idx], y[idx]
+    x = np.empty(len(rows), dtype=object)
+    x[:] = [text for text, _ in rows]
+    suffix = f"-seed{seed}" if name == "agnews" and split != "test" else ""
+    return Dataset(x, y, list(labels), f"{name}-{split}{suffix}")
+
+
 # --- splits -----------------------------------------------------------------------------------
 
 
@@ -254,6 +308,8 @@ def load_dataset(spec: str, seed: int = 0, root: str | Path | None = None) -> Da
     split = split or "test"
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} in {spec!r}; choose from {SPLITS}")
+    if name in TEXT_DATASETS:
+        return load_text_dataset(name, split, seed, Path(root) if root else None)
     if name == "cifar10":
         arrays, labels = load_cifar10_arrays(Path(root) if root else None), CIFAR10_CLASSES
     elif name == "mnist":

@@ -46,11 +46,16 @@ def segment_names(net: MultiExitNet, input_names: list[str]) -> list[tuple[list[
     return names
 
 
-def _export_segment(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
+def _export_segment(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
+                    outputs: list[str], logits: str, sequence_axis: bool = False) -> None:
     # The exporter restores the top module's train/eval flag recursively afterwards: a wrapper left
     # in training mode would switch the whole net to training and corrupt batch-norm statistics.
     module.eval()
     dynamic_axes = {name: {0: "batch"} for name in inputs + outputs}
+    if sequence_axis:  # text: token ids, hidden states and masks also vary in length
+        for name in inputs + outputs:
+            if name != logits:
+                dynamic_axes[name][1] = "sequence"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter is ~30x faster on small graphs and exact for these ops.
@@ -101,12 +106,16 @@ def export_bundle(
     data_fingerprint: str = "",
     extra_provenance: dict[str, Any] | None = None,
     torchscript: bool = False,
+    text: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> tuple[Manifest, list[float]]:
     """Write a verified bundle directory; returns the manifest and the max parity error per segment.
 
     `example_inputs` are real inputs with at least 7 samples: they are used for tracing, for the
     FLOPs count and for the parity check at batch 1 and 7. `torchscript` also writes a traced
-    TorchScript twin of every segment (`segments/NN.pt`) for the torch runner.
+    TorchScript twin of every segment (`segments/NN.pt`) for the torch runner. `text` (the fields
+    of `models.bundle.TextSpec`) marks a text model: token-id input, sequence axes left dynamic;
+    `extra_files` (bundle-relative name -> source) are copied in and signed, e.g. the tokenizer.
     """
     inputs = as_tuple(example_inputs)
     if inputs[0].shape[0] < max(PARITY_BATCHES):
@@ -125,7 +134,7 @@ def export_bundle(
     cumulative = 0
     for k, (seg_inputs, seg_outputs, logits) in enumerate(names):
         file = f"segments/{k:02d}.onnx"
-        _export_segment(SegmentWithHead(net, k), state, out / file, seg_inputs, seg_outputs)
+        _export_segment(SegmentWithHead(net, k), state, out / file, seg_inputs, seg_outputs, logits, sequence_axis=text is not None)
         spec = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
         if torchscript:
             spec["torchscript"] = f"segments/{k:02d}.pt"
@@ -138,13 +147,16 @@ def export_bundle(
         segments.append(spec)
         exits.append({"index": k, "after_segment": k, "cumulative_flops": cumulative})
 
-    shape = [-1, *inputs[0].shape[1:]]
+    for file_name, source in (extra_files or {}).items():
+        shutil.copyfile(source, out / file_name)
+    shape = [-1, -1] if text is not None else [-1, *inputs[0].shape[1:]]
+    dtype = str(inputs[0].dtype).removeprefix("torch.")
     manifest = write_manifest(out, {
         "schema_version": 1,
         "name": name,
         "version": version,
         "task": task,
-        "input": {"name": names[0][0][0], "shape": shape, "dtype": "float32", "preprocessing": preprocessing or {}},
+        "input": {"name": names[0][0][0], "shape": shape, "dtype": dtype, "preprocessing": preprocessing or {}, "text": text},
         "labels": list(labels),
         "segments": segments,
         "exits": exits,

@@ -29,7 +29,8 @@ class RawTensor(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    inputs: list[Any] | RawTensor = Field(description="a batch of samples as nested lists, or a raw tensor")
+    inputs: list[Any] | RawTensor | None = Field(None, description="a batch of samples as nested lists, or a raw tensor (token ids for text models)")
+    texts: list[str] | None = Field(None, description="text models: one string per sample, tokenised by the bundle's tokenizer")
     delta: float | list[float] | None = Field(None, description="accuracy target in (0, 1]; one value or one per sample")
     policy: str | None = Field(None, description="exit policy, e.g. pcee-lb-cond (default), pcee-cond, pcee, confidence, full")
     return_probabilities: bool = False
@@ -72,12 +73,16 @@ def decode_raw_tensor(raw: dict, where: str = "inputs") -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
-def decode_nested(values: Any, where: str = "inputs") -> np.ndarray:
+def decode_nested(values: Any, where: str = "inputs", dtype: np.dtype | None = None) -> np.ndarray:
+    integer = dtype is not None and dtype.kind in "iu"
     try:
-        array = np.asarray(values, dtype=np.float32)
+        # Integer models (token ids) get integers parsed as such, so 1.5 is refused, not truncated.
+        array = np.asarray(values) if integer else np.asarray(values, dtype=np.float32)
     except (ValueError, TypeError):
         raise InvalidInput(f"{where}: must be a rectangular nested list of numbers") from None
-    return array
+    if integer and array.dtype.kind not in "iu" and array.size:
+        raise InvalidInput(f"{where}: this model takes integers (token ids), got {array.dtype.name} values")
+    return array.astype(dtype) if integer and array.dtype.kind not in "iu" else array
 
 
 def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list[dict]:
@@ -120,19 +125,24 @@ def build_router(dataplane: Dataplane) -> APIRouter:
         unknown = set(payload) - set(PredictRequest.model_fields)
         if unknown:
             raise InvalidInput(f"body: unknown field(s) {sorted(unknown)}")
-        if "inputs" not in payload:
-            raise InvalidInput("inputs: required")
-        raw = payload["inputs"]
-        if isinstance(raw, dict):
-            x = decode_raw_tensor(raw)
-        elif isinstance(raw, list):
-            x = decode_nested(raw)
-        else:
-            raise InvalidInput("inputs: must be a nested list or a raw tensor object {b64, dtype, shape}")
+        if "inputs" not in payload and "texts" not in payload:
+            raise InvalidInput("inputs: required (or 'texts' for a text model)")
+        if "inputs" in payload and "texts" in payload:
+            raise InvalidInput("body: give either 'inputs' or 'texts', not both")
         want = payload.get("return_probabilities", False)
         if not isinstance(want, bool):
             raise InvalidInput("return_probabilities: must be true or false")
-        x = dataplane.check_inputs(served, x)
+        if "texts" in payload:
+            x = dataplane.check_texts(served, payload["texts"])
+        else:
+            raw = payload["inputs"]
+            if isinstance(raw, dict):
+                x = decode_raw_tensor(raw)
+            elif isinstance(raw, list):
+                x = decode_nested(raw, dtype=served.input_dtype)
+            else:
+                raise InvalidInput("inputs: must be a nested list or a raw tensor object {b64, dtype, shape}")
+            x = dataplane.check_inputs(served, x)
         deltas = dataplane.check_deltas(payload.get("delta"), len(x))
         policies = dataplane.check_policy(served, payload.get("policy"), len(x))
         prediction = await dataplane.infer(served, x, deltas, policies, want)

@@ -28,7 +28,11 @@ OUTPUTS = {
 }
 DEFAULT_OUTPUTS = [name for name in OUTPUTS if name != "probabilities"]
 DELTA_INPUT = "delta"
+TEXT_INPUT = "text"  # text models: one UTF-8 string per sample (BYTES), tokenised by the server
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration"]
+
+
+_OIP_DATATYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -42,7 +46,9 @@ def model_metadata(model: ServedModel) -> dict:
         "versions": [m.version],
         "platform": "exitserve_onnx_chain",
         "inputs": [
-            {"name": m.input.name, "datatype": "FP32" if m.input.dtype == "float32" else m.input.dtype.upper(), "shape": m.input.shape},
+            *([{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]}] if m.input.text else []),
+            {"name": m.input.name, "datatype": _OIP_DATATYPES[m.input.dtype], "shape": m.input.shape,
+             **({"optional": True} if m.input.text else {})},
             {"name": DELTA_INPUT, "datatype": "FP64", "shape": [-1], "optional": True},
         ],
         "outputs": [
@@ -117,13 +123,7 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
         except ProtocolError as exc:
             raise InvalidInput(str(exc)) from None
-        input_name = served.manifest.input.name
-        unknown = set(decoded.inputs) - {input_name, DELTA_INPUT}
-        if unknown:
-            raise InvalidInput(f"inputs: unknown input(s) {sorted(unknown)}; this model takes {input_name!r} and optionally {DELTA_INPUT!r}")
-        if input_name not in decoded.inputs:
-            raise InvalidInput(f"inputs: missing {input_name!r}")
-        x = dataplane.check_inputs(served, decoded.inputs[input_name], where=f"inputs[{input_name}]")
+        x = _model_input(served, decoded.inputs)
         params = decoded.parameters
         unknown_params = set(params) - {"delta", "policy", "binary_data_output"}
         if unknown_params:
@@ -151,5 +151,28 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             [(name, arrays[name], binary) for name, binary in outputs],
         )
         return Response(body, headers=headers)
+
+    def _model_input(served: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's input tensor: as sent, or (text models) tokenised from the BYTES `text` input."""
+        input_name = served.manifest.input.name
+        accepted = [TEXT_INPUT, input_name] if served.tokenizer is not None else [input_name]
+        unknown = set(inputs) - {*accepted, DELTA_INPUT}
+        if unknown:
+            raise InvalidInput(f"inputs: unknown input(s) {sorted(unknown)}; this model takes "
+                               f"{' or '.join(map(repr, accepted))} and optionally {DELTA_INPUT!r}")
+        given = [name for name in accepted if name in inputs]
+        if len(given) != 1:
+            raise InvalidInput(f"inputs: send exactly one of {accepted}" if given else f"inputs: missing {accepted[0]!r}")
+        if given[0] != TEXT_INPUT:
+            return dataplane.check_inputs(served, inputs[input_name], where=f"inputs[{input_name}]")
+        raw = inputs[TEXT_INPUT]
+        where = f"inputs[{TEXT_INPUT}]"
+        if raw.dtype != object or raw.ndim != 1:
+            raise InvalidInput(f"{where}: must be a BYTES tensor of shape [batch]")
+        try:
+            texts = [item.decode("utf-8") for item in raw.tolist()]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{where}: element is not valid UTF-8 ({exc.reason})") from None
+        return dataplane.check_texts(served, texts, where=where)
 
     return router

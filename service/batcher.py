@@ -60,6 +60,22 @@ class ItemResult:
     trace: Trace | None = None  # every exit the samples passed, when the engine traces
 
 
+def stack_inputs(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch from several requests' inputs; token-id matrices of different lengths are
+    right-padded with 0 (the padding id of the tokenizers exitserve bundles) to the longest."""
+    if len(arrays) == 1:
+        return arrays[0]
+    longest = tuple(max(sizes) for sizes in zip(*(a.shape[1:] for a in arrays), strict=True))
+    if all(a.shape[1:] == longest for a in arrays):
+        return np.concatenate(arrays)
+    out = np.zeros((sum(len(a) for a in arrays), *longest), dtype=arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + len(a)), *(slice(0, d) for d in a.shape[1:]))] = a
+        row += len(a)
+    return out
+
+
 def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
     if future.done():
         return
@@ -191,7 +207,7 @@ class DynamicBatcher:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         owner = np.repeat(np.arange(len(items)), sizes)
         remaining = sizes.copy()
-        x = items[0].x if len(items) == 1 else np.concatenate([i.x for i in items])
+        x = stack_inputs([i.x for i in items])
         deltas = np.concatenate([i.deltas for i in items])
         policies = np.concatenate([i.policies for i in items])
         want = None

@@ -84,6 +84,16 @@ def _export(checkpoint: Path, out: Path, name: str | None, version: str, torchsc
     return 0
 
 
+def _cmd_train_text(args: argparse.Namespace) -> int:
+    from models.text_training import HeadTraining, train_text_command
+
+    config = HeadTraining(epochs=args.epochs, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed)
+    train_text_command(args.data, args.heads, Path(args.export), name=args.name, layers=args.layers,
+                       train_limit=args.train_limit, config=config, cache=Path(args.cache) if args.cache else None,
+                       threads=args.threads, split_seed=args.split_seed, val_limit=args.val_limit)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     return _export(Path(args.checkpoint), Path(args.out), args.name, args.version, args.torchscript)
 
@@ -218,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1")
     p.add_argument("--torchscript", action="store_true", help="also write TorchScript twins for the torch runner")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-text", help="text classifier on the frozen MiniLM encoder with an exit per layer (`text` extra)")
+    p.add_argument("--data", default="sst2", choices=["sst2", "agnews"])
+    p.add_argument("--heads", default="self-supervised", choices=["self-supervised", "labels"],
+                   help="exit heads learn the final exit's predictions (CE - lambda*entropy) or the true labels")
+    p.add_argument("--layers", type=int, help="use only the first N encoder layers (default: all 6)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs over the cached encoder features, per head")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--entropy-weight", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, help="train on the first N training samples only")
+    p.add_argument("--val-limit", type=int, help="report validation accuracy on the first N held-out samples only")
+    p.add_argument("--cache", default="runs/cache/text-features", help="encoder features cache ('' for none)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export", required=True, help="bundle directory to write")
+    p.add_argument("--name", help="bundle name (default: the export directory's name)")
+    p.set_defaults(func=_cmd_train_text)
 
     p = sub.add_parser("export", help="export a checkpoint as a bundle of per-segment ONNX graphs")
     p.add_argument("checkpoint")

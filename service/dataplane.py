@@ -12,6 +12,7 @@ from service.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
 from service.decisions import REQUEST_ID
 from service.repository import ModelRepository, ServedModel
 from service.settings import Settings
+from service.text_input import TextInputError, check_token_ids
 
 
 class ServiceError(Exception):
@@ -77,16 +78,36 @@ class Dataplane:
         if x.shape[0] > self.settings.max_request_samples:
             raise PayloadTooLarge(f"{where}: {x.shape[0]} samples exceed the limit of {self.settings.max_request_samples} per request")
         if x.dtype != model.input_dtype:
-            # Casting between float widths is lossless enough; integers would silently skip the
-            # model's input scaling (e.g. uint8 pixels where [0, 1] floats are expected), so refuse them.
-            if x.dtype.kind != "f" or model.input_dtype.kind != "f":
+            # Casting between float widths is lossless enough, and between integer widths (token
+            # ids) once the range is checked below; integers into a float model would silently
+            # skip its input scaling (e.g. uint8 pixels where [0, 1] floats are expected), so refuse them.
+            same_kind = x.dtype.kind == model.input_dtype.kind == "f" or (x.dtype.kind in "iu" and model.input_dtype.kind in "iu")
+            if not same_kind:
                 raise InvalidInput(f"{where}: dtype {x.dtype} given, the model takes {model.input_dtype} "
                                    f"({model.manifest.input.preprocessing or 'see the model metadata'})")
+            if x.dtype.kind in "iu" and x.size and (x.min() < np.iinfo(model.input_dtype).min or x.max() > np.iinfo(model.input_dtype).max):
+                raise InvalidInput(f"{where}: values out of the range of {model.input_dtype}")
             x = x.astype(model.input_dtype)
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0].tolist()
             raise InvalidInput(f"{where}: NaN or infinity at index {bad}")
+        if model.manifest.input.text is not None:
+            try:
+                check_token_ids(model.manifest.input.text, x, where)
+            except TextInputError as exc:
+                raise InvalidInput(str(exc)) from None
         return np.ascontiguousarray(x)
+
+    def check_texts(self, model: ServedModel, texts: object, where: str = "texts") -> np.ndarray:
+        """Tokenise a text model's input with the bundle's tokenizer; 4xx for anything a client got wrong."""
+        if model.tokenizer is None:
+            raise InvalidInput(f"{where}: model {model.name!r} takes tensors, not texts (send 'inputs')")
+        if isinstance(texts, (list, tuple)) and len(texts) > self.settings.max_request_samples:
+            raise PayloadTooLarge(f"{where}: {len(texts)} samples exceed the limit of {self.settings.max_request_samples} per request")
+        try:
+            return model.tokenizer.encode(texts, where)
+        except TextInputError as exc:
+            raise InvalidInput(str(exc)) from None
 
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
         if delta is None:

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from calibration import Calibration, fit_calibration
 from calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
 from calibration.io import dumps, save_calibration
 from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
 from models.data import Dataset, load_dataset
+from models.tokens import length_batches, pad_batch, token_ids
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -49,16 +51,25 @@ def load_bundle_data(bundle: Bundle, data_spec: str) -> Dataset:
         warnings.warn(f"{data_spec}: fingerprint {data.fingerprint} differs from the validation split recorded "
                       f"at training ({expected_val}); is this really held-out data?", stacklevel=2)
     spec = bundle.manifest.input
+    if spec.text is not None:
+        if data.x.dtype != object:
+            raise ValueError(f"{data_spec}: {bundle.manifest.name} is a text model; give a text data set (sst2, agnews)")
+        _check_labels(bundle, data, data_spec)
+        return data
     want = spec.shape[1:]
     have = list(data.x.shape[1:])
     if len(want) != len(have) or any(w not in (-1, h) for w, h in zip(want, have, strict=True)):
         raise ValueError(f"{data_spec}: inputs have shape {[-1, *have]} but the bundle expects {spec.shape} ({spec.name})")
+    _check_labels(bundle, data, data_spec)
+    return data
+
+
+def _check_labels(bundle: Bundle, data: Dataset, data_spec: str) -> None:
     num_labels = len(bundle.manifest.labels)
     if len(data.y) == 0:
         raise ValueError(f"{data_spec}: no samples")
     if data.y.min() < 0 or data.y.max() >= num_labels:
         raise ValueError(f"{data_spec}: labels {data.y.min()}..{data.y.max()} outside the bundle's {num_labels} classes")
-    return data
 
 
 def bundle_logits(
@@ -68,8 +79,28 @@ def bundle_logits(
     from service.runner import OnnxRunner  # onnxruntime loads only when a command needs it
 
     runner = OnnxRunner(bundle, provider=provider, threads=threads)
+    if bundle.manifest.input.text is not None:
+        return _text_logits(runner, bundle, x, progress)
     return runner.run_all_exits(np.ascontiguousarray(x, dtype=np.dtype(bundle.manifest.input.dtype)),
                                 batch_size=batch_size, progress=progress)
+
+
+def _text_logits(runner: object, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
+    """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
+    from service.text_input import TextTokenizer
+
+    spec = bundle.manifest.input.text
+    rows = token_ids(TextTokenizer(bundle).tokenizer, [str(t) for t in texts], spec.max_length)
+    lengths = np.array([len(r) for r in rows])
+    if (cut := int((lengths >= spec.max_length).sum())):
+        warnings.warn(f"{cut} texts reach the model's {spec.max_length}-token limit and were cut (the server refuses them)", stacklevel=2)
+    out = [np.zeros((len(rows), len(bundle.manifest.labels)), np.float32) for _ in range(runner.num_exits)]
+    for batch in tqdm(length_batches(lengths), desc="running segments", disable=not progress, unit="batch"):
+        state = runner.start(pad_batch([rows[i] for i in batch], spec.pad_id))
+        for k in range(runner.num_exits):
+            state, logits = runner.run_segment(k, state)
+            out[k][batch] = logits
+    return out
 
 
 def calibrate_bundle(

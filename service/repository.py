@@ -25,6 +25,7 @@ from service.metrics import Metrics
 from service.monitoring import ModelMonitor
 from service.runner import OnnxRunner, RunnerOptions
 from service.settings import Settings
+from service.text_input import TextTokenizer
 
 log = logging.getLogger("exitserve.repository")
 
@@ -65,6 +66,7 @@ class ServedModel:
         self.labels = np.asarray(bundle.manifest.labels, dtype=object)
         self.sample_shape = tuple(bundle.manifest.input.shape[1:])
         self.input_dtype = np.dtype(bundle.manifest.input.dtype)
+        self.tokenizer = TextTokenizer(bundle) if bundle.manifest.input.text else None
         self.metrics = metrics
         self.ready = False
         self.started = False  # batcher threads running
@@ -125,7 +127,13 @@ class ServedModel:
         """True when a request validated (and to be answered) against `other` is valid here too."""
         return (self.sample_shape == other.sample_shape and self.input_dtype == other.input_dtype
                 and self.manifest.labels == other.manifest.labels
-                and self.compute_fractions.tolist() == other.compute_fractions.tolist())
+                and self.compute_fractions.tolist() == other.compute_fractions.tolist()
+                and self._tokenizer_identity() == other._tokenizer_identity())
+
+    def _tokenizer_identity(self) -> tuple[object, str | None]:
+        """Token ids made by one tokenizer mean nothing to another."""
+        text = self.manifest.input.text
+        return text, self.manifest.sha256.get(text.tokenizer) if text else None
 
     def retire(self, successor: ServedModel, timeout: float) -> bool:
         """After a reload: route late submits to `successor`, drain the accepted ones, stop the threads.

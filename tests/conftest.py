@@ -50,6 +50,25 @@ def digits_bundle(digits_bundle_uncalibrated: Path, tmp_path_factory: pytest.Tem
     return bundle
 
 
+@pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer MiniLM text classifier (SST-2) built and calibrated with the real CLI.
+
+    The real pretrained encoder, cut after 2 of its 6 layers, so that the fixture takes seconds;
+    heads trained self-supervised on 2,000 sentences.
+    """
+    bundle = tmp_path_factory.mktemp("text") / "sst2-tiny"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "train-text", "--data", "sst2", "--layers", "2", "--train-limit", "2000",
+         "--val-limit", "500", "--epochs", "5", "--cache", "", "--export", str(bundle), "--name", "sst2-tiny"],
+        check=True, cwd=REPO, capture_output=True, env=env,
+    )
+    subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(bundle), "--data", "sst2:val", "--no-progress"],
+                   check=True, cwd=REPO, capture_output=True, env=env)
+    return bundle
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

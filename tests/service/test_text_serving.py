@@ -1,0 +1,141 @@
+"""Serving a text bundle: tokenised by the server, padded per batch, compacted with its own mask.
+
+A real `exitserve serve` process on the real (2-layer) MiniLM bundle from `text_bundle`, real
+SST-2 sentences, and the real `tritonclient` for the Open Inference Protocol BYTES input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from models.data import load_dataset
+from tests.conftest import ServerProcess
+
+MODEL = "sst2-tiny"
+V1 = f"/v1/models/{MODEL}/predict"
+DELTA = 0.9
+
+
+@pytest.fixture(scope="module")
+def text_server(text_bundle: Path) -> Iterator[ServerProcess]:
+    # A queue delay long enough that concurrent requests share a batch (and its padding).
+    proc = ServerProcess([text_bundle], ["--max-batch-size", "64", "--max-queue-delay-ms", "30"])
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def sentences() -> list[str]:
+    """24 SST-2 test sentences from the shortest to the longest: very different token counts."""
+    texts = [str(t) for t in load_dataset("sst2:test").x]
+    order = np.argsort([len(t) for t in texts])
+    return [texts[i] for i in order[:: len(order) // 24][:24]]
+
+
+def predict(url: str, texts: list[str], delta: float = DELTA) -> list[dict]:
+    response = httpx.post(url + V1, json={"texts": texts, "delta": delta}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def batch_size_totals(url: str) -> tuple[float, float]:
+    """(samples, batches) run so far, from the batch-size histogram's sum and count."""
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(("exitserve_batch_size_sum", "exitserve_batch_size_count")):
+            values[line.split("{")[0]] = float(line.split()[-1])
+    return values["exitserve_batch_size_sum"], values["exitserve_batch_size_count"]
+
+
+def assert_same_answers(got: list[dict], want: list[dict]) -> None:
+    assert [(p["class_index"], p["exit"], p["target_met"]) for p in got] == [(p["class_index"], p["exit"], p["target_met"]) for p in want]
+    np.testing.assert_allclose([p["estimated_accuracy"] for p in got], [p["estimated_accuracy"] for p in want], atol=1e-6)
+
+
+def test_alone_mixed_and_batched_across_requests_give_the_same_answers(text_server: ServerProcess, sentences: list[str]) -> None:
+    alone = [predict(text_server.url, [text])[0] for text in sentences]
+    # Some samples leave at the first exit and the rest go on: the batch is compacted mid-way.
+    assert {p["exit"] for p in alone} == {0, 1}
+    assert_same_answers(predict(text_server.url, sentences), alone)
+    assert_same_answers(predict(text_server.url, sentences[::-1]), alone[::-1])
+
+    async def concurrently() -> list[dict]:
+        async with httpx.AsyncClient(base_url=text_server.url, timeout=30) as client:
+            responses = await asyncio.gather(*[client.post(V1, json={"texts": [t], "delta": DELTA}) for t in sentences])
+        return [r.json()["predictions"][0] for r in responses]
+
+    before = batch_size_totals(text_server.url)
+    assert_same_answers(asyncio.run(concurrently()), alone)
+    after = batch_size_totals(text_server.url)
+    samples, batches = after[0] - before[0], after[1] - before[1]
+    assert samples == len(sentences)
+    assert batches < samples, "every one-text request ran alone: nothing was padded across requests"
+
+
+def test_shortest_and_longest_inputs(text_server: ServerProcess) -> None:
+    one_token = httpx.post(text_server.url + V1, json={"inputs": [[101]]})
+    assert one_token.status_code == 200, one_token.text
+    empty_text = predict(text_server.url, [""])  # [CLS] [SEP]
+    assert empty_text[0]["label"] in ("negative", "positive")
+    longest = "word " * 254  # 254 word pieces + [CLS] + [SEP] = the 256-token limit
+    assert predict(text_server.url, [longest, "short"])[0]["label"] in ("negative", "positive")
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"texts": ["word " * 255]}, "257 tokens exceed the model's limit of 256"),
+    ({"inputs": [[101] * 257]}, "sequence length 257 exceeds the model's limit of 256"),
+    ({"inputs": [[101, 30522]]}, "token ids must be in [0, 30522)"),
+    ({"inputs": [[101, -1]]}, "token ids must be in [0, 30522)"),
+    ({"inputs": [[0, 0]]}, "at least one non-padding token"),
+    ({"inputs": [[101.5]]}, "takes integers (token ids)"),
+    ({"texts": "one string"}, "non-empty list of strings"),
+    ({"texts": []}, "non-empty list of strings"),
+    ({"texts": ["fine", 3]}, "texts[1]: must be a string"),
+    ({"texts": ["a"], "inputs": [[101]]}, "either 'inputs' or 'texts'"),
+])
+def test_bad_text_input_is_a_clear_400(text_server: ServerProcess, body: dict, message: str) -> None:
+    response = httpx.post(text_server.url + V1, json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_texts_to_an_image_model_are_refused(server: ServerProcess) -> None:
+    response = httpx.post(server.url + "/v1/models/digits/predict", json={"texts": ["hello"]})
+    assert response.status_code == 400
+    assert "takes tensors, not texts" in response.json()["error"]
+
+
+def test_open_inference_protocol_bytes_input_with_tritonclient(text_server: ServerProcess, sentences: list[str]) -> None:
+    client = triton.InferenceServerClient(text_server.url.removeprefix("http://"))
+    metadata = client.get_model_metadata(MODEL)
+    assert metadata["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    text = triton.InferInput("text", [len(sentences)], "BYTES")
+    text.set_data_from_numpy(np.array([s.encode() for s in sentences], dtype=object), binary_data=True)
+    result = client.infer(MODEL, [text], parameters={"delta": DELTA},
+                          outputs=[triton.InferRequestedOutput(n) for n in ("class_index", "exit", "estimated_accuracy")])
+    v1 = predict(text_server.url, sentences)
+    assert result.as_numpy("class_index").tolist() == [p["class_index"] for p in v1]
+    assert result.as_numpy("exit").tolist() == [p["exit"] for p in v1]
+    np.testing.assert_allclose(result.as_numpy("estimated_accuracy"), [p["estimated_accuracy"] for p in v1], atol=1e-6)
+
+
+def test_open_inference_protocol_refuses_bad_text(text_server: ServerProcess) -> None:
+    url = f"{text_server.url}/v2/models/{MODEL}/infer"
+    both = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+                       {"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [101]}]}
+    assert "exactly one of" in httpx.post(url, json=both).json()["error"]
+    too_long = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["word " * 300]}]}
+    response = httpx.post(url, json=too_long)
+    assert response.status_code == 400 and "exceed the model's limit" in response.json()["error"]
+    ids = {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [101, 2307, 102]}]}
+    assert httpx.post(url, json=ids).status_code == 200
