@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import socket
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,3 +180,64 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
 def dockerignore_patterns() -> list[str]:
     return [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
             if line.strip() and not line.strip().startswith("#")]
+
+
+# --- a real Prometheus (Debian's), scraping a test server with the compose scrape job -----------------
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, tmp: Path, target: str):
+        base = load_yaml(PROMETHEUS_CONFIG)
+        [job] = [j for j in base["scrape_configs"] if j["job_name"] == "exitserve"]
+        # the compose job, pointed at the test server; fast intervals so the test is short
+        job = {**job, "static_configs": [{"targets": [target]}], "scrape_interval": "1s", "scrape_timeout": "1s"}
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "rule_files": [str(RULES)], "scrape_configs": [job]}
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = (tmp / "prometheus.log").open("w")
+        self.process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.log_path = tmp / "prometheus.log"
+
+    def api(self, path: str, **params) -> dict:
+        response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def wait(self, what: str, ready, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if ready():
+                    return
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{what} after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()

@@ -17,16 +17,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 from deploy_helpers import (
     DOCKERFILE,
     K8S,
-    PROMETHEUS_CONFIG,
-    RULES,
+    Prometheus,
     dashboard_exprs,
     exec_form,
     grafana_to_promql,
-    load_yaml,
     load_yaml_all,
     parse_dockerfile,
     referenced_metrics,
@@ -83,56 +80,6 @@ def test_every_metric_the_dashboard_and_rules_use_is_exposed(exposed: set[str]) 
 
 
 # --- a real Prometheus ---------------------------------------------------------------------------
-
-class Prometheus:
-    def __init__(self, tmp: Path, target: str):
-        base = load_yaml(PROMETHEUS_CONFIG)
-        [job] = [j for j in base["scrape_configs"] if j["job_name"] == "exitserve"]
-        # the compose job, pointed at the test server; fast intervals so the test is short
-        job = {**job, "static_configs": [{"targets": [target]}], "scrape_interval": "1s", "scrape_timeout": "1s"}
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(RULES)], "scrape_configs": [job]}
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = (tmp / "prometheus.log").open("w")
-        self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        self.log_path = tmp / "prometheus.log"
-
-    def api(self, path: str, **params) -> dict:
-        response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
-        body = response.json()
-        assert body["status"] == "success", f"{path} {params}: {body}"
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict]:
-        return self.api("query", query=expr)["result"]
-
-    def wait(self, what: str, ready, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if ready():
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{what} after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def prometheus(server, digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
