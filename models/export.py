@@ -17,7 +17,7 @@ from models.bundle import Manifest, write_manifest
 from models.flops import segment_flops
 from models.net import MultiExitNet, SegmentWithHead, as_tuple
 
-PARITY_TOLERANCE = 1e-4
+PARITY_TOLERANCE = 1e-4  # absolute, on tensors whose largest magnitude is at most 1; relative above
 PARITY_BATCHES = (1, 7)
 MAX_IR_VERSION = 10  # onnxruntime 1.31 rejects IR 14, which onnx 1.23 writes by default
 
@@ -71,7 +71,8 @@ def _export_segment(module: torch.nn.Module, example: tuple[torch.Tensor, ...], 
 
 
 def verify_parity(net: MultiExitNet, bundle_dir: Path, manifest: Manifest, inputs: tuple[torch.Tensor, ...]) -> list[float]:
-    """Run every segment in ONNX Runtime on real inputs at batch 1 and 7; max |diff| per segment."""
+    """Run every segment in ONNX Runtime on real inputs at batch 1 and 7; max |diff| per segment
+    (divided by the largest magnitude of the tensor where that is above 1)."""
     import onnxruntime as ort
 
     worst = [0.0] * net.num_exits
@@ -84,12 +85,16 @@ def verify_parity(net: MultiExitNet, bundle_dir: Path, manifest: Manifest, input
             session = ort.InferenceSession(str(bundle_dir / spec.file), providers=["CPUExecutionProvider"])
             got = session.run(spec.outputs, {name: ort_state[name] for name in spec.inputs})
             for want, have in zip(expected, got, strict=True):
-                worst[k] = max(worst[k], float(np.max(np.abs(want.numpy() - have))) if want.numel() else 0.0)
+                if want.numel():
+                    # float32 rounding grows with magnitude: transformer hidden states reach tens
+                    scale = max(1.0, float(np.max(np.abs(want.numpy()))))
+                    worst[k] = max(worst[k], float(np.max(np.abs(want.numpy() - have))) / scale)
             ort_state = dict(zip(spec.outputs, got, strict=True))
             state = expected[:-1]
     for k, diff in enumerate(worst):
         if diff > PARITY_TOLERANCE:
-            raise ExportParityError(f"segment {k}: ONNX Runtime differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE}")
+            raise ExportParityError(f"segment {k}: ONNX Runtime differs from PyTorch by {diff:.2e} (relative to the "
+                                    f"largest magnitude where above 1) > {PARITY_TOLERANCE}")
     return worst
 
 

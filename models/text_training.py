@@ -195,6 +195,6 @@ def train_text_command(data: str, targets: HeadTargets, export: Path, name: str 
         "val_accuracy": report.val_accuracy, "agreement_with_final": report.agreement_with_final,
     }
     manifest, worst = export_text_bundle(net, tokenizer, Path(export), train.labels, name or Path(export).name, examples, provenance)
-    print(f"bundle {export}: {manifest.num_exits} exits; ONNX vs PyTorch max |diff| per segment (padding present): "
+    print(f"bundle {export}: {manifest.num_exits} exits; ONNX vs PyTorch max relative |diff| per segment (padding present): "
           + ", ".join(f"{d:.1e}" for d in worst))
     return report

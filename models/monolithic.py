@@ -1,0 +1,71 @@
+"""One ONNX graph from a bundle's segments: the same model without exits, for comparisons.
+
+Segment k's state outputs are wired to segment k+1's inputs (`onnx.compose`), then the graph is cut
+down to what the last exit needs, so the early heads are gone. The result is written as a bundle
+of one segment, served by the same server, tokenizer and HTTP path: any difference measured
+against the multi-exit bundle is the cost or gain of exiting, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx.compose
+import onnx.utils
+
+from models.bundle import MANIFEST_FILE, load_bundle, write_manifest
+from models.export import MAX_IR_VERSION
+
+
+def merge_segments(bundle_dir: str | Path) -> onnx.ModelProto:
+    bundle = load_bundle(bundle_dir)
+    segments = bundle.manifest.segments
+    last = len(segments) - 1
+    merged: onnx.ModelProto | None = None
+    for k in range(len(segments)):
+        model = onnx.load(str(bundle.segment_path(k)))
+        # Unique names per segment (exporters reuse initializer names), but keep the model's input
+        # and final logits names as they are.
+        model = onnx.compose.add_prefix(model, f"s{k}/", rename_inputs=k > 0, rename_outputs=k < last)
+        if merged is None:
+            merged = model
+            continue
+        previous = segments[k - 1]
+        io_map = [(f"s{k - 1}/{name}", f"s{k}/{name}") for name in previous.state_outputs]
+        keep = [o.name for o in model.graph.output]
+        merged = onnx.compose.merge_models(merged, model, io_map=io_map, outputs=keep)
+    assert merged is not None
+    merged.ir_version = min(merged.ir_version, MAX_IR_VERSION)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "merged.onnx"
+        onnx.save(merged, str(whole))
+        pruned = Path(tmp) / "pruned.onnx"
+        # Keep only what feeds the final logits: the early exit heads drop out.
+        onnx.utils.extract_model(str(whole), str(pruned), [bundle.manifest.input.name], [segments[-1].logits])
+        return onnx.load(str(pruned))
+
+
+def monolithic_bundle(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
+    """Write a one-segment, one-exit bundle equivalent to the last exit of `bundle_dir` (uncalibrated)."""
+    source = load_bundle(bundle_dir)
+    model = merge_segments(bundle_dir)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "segments").mkdir(parents=True)
+    onnx.save(model, str(out / "segments" / "00.onnx"))
+    raw = json.loads((source.path / MANIFEST_FILE).read_text())
+    if source.manifest.input.text:
+        shutil.copyfile(source.path / source.manifest.input.text.tokenizer, out / source.manifest.input.text.tokenizer)
+    final = raw["segments"][-1]
+    raw["name"] = name or out.name
+    raw["segments"] = [{"file": "segments/00.onnx", "inputs": [source.manifest.input.name], "outputs": [final["logits"]],
+                        "logits": final["logits"], "flops": source.manifest.full_flops}]
+    raw["exits"] = [{"index": 0, "after_segment": 0, "cumulative_flops": source.manifest.full_flops}]
+    raw["created_by"]["extra"] = {**raw["created_by"]["extra"], "monolithic_of": f"{source.manifest.name} v{source.manifest.version}"}
+    write_manifest(out, raw)
+    return out
