@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 
 from models import __version__
 from service.dataplane import Dataplane, InvalidInput
+from service.decisions import REQUEST_ID
 from service.oip_codec import ProtocolError, decode_infer_request, encode_infer_response, resolve_outputs
 from service.repository import ServedModel
 
@@ -135,6 +136,9 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             deltas = dataplane.check_deltas(params.get("delta"), len(x), where="parameters.delta")
         policies = dataplane.check_policy(served, params.get("policy"), len(x), where="parameters.policy")
         want_probabilities = any(name == "probabilities" for name, _ in outputs)
+        if decoded.id:
+            # OIP clients correlate by the request's `id` (echoed in the response): feedback uses it too.
+            REQUEST_ID.set(str(decoded.id))
         prediction = await dataplane.infer(served, x, deltas, policies, want_probabilities)
         result = prediction.result
         arrays = {

@@ -205,3 +205,12 @@ def test_feedback_is_refused_when_switched_off(digits_bundle: Path) -> None:
         assert r.status_code == 409 and "EXITSERVE_FEEDBACK_CAPACITY=0" in r.json()["error"]
     finally:
         proc.stop()
+
+
+def test_v2_decisions_are_recorded_under_the_oip_request_id_when_given(monitored, data) -> None:
+    x, y = data[0][:3], data[1][:3]
+    payload = {**v2_json_body(x, np.full(3, 0.8)), "id": "oip-call-7"}
+    r = httpx.post(f"{monitored.url}/v2/models/{MODEL}/infer", json=payload, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "oip-call-7"
+    body = feedback(monitored, [{"request_id": "oip-call-7", "index": i, "label": int(t)} for i, t in enumerate(y)]).json()
+    assert body["scored"] == 3
