@@ -86,3 +86,32 @@ def test_npz_data_file(tmp_path) -> None:
     np.savez(tmp_path / "mine.npz", x=x, y=np.array([0, 1, 2, 1, 0]))
     data = load_dataset(str(tmp_path / "mine.npz"))
     assert np.array_equal(data.x, x) and data.labels == ["0", "1", "2"]
+
+
+def test_sst2_calibration_sentences_share_no_phrase_with_training() -> None:
+    """SST-2's phrases are pieces of parsed sentences: held-out sentences must not leak into training."""
+    from models.data import load_dataset
+
+    train, val, test = load_dataset("sst2:train"), load_dataset("sst2:val"), load_dataset("sst2:test")
+    assert len(test) == 872 and set(val.labels) == {"negative", "positive"}
+    assert 1500 < len(val) < 2100 and len(train) > 40_000
+    assert load_dataset("sst2:val").fingerprint == val.fingerprint  # seeded, repeatable
+    assert load_dataset("sst2:val", seed=1).fingerprint != val.fingerprint
+    train_phrases = {tuple(str(t).split()) for t in train.x}
+    for sentence in val.x[:300]:
+        tokens = tuple(str(sentence).split())
+        spans = {tokens[a:b] for a in range(len(tokens)) for b in range(a + 1, len(tokens) + 1)}
+        assert not spans & train_phrases, f"a piece of {sentence!r} is in the training phrases"
+    # Held-out items are whole sentences, about as long as the test sentences (not short phrases).
+    mean_words = np.mean([len(str(t).split()) for t in val.x])
+    assert abs(mean_words - np.mean([len(str(t).split()) for t in test.x])) < 3
+
+
+def test_agnews_splits() -> None:
+    from models.data import load_dataset
+
+    train, val, test = load_dataset("agnews:train"), load_dataset("agnews:val"), load_dataset("agnews:test")
+    assert (len(train), len(val), len(test)) == (7501, 2500, 7600)
+    # rows, not texts, are split: AG News itself repeats a handful of articles (3 here)
+    assert len(set(map(str, train.x)) & set(map(str, val.x))) <= 5
+    assert np.bincount(test.y).tolist() == [1900] * 4
