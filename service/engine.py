@@ -22,6 +22,7 @@ import numpy as np
 
 from calibration import Calibration
 from calibration.confidence import confidence_from_probs, top2_margin
+from models.tokens import length_batches
 from service.runner import ChainRunner
 
 
@@ -59,7 +60,8 @@ SegmentTimer = Callable[[int, float], None]
 
 
 class ExitEngine:
-    def __init__(self, runner: ChainRunner, calibration: Calibration, shadow_fraction: float = 0.0, trace: bool = False):
+    def __init__(self, runner: ChainRunner, calibration: Calibration, shadow_fraction: float = 0.0, trace: bool = False,
+                 token_budget: int = 4096):
         if calibration.num_exits != runner.num_exits:
             raise ValueError(f"calibration has {calibration.num_exits} exits, the model {runner.num_exits}")
         if not 0.0 <= shadow_fraction <= 1.0:
@@ -69,6 +71,9 @@ class ExitEngine:
         self.num_classes = len(runner.bundle.manifest.labels)
         self.shadow_fraction = shadow_fraction
         self.trace = trace
+        text = runner.bundle.manifest.input.text
+        self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
+        self.token_budget = token_budget
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
 
     def _rng(self) -> np.random.Generator:
@@ -94,7 +99,6 @@ class ExitEngine:
     ) -> BatchResult:
         """Decide every sample of `x`; `policies` is an array of policy names, one per sample."""
         n = len(x)
-        last_exit = self.runner.num_exits - 1
         fraction = self.shadow_fraction
         result = BatchResult(
             class_index=np.zeros(n, np.int64),
@@ -106,10 +110,41 @@ class ExitEngine:
             shadow_prediction=np.full(n, -1, np.int64) if fraction > 0 else None,
             trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
-        active = np.arange(n)  # original row of each row still running
-        shadow = np.zeros(n, bool)  # per running row: answered already, running on only to be compared
-        state = self.runner.start(x)
         policy_names = [str(name) for name in np.unique(policies)]
+        for rows, chunk in self._chunks(x):
+            self._run_rows(chunk, rows, result, deltas, policies, policy_names, want_probabilities, on_exit, segment_timer)
+        return result
+
+    def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(original rows, input) pieces of a batch. Token-id batches above the token budget run as
+        length-sorted pieces, each padded only to its own longest sequence: one long text in a
+        request of 64 would otherwise make all 64 pay for its length (attention is quadratic)."""
+        n = len(x)
+        if self.pad_id is None or x.ndim != 2 or n < 2 or x.size <= self.token_budget:
+            return [(np.arange(n), x)]
+        real = x != self.pad_id
+        lengths = x.shape[1] - np.argmax(real[:, ::-1], axis=1)  # up to the last real token
+        return [(rows, np.ascontiguousarray(x[rows, : max(int(lengths[rows].max()), 1)]))
+                for rows in length_batches(lengths, self.token_budget)]
+
+    def _run_rows(
+        self,
+        x: np.ndarray,
+        rows: np.ndarray,
+        result: BatchResult,
+        deltas: np.ndarray,
+        policies: np.ndarray,
+        policy_names: list[str],
+        want_probabilities: np.ndarray | None,
+        on_exit: ExitCallback | None,
+        segment_timer: SegmentTimer | None,
+    ) -> None:
+        """The segment loop for the batch rows `rows` (their inputs `x`), writing into `result`."""
+        last_exit = self.runner.num_exits - 1
+        fraction = self.shadow_fraction
+        active = rows  # original row of each row still running
+        shadow = np.zeros(len(rows), bool)  # per running row: answered already, running on only to be compared
+        state = self.runner.start(x)
         for k in range(self.runner.num_exits):
             started = time.perf_counter()
             state, logits = self.runner.run_segment(k, state)
@@ -154,9 +189,9 @@ class ExitEngine:
                 on_exit(left, result)
             keep = np.flatnonzero(~leave | shadow)
             if not len(keep) or k == last_exit:
-                break
+                return
             if len(keep) < len(active):
                 state = self.runner.select(state, keep)
             active = active[keep]
             shadow = shadow[keep]
-        return result
+

@@ -61,7 +61,7 @@ class ServedModel:
         # exit only when a feedback log wants it.
         self.monitor = ModelMonitor(self.name, bundle.manifest.version, self.calibration, metrics, settings)
         self.engine = ExitEngine(self.runner, self.calibration, shadow_fraction=settings.shadow_fraction,
-                                 trace=self.monitor.trace)
+                                 trace=self.monitor.trace, token_budget=settings.token_budget)
         self.compute_fractions = np.asarray(bundle.manifest.compute_fractions())
         self.labels = np.asarray(bundle.manifest.labels, dtype=object)
         self.sample_shape = tuple(bundle.manifest.input.shape[1:])

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     feedback_capacity: int = Field(100_000, ge=0, description="samples of recent decisions kept per model; 0 = no feedback")
     feedback_ttl_s: float = Field(3600.0, gt=0.0, description="feedback for a request older than this is 'unknown'")
     feedback_log: Path | None = Field(None, description="append decisions joined with labels here (JSON lines)")
+    token_budget: int = Field(4096, ge=1, description="text models: a batch above this many (padded) tokens runs as "
+                              "length-sorted pieces, each padded to its own longest text")
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of early-exited samples also run to the last exit")
     log_level: str = "info"
 

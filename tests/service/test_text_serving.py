@@ -139,3 +139,26 @@ def test_open_inference_protocol_refuses_bad_text(text_server: ServerProcess) ->
     assert response.status_code == 400 and "exceed the model's limit" in response.json()["error"]
     ids = {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [101, 2307, 102]}]}
     assert httpx.post(url, json=ids).status_code == 200
+
+
+def test_length_sorted_pieces_give_the_same_answers_as_one_padded_batch(text_bundle: Path, sentences: list[str]) -> None:
+    from calibration import Calibration
+    from models.bundle import load_bundle
+    from service.engine import ExitEngine
+    from service.runner import OnnxRunner
+    from service.text_input import TextTokenizer
+
+    bundle = load_bundle(text_bundle, require_calibration=True)
+    runner = OnnxRunner(bundle)
+    calibration = Calibration.from_dict(bundle.calibration, num_exits=bundle.manifest.num_exits)
+    ids = TextTokenizer(bundle).encode(sentences)
+    deltas, policies = np.full(len(ids), DELTA), np.full(len(ids), "pcee-lb-cond", dtype=object)
+    reported: list[int] = []
+    whole = ExitEngine(runner, calibration, token_budget=10**9).run(ids, deltas, policies)
+    small_budget = ExitEngine(runner, calibration, token_budget=64)
+    assert len(small_budget._chunks(ids)) > 3
+    pieces = small_budget.run(ids, deltas, policies, on_exit=lambda rows, _: reported.extend(rows.tolist()))
+    assert sorted(reported) == list(range(len(ids)))  # every sample answered once
+    np.testing.assert_array_equal(pieces.class_index, whole.class_index)
+    np.testing.assert_array_equal(pieces.exit_index, whole.exit_index)
+    np.testing.assert_allclose(pieces.estimate, whole.estimate, atol=1e-6)
