@@ -132,7 +132,7 @@ def compare(small: dict, large: dict) -> dict:
     return out
 
 
-def plot(small: dict, large: dict, result: dict, path: Path) -> None:
+def plot(small: dict, large: dict, result: dict, path: Path, small_name: str = "small") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,14 +140,14 @@ def plot(small: dict, large: dict, result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = {"pcee": "-", "pcee-cond": "--"}
-    for model, color, name in ((small, "tab:orange", "small"), (large, "tab:blue", "large")):
+    for model, color, name in ((small, "tab:orange", small_name), (large, "tab:blue", "large")):
         for policy in HEADLINE_POLICIES:
             xs, ys = frontier(model["policies"][policy])
             ax.plot(xs, 100 * ys, styles[policy], color=color, marker=".", markersize=3,
                     label=f"{name} + {policy} (δ 0.50…0.99)")
         ex = model["exits"]
-        marker = "s" if name == "small" else "o"
-        face = color if name == "small" else "none"
+        marker = "s" if model is small else "o"
+        face = color if model is small else "none"
         ax.plot([e["mflops"] for e in ex], [100 * e["error"] for e in ex], marker, color=color, markerfacecolor=face,
                 markersize=7, linestyle="none", label=f"{name}: each exit at full depth")
         for e in ex:
@@ -156,7 +156,7 @@ def plot(small: dict, large: dict, result: dict, path: Path) -> None:
     h = result["pcee"]
     ax.axvline(h["small_full_mflops"], color="gray", linewidth=0.8, linestyle=":")
     ax.axhline(100 * h["small_full_error"], color="gray", linewidth=0.8, linestyle=":")
-    ax.annotate("small, full depth", (h["small_full_mflops"], 100 * h["small_full_error"]), textcoords="offset points",
+    ax.annotate(f"{small_name}, full depth", (h["small_full_mflops"], 100 * h["small_full_error"]), textcoords="offset points",
                 xytext=(6, -14), fontsize=8, color="gray")
     # No policy can spend less than the large model's first exit on a sample: its curve starts right of this.
     ax.axvline(h["large_first_exit_mflops"], color="tab:blue", linewidth=0.8, linestyle=":")
@@ -164,7 +164,7 @@ def plot(small: dict, large: dict, result: dict, path: Path) -> None:
                 textcoords="offset points", xytext=(4, 40), fontsize=7, color="tab:blue")
     ax.set_xlabel("mean MFLOPs per sample (multiply-add = 2)")
     ax.set_ylabel("CIFAR-10 test error (%)")
-    ax.set_title("Large model with PCEE vs small model (CIFAR-10 test, 10,000 images)")
+    ax.set_title(f"Large model with PCEE vs {small_name} model (CIFAR-10 test, 10,000 images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -177,16 +177,17 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "–"
 
 
 def render(report: dict) -> str:
+    small_name = report.get("small_name", "small")
     lines = ["| model | exit | MFLOPs | test accuracy | test error |", "| --- | --- | --- | --- | --- |"]
     for key in ("small", "large"):
         for e in report["models"][key]["exits"]:
-            lines.append(f"| {key} | {e['index']} | {e['mflops']:.1f} | {e['accuracy']:.4f} | {100 * e['error']:.2f} % |")
-    lines += ["", "| policy (large) | small full depth: MFLOPs, error | large error at that cost | ratio (paper 0.81) | "
-              "large MFLOPs to match small's error | large's cheapest point: MFLOPs, error | goal met |",
+            lines.append(f"| {small_name if key == 'small' else key} | {e['index']} | {e['mflops']:.1f} | {e['accuracy']:.4f} | {100 * e['error']:.2f} % |")
+    lines += ["", f"| policy (large) | {small_name} full depth: MFLOPs, error | large error at that cost | ratio (paper 0.81) | "
+              f"large MFLOPs to match {small_name}'s error | large's cheapest point: MFLOPs, error | goal met |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for policy, h in report["comparison"].items():
         match = h["large_mflops_to_match_small_error"]
-        times = "" if match is None else f" ({match / h['small_full_mflops']:.2f}× small)"
+        times = "" if match is None else f" ({match / h['small_full_mflops']:.2f}× {small_name})"
         lines.append(
             f"| {policy} | {h['small_full_mflops']:.1f}, {100 * h['small_full_error']:.2f} % | "
             f"{fmt(h['large_error_at_small_mflops'], '.2f', 100, 'out of reach')}"
@@ -199,7 +200,7 @@ def render(report: dict) -> str:
         for policy, rows in report["models"][key]["policies"].items():
             for r in rows:
                 if round(r["delta"], 2) in (0.50, 0.80, 0.90, 0.95, 0.99):
-                    lines.append(f"| {key} + {policy} | {r['delta']:.2f} | {r['mflops']:.1f} | {100 * r['error']:.2f} % | "
+                    lines.append(f"| {small_name if key == 'small' else key} + {policy} | {r['delta']:.2f} | {r['mflops']:.1f} | {100 * r['error']:.2f} % | "
                                  f"{r['coverage']:.3f} | {fmt(r['accuracy_promised'], '.3f')} |")
     return "\n".join(lines)
 
@@ -211,6 +212,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-calibrate", action="store_true", help="use the small bundle's calibration as it is")
+    parser.add_argument("--small-name", default="small", help="what the smaller model is called in tables and plots")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -234,6 +236,7 @@ def main() -> None:
         "data": "cifar10:test (10,000 images); calibration on cifar10:val (5,000 held-out training images, split seed 0)",
         "deltas": [float(d) for d in DEFAULT_EVAL_DELTAS],
         "paper": {"large_pcee_error": PAPER_ERRORS[0], "small_error": PAPER_ERRORS[1], "ratio": PAPER_RATIO},
+        "small_name": args.small_name,
         "models": {"small": small, "large": large},
         "comparison": comparison,
         "goal": "large with PCEE has lower error than the small model at the small model's full-depth FLOPs, "
@@ -243,7 +246,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "headline.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    plot(small, large, comparison, args.out / "headline.png")
+    plot(small, large, comparison, args.out / "headline.png", args.small_name)
     print(render(report))
     print(f"\nwrote {args.out / 'headline.json'} and headline.png in {report['seconds']:.0f} s")
 

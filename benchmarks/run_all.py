@@ -5,7 +5,9 @@
 
 Cached artefacts, each with its own command (README and BENCHMARKS.md): the default bundle
 (committed), `runs/cifar10-resnet-large/checkpoint.pt` for the monolithic baselines, and
-`runs/bundles/cifar10-resnet-small` for the headline comparison. A step whose artefact or tool is
+`runs/bundles/cifar10-resnet-small` and `-medium` for the headline comparisons, the text bundles'
+evaluations under benchmarks/results/text (BENCHMARKS.md, text section; the served text benchmark,
+benchmarks/text_serving.py, is not part of this run). A step whose artefact or tool is
 missing is skipped with the command that makes it; everything else runs. Tables go to stdout, JSON
 and PNG to benchmarks/results/.
 """
@@ -27,6 +29,8 @@ BUNDLE = Path("bundles/cifar10-resnet-large")
 CHECKPOINT = Path("runs/cifar10-resnet-large/checkpoint.pt")
 MONOLITHIC = Path("runs/monolithic")
 SMALL = Path("runs/bundles/cifar10-resnet-small")
+MEDIUM = Path("runs/bundles/cifar10-resnet-medium")
+TEXT_RESULTS = Path("benchmarks/results/text")
 
 
 def run(title: str, args: list[str]) -> bool:
@@ -54,6 +58,13 @@ def main() -> int:
         results.append(run("Large with early exit vs small", [str(BENCH / "headline.py")]))
     else:
         print("\nskipped headline: train the small preset first (BENCHMARKS.md §4 has the command)")
+    if MEDIUM.is_dir():
+        results.append(run("Large with early exit vs medium", [str(BENCH / "headline.py"), "--small", str(MEDIUM), "--small-name",
+                                                               "medium", "--out", "benchmarks/results/headline-medium"]))
+    else:
+        print("\nskipped the medium headline: train the medium preset first (BENCHMARKS.md §4.1 has the command)")
+    if (TEXT_RESULTS / "sst2-self-supervised" / "evaluation.json").is_file():
+        results.append(run("Text models: per-exit accuracy and policies", [str(BENCH / "text_report.py")]))
     if not (MONOLITHIC / "last-exit.onnx").is_file() and CHECKPOINT.is_file():
         run("Monolithic baselines", [str(BENCH / "monolithic.py"), str(CHECKPOINT), "--out", str(MONOLITHIC)])
     if (MONOLITHIC / "last-exit.onnx").is_file():

@@ -97,7 +97,7 @@ def run(bundle_dir: Path, data: str, seconds: int, clients: tuple[int, ...], del
                 for per_request in (1, 64):
                     bodies = [json.dumps({"texts": texts[i : i + per_request], **extra}).encode()
                               for i in range(0, len(texts) - per_request + 1, per_request)]
-                    for connections in clients if per_request == 1 else (1, 2):
+                    for connections in clients if per_request == 1 else (1,):
                         with tempfile.TemporaryDirectory() as tmp:
                             target = f"{url}/v1/models/{model}/predict"
                             headers = {"Content-Type": "application/json"}
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.95])
-    parser.add_argument("--policies", nargs="+", default=["pcee", "pcee-lb", "pcee-lb-cond"])
+    parser.add_argument("--policies", nargs="+", default=["pcee", "pcee-lb-cond"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     results = run(args.bundle, args.data, args.seconds, tuple(args.clients), tuple(args.deltas), tuple(args.policies), args.threads)
