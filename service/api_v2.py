@@ -171,8 +171,10 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             return dataplane.check_inputs(served, inputs[input_name], where=f"inputs[{input_name}]")
         raw = inputs[TEXT_INPUT]
         where = f"inputs[{TEXT_INPUT}]"
+        if raw.ndim == 2 and raw.shape[1] == 1:  # [batch, 1], as Triton's text models usually declare it
+            raw = raw[:, 0]
         if raw.dtype != object or raw.ndim != 1:
-            raise InvalidInput(f"{where}: must be a BYTES tensor of shape [batch]")
+            raise InvalidInput(f"{where}: must be a BYTES tensor of shape [batch] or [batch, 1]")
         try:
             texts = [item.decode("utf-8") for item in raw.tolist()]
         except UnicodeDecodeError as exc:

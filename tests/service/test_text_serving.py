@@ -143,6 +143,15 @@ def test_open_inference_protocol_refuses_bad_text(text_server: ServerProcess) ->
     assert response.status_code == 400 and "exceed the model's limit" in response.json()["error"]
     ids = {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [101, 2307, 102]}]}
     assert httpx.post(url, json=ids).status_code == 200
+    column = {"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": ["good", "bad"]}]}
+    assert httpx.post(url, json=column).status_code == 200  # [batch, 1], Triton's usual text shape
+    square = {"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": ["good", "bad"]}]}
+    response = httpx.post(url, json=square)
+    assert response.status_code == 400 and "shape [batch] or [batch, 1]" in response.json()["error"]
+    not_utf8 = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}'
+    response = httpx.post(url, content=not_utf8 + b"\x02\x00\x00\x00\xff\xfe",
+                          headers={"Inference-Header-Content-Length": str(len(not_utf8))})
+    assert response.status_code == 400 and "not valid UTF-8" in response.json()["error"]
 
 
 def test_length_sorted_pieces_give_the_same_answers_as_one_padded_batch(text_bundle: Path, sentences: list[str]) -> None:
