@@ -106,6 +106,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"bundle    {bundle.path}")
     print(f"model     {m.name} version {m.version} ({m.task})")
     print(f"input     {m.input.name} {m.input.dtype} {m.input.shape}")
+    if m.input.text:
+        print(f"text      tokenizer {m.input.text.tokenizer}, at most {m.input.text.max_length} tokens, padding id {m.input.text.pad_id}")
     print(f"labels    {', '.join(m.labels)}")
     print(f"checksums OK ({len(m.sha256)} files verified)")
     print(f"created   exitserve {m.created_by.exitserve_version}: {m.created_by.command}")
