@@ -3,6 +3,7 @@ with the real CLI, and a real `exitserve serve` process on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -116,11 +117,18 @@ class ServerProcess:
         self._log.close()
 
 
-@pytest.fixture(scope="module")
-def server(digits_bundle: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess([digits_bundle], ["--max-batch-size", "16", "--max-queue-delay-ms", "2"])
+@contextlib.contextmanager
+def running_server(bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A real `exitserve serve`, ready, stopped on the way out."""
+    proc = ServerProcess(bundles, extra_args, env)
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(digits_bundle: Path) -> Iterator[ServerProcess]:
+    with running_server([digits_bundle], ["--max-batch-size", "16", "--max-queue-delay-ms", "2"]) as proc:
+        yield proc

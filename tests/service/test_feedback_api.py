@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO, ServerProcess
+from conftest import REPO, ServerProcess, running_server
 from reliability_support import MODEL, metric, raw_tensor, v2_json_body
 
 from models.data import load_dataset
@@ -27,13 +27,9 @@ def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def monitored(digits_bundle: Path, log_path: Path):
-    proc = ServerProcess([digits_bundle], ["--api-key", KEY], env={
-        "EXITSERVE_FEEDBACK_LOG": str(log_path), "EXITSERVE_SHADOW_FRACTION": "1.0"})
-    try:
-        proc.wait_ready()
+    with running_server([digits_bundle], ["--api-key", KEY], env={
+        "EXITSERVE_FEEDBACK_LOG": str(log_path), "EXITSERVE_SHADOW_FRACTION": "1.0"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

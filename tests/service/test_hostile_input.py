@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import MODEL, metric, percentiles, raw_tensor
@@ -32,13 +32,9 @@ TRIED: Counter[str] = Counter()  # bad inputs sent, by kind (printed for BENCHMA
 
 @pytest.fixture(scope="module")
 def server(digits_bundle: Path):
-    proc = ServerProcess([digits_bundle], env={"EXITSERVE_MAX_BODY_BYTES": str(MAX_BODY),
-                                               "EXITSERVE_MAX_REQUEST_SAMPLES": str(MAX_SAMPLES)})
-    try:
-        proc.wait_ready()
+    with running_server([digits_bundle], env={"EXITSERVE_MAX_BODY_BYTES": str(MAX_BODY),
+                                               "EXITSERVE_MAX_REQUEST_SAMPLES": str(MAX_SAMPLES)}) as proc:
         yield proc
-    finally:
-        proc.stop()
         print(f"\nbad inputs tried, by kind: {dict(sorted(TRIED.items()))} (total {sum(TRIED.values())})")
         assert "unhandled error" not in proc.logs()
 

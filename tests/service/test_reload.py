@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, running_server
 from reliability_support import DAMAGE_KINDS, MODEL, Reference, damage, metric, raw_tensor, v1_answer
 
 from models.data import load_dataset
@@ -34,12 +34,8 @@ def served_bundle(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def keyed(served_bundle: Path):
-    proc = ServerProcess([served_bundle], ["--api-key", KEY])
-    try:
-        proc.wait_ready()
+    with running_server([served_bundle], ["--api-key", KEY]) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, running_server
 
 from models.data import load_dataset
 
@@ -26,12 +26,8 @@ def x() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def keyed_server(digits_bundle: Path):
-    proc = ServerProcess([digits_bundle], ["--api-key", "s3cret"])
-    try:
-        proc.wait_ready()
+    with running_server([digits_bundle], ["--api-key", "s3cret"]) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_api_key_guards_inference_but_not_health(keyed_server, x) -> None:

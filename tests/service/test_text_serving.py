@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 
 from models.data import load_dataset
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, running_server
 
 MODEL = "sst2-tiny"
 V1 = f"/v1/models/{MODEL}/predict"
@@ -26,12 +26,8 @@ DELTA = 0.9
 @pytest.fixture(scope="module")
 def text_server(text_bundle: Path) -> Iterator[ServerProcess]:
     # A queue delay long enough that concurrent requests share a batch (and its padding).
-    proc = ServerProcess([text_bundle], ["--max-batch-size", "64", "--max-queue-delay-ms", "30"])
-    try:
-        proc.wait_ready()
+    with running_server([text_bundle], ["--max-batch-size", "64", "--max-queue-delay-ms", "30"]) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
