@@ -156,7 +156,8 @@ def write_manifest(directory: Path, manifest_fields: dict[str, Any]) -> Manifest
     fields = dict(manifest_fields)
     fields["sha256"] = checksums(directory)
     manifest = Manifest.model_validate(fields)
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    # Unset optional fields stay out of the file, so readers that predate them still load it.
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
     return manifest
 
 
