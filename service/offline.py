@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +23,9 @@ from calibration.io import dumps, save_calibration
 from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
 from models.data import Dataset, load_dataset
 from models.tokens import length_batches, pad_batch, token_ids
+
+if TYPE_CHECKING:
+    from service.runner import ChainRunner
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -85,7 +88,7 @@ def bundle_logits(
                                 batch_size=batch_size, progress=progress)
 
 
-def _text_logits(runner: object, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
+def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
     """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
     from service.text_input import TextTokenizer
 
