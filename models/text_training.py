@@ -64,7 +64,7 @@ def encoder_features(net: MultiExitNet, tokenizer, texts: np.ndarray, cache: Pat
 
 @dataclass
 class HeadTraining:
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4

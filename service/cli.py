@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="self-supervised", choices=["self-supervised", "labels"],
                    help="exit heads learn the final exit's predictions (CE - lambda*entropy) or the true labels")
     p.add_argument("--layers", type=int, help="use only the first N encoder layers (default: all 6)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs over the cached encoder features, per head")
+    p.add_argument("--epochs", type=int, default=10, help="epochs over the cached encoder features, per head")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--entropy-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
