@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.data import Dataset
 from models.net import MultiExitNet
 from models.text import TOKENIZER_FILE, minilm_dir, pooled_features, text_multi_exit_net
 from models.tokens import MAX_SEQUENCE_LENGTH, length_batches, pad_batch, token_ids
@@ -78,7 +77,6 @@ class HeadReport:
     val_accuracy: list[float]
     agreement_with_final: list[float]
     seconds: float
-    history: list[dict] = field(default_factory=list)
 
 
 def _fit_head(head: torch.nn.Module, features: torch.Tensor, loss_of, config: HeadTraining) -> None:  # noqa: ANN001
@@ -152,16 +150,6 @@ def export_text_bundle(net: MultiExitNet, tokenizer, out_dir: Path, labels: list
         )
     finally:
         tokenizer_copy.unlink(missing_ok=True)
-
-
-def build_text_classifier(train: Dataset, val: Dataset, targets: HeadTargets, config: HeadTraining | None = None,
-                          cache: Path | None = None, threads: int = 2) -> tuple[MultiExitNet, HeadReport]:
-    net = text_multi_exit_net(len(train.labels), seed=(config or HeadTraining()).seed)
-    tokenizer = load_tokenizer()
-    train_features = encoder_features(net, tokenizer, train.x, cache, threads)
-    val_features = encoder_features(net, tokenizer, val.x, cache, threads)
-    report = train_text_heads(net, train_features, train.y, val_features, val.y, targets, config)
-    return net, report
 
 
 def train_text_command(data: str, targets: HeadTargets, export: Path, name: str | None = None, layers: int | None = None,

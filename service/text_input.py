@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.bundle import Bundle, BundleError, TextSpec
+from models.tokens import pad_batch
 
 
 class TextInputError(ValueError):
@@ -51,10 +52,7 @@ class TextTokenizer:
                     f"{where}[{index}]: {length} tokens exceed the model's limit of {self.spec.max_length} "
                     "(special tokens included); shorten the text"
                 )
-        out = np.full((len(texts), max(lengths)), self.spec.pad_id, np.int64)
-        for row, encoding in enumerate(encodings):
-            out[row, : len(encoding.ids)] = encoding.ids
-        return out
+        return pad_batch([e.ids for e in encodings], self.spec.pad_id)
 
 
 def check_token_ids(spec: TextSpec, ids: np.ndarray, where: str = "inputs") -> None:
