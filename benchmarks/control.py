@@ -25,10 +25,10 @@ import numpy as np
 from bench_support import cpu_model
 from logits_cache import DEFAULT_CACHE, split_logits
 
-from calibration import POLICIES, decide_all, fit_calibration
-from calibration.evaluation import DEFAULT_EVAL_DELTAS, KEY_DELTAS, policy_row
-from calibration.plots import _STYLES  # the same colours as the evaluation plots
-from models.bundle import load_bundle
+from exitserve.calibration import POLICIES, decide_all, fit_calibration
+from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, KEY_DELTAS, policy_row
+from exitserve.calibration.plots import _STYLES  # the same colours as the evaluation plots
+from exitserve.models.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -23,10 +23,10 @@ import numpy as np
 from bench_support import cpu_model
 from logits_cache import DEFAULT_CACHE, split_logits
 
-from calibration import Calibration, decide_all, fit_calibration
-from calibration.evaluation import DEFAULT_EVAL_DELTAS, policy_row
-from calibration.io import save_calibration
-from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
+from exitserve.calibration import Calibration, decide_all, fit_calibration
+from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, policy_row
+from exitserve.calibration.io import save_calibration
+from exitserve.models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

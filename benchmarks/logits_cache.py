@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bundle import Bundle
-from service.offline import bundle_logits, load_bundle_data
+from exitserve.models.bundle import Bundle
+from exitserve.service.tools.offline import bundle_logits, load_bundle_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO / "runs" / "cache" / "logits"

@@ -34,12 +34,12 @@ import httpx
 import numpy as np
 from bench_support import cpu_model, free_port, wait_ready
 
-from calibration import Calibration, decide_all
-from calibration.fitting import Observations, observe_logits, refit_document
-from models.bundle import load_bundle
-from models.data import load_dataset
-from service.offline import bundle_logits
-from service.settings import DEFAULT_BUNDLE
+from exitserve.calibration import Calibration, decide_all
+from exitserve.calibration.fitting import Observations, observe_logits, refit_document
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.settings import DEFAULT_BUNDLE
+from exitserve.service.tools.offline import bundle_logits
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -98,7 +98,7 @@ def shadow_cost(seconds: float, rounds: int, tmp: Path) -> list[dict]:
             env = {k: (str(tmp / "feedback.jsonl") if v == "LOG" else v) for k, v in env.items()}
             port = free_port()
             log = (tmp / "server.log").open("w")
-            proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=REPO,
+            proc = subprocess.Popen([sys.executable, "-m", "exitserve.service.cli", "serve", "--port", str(port)], cwd=REPO,
                                     env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
             try:
                 url = f"http://127.0.0.1:{port}"

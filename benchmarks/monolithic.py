@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.export import MAX_IR_VERSION
+from exitserve.models.checkpoint import load_checkpoint
+from exitserve.models.export import MAX_IR_VERSION
 
 
 class _AllExits(torch.nn.Module):

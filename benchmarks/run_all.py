@@ -49,7 +49,7 @@ def main() -> int:
 
     os.chdir(REPO)
     results = []
-    results.append(run("Evaluation of the default bundle", ["-m", "service.cli", "evaluate", str(BUNDLE), "--data", "cifar10:test",
+    results.append(run("Evaluation of the default bundle", ["-m", "exitserve.service.cli", "evaluate", str(BUNDLE), "--data", "cifar10:test",
                                                             "--out", "benchmarks/results/default-bundle", "--no-progress"]))
     results.append(run("Control on the default bundle", [str(BENCH / "calibration_report.py"),
                                                          "benchmarks/results/default-bundle/evaluation.json"]))

@@ -24,12 +24,12 @@ import httpx
 import numpy as np
 from bench_support import free_port, wait_ready
 
-from calibration import Calibration
-from models.bundle import load_bundle
-from models.data import load_dataset
-from service.engine import ExitEngine
-from service.runner import OnnxRunner, RunnerOptions
-from service.settings import Settings
+from exitserve.calibration import Calibration
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
+from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -90,7 +90,7 @@ def server_memory(bundle_dir: Path, x: np.ndarray) -> list[dict]:
             copies.append(target)
         for count in (1, 3):
             port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *map(str, copies[:count]), "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "exitserve.service.cli", "serve", *map(str, copies[:count]), "--port", str(port)],
                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 url = f"http://127.0.0.1:{port}"

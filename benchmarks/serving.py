@@ -27,11 +27,11 @@ import numpy as np
 import onnxruntime as ort
 from bench_support import cpu_model, free_port, wait_ready
 
-from calibration import Calibration
-from models.bundle import load_bundle
-from models.data import load_dataset
-from service.engine import ExitEngine
-from service.runner import OnnxRunner, RunnerOptions
+from exitserve.calibration import Calibration
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
+from exitserve.service.serving.engine import ExitEngine
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -46,7 +46,7 @@ def stats(samples_s: list[float]) -> dict:
 
 
 def _session(path: Path, options: RunnerOptions) -> ort.InferenceSession:
-    from service.runner import session_options
+    from exitserve.service.runners.onnx_runtime import session_options
 
     return ort.InferenceSession(str(path), session_options(options), providers=["CPUExecutionProvider"])
 
@@ -215,7 +215,7 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
     servers = {}
     env = {**os.environ, "EXITSERVE_THREADS": str(threads)}  # default settings otherwise, request logs included
     port = free_port()
-    servers["exitserve"] = (subprocess.Popen([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
+    servers["exitserve"] = (subprocess.Popen([sys.executable, "-m", "exitserve.service.cli", "serve", str(bundle_dir), "--port", str(port)],
                                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/readyz")
     port = free_port()
     servers["plain"] = (subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "plain_server.py"), str(mono_dir / "last-exit.onnx"),
@@ -280,7 +280,7 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
                                       "shape": list(batch.shape)}, **extra}).encode()
 
     commands = {
-        "exitserve": lambda port: ([sys.executable, "-m", "service.cli", "serve", str(bundle_dir), "--port", str(port)],
+        "exitserve": lambda port: ([sys.executable, "-m", "exitserve.service.cli", "serve", str(bundle_dir), "--port", str(port)],
                                    {"EXITSERVE_THREADS": str(threads)}),
         "plain": lambda port: ([sys.executable, str(REPO / "benchmarks" / "plain_server.py"), str(mono_dir / "last-exit.onnx"),
                                 "--port", str(port), "--threads", str(threads)], None),

@@ -24,15 +24,15 @@ import numpy as np
 from bench_support import cpu_model, free_port, wait_ready
 from serving import REPO, RESULTS, _start, _stop, _wrk
 
-from models.bundle import load_bundle
-from models.data import load_dataset
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
 
 FULL = {"policy": "full"}
 
 
 def ensure_monolithic(bundle_dir: Path, data: str) -> Path:
-    from models.monolithic import monolithic_bundle
-    from service.offline import calibrate_bundle
+    from exitserve.models.monolithic import monolithic_bundle
+    from exitserve.service.tools.offline import calibrate_bundle
 
     mono = bundle_dir.parent / f"{bundle_dir.name}-monolithic"
     source = load_bundle(bundle_dir).manifest
@@ -65,7 +65,7 @@ def run(bundle_dir: Path, data: str, seconds: int, clients: tuple[int, ...], del
         policies: tuple[str, ...], threads: int) -> dict:
     test = load_dataset(f"{data}:test")
     # The server refuses texts over the bundle's token limit (a 400, by design): leave those out here.
-    from service.text_input import TextTokenizer
+    from exitserve.service.serving.text_input import TextTokenizer
 
     tokenizer = TextTokenizer(load_bundle(bundle_dir))
     limit = tokenizer.spec.max_length
@@ -82,7 +82,7 @@ def run(bundle_dir: Path, data: str, seconds: int, clients: tuple[int, ...], del
     for server, directory in servers.items():
         model = load_bundle(directory).manifest.name
         port = free_port()
-        proc = _start([sys.executable, "-m", "service.cli", "serve", str(directory), "--port", str(port),
+        proc = _start([sys.executable, "-m", "exitserve.service.cli", "serve", str(directory), "--port", str(port),
                        "--max-batch-size", "64", "--max-queue-delay-ms", "2"], {"EXITSERVE_THREADS": str(threads)})
         url = f"http://127.0.0.1:{port}"
         try:

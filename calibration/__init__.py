@@ -4,8 +4,8 @@ The serving engine uses `Calibration.from_dict(bundle.calibration, num_exits)` a
 `calibration.step(policy, exit_index, logits, deltas)` after every segment.
 """
 
-from calibration.fitting import DEFAULT_DELTA_GRID, SCHEMA_VERSION
-from calibration.policies import (
+from exitserve.calibration.fitting import DEFAULT_DELTA_GRID, SCHEMA_VERSION
+from exitserve.calibration.policies import (
     POLICIES,
     Calibration,
     Decisions,

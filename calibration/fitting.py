@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.binning import bin_counts, bin_index, check_edges, make_edges
-from calibration.confidence import check_measure, confidence_from_probs, softmax, top2_margin
-from calibration.tables import conditional_counts, table_values
-from calibration.temperature import fit_temperature as fit_exit_temperature
-from calibration.threshold import margin_records
+from exitserve.calibration.binning import bin_counts, bin_index, check_edges, make_edges
+from exitserve.calibration.confidence import check_measure, confidence_from_probs, softmax, top2_margin
+from exitserve.calibration.tables import conditional_counts, table_values
+from exitserve.calibration.temperature import fit_temperature as fit_exit_temperature
+from exitserve.calibration.threshold import margin_records
 
 SCHEMA_VERSION = 1
 DOCUMENT_KIND = "exitserve-calibration"

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from calibration.policies import Calibration
+from exitserve.calibration.policies import Calibration
 
 
 def dumps(document: Any, indent: int = 2, _level: int = 0) -> str:

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from calibration.binning import bin_index, make_edges
+from exitserve.calibration.binning import bin_index, make_edges
 
 
 def _inputs(confidences: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

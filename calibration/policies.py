@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.binning import BINNINGS, bin_index, check_edges
-from calibration.confidence import MEASURES, confidence_from_probs, softmax, top2_margin
-from calibration.fitting import (
+from exitserve.calibration.binning import BINNINGS, bin_index, check_edges
+from exitserve.calibration.confidence import MEASURES, confidence_from_probs, softmax, top2_margin
+from exitserve.calibration.fitting import (
     CONDITIONAL_KINDS,
     DEFAULT_DELTA_GRID,
     DOCUMENT_KIND,
@@ -48,7 +48,7 @@ from calibration.fitting import (
     build_calibration_dict,
     check_grid,
 )
-from calibration.tables import TABLE_KINDS, exit_allowed, table_values
+from exitserve.calibration.tables import TABLE_KINDS, exit_allowed, table_values
 
 POLICIES: tuple[str, ...] = (
     "pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.bounds import clopper_pearson_lower
+from exitserve.calibration.bounds import clopper_pearson_lower
 
 TABLE_KINDS: tuple[str, ...] = ("accuracy", "smoothed", "lower")
 EMPTY = -np.inf

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.confidence import log_softmax
+from exitserve.calibration.confidence import log_softmax
 
 T_MIN, T_MAX = 0.05, 20.0
 _INV_PHI = (np.sqrt(5.0) - 1.0) / 2.0

@@ -1,6 +1,4 @@
 """Multi-exit networks: definition, training and export (torch), plus the torch-free bundle format.
 
-Importing this package does not import torch; `models.bundle` is what the server uses.
+Importing this package does not import torch; `exitserve.models.bundle` is what the server uses.
 """
-
-__version__ = "0.1.0"

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from models.architectures import build_architecture
-from models.net import MultiExitNet
+from exitserve.models.architectures import build_architecture
+from exitserve.models.net import MultiExitNet
 
 
 def save_checkpoint(path: str | Path, net: MultiExitNet, meta: dict[str, Any]) -> None:

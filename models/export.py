@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import torch
 
-from models import __version__
-from models.bundle import Manifest, write_manifest
-from models.flops import segment_flops
-from models.net import MultiExitNet, SegmentWithHead, as_tuple
+from exitserve import __version__
+from exitserve.models.bundle import Manifest, write_manifest
+from exitserve.models.flops import segment_flops
+from exitserve.models.net import MultiExitNet, SegmentWithHead, as_tuple
 
 PARITY_TOLERANCE = 1e-4  # absolute, on tensors whose largest magnitude is at most 1; relative above
 PARITY_BATCHES = (1, 7)

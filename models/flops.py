@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.net import MultiExitNet, SegmentWithHead, as_tuple
+from exitserve.models.net import MultiExitNet, SegmentWithHead, as_tuple
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:

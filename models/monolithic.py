@@ -17,8 +17,8 @@ import onnx
 import onnx.compose
 import onnx.utils
 
-from models.bundle import MANIFEST_FILE, load_bundle, write_manifest
-from models.export import MAX_IR_VERSION
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, write_manifest
+from exitserve.models.export import MAX_IR_VERSION
 
 
 def merge_segments(bundle_dir: str | Path) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.net import MultiExitNet
+from exitserve.models.net import MultiExitNet
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.net import MultiExitNet
-from models.text import TOKENIZER_FILE, minilm_dir, pooled_features, text_multi_exit_net
-from models.tokens import MAX_SEQUENCE_LENGTH, length_batches, pad_batch, token_ids
-from models.training import TrainConfig, exit_losses
+from exitserve.models.net import MultiExitNet
+from exitserve.models.text import TOKENIZER_FILE, minilm_dir, pooled_features, text_multi_exit_net
+from exitserve.models.tokens import MAX_SEQUENCE_LENGTH, length_batches, pad_batch, token_ids
+from exitserve.models.training import TrainConfig, exit_losses
 
 HeadTargets = Literal["self-supervised", "labels"]
 
@@ -132,7 +132,7 @@ def train_text_heads(net: MultiExitNet, train_features: np.ndarray, y_train: np.
 def export_text_bundle(net: MultiExitNet, tokenizer, out_dir: Path, labels: list[str], name: str,  # noqa: ANN001
                        example_texts: list[str], provenance: dict) -> tuple[object, list[float]]:
     """Per-segment ONNX (dynamic batch and sequence axes) plus the tokenizer, parity-checked with padding."""
-    from models.export import export_bundle
+    from exitserve.models.export import export_bundle
 
     tokenizer_copy = out_dir.parent / f".{out_dir.name}-{TOKENIZER_FILE}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def train_text_command(data: str, targets: HeadTargets, export: Path, name: str 
                        train_limit: int | None = None, config: HeadTraining | None = None, cache: Path | None = None,
                        threads: int = 2, split_seed: int = 0, val_limit: int | None = None) -> HeadReport:
     """`exitserve train-text`: heads on the frozen encoder, then a verified bundle with the tokenizer."""
-    from models.data import load_dataset
+    from exitserve.models.data import load_dataset
 
     config = config or HeadTraining()
     train = load_dataset(f"{data}:train", seed=split_seed)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.data import Dataset
-from models.net import MultiExitNet
+from exitserve.models.data import Dataset
+from exitserve.models.net import MultiExitNet
 
 Regime = Literal["joint", "mixed", "heads-only"]
 REGIMES: tuple[str, ...] = ("joint", "mixed", "heads-only")

@@ -19,13 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import __version__
-from service import admin, api_feedback, api_v1, api_v2
-from service.dataplane import Dataplane, ServiceError
-from service.decisions import REQUEST_ID
-from service.metrics import Metrics
-from service.repository import ModelRepository, UnknownModel
-from service.settings import Settings
+from exitserve import __version__
+from exitserve.service.monitoring.decisions import REQUEST_ID
+from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.protocols import admin
+from exitserve.service.protocols import feedback as api_feedback
+from exitserve.service.protocols import v1 as api_v1
+from exitserve.service.protocols import v2 as api_v2
+from exitserve.service.serving.dataplane import Dataplane, ServiceError
+from exitserve.service.serving.repository import ModelRepository, UnknownModel
+from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")

@@ -25,7 +25,7 @@ def digits_bundle_uncalibrated(tmp_path_factory: pytest.TempPathFactory) -> Path
     root = tmp_path_factory.mktemp("digits")
     bundle = root / "digits-bundle"
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "train", "--arch", "digits-compact", "--data", "digits",
+        [sys.executable, "-m", "exitserve.service.cli", "train", "--arch", "digits-compact", "--data", "digits",
          "--epochs", "4", "--lr", "0.1", "--batch-size", "64", "--out", str(root / "run"), "--export", str(bundle),
          "--name", "digits", "--no-progress", "--threads", "1"],
         check=True, cwd=REPO, capture_output=True,
@@ -46,7 +46,7 @@ def digits_bundle(digits_bundle_uncalibrated: Path, tmp_path_factory: pytest.Tem
     """The digits bundle calibrated on its validation split with the real CLI."""
     bundle = tmp_path_factory.mktemp("calibrated") / "digits"
     shutil.copytree(digits_bundle_uncalibrated, bundle)
-    subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(bundle), "--data", "digits:val", "--no-progress"],
+    subprocess.run([sys.executable, "-m", "exitserve.service.cli", "calibrate", str(bundle), "--data", "digits:val", "--no-progress"],
                    check=True, cwd=REPO, capture_output=True)
     return bundle
 
@@ -61,11 +61,11 @@ def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = tmp_path_factory.mktemp("text") / "sst2-tiny"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "train-text", "--data", "sst2", "--layers", "2", "--train-limit", "2000",
+        [sys.executable, "-m", "exitserve.service.cli", "train-text", "--data", "sst2", "--layers", "2", "--train-limit", "2000",
          "--val-limit", "500", "--epochs", "5", "--cache", "", "--export", str(bundle), "--name", "sst2-tiny"],
         check=True, cwd=REPO, capture_output=True, env=env,
     )
-    subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(bundle), "--data", "sst2:val", "--no-progress"],
+    subprocess.run([sys.executable, "-m", "exitserve.service.cli", "calibrate", str(bundle), "--data", "sst2:val", "--no-progress"],
                    check=True, cwd=REPO, capture_output=True, env=env)
     return bundle
 
@@ -83,7 +83,7 @@ class ServerProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exitserve-test-{self.port}.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", *map(str, bundles), "--port", str(self.port),
+            [sys.executable, "-m", "exitserve.service.cli", "serve", *map(str, bundles), "--port", str(self.port),
              "--host", "127.0.0.1", *(extra_args or [])],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )

@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import strategies as st
 from scipy import stats
 
-from calibration.confidence import confidence_from_probs, softmax, top2_margin
+from exitserve.calibration.confidence import confidence_from_probs, softmax, top2_margin
 
 
 @dataclass

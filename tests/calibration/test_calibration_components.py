@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from calibration.binning import bin_counts, bin_index, make_edges
-from calibration.bounds import beta_ppf, betainc, clopper_pearson_lower
-from calibration.confidence import confidence_from_probs, softmax
-from calibration.tables import exit_allowed, table_values, window_sums
-from calibration.temperature import fit_temperature, nll
-from calibration.threshold import choose_thresholds, margin_records
+from exitserve.calibration.binning import bin_counts, bin_index, make_edges
+from exitserve.calibration.bounds import beta_ppf, betainc, clopper_pearson_lower
+from exitserve.calibration.confidence import confidence_from_probs, softmax
+from exitserve.calibration.tables import exit_allowed, table_values, window_sums
+from exitserve.calibration.temperature import fit_temperature, nll
+from exitserve.calibration.threshold import choose_thresholds, margin_records
 
 # --- confidence -------------------------------------------------------------------------------
 
@@ -176,9 +176,10 @@ def test_margin_records_pick_the_smallest_threshold_reaching_epsilon(samples, ep
 
 
 def test_calibration_imports_neither_torch_nor_scipy_nor_service():
-    code = ("import sys, calibration, calibration.policies, calibration.evaluation, calibration.metrics, "
-            "calibration.plots, calibration.io; "
-            "bad = [m for m in ('torch', 'scipy', 'service', 'models', 'matplotlib') if m in sys.modules]; "
+    code = ("import sys, exitserve.calibration, exitserve.calibration.policies, exitserve.calibration.evaluation, "
+            "exitserve.calibration.metrics, exitserve.calibration.plots, exitserve.calibration.io; "
+            "bad = [m for m in ('torch', 'scipy', 'exitserve.service', 'exitserve.models', 'matplotlib') "
+            "if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

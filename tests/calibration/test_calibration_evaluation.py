@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from calibration_reference import make_logits
 
-from calibration import POLICIES, decide_all, fit_calibration
-from calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
-from calibration.plots import write_plots
+from exitserve.calibration import POLICIES, decide_all, fit_calibration
+from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
+from exitserve.calibration.plots import write_plots
 
 FRACTIONS = [0.2, 0.55, 1.0]
 

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration import POLICIES, decide_all, fit_calibration
+from exitserve.calibration import POLICIES, decide_all, fit_calibration
 
 NEG = -1000.0
 U = [0.0, 0.0, 0.0, 0.0]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.metrics import aurc, auroc, ece, risk_coverage
+from exitserve.calibration.metrics import aurc, auroc, ece, risk_coverage
 
 
 def test_ece_by_hand():

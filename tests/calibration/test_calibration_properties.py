@@ -8,8 +8,8 @@ from calibration_reference import Problem, make_logits, problems, reference_deci
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibration import POLICIES, decide_all, fit_calibration
-from calibration.tables import table_values
+from exitserve.calibration import POLICIES, decide_all, fit_calibration
+from exitserve.calibration.tables import table_values
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from calibration_reference import make_logits
 
-from calibration import Calibration, decide_all, fit_calibration
-from calibration.fitting import Observations, observe_logits, refit_document
+from exitserve.calibration import Calibration, decide_all, fit_calibration
+from exitserve.calibration.fitting import Observations, observe_logits, refit_document
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from calibration_reference import make_logits
 
-from calibration import POLICIES, Calibration, decide_all, fit_calibration
-from calibration.io import dumps, load_calibration, save_calibration
+from exitserve.calibration import POLICIES, Calibration, decide_all, fit_calibration
+from exitserve.calibration.io import dumps, load_calibration, save_calibration
 
 
 @pytest.fixture(scope="module")

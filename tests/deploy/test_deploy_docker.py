@@ -17,7 +17,7 @@ from deploy_helpers import (
     parse_dockerfile,
 )
 
-from service.settings import DEFAULT_BUNDLE
+from exitserve.service.settings import DEFAULT_BUNDLE
 
 BOTH = pytest.mark.parametrize("path", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
 

@@ -26,8 +26,8 @@ from conftest import REPO, ServerProcess
 from deploy_helpers import PROMETHEUS, RULES, Prometheus, load_yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.data import load_dataset
-from service.settings import DEFAULT_BUNDLE
+from exitserve.models.data import load_dataset
+from exitserve.service.settings import DEFAULT_BUNDLE
 
 MODEL = "cifar10-resnet-large"
 KEY = "drift-s3cret"
@@ -244,7 +244,7 @@ def test_recalibration_on_shifted_feedback_keeps_the_promise_on_fresh_shifted_da
     shifted_log = tmp_path / "shifted.jsonl"
     shifted_log.write_text("\n".join(lines) + "\n")
     out = tmp_path / "recalibrated"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(DEFAULT_BUNDLE), "--from-feedback",
+    done = subprocess.run([sys.executable, "-m", "exitserve.service.cli", "calibrate", str(DEFAULT_BUNDLE), "--from-feedback",
                            str(shifted_log), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 

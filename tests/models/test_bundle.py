@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from models.bundle import MANIFEST_FILE, BundleError, load_bundle, refresh_checksums
+from exitserve.models.bundle import MANIFEST_FILE, BundleError, load_bundle, refresh_checksums
 
 
 def test_loads_and_verifies(digits_bundle_uncalibrated: Path) -> None:
@@ -74,7 +74,8 @@ def test_refresh_checksums_accepts_deliberate_change(bundle_copy: Path) -> None:
 
 def test_loader_and_runner_import_without_torch() -> None:
     code = (
-        "import sys, models.bundle, models.data, service.runner, service.cli, service.app, calibration\n"
+        "import sys, exitserve.models.bundle, exitserve.models.data, exitserve.service.runners.onnx_runtime, "
+        "exitserve.service.cli, exitserve.service.app, exitserve.calibration\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

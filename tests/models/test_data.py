@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from models.data import (
+from exitserve.models.data import (
     load_cifar10_arrays,
     load_dataset,
     load_mnist_arrays,
@@ -90,7 +90,7 @@ def test_npz_data_file(tmp_path) -> None:
 
 def test_sst2_calibration_sentences_share_no_phrase_with_training() -> None:
     """SST-2's phrases are pieces of parsed sentences: held-out sentences must not leak into training."""
-    from models.data import load_dataset
+    from exitserve.models.data import load_dataset
 
     train, val, test = load_dataset("sst2:train"), load_dataset("sst2:val"), load_dataset("sst2:test")
     assert len(test) == 872 and set(val.labels) == {"negative", "positive"}
@@ -108,7 +108,7 @@ def test_sst2_calibration_sentences_share_no_phrase_with_training() -> None:
 
 
 def test_agnews_splits() -> None:
-    from models.data import load_dataset
+    from exitserve.models.data import load_dataset
 
     train, val, test = load_dataset("agnews:train"), load_dataset("agnews:val"), load_dataset("agnews:test")
     assert (len(train), len(val), len(test)) == (7501, 2500, 7600)

@@ -3,12 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.architectures import build_architecture
-from models.bundle import load_bundle
-from models.data import load_dataset
-from models.export import PARITY_TOLERANCE, ExportParityError, export_bundle, verify_parity
-from models.net import MultiExitNet
-from service.runner import OnnxRunner
+from exitserve.models.architectures import build_architecture
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.models.export import PARITY_TOLERANCE, ExportParityError, export_bundle, verify_parity
+from exitserve.models.net import MultiExitNet
+from exitserve.service.runners.onnx_runtime import OnnxRunner
 
 
 @pytest.fixture(scope="module")

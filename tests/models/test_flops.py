@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from models.architectures import build_architecture
-from models.flops import count_flops, segment_flops
+from exitserve.models.architectures import build_architecture
+from exitserve.models.flops import count_flops, segment_flops
 
 
 def test_conv_flops_match_analytic_count() -> None:

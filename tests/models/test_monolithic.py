@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models.bundle import load_bundle
-from models.monolithic import monolithic_bundle
-from service.runner import OnnxRunner
+from exitserve.models.bundle import load_bundle
+from exitserve.models.monolithic import monolithic_bundle
+from exitserve.service.runners.onnx_runtime import OnnxRunner
 
 
 def final_logits(bundle_dir: Path, x: np.ndarray) -> np.ndarray:

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.bundle import load_bundle
-from models.text import minilm_dir, pooled_features, text_multi_exit_net
-from models.text_training import HeadTraining, load_tokenizer, train_text_heads
-from models.tokens import length_batches, pad_batch, token_ids
+from exitserve.models.bundle import load_bundle
+from exitserve.models.text import minilm_dir, pooled_features, text_multi_exit_net
+from exitserve.models.text_training import HeadTraining, load_tokenizer, train_text_heads
+from exitserve.models.tokens import length_batches, pad_batch, token_ids
 
 TEXTS = ["A wonderful, moving film.", "dull", "The quick brown fox jumps over the lazy dog, again and again and again."]
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.architectures import build_architecture
-from models.data import load_dataset
-from models.training import TrainConfig, exit_losses, per_exit_accuracy, train
+from exitserve.models.architectures import build_architecture
+from exitserve.models.data import load_dataset
+from exitserve.models.training import TrainConfig, exit_losses, per_exit_accuracy, train
 
 
 @pytest.fixture(scope="module")

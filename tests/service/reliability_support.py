@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import Calibration, decide_all
-from models.bundle import MANIFEST_FILE, load_bundle, refresh_checksums
-from service.runner import OnnxRunner
-from service.settings import Settings
+from exitserve.calibration import Calibration, decide_all
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, refresh_checksums
+from exitserve.service.runners.onnx_runtime import OnnxRunner
+from exitserve.service.settings import Settings
 
 MODEL = "digits"
 SERVER_DEFAULT_POLICY: str = Settings.model_fields["default_policy"].default

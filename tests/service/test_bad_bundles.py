@@ -19,7 +19,7 @@ START_UP_KINDS = [k for k in DAMAGE_KINDS if k != "checksum mismatch"]
 @pytest.mark.parametrize("kind", START_UP_KINDS)
 def test_bad_bundle_fails_start_up_naming_the_problem(digits_bundle: Path, tmp_path: Path, kind: str) -> None:
     broken, expected = damage(digits_bundle, tmp_path / "bundle", kind)
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", str(broken), "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "exitserve.service.cli", "serve", str(broken), "--port", "0"],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr, result.stderr[-2000:]
@@ -40,7 +40,7 @@ def test_no_pickle_loading_anywhere() -> None:
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     sources = [name for name in listed if not name.startswith("tests/")]
-    assert "models/bundle.py" in sources and "service/repository.py" in sources
+    assert "models/bundle.py" in sources and "service/serving/repository.py" in sources
     offences = []
     for relative in sources:
         path = REPO / relative

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration import Calibration, decide_all
-from models.bundle import load_bundle
-from models.data import load_dataset
-from service.batcher import DynamicBatcher, QueueFull, WorkItem
-from service.engine import ExitEngine
-from service.runner import OnnxRunner
+from exitserve.calibration import Calibration, decide_all
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.runners.onnx_runtime import OnnxRunner
+from exitserve.service.serving.batcher import DynamicBatcher, QueueFull, WorkItem
+from exitserve.service.serving.engine import ExitEngine
 
 
 @pytest.fixture(scope="module")

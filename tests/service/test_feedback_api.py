@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, ServerProcess, running_server
 from reliability_support import MODEL, metric, raw_tensor, v2_json_body
 
-from models.data import load_dataset
+from exitserve.models.data import load_dataset
 
 KEY = "feedback-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -166,7 +166,7 @@ def test_the_log_joins_decisions_with_labels_and_recalibration_reads_it(monitore
         assert (line["shadow"] is None) == (p["exit"] == 2)
 
     out = tmp_path / "digits-v2"
-    done = subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(digits_bundle), "--from-feedback",
+    done = subprocess.run([sys.executable, "-m", "exitserve.service.cli", "calibrate", str(digits_bundle), "--from-feedback",
                            str(log_path), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"tables recounted from {len(lines)} labelled samples" in done.stdout
@@ -186,7 +186,7 @@ def test_the_log_joins_decisions_with_labels_and_recalibration_reads_it(monitore
 def test_calibrate_from_feedback_refuses_a_log_without_usable_lines(digits_bundle: Path, tmp_path: Path) -> None:
     log = tmp_path / "other.jsonl"
     log.write_text(json.dumps({"v": 1, "model": "someone-else"}) + "\nnot json\n")
-    done = subprocess.run([sys.executable, "-m", "service.cli", "calibrate", str(digits_bundle), "--from-feedback",
+    done = subprocess.run([sys.executable, "-m", "exitserve.service.cli", "calibrate", str(digits_bundle), "--from-feedback",
                            str(log), "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2
     assert "no usable feedback for model 'digits'" in done.stderr and "1 other model, 1 not JSON" in done.stderr

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_support import MODEL, metric, percentiles, raw_tensor
 
-from calibration import POLICIES
-from models.data import load_dataset
+from exitserve.calibration import POLICIES
+from exitserve.models.data import load_dataset
 
 MAX_BODY = 65536
 MAX_SAMPLES = 64

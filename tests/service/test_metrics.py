@@ -1,7 +1,7 @@
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from service.metrics import SampleHistogram
+from exitserve.service.monitoring.metrics import SampleHistogram
 
 
 def _series(text: str, name: str) -> list[str]:

@@ -6,7 +6,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import SampleSummary
+from exitserve.service.monitoring.metrics import SampleSummary
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration import POLICIES, Calibration, decide_all
-from models.bundle import BundleError, load_bundle
-from models.data import load_dataset
-from service.offline import bundle_logits, calibrate_bundle, evaluate_bundle
+from exitserve.calibration import POLICIES, Calibration, decide_all
+from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.tools.offline import bundle_logits, calibrate_bundle, evaluate_bundle
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service.oip_codec import (
+from exitserve.service.protocols.oip_codec import (
     DATATYPE_TO_NUMPY,
     HEADER_LENGTH,
     InferRequest,

@@ -30,8 +30,8 @@ from reliability_support import (
     v2_json_body,
 )
 
-from models.data import load_dataset
-from service.settings import DEFAULT_BUNDLE
+from exitserve.models.data import load_dataset
+from exitserve.service.settings import DEFAULT_BUNDLE
 
 SOAK_SECONDS = float(os.environ.get("EXITSERVE_SOAK_SECONDS", "15"))
 SOAK_RATE = float(os.environ.get("EXITSERVE_SOAK_RATE", "100"))  # requests per second, open loop

@@ -16,7 +16,7 @@ import pytest
 from conftest import ServerProcess, running_server
 from reliability_support import DAMAGE_KINDS, MODEL, Reference, damage, metric, raw_tensor, v1_answer
 
-from models.data import load_dataset
+from exitserve.models.data import load_dataset
 
 KEY = "reload-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -76,7 +76,7 @@ def test_every_route_but_health_needs_the_key(keyed) -> None:
 def test_key_is_compared_in_constant_time() -> None:
     import inspect
 
-    from service import app
+    from exitserve.service import app
 
     source = inspect.getsource(app.EdgeMiddleware._authorised)
     assert "hmac.compare_digest(supplied, self.api_key)" in source and "== self.api_key" not in source

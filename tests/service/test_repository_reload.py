@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import generate_latest
 from reliability_support import MODEL, metric
 
-from models.bundle import BundleError
-from service.batcher import ShuttingDown, WorkItem
-from service.metrics import Metrics
-from service.repository import ModelRepository, ReloadRefused
-from service.settings import Settings
+from exitserve.models.bundle import BundleError
+from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.serving.batcher import ShuttingDown, WorkItem
+from exitserve.service.serving.repository import ModelRepository, ReloadRefused
+from exitserve.service.settings import Settings
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.bundle import BundleError, load_bundle
-from service.onnx_gather import build
-from service.runner import OnnxRunner
+from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.service.runners.onnx_gather import build
+from exitserve.service.runners.onnx_runtime import OnnxRunner
 
 
 @pytest.mark.parametrize(("elem_type", "dtype", "rank"), [(1, np.float32, 4), (1, np.float32, 2), (7, np.int64, 3), (9, np.bool_, 2)])
@@ -35,7 +35,7 @@ def test_compaction_keeps_the_right_rows(digits_bundle_uncalibrated: Path) -> No
 
 
 def test_onnx_that_does_not_load_fails_loudly(bundle_copy: Path) -> None:
-    from models.bundle import refresh_checksums
+    from exitserve.models.bundle import refresh_checksums
 
     (bundle_copy / "segments" / "01.onnx").write_bytes(b"not a graph")
     refresh_checksums(bundle_copy)

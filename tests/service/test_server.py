@@ -14,10 +14,10 @@ import tritonclient.http as triton
 from reliability_support import metric
 from tritonclient.utils import InferenceServerException
 
-from calibration import Calibration, decide_all
-from models.bundle import load_bundle
-from models.data import load_dataset
-from service.runner import OnnxRunner
+from exitserve.calibration import Calibration, decide_all
+from exitserve.models.bundle import load_bundle
+from exitserve.models.data import load_dataset
+from exitserve.service.runners.onnx_runtime import OnnxRunner
 
 MODEL = "digits"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, running_server
 
-from models.data import load_dataset
+from exitserve.models.data import load_dataset
 
 MODEL = "digits"
 
@@ -106,7 +106,7 @@ def test_bad_bundle_stops_start_up_with_the_file_named(digits_bundle: Path, tmp_
     broken = tmp_path / "broken"
     shutil.copytree(digits_bundle, broken)
     (broken / "calibration.json").write_text((broken / "calibration.json").read_text().replace("1", "2", 1))
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", str(broken), "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "exitserve.service.cli", "serve", str(broken), "--port", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "calibration.json: sha256 mismatch" in result.stderr

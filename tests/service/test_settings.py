@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import DEFAULT_BUNDLE, Settings
+from exitserve.service.settings import DEFAULT_BUNDLE, Settings
 
 
 def test_defaults_serve_the_committed_bundle(monkeypatch: pytest.MonkeyPatch) -> None:

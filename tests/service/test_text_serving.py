@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from models.data import load_dataset
+from exitserve.models.data import load_dataset
 from tests.conftest import ServerProcess, running_server
 
 MODEL = "sst2-tiny"
@@ -151,11 +151,11 @@ def test_open_inference_protocol_refuses_bad_text(text_server: ServerProcess) ->
 
 
 def test_length_sorted_pieces_give_the_same_answers_as_one_padded_batch(text_bundle: Path, sentences: list[str]) -> None:
-    from calibration import Calibration
-    from models.bundle import load_bundle
-    from service.engine import ExitEngine
-    from service.runner import OnnxRunner
-    from service.text_input import TextTokenizer
+    from exitserve.calibration import Calibration
+    from exitserve.models.bundle import load_bundle
+    from exitserve.service.runners.onnx_runtime import OnnxRunner
+    from exitserve.service.serving.engine import ExitEngine
+    from exitserve.service.serving.text_input import TextTokenizer
 
     bundle = load_bundle(text_bundle, require_calibration=True)
     runner = OnnxRunner(bundle)

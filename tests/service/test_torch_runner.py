@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import ServerProcess
 
-from calibration import Calibration, decide_all
-from models.architectures import build_architecture
-from models.bundle import BundleError, load_bundle, refresh_checksums
-from models.data import load_dataset
-from models.export import export_bundle
-from service.engine import ExitEngine
-from service.offline import calibrate_bundle
-from service.runner import OnnxRunner
-from service.torch_runner import TorchRunner
+from exitserve.calibration import Calibration, decide_all
+from exitserve.models.architectures import build_architecture
+from exitserve.models.bundle import BundleError, load_bundle, refresh_checksums
+from exitserve.models.data import load_dataset
+from exitserve.models.export import export_bundle
+from exitserve.service.runners.onnx_runtime import OnnxRunner
+from exitserve.service.runners.torch_runner import TorchRunner
+from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.tools.offline import calibrate_bundle
 
 
 @pytest.fixture(scope="module")

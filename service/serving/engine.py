@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration import Calibration
-from calibration.confidence import confidence_from_probs, top2_margin
-from models.tokens import length_batches
-from service.runner import ChainRunner
+from exitserve.calibration import Calibration
+from exitserve.calibration.confidence import confidence_from_probs, top2_margin
+from exitserve.models.tokens import length_batches
+from exitserve.service.runners.onnx_runtime import ChainRunner
 
 
 @dataclass

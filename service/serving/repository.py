@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Counter
 
-from calibration import Calibration
-from models.bundle import Bundle, BundleError, load_bundle
-from service.batcher import DynamicBatcher, ItemResult, ShuttingDown, WorkItem
-from service.engine import ExitEngine
-from service.metrics import Metrics
-from service.monitoring import ModelMonitor
-from service.runner import OnnxRunner, RunnerOptions
-from service.settings import Settings
-from service.text_input import TextTokenizer
+from exitserve.calibration import Calibration
+from exitserve.models.bundle import Bundle, BundleError, load_bundle
+from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.monitoring.monitor import ModelMonitor
+from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
+from exitserve.service.serving.batcher import DynamicBatcher, ItemResult, ShuttingDown, WorkItem
+from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.serving.text_input import TextTokenizer
+from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.repository")
 
@@ -51,7 +51,7 @@ class ServedModel:
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
         )
         if settings.runner == "torch":
-            from service.torch_runner import TorchRunner  # torch only when asked for
+            from exitserve.service.runners.torch_runner import TorchRunner  # torch only when asked for
 
             self.runner = TorchRunner(bundle, device="cuda" if settings.provider == "cuda" else "cpu", threads=settings.threads)
         else:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.bundle import Bundle, BundleError
-from service.runner import ChainRunner
+from exitserve.models.bundle import Bundle, BundleError
+from exitserve.service.runners.onnx_runtime import ChainRunner
 
 State = dict[str, torch.Tensor]
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import Calibration
-from calibration.fitting import Observations, observe_logits, refit_document
-from calibration.io import save_calibration
-from models.bundle import CALIBRATION_FILE, BundleError, load_bundle, write_manifest
-from service.feedback_log import read_feedback
+from exitserve.calibration import Calibration
+from exitserve.calibration.fitting import Observations, observe_logits, refit_document
+from exitserve.calibration.io import save_calibration
+from exitserve.models.bundle import CALIBRATION_FILE, BundleError, load_bundle, write_manifest
+from exitserve.service.monitoring.feedback_log import read_feedback
 
 
 @dataclass
@@ -74,7 +74,10 @@ def recalibrate_from_feedback(
     fingerprint = f"feedback:{logged.used}:{logged.digest}"
     merged = 0
     if merge_data:
-        from service.offline import bundle_logits, load_bundle_data  # onnxruntime only when merging
+        from exitserve.service.tools.offline import (  # onnxruntime only when merging
+            bundle_logits,
+            load_bundle_data,
+        )
 
         data = load_bundle_data(bundle, merge_data)
         logits = bundle_logits(bundle, data.x, progress=progress)

@@ -7,17 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from models.bundle import BundleError
-from service.settings import DEFAULT_BUNDLE
+from exitserve.models.bundle import BundleError
+from exitserve.service.settings import DEFAULT_BUNDLE
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from models.architectures import build_architecture
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.data import load_dataset
-    from models.training import TrainConfig, train
+    from exitserve.models.architectures import build_architecture
+    from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
+    from exitserve.models.data import load_dataset
+    from exitserve.models.training import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,9 +59,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _export(checkpoint: Path, out: Path, name: str | None, version: str, torchscript: bool = False) -> int:
     import torch
 
-    from models.checkpoint import load_checkpoint
-    from models.data import load_dataset
-    from models.export import export_bundle
+    from exitserve.models.checkpoint import load_checkpoint
+    from exitserve.models.data import load_dataset
+    from exitserve.models.export import export_bundle
 
     net, meta = load_checkpoint(checkpoint)
     val = load_dataset(f"{meta['data']}:val", seed=meta.get("split_seed", 0))
@@ -85,7 +85,7 @@ def _export(checkpoint: Path, out: Path, name: str | None, version: str, torchsc
 
 
 def _cmd_train_text(args: argparse.Namespace) -> int:
-    from models.text_training import HeadTraining, train_text_command
+    from exitserve.models.text_training import HeadTraining, train_text_command
 
     config = HeadTraining(epochs=args.epochs, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed)
     train_text_command(args.data, args.heads, Path(args.export), name=args.name, layers=args.layers,
@@ -99,7 +99,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from models.bundle import load_bundle
+    from exitserve.models.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -124,7 +124,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from service.offline import calibrate_bundle
+    from exitserve.service.tools.offline import calibrate_bundle
 
     if args.from_feedback:
         return _calibrate_from_feedback(args)
@@ -143,8 +143,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_from_feedback(args: argparse.Namespace) -> int:
-    from service.offline import _command_line
-    from service.recalibrate import recalibrate_from_feedback, validation_spec
+    from exitserve.service.tools.offline import _command_line
+    from exitserve.service.tools.recalibrate import recalibrate_from_feedback, validation_spec
 
     if args.data and not args.merge:
         print("error: with --from-feedback, --data names the data to --merge with", file=sys.stderr)
@@ -166,7 +166,7 @@ def _calibrate_from_feedback(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from service.offline import evaluate_bundle
+    from exitserve.service.tools.offline import evaluate_bundle
 
     evaluate_bundle(args.bundle, args.data, args.out, progress=not args.no_progress)
     print(f"wrote {args.out}/evaluation.json, evaluation.md and plots")
@@ -176,9 +176,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.logs import configure_logging
-    from service.settings import Settings
+    from exitserve.service.app import create_app
+    from exitserve.service.logs import configure_logging
+    from exitserve.service.settings import Settings
 
     overrides = {
         key: value

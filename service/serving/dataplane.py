@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration import POLICIES
-from service.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
-from service.decisions import REQUEST_ID
-from service.repository import ModelRepository, ServedModel
-from service.settings import Settings
-from service.text_input import TextInputError, check_token_ids
+from exitserve.calibration import POLICIES
+from exitserve.service.monitoring.decisions import REQUEST_ID
+from exitserve.service.serving.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from exitserve.service.serving.repository import ModelRepository, ServedModel
+from exitserve.service.serving.text_input import TextInputError, check_token_ids
+from exitserve.service.settings import Settings
 
 
 class ServiceError(Exception):

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from calibration import Calibration
-from calibration.fitting import Observations
+from exitserve.calibration import Calibration
+from exitserve.calibration.fitting import Observations
 
 LOG_VERSION = 1
 _open: dict[Path, FeedbackLog] = {}

@@ -18,9 +18,9 @@ from pathlib import Path
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from models.bundle import BundleError
-from service.dataplane import InvalidInput, ServiceError
-from service.repository import ModelRepository, ReloadRefused
+from exitserve.models.bundle import BundleError
+from exitserve.service.serving.dataplane import InvalidInput, ServiceError
+from exitserve.service.serving.repository import ModelRepository, ReloadRefused
 
 log = logging.getLogger("exitserve.admin")
 

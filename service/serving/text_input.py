@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.bundle import Bundle, BundleError, TextSpec
-from models.tokens import pad_batch
+from exitserve.models.bundle import Bundle, BundleError, TextSpec
+from exitserve.models.tokens import pad_batch
 
 
 class TextInputError(ValueError):

@@ -11,11 +11,16 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from models import __version__
-from service.dataplane import Dataplane, InvalidInput
-from service.decisions import REQUEST_ID
-from service.oip_codec import ProtocolError, decode_infer_request, encode_infer_response, resolve_outputs
-from service.repository import ServedModel
+from exitserve import __version__
+from exitserve.service.monitoring.decisions import REQUEST_ID
+from exitserve.service.protocols.oip_codec import (
+    ProtocolError,
+    decode_infer_request,
+    encode_infer_response,
+    resolve_outputs,
+)
+from exitserve.service.serving.dataplane import Dataplane, InvalidInput
+from exitserve.service.serving.repository import ServedModel
 
 OUTPUTS = {
     # name: (datatype, per-sample shape suffix)

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from models.bundle import Bundle, BundleError
+from exitserve.models.bundle import Bundle, BundleError
 
 Provider = Literal["cpu", "cuda"]
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -71,7 +71,7 @@ def session_options(options: RunnerOptions) -> ort.SessionOptions:
 
 def _gather_model_bytes(elem_type: int, rank: int) -> bytes:
     """A one-node ONNX graph: out = data[indices] along axis 0 (built by hand: no onnx package at serving time)."""
-    from service import onnx_gather
+    from exitserve.service.runners import onnx_gather
 
     return onnx_gather.build(elem_type, rank)
 

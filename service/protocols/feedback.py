@@ -20,9 +20,9 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from service.dataplane import InvalidInput, PayloadTooLarge, ServiceError
-from service.decisions import UnknownIndex
-from service.repository import ModelRepository, ServedModel
+from exitserve.service.monitoring.decisions import UnknownIndex
+from exitserve.service.serving.dataplane import InvalidInput, PayloadTooLarge, ServiceError
+from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
 _FIELDS = {"request_id", "index", "label"}

@@ -15,13 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration import Calibration
-from service.batcher import ItemResult, WorkItem
-from service.decisions import SHADOW_AGREE, SHADOW_DISAGREE, DecisionStore, SampleDecision
-from service.engine import BatchResult
-from service.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
-from service.metrics import Metrics
-from service.settings import Settings
+from exitserve.calibration import Calibration
+from exitserve.service.monitoring.decisions import (
+    SHADOW_AGREE,
+    SHADOW_DISAGREE,
+    DecisionStore,
+    SampleDecision,
+)
+from exitserve.service.monitoring.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
+from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.serving.batcher import ItemResult, WorkItem
+from exitserve.service.serving.engine import BatchResult
+from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.monitoring")
 _SHADOW_NAMES = {SHADOW_AGREE: "agree", SHADOW_DISAGREE: "disagree"}

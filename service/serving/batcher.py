@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import BatchResult, ExitEngine, Trace
+from exitserve.service.serving.engine import BatchResult, ExitEngine, Trace
 
 log = logging.getLogger("exitserve.batcher")
 

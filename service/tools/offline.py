@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from calibration import Calibration, fit_calibration
-from calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
-from calibration.io import dumps, save_calibration
-from models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
-from models.data import Dataset, load_dataset
-from models.tokens import length_batches, pad_batch, token_ids
+from exitserve.calibration import Calibration, fit_calibration
+from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
+from exitserve.calibration.io import dumps, save_calibration
+from exitserve.models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
+from exitserve.models.data import Dataset, load_dataset
+from exitserve.models.tokens import length_batches, pad_batch, token_ids
 
 if TYPE_CHECKING:
-    from service.runner import ChainRunner
+    from exitserve.service.runners.onnx_runtime import ChainRunner
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -79,7 +79,9 @@ def bundle_logits(
     bundle: Bundle, x: np.ndarray, *, provider: str = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
 ) -> list[np.ndarray]:
     """Every exit's logits for every row of x, from the bundle's ONNX segments."""
-    from service.runner import OnnxRunner  # onnxruntime loads only when a command needs it
+    from exitserve.service.runners.onnx_runtime import (
+        OnnxRunner,  # onnxruntime loads only when a command needs it
+    )
 
     runner = OnnxRunner(bundle, provider=provider, threads=threads)
     if bundle.manifest.input.text is not None:
@@ -90,7 +92,7 @@ def bundle_logits(
 
 def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
     """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
-    from service.text_input import TextTokenizer
+    from exitserve.service.serving.text_input import TextTokenizer
 
     spec = bundle.manifest.input.text
     rows = token_ids(TextTokenizer(bundle).tokenizer, [str(t) for t in texts], spec.max_length)
@@ -152,7 +154,7 @@ def evaluate_bundle(
     accuracy_vs_compute.png; returns the evaluation dict. `command` is recorded in the reports
     (default: this process's command line).
     """
-    from calibration.plots import write_plots  # matplotlib only when plotting
+    from exitserve.calibration.plots import write_plots  # matplotlib only when plotting
 
     bundle = load_bundle(bundle_dir, require_calibration=True)
     manifest = bundle.manifest

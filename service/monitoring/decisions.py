@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration import POLICIES
-from service.engine import Trace
+from exitserve.calibration import POLICIES
+from exitserve.service.serving.engine import Trace
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("exitserve_request_id", default=None)
 

@@ -1,0 +1,65 @@
+"""The distribution installs one import package, `exitserve`, and nothing under generic names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(REPO)], check=True, cwd=out)
+    (built,) = out.glob("exitserve-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_exitserve_package(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        top = {name.split("/", 1)[0] for name in archive.namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"exitserve"}
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    for module in ("exitserve/service/app.py", "exitserve/models/bundle.py", "exitserve/calibration/__init__.py",
+                   "exitserve/service/serving/engine.py", "exitserve/service/protocols/v2.py"):
+        assert module in names
+
+
+def test_installed_copy_imports_as_exitserve_and_nothing_bare(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)
+    code = (
+        "import importlib.util as u, sys\n"
+        f"sys.path.insert(0, {str(target)!r})\n"
+        "sys.path = [p for p in sys.path if p not in ('', '.', " + repr(str(REPO)) + ")]\n"
+        "import exitserve, exitserve.service.app as app\n"
+        f"assert app.__file__.startswith({str(target)!r}), app.__file__\n"
+        "print(exitserve.__version__)\n"
+        "bare = [m for m in ('models', 'service', 'calibration') if u.find_spec(m) is not None]\n"
+        "assert not bare, bare\n"
+    )
+    # Run from outside the repository, whose folders would otherwise be importable from the cwd.
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from importlib.metadata import version
+
+    assert done.stdout.strip() == version("exitserve")
+
+
+def test_version_has_one_source() -> None:
+    import exitserve
+    from exitserve.service.app import create_app  # noqa: F401  (the app reports the same string)
+
+    text = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{exitserve.__version__}"' in text
+    sources = subprocess.run(["git", "grep", "-n", "-E", r"__version__ *= *['\"][0-9]", "--", "*.py"],
+                             cwd=REPO, capture_output=True, text=True).stdout
+    assert sources == "", sources
