@@ -20,12 +20,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exitserve import __version__
-from exitserve.service.monitoring.decisions import REQUEST_ID
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols import admin
 from exitserve.service.protocols import feedback as api_feedback
 from exitserve.service.protocols import v1 as api_v1
 from exitserve.service.protocols import v2 as api_v2
+from exitserve.service.serving.context import REQUEST_ID
 from exitserve.service.serving.dataplane import Dataplane, ServiceError
 from exitserve.service.serving.repository import ModelRepository, UnknownModel
 from exitserve.service.settings import Settings

@@ -14,15 +14,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
 
 from exitserve.calibration import POLICIES
-from exitserve.service.serving.engine import Trace
-
-REQUEST_ID: ContextVar[str | None] = ContextVar("exitserve_request_id", default=None)
+from exitserve.service.monitoring.trace import Trace
 
 SHADOW_NONE, SHADOW_AGREE, SHADOW_DISAGREE = 0, 1, 2
 _POLICY_CODE = {name: i for i, name in enumerate(POLICIES)}

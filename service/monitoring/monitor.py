@@ -1,9 +1,9 @@
 """Online accuracy monitoring of one served model (issue 8): record decisions, score labelled
 feedback, count shadow agreement, write the feedback log.
 
-Hooks run on engine threads (`record_answer` before the client is answered, `observe_batch_end`
-after the batch's shadow rows reached the last exit); `score` runs on the event loop. A failure
-here is logged and never fails a request.
+`record` and `observe_shadows` run on engine threads (the serving layer's batch observer calls them
+with plain arrays: monitoring knows nothing of batches or requests); `score` runs on the event loop.
+A failure here is logged and never fails a request.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from exitserve.service.monitoring.decisions import (
 )
 from exitserve.service.monitoring.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.serving.batcher import ItemResult, WorkItem
-from exitserve.service.serving.engine import BatchResult
+from exitserve.service.monitoring.trace import Trace
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.monitoring")
@@ -75,31 +74,38 @@ class ModelMonitor:
 
     # --- engine threads -------------------------------------------------------------------------
 
-    def record_answer(self, item: WorkItem, result: ItemResult) -> None:
-        if item.request_id is None or not self.store.enabled:
-            return
+    def record(self, request_id: str | None, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
+               exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
+               trace: Trace | None) -> int | None:
+        """Remember one answered request for feedback; its slot in the record (for shadow updates) or None."""
+        if request_id is None or not self.store.enabled:
+            return None
         try:
-            item.record_slot = self.store.record(
-                item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
-                result.target_met, result.confidence, result.trace, self.key,
-            )
+            return self.store.record(request_id, policies, deltas, class_index, exit_index, estimate, target_met,
+                                     confidence, trace, self.key)
         except Exception:  # monitoring must never fail an answer
             log.exception("recording a decision failed", extra={"model": self.name})
+            return None
 
-    def observe_batch_end(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
-        if result.shadow_prediction is None:
+    def observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+                        exit_index: np.ndarray, shadow_prediction: np.ndarray | None, confidence: np.ndarray | None,
+                        trace: Trace | None) -> None:
+        """Shadow outcomes of one batch: rows `offsets[i]`.. belong to the request recorded at `slots[i]`."""
+        if shadow_prediction is None:
             return
         try:
-            self._observe_shadows(items, offsets, result)
+            self._observe_shadows(slots, offsets, class_index, exit_index, shadow_prediction, confidence, trace)
         except Exception:
             log.exception("shadow bookkeeping failed", extra={"model": self.name})
 
-    def _observe_shadows(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
-        rows = np.flatnonzero(result.shadow_prediction >= 0)
+    def _observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+                         exit_index: np.ndarray, shadow_prediction: np.ndarray, confidence: np.ndarray | None,
+                         trace: Trace | None) -> None:
+        rows = np.flatnonzero(shadow_prediction >= 0)
         if not len(rows):
             return
-        exits = result.exit_index[rows]
-        agree = result.class_index[rows] == result.shadow_prediction[rows]
+        exits = exit_index[rows]
+        agree = class_index[rows] == shadow_prediction[rows]
         for k in np.unique(exits).tolist():
             mine = exits == k
             hits = int(np.count_nonzero(agree[mine]))
@@ -108,18 +114,17 @@ class ModelMonitor:
             if hits < mine.sum():
                 self._shadow[(str(k), "disagree")].inc(int(mine.sum()) - hits)
             reference = self._agreement[k]
-            if reference is not None and result.confidence is not None:
-                bins = self.calibration.bin_index(k, result.confidence[rows[mine]])
+            if reference is not None and confidence is not None:
+                bins = self.calibration.bin_index(k, confidence[rows[mine]])
                 self._shadow_expected.observe_many(reference[0][bins], self.name, str(k))
         owners = np.searchsorted(offsets, rows, side="right") - 1
         for owner in np.unique(owners).tolist():
-            item = items[owner]
-            if item.record_slot is None:
+            slot = slots[owner]
+            if slot is None:
                 continue
             mine = owners == owner
             local = rows[mine] - offsets[owner]
-            self.store.update_shadow(item.record_slot, local, agree[mine],
-                                     None if result.trace is None else result.trace.rows(rows[mine]))
+            self.store.update_shadow(slot, local, agree[mine], None if trace is None else trace.rows(rows[mine]))
 
     # --- event loop -------------------------------------------------------------------------------
 

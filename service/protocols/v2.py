@@ -12,13 +12,13 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from exitserve import __version__
-from exitserve.service.monitoring.decisions import REQUEST_ID
 from exitserve.service.protocols.oip_codec import (
     ProtocolError,
     decode_infer_request,
     encode_infer_response,
     resolve_outputs,
 )
+from exitserve.service.serving.context import REQUEST_ID
 from exitserve.service.serving.dataplane import Dataplane, InvalidInput
 from exitserve.service.serving.repository import ServedModel
 

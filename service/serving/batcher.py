@@ -13,12 +13,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from exitserve.service.serving.engine import BatchResult, ExitEngine, Trace
+from exitserve.service.monitoring.trace import Trace
+from exitserve.service.serving.engine import BatchResult, ExitEngine
 
 log = logging.getLogger("exitserve.batcher")
 
@@ -85,10 +86,27 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
         future.set_result(value)
 
 
-BatchObserver = Callable[[int, float], None]  # (batch size, seconds) hook for metrics
-ResultObserver = Callable[[ItemResult, np.ndarray], None]  # (result, requested deltas)
-AnswerObserver = Callable[[WorkItem, ItemResult], None]  # runs before the request is answered
-BatchEndObserver = Callable[[list[WorkItem], np.ndarray, BatchResult], None]  # (items, row offsets, result)
+class BatchObserver(Protocol):
+    """What the batcher reports, on engine threads (metrics and monitoring hang here)."""
+
+    def segment_done(self, segment: int, seconds: float) -> None: ...
+
+    def answered(self, item: WorkItem, result: ItemResult) -> None:
+        """Runs before the request's future is settled (the decision is on record when the client reads it)."""
+
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+        """After the whole batch, shadow rows included, has run; `offsets` are the items' first rows."""
+
+
+class _NoObserver:
+    def segment_done(self, segment: int, seconds: float) -> None:
+        pass
+
+    def answered(self, item: WorkItem, result: ItemResult) -> None:
+        pass
+
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+        pass
 
 
 class DynamicBatcher:
@@ -100,22 +118,14 @@ class DynamicBatcher:
         queue_limit: int,
         workers: int = 1,
         name: str = "model",
-        on_batch: BatchObserver | None = None,
-        on_result: ResultObserver | None = None,
-        segment_timer: Callable[[int, float], None] | None = None,
-        on_answer: AnswerObserver | None = None,
-        on_batch_end: BatchEndObserver | None = None,
+        observer: BatchObserver | None = None,
     ):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.queue: queue.Queue[WorkItem | None] = queue.Queue(maxsize=queue_limit)
         self.name = name
-        self.on_batch = on_batch
-        self.on_result = on_result
-        self.segment_timer = segment_timer
-        self.on_answer = on_answer
-        self.on_batch_end = on_batch_end  # after the whole batch, shadow rows included, has run
+        self.observer: BatchObserver = observer or _NoObserver()
         self._threads = [threading.Thread(target=self._work, name=f"exitserve-{name}-{i}", daemon=True) for i in range(workers)]
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -222,11 +232,8 @@ class DynamicBatcher:
                 if remaining[index] == 0:
                     self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
-        result = self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.segment_timer)
-        if self.on_batch_end:
-            self.on_batch_end(items, offsets, result)
-        if self.on_batch:
-            self.on_batch(len(x), time.perf_counter() - started)
+        result = self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.observer.segment_done)
+        self.observer.batch_done(items, offsets, result, time.perf_counter() - started)
 
     def _answer(self, item: WorkItem, result: BatchResult, lo: int, hi: int, batch_started: float) -> None:
         value = ItemResult(
@@ -239,8 +246,5 @@ class DynamicBatcher:
             confidence=None if result.confidence is None else result.confidence[lo:hi].copy(),
             trace=None if result.trace is None else result.trace.rows(slice(lo, hi)),
         )
-        if self.on_result:
-            self.on_result(value, item.deltas)
-        if self.on_answer:
-            self.on_answer(item, value)
+        self.observer.answered(item, value)
         item.loop.call_soon_threadsafe(_settle, item.future, value, None)

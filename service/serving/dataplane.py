@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.calibration import POLICIES
-from exitserve.service.monitoring.decisions import REQUEST_ID
 from exitserve.service.serving.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from exitserve.service.serving.context import REQUEST_ID
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 from exitserve.service.serving.text_input import TextInputError, check_token_ids
 from exitserve.service.settings import Settings

@@ -23,24 +23,8 @@ import numpy as np
 from exitserve.calibration import Calibration
 from exitserve.calibration.confidence import confidence_from_probs, top2_margin
 from exitserve.models.tokens import length_batches
+from exitserve.service.monitoring.trace import Trace
 from exitserve.service.runners.onnx_runtime import ChainRunner
-
-
-@dataclass
-class Trace:
-    """Per row and exit: confidence measure, top-2 margin, prediction; NaN / -1 where the row did not run."""
-
-    confidence: np.ndarray  # float32 [n, L]
-    margin: np.ndarray  # float32 [n, L]
-    prediction: np.ndarray  # int32 [n, L]
-
-    @classmethod
-    def empty(cls, n: int, num_exits: int) -> Trace:
-        return cls(np.full((n, num_exits), np.nan, np.float32), np.full((n, num_exits), np.nan, np.float32),
-                   np.full((n, num_exits), -1, np.int32))
-
-    def rows(self, index: np.ndarray | slice) -> Trace:
-        return Trace(self.confidence[index].copy(), self.margin[index].copy(), self.prediction[index].copy())
 
 
 @dataclass

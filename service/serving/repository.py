@@ -22,8 +22,9 @@ from exitserve.models.bundle import Bundle, BundleError, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
 from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
-from exitserve.service.serving.batcher import DynamicBatcher, ItemResult, ShuttingDown, WorkItem
+from exitserve.service.serving.batcher import DynamicBatcher, ShuttingDown, WorkItem
 from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.serving.observer import ModelObserver
 from exitserve.service.serving.text_input import TextTokenizer
 from exitserve.service.settings import Settings
 
@@ -78,23 +79,8 @@ class ServedModel:
             queue_limit=settings.queue_limit,
             workers=settings.workers,
             name=self.name,
-            on_batch=self._observe_batch,
-            on_result=self._observe_result,
-            segment_timer=self._observe_segment,
-            on_answer=self.monitor.record_answer,
-            on_batch_end=self.monitor.observe_batch_end,
+            observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor),
         )
-        # Label children resolved once: a labels() lookup takes a lock on every call.
-        name = self.name
-        self._segment_histograms = [metrics.segment_duration.labels(name, str(k)) for k in range(bundle.manifest.num_exits)]
-        self._exit_counters = [metrics.exits.labels(name, str(k)) for k in range(bundle.manifest.num_exits)]
-        self._queue_duration = metrics.queue_duration.labels(name)
-        self._batch_size = metrics.batch_size.labels(name)
-        self._exit_depth = metrics.exit_depth.labels(name)
-        self._compute_fraction = metrics.compute_fraction.labels(name)
-        self._estimated_accuracy = metrics.estimated_accuracy.labels(name)
-        self._requested_delta = metrics.requested_delta.labels(name)
-        self._target_missed = metrics.target_missed.labels(name)  # exists at 0 before the first miss
 
     def start(self, warmup_sizes: list[int]) -> None:
         self.runner.warmup(warmup_sizes)
@@ -142,27 +128,6 @@ class ServedModel:
         self.successor = successor  # before closing, so no submit sees a closed batcher without a successor
         return self.batcher.close(timeout)
 
-    # --- metrics hooks (engine threads) -----------------------------------------------------------
-
-    def _observe_segment(self, k: int, seconds: float) -> None:
-        self._segment_histograms[k].observe(seconds)
-
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        self._batch_size.observe(size)
-
-    def _observe_result(self, result: ItemResult, deltas: np.ndarray) -> None:
-        self._queue_duration.observe(max(result.queue_seconds, 0.0))
-        counts = np.bincount(result.exit_index, minlength=len(self._exit_counters))
-        for counter, count in zip(self._exit_counters, counts.tolist(), strict=True):
-            if count:
-                counter.inc(count)
-        self._exit_depth.observe_many(result.exit_index)
-        self._compute_fraction.observe_many(self.compute_fractions[result.exit_index])
-        self._estimated_accuracy.observe_many(result.estimate)
-        self._requested_delta.observe_many(deltas)
-        missed = int(np.count_nonzero(~result.target_met))
-        if missed:
-            self._target_missed.inc(missed)
 
 def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
     """Every exit must score exactly the manifest's labels (a relabelled manifest would mislabel answers)."""

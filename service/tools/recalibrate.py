@@ -23,7 +23,7 @@ from exitserve.calibration import Calibration
 from exitserve.calibration.fitting import Observations, observe_logits, refit_document
 from exitserve.calibration.io import save_calibration
 from exitserve.models.bundle import CALIBRATION_FILE, BundleError, load_bundle, write_manifest
-from exitserve.service.monitoring.feedback_log import read_feedback
+from exitserve.service.tools.feedback_reader import read_feedback
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from exitserve.service.monitoring.decisions import SHADOW_AGREE, SHADOW_DISAGREE, DecisionStore, UnknownIndex
-from exitserve.service.serving.engine import Trace
+from exitserve.service.monitoring.trace import Trace
 
 
 def put(store: DecisionStore, request_id: str, n: int, exit_index: int = 1, trace: Trace | None = None) -> int | None:

@@ -1,0 +1,56 @@
+"""The batcher's one observer for a served model: Prometheus figures and the decision record.
+
+Runs on engine threads. Label children are resolved once here (a `labels()` lookup takes a lock on
+every call); monitoring gets plain arrays, so it never depends on the batcher's types.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.monitoring.monitor import ModelMonitor
+from exitserve.service.serving.batcher import ItemResult, WorkItem
+from exitserve.service.serving.engine import BatchResult
+
+
+class ModelObserver:
+    def __init__(self, name: str, compute_fractions: np.ndarray, metrics: Metrics, monitor: ModelMonitor):
+        num_exits = len(compute_fractions)
+        self.compute_fractions = compute_fractions
+        self.monitor = monitor
+        self._segment_histograms = [metrics.segment_duration.labels(name, str(k)) for k in range(num_exits)]
+        self._exit_counters = [metrics.exits.labels(name, str(k)) for k in range(num_exits)]
+        self._queue_duration = metrics.queue_duration.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
+        self._exit_depth = metrics.exit_depth.labels(name)
+        self._compute_fraction = metrics.compute_fraction.labels(name)
+        self._estimated_accuracy = metrics.estimated_accuracy.labels(name)
+        self._requested_delta = metrics.requested_delta.labels(name)
+        self._target_missed = metrics.target_missed.labels(name)  # exists at 0 before the first miss
+
+    def segment_done(self, segment: int, seconds: float) -> None:
+        self._segment_histograms[segment].observe(seconds)
+
+    def answered(self, item: WorkItem, result: ItemResult) -> None:
+        self._queue_duration.observe(max(result.queue_seconds, 0.0))
+        counts = np.bincount(result.exit_index, minlength=len(self._exit_counters))
+        for counter, count in zip(self._exit_counters, counts.tolist(), strict=True):
+            if count:
+                counter.inc(count)
+        self._exit_depth.observe_many(result.exit_index)
+        self._compute_fraction.observe_many(self.compute_fractions[result.exit_index])
+        self._estimated_accuracy.observe_many(result.estimate)
+        self._requested_delta.observe_many(item.deltas)
+        missed = int(np.count_nonzero(~result.target_met))
+        if missed:
+            self._target_missed.inc(missed)
+        item.record_slot = self.monitor.record(
+            item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
+            result.target_met, result.confidence, result.trace,
+        )
+
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+        self._batch_size.observe(int(offsets[-1]))
+        self.monitor.observe_shadows([item.record_slot for item in items], offsets, result.class_index,
+                                     result.exit_index, result.shadow_prediction, result.confidence, result.trace)
