@@ -12,12 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from exitserve.errors import BadBundle
+
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
 
 
-class BundleError(ValueError):
+class BundleError(BadBundle):
     """A bundle that cannot be served; the message names the file and what is wrong."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.calibration import POLICIES
+from exitserve.errors import InvalidInput
 from exitserve.service.monitoring.trace import Trace
 
 SHADOW_NONE, SHADOW_AGREE, SHADOW_DISAGREE = 0, 1, 2
@@ -56,8 +57,8 @@ def _policy_codes(policies: np.ndarray) -> np.ndarray | int:
     return np.array([_POLICY_CODE.get(str(p), 0) for p in policies.tolist()], np.int8)
 
 
-class UnknownIndex(ValueError):
-    pass
+class UnknownIndex(InvalidInput):
+    """Feedback names a sample index outside a known request."""
 
 
 class DecisionStore:

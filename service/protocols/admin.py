@@ -18,15 +18,11 @@ from pathlib import Path
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from exitserve.errors import BadBundle, Forbidden, InvalidInput
 from exitserve.models.bundle import BundleError
-from exitserve.service.serving.dataplane import InvalidInput, ServiceError
-from exitserve.service.serving.repository import ModelRepository, ReloadRefused
+from exitserve.service.serving.repository import ModelRepository
 
 log = logging.getLogger("exitserve.admin")
-
-
-class BadBundle(ServiceError):
-    status = 422
 
 
 def build_router(repository: ModelRepository) -> APIRouter:
@@ -36,7 +32,7 @@ def build_router(repository: ModelRepository) -> APIRouter:
                  summary="Load the model's bundle again (or the one at body.path), warm it up, swap it in")
     async def reload(model: str, request: Request) -> Response:
         if not repository.settings.api_key:
-            raise ServiceError("admin routes are disabled: set EXITSERVE_API_KEY to enable them", status=403)
+            raise Forbidden("admin routes are disabled: set EXITSERVE_API_KEY to enable them")
         repository.get(model)  # 404 before reading the body
         path = await _requested_path(request)
         started = time.perf_counter()
@@ -45,8 +41,6 @@ def build_router(repository: ModelRepository) -> APIRouter:
             served = await asyncio.to_thread(repository.reload, model, path)
         except BundleError as exc:
             raise BadBundle(f"reload refused, the old model keeps serving: {exc}") from None
-        except ReloadRefused as exc:
-            raise ServiceError(str(exc), status=409) from None
         body = {"model": served.name, "version": served.manifest.version, "path": str(repository.paths[model]),
                 "seconds": round(time.perf_counter() - started, 3)}
         return Response(orjson.dumps(body), media_type="application/json")

@@ -20,8 +20,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from exitserve.service.monitoring.decisions import UnknownIndex
-from exitserve.service.serving.dataplane import InvalidInput, PayloadTooLarge, ServiceError
+from exitserve.errors import Conflict, InvalidInput, PayloadTooLarge
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
@@ -99,16 +98,13 @@ def build_router(repository: ModelRepository) -> APIRouter:
     async def feedback(model: str, request: Request) -> Response:
         served = repository.get(model)
         if not served.monitor.store.enabled:
-            raise ServiceError("feedback is off on this server (EXITSERVE_FEEDBACK_CAPACITY=0)", status=409)
+            raise Conflict("feedback is off on this server (EXITSERVE_FEEDBACK_CAPACITY=0)")
         try:
             payload = orjson.loads(await request.body())
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"body: invalid JSON ({exc})") from None
         wanted = parse_items(served, payload)
-        try:
-            scored = served.monitor.score(wanted)
-        except UnknownIndex as exc:
-            raise InvalidInput(str(exc)) from None
+        scored = served.monitor.score(wanted)  # an index outside a known request is a 400 (UnknownIndex)
         results, counts = [], {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
         for s in scored:
             counts[s.status] += 1

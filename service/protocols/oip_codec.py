@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from exitserve.errors import InvalidInput
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
@@ -46,7 +48,7 @@ _Scalar = str | int | float | bool
 _MISSING = object()  # tells an absent JSON key from an explicit null
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InvalidInput):
     """The request (or what it asks of the response) breaks the protocol; the message says where."""
 
 

@@ -17,7 +17,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from exitserve.service.serving.dataplane import Dataplane, InvalidInput, Prediction
+from exitserve.errors import InvalidInput
+from exitserve.service.serving.dataplane import Dataplane, Prediction
 
 RAW_DTYPES = {"float32", "float16", "float64", "uint8", "int8", "int32", "int64"}
 

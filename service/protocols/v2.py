@@ -12,14 +12,14 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from exitserve import __version__
+from exitserve.errors import InvalidInput, NotFound
 from exitserve.service.protocols.oip_codec import (
-    ProtocolError,
     decode_infer_request,
     encode_infer_response,
     resolve_outputs,
 )
 from exitserve.service.serving.context import REQUEST_ID
-from exitserve.service.serving.dataplane import Dataplane, InvalidInput
+from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.repository import ServedModel
 
 OUTPUTS = {
@@ -97,7 +97,7 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     def _model(name: str, version: str | None) -> ServedModel:
         model = dataplane.model(name)
         if version is not None and version != model.manifest.version:
-            raise InvalidInput(f"model {name!r} has no version {version!r} (serving {model.manifest.version!r})", status=404)
+            raise NotFound(f"model {name!r} has no version {version!r} (serving {model.manifest.version!r})")
         return model
 
     @router.get("/v2/models/{model}")
@@ -120,15 +120,12 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
         served = _model(model, version)
         body = await request.body()
-        try:
-            decoded = decode_infer_request(
-                body, request.headers.get("inference-header-content-length"),
-                request.headers.get("content-encoding"), max_body_bytes=settings.max_body_bytes,
-            )
-            # Probabilities are sent only when asked for by name.
-            outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
-        except ProtocolError as exc:
-            raise InvalidInput(str(exc)) from None
+        decoded = decode_infer_request(  # ProtocolError is an InvalidInput: a 400 naming the problem
+            body, request.headers.get("inference-header-content-length"),
+            request.headers.get("content-encoding"), max_body_bytes=settings.max_body_bytes,
+        )
+        # Probabilities are sent only when asked for by name.
+        outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
         x = _model_input(served, decoded.inputs)
         params = decoded.parameters
         unknown_params = set(params) - {"delta", "policy", "binary_data_output"}

@@ -9,12 +9,12 @@ path, which is how CI covers it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from tqdm import tqdm
 
 from exitserve.models.bundle import Bundle, BundleError
 
@@ -100,8 +100,12 @@ class ChainRunner:
     def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
         """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
         chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
-        starts = range(0, len(x), batch_size)
-        for start in tqdm(starts, desc="running segments", disable=not progress, unit="batch"):
+        starts: Iterable[int] = range(0, len(x), batch_size)
+        if progress:  # offline use only: the serving path never imports tqdm
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="running segments", unit="batch")
+        for start in starts:
             state = self.start(x[start : start + batch_size])
             for k in range(self.num_exits):
                 state, logits = self.run_segment(k, state)

@@ -18,18 +18,19 @@ from typing import Protocol
 
 import numpy as np
 
+from exitserve.errors import Overloaded
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.serving.engine import BatchResult, ExitEngine
 
 log = logging.getLogger("exitserve.batcher")
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Overloaded):
     pass
 
 
-class ShuttingDown(RuntimeError):
-    pass
+class ShuttingDown(Overloaded):
+    default_headers = {"Retry-After": "5"}
 
 
 @dataclass

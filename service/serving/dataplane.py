@@ -8,41 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.calibration import POLICIES
-from exitserve.service.serving.batcher import ItemResult, QueueFull, ShuttingDown, WorkItem
+from exitserve.errors import InvalidInput, Overloaded, PayloadTooLarge, Timeout
+from exitserve.service.serving.batcher import ItemResult, WorkItem
 from exitserve.service.serving.context import REQUEST_ID
 from exitserve.service.serving.repository import ModelRepository, ServedModel
-from exitserve.service.serving.text_input import TextInputError, check_token_ids
+from exitserve.service.serving.text_input import check_token_ids
 from exitserve.service.settings import Settings
-
-
-class ServiceError(Exception):
-    """An error with an HTTP status; the message says what is wrong and where."""
-
-    status = 500
-    headers: dict[str, str] = {}
-
-    def __init__(self, message: str, status: int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        if headers is not None:
-            self.headers = headers
-
-
-class InvalidInput(ServiceError):
-    status = 400
-
-
-class PayloadTooLarge(ServiceError):
-    status = 413
-
-
-class Overloaded(ServiceError):
-    status = 503
-
-
-class Timeout(ServiceError):
-    status = 504
 
 
 @dataclass
@@ -92,10 +63,7 @@ class Dataplane:
             bad = np.argwhere(~np.isfinite(x))[0].tolist()
             raise InvalidInput(f"{where}: NaN or infinity at index {bad}")
         if model.manifest.input.text is not None:
-            try:
-                check_token_ids(model.manifest.input.text, x, where)
-            except TextInputError as exc:
-                raise InvalidInput(str(exc)) from None
+            check_token_ids(model.manifest.input.text, x, where)
         return np.ascontiguousarray(x)
 
     def check_texts(self, model: ServedModel, texts: object, where: str = "texts") -> np.ndarray:
@@ -104,10 +72,7 @@ class Dataplane:
             raise InvalidInput(f"{where}: model {model.name!r} takes tensors, not texts (send 'inputs')")
         if isinstance(texts, (list, tuple)) and len(texts) > self.settings.max_request_samples:
             raise PayloadTooLarge(f"{where}: {len(texts)} samples exceed the limit of {self.settings.max_request_samples} per request")
-        try:
-            return model.tokenizer.encode(texts, where)
-        except TextInputError as exc:
-            raise InvalidInput(str(exc)) from None
+        return model.tokenizer.encode(texts, where)
 
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
         if delta is None:
@@ -139,7 +104,7 @@ class Dataplane:
         self, model: ServedModel, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: bool
     ) -> Prediction:
         if not model.ready:
-            raise Overloaded(f"model {model.name!r} is not ready", headers={"Retry-After": "1"})
+            raise Overloaded(f"model {model.name!r} is not ready")
         loop = asyncio.get_running_loop()
         item = WorkItem(
             x=x, deltas=deltas, policies=policies,
@@ -147,12 +112,7 @@ class Dataplane:
             loop=loop, future=loop.create_future(),
             request_id=REQUEST_ID.get(),  # set by the edge middleware: decisions are recorded under it
         )
-        try:
-            model.submit(item)  # a model retired by a reload hands the request on
-        except QueueFull as exc:
-            raise Overloaded(str(exc), headers={"Retry-After": "1"}) from None
-        except ShuttingDown as exc:
-            raise Overloaded(str(exc), headers={"Retry-After": "5"}) from None
+        model.submit(item)  # a model retired by a reload hands the request on; QueueFull is a 503
         # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
         timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
         try:

@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from exitserve.calibration import Calibration
+from exitserve.errors import Conflict, NotFound
 from exitserve.models.bundle import Bundle, BundleError, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
@@ -31,9 +32,9 @@ from exitserve.service.settings import Settings
 log = logging.getLogger("exitserve.repository")
 
 
-class UnknownModel(KeyError):
-    def __str__(self) -> str:
-        return f"unknown model {self.args[0]!r}"
+class UnknownModel(NotFound):
+    def __init__(self, name: str):
+        super().__init__(f"unknown model {name!r}")
 
 
 class ServedModel:
@@ -149,7 +150,7 @@ def _reload_counter(metrics: Metrics) -> Counter:
     return counter
 
 
-class ReloadRefused(RuntimeError):
+class ReloadRefused(Conflict):
     """A reload that cannot start now (the model is still warming up)."""
 
 

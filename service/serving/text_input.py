@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from exitserve.errors import InvalidInput
 from exitserve.models.bundle import Bundle, BundleError, TextSpec
 from exitserve.models.tokens import pad_batch
 
 
-class TextInputError(ValueError):
+class TextInputError(InvalidInput):
     """Client-side problem with the texts; the message names the offending text."""
 
 
