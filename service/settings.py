@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from exitserve.calibration import POLICIES
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
 
 
@@ -21,7 +23,7 @@ class Settings(BaseSettings):
     default_delta: float = Field(0.9, gt=0.0, le=1.0)
     # The guarded conditional tables: over 20 calibration/test splits plain pcee-cond broke the promise in
     # 4 of 20 at delta 0.99 (bins holding one lucky sample), pcee-lb-cond never at the key deltas (BENCHMARKS.md).
-    default_policy: str = "pcee-lb-cond"
+    default_policy: str = Field("pcee-lb-cond", description="exit policy for requests that name none")
     max_batch_size: int = Field(64, ge=1, description="samples per engine batch")
     # 0 = opportunistic batching: a batch is whatever has queued while the engine was busy, so a lone
     # request never waits; raise it to trade latency for fuller batches at moderate load.
@@ -60,6 +62,14 @@ class Settings(BaseSettings):
 
                 return json.loads(value)
             return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("default_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        # Refused at start-up: a misspelt default would start a "ready" server that refuses every request.
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose from {', '.join(POLICIES)}")
         return value
 
     def warmup_sizes(self) -> list[int]:

@@ -77,8 +77,15 @@ class Dataplane:
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
         if delta is None:
             return np.full(n, self.settings.default_delta)
-        if isinstance(delta, bool):
-            raise InvalidInput(f"{where}: must be a number in (0, 1], got {delta!r}")
+        # Numbers only: numpy would happily parse "0.9", b"0.9" or True into a target.
+        if isinstance(delta, np.ndarray):
+            numeric = delta.dtype.kind in "fiu"
+        elif isinstance(delta, list):
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in delta)
+        else:
+            numeric = isinstance(delta, (int, float)) and not isinstance(delta, bool)
+        if not numeric:
+            raise InvalidInput(f"{where}: must be a number in (0, 1] or a list of one per sample, got {delta!r:.80}")
         try:
             values = np.asarray(delta, dtype=np.float64)
         except (TypeError, ValueError):

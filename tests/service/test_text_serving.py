@@ -98,9 +98,9 @@ def test_shortest_and_longest_inputs(text_server: ServerProcess) -> None:
     ({"inputs": [[101, -1]]}, "token ids must be in [0, 30522)"),
     ({"inputs": [[0, 0]]}, "at least one non-padding token"),
     ({"inputs": [[101.5]]}, "takes integers (token ids)"),
-    ({"texts": "one string"}, "non-empty list of strings"),
+    ({"texts": "one string"}, "texts: Input should be a valid list"),
     ({"texts": []}, "non-empty list of strings"),
-    ({"texts": ["fine", 3]}, "texts[1]: must be a string"),
+    ({"texts": ["fine", 3]}, "texts[1]: Input should be a valid string"),
     ({"texts": ["a"], "inputs": [[101]]}, "either 'inputs' or 'texts'"),
 ])
 def test_bad_text_input_is_a_clear_400(text_server: ServerProcess, body: dict, message: str) -> None:
