@@ -122,7 +122,7 @@ class SampleSummary(Collector):
         with self._lock:
             series = [(key, count, total) for key, (count, total) in self._series.items()]
         for key, count, total in series:
-            family.add_metric(list(key), count_value=count, sum_value=total)
+            family.add_metric(list(key), count_value=int(count), sum_value=total)
         yield family
 
 
@@ -159,6 +159,8 @@ class Metrics:
         self.queue_depth = Gauge("exitserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.model_ready = Gauge("exitserve_model_ready", "1 when the model is loaded and warmed up", ["model"],
                                  registry=r)
+        self.model_reloads = Counter("exitserve_model_reloads", "Hot reloads of a model, by outcome (ok or error)",
+                                     ["model", "outcome"], registry=r)
         # Online accuracy monitoring (issue 8).
         self.feedback = Counter("exitserve_feedback", "Labelled samples scored, by the exit that answered them and "
                                 "outcome (correct, incorrect)", ["model", "exit", "outcome"], registry=r)

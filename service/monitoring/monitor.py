@@ -60,12 +60,12 @@ class ModelMonitor:
         for k in exits[:-1]:
             self._shadow_expected.declare(name, k)
         self._agreement = [calibration.agreement(k) for k in range(self.num_exits)]
-        for k, agreement in enumerate(self._agreement):
+        for index, agreement in enumerate(self._agreement):
             if agreement is None:  # calibrated before agreement was recorded: no reference to show
                 with contextlib.suppress(KeyError):
-                    metrics.calibration_agreement.remove(name, str(k))
+                    metrics.calibration_agreement.remove(name, str(index))
             else:
-                metrics.calibration_agreement.labels(name, str(k)).set(agreement[1])
+                metrics.calibration_agreement.labels(name, str(index)).set(agreement[1])
 
     def adopt(self, previous: ModelMonitor) -> None:
         """After a hot reload: keep the decisions answered by the previous model scoreable."""
@@ -148,7 +148,7 @@ class ModelMonitor:
                 lines.append(self._line(now, request_id, index, label, claim, correct))
         for k, values in estimates.items():
             self._estimate.observe_many(np.asarray(values), self.name, str(k))
-        if lines:
+        if lines and self.log is not None:
             try:
                 self.log.write(lines)
             except OSError:

@@ -40,6 +40,7 @@ class EdgeMiddleware:
         self.api_key = settings.api_key.encode() if settings.api_key else None
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.api_key is not None  # only asked when a key is configured
         supplied = headers.get(b"x-api-key")
         if supplied is None:
             auth = headers.get(b"authorization", b"")

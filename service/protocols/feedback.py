@@ -105,7 +105,8 @@ def build_router(repository: ModelRepository) -> APIRouter:
             raise InvalidInput(f"body: invalid JSON ({exc})") from None
         wanted = parse_items(served, payload)
         scored = served.monitor.score(wanted)  # an index outside a known request is a 400 (UnknownIndex)
-        results, counts = [], {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
+        results: list[dict[str, object]] = []
+        counts = {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
         for s in scored:
             counts[s.status] += 1
             if s.decision is None:

@@ -289,7 +289,7 @@ def _check_binary_layout(specs: list[_InputSpec], json_length: int | None, tail_
         raise ProtocolError(
             f"{binary[0].where}: has binary_data_size but the request has no {HEADER_LENGTH} header"
         )
-    total = sum(spec.binary_size for spec in binary)
+    total = sum(spec.binary_size or 0 for spec in binary)
     if total != tail_length:
         raise ProtocolError(
             f"binary_data_size values sum to {total} bytes but {tail_length} bytes follow the "
@@ -538,7 +538,7 @@ def numpy_to_datatype(array: Any) -> str:
 
 def _tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
-        parts = []
+        parts: list[bytes] = []
         for item in array.ravel():
             raw = _element_bytes(item)
             parts += (struct.pack("<I", len(raw)), raw)

@@ -143,7 +143,7 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             REQUEST_ID.set(str(decoded.id))
         prediction = await dataplane.infer(served, x, deltas, policies, want_probabilities)
         result = prediction.result
-        arrays = {
+        arrays: dict[str, np.ndarray | None] = {
             "label": np.asarray([s.encode() for s in prediction.labels.tolist()], dtype=object),
             "class_index": result.class_index,
             "exit": result.exit_index,
@@ -154,7 +154,8 @@ def build_router(dataplane: Dataplane) -> APIRouter:
         }
         body, headers = encode_infer_response(
             served.name, served.manifest.version, decoded.id,
-            [(name, arrays[name], binary) for name, binary in outputs],
+            # probabilities are computed whenever they are asked for, so no requested output is None
+            [(name, array, binary) for name, binary in outputs if (array := arrays[name]) is not None],
         )
         return Response(body, headers=headers)
 

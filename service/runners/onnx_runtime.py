@@ -132,7 +132,7 @@ class OnnxRunner(ChainRunner):
         self.options = options or RunnerOptions(provider=provider, threads=threads)
         self.device = "cuda" if self.options.provider == "cuda" else "cpu"
         self.device_id = self.options.device_id if self.device == "cuda" else 0
-        providers = [_ORT_PROVIDERS[self.options.provider]]
+        providers: list[str | tuple[str, dict[str, int]]] = [_ORT_PROVIDERS[self.options.provider]]
         if self.options.provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider")

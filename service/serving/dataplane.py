@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,7 @@ class Dataplane:
             check_token_ids(model.manifest.input.text, x, where)
         return np.ascontiguousarray(x)
 
-    def check_texts(self, model: ServedModel, texts: object, where: str = "texts") -> np.ndarray:
+    def check_texts(self, model: ServedModel, texts: Sequence[object], where: str = "texts") -> np.ndarray:
         """Tokenise a text model's input with the bundle's tokenizer; 4xx for anything a client got wrong."""
         if model.tokenizer is None:
             raise InvalidInput(f"{where}: model {model.name!r} takes tensors, not texts (send 'inputs')")

@@ -34,7 +34,7 @@ class BatchResult:
     estimate: np.ndarray  # float64 [n]
     target_met: np.ndarray  # bool [n]
     probabilities: np.ndarray | None  # float32 [n, C] where asked for (rows not asked for are zeros)
-    confidence: np.ndarray | None = None  # float64 [n]: the confidence measure at the answering exit
+    confidence: np.ndarray  # float64 [n]: the confidence measure at the answering exit
     shadow_prediction: np.ndarray | None = None  # int64 [n]: last exit's class for shadowed rows, else -1
     trace: Trace | None = None
 
@@ -137,7 +137,7 @@ class ExitEngine:
             if result.trace is not None:
                 self._record_trace(result.trace, k, active, logits)
             any_shadow = bool(shadow.any())
-            if any_shadow and k == last_exit:
+            if any_shadow and k == last_exit and result.shadow_prediction is not None:
                 result.shadow_prediction[active[shadow]] = logits[shadow].argmax(axis=1)
             leave = np.zeros(len(active), bool)
             active_policies = policies[active]
@@ -159,7 +159,7 @@ class ExitEngine:
                 result.estimate[original] = step.estimate[step.exit_now]
                 result.target_met[original] = step.target_met[step.exit_now]
                 result.confidence[original] = step.confidence[step.exit_now]
-                if result.probabilities is not None:
+                if result.probabilities is not None and want_probabilities is not None:
                     wanted = want_probabilities[original]
                     if wanted.any():
                         probs = self.calibration.probabilities(k, logits[out_rows[wanted]])

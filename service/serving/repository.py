@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter
 
 from exitserve.calibration import Calibration
 from exitserve.errors import Conflict, NotFound
 from exitserve.models.bundle import Bundle, BundleError, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
-from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
+from exitserve.service.runners.onnx_runtime import ChainRunner, OnnxRunner, RunnerOptions
 from exitserve.service.serving.batcher import DynamicBatcher, ShuttingDown, WorkItem
 from exitserve.service.serving.engine import ExitEngine
 from exitserve.service.serving.observer import ModelObserver
@@ -55,10 +54,12 @@ class ServedModel:
         if settings.runner == "torch":
             from exitserve.service.runners.torch_runner import TorchRunner  # torch only when asked for
 
-            self.runner = TorchRunner(bundle, device="cuda" if settings.provider == "cuda" else "cpu", threads=settings.threads)
+            self.runner: ChainRunner = TorchRunner(bundle, device="cuda" if settings.provider == "cuda" else "cpu",
+                                                   threads=settings.threads)
         else:
-            self.runner = OnnxRunner(bundle, options=options)
-            _check_logits_width(self.runner, bundle)
+            onnx_runner = OnnxRunner(bundle, options=options)
+            _check_logits_width(onnx_runner, bundle)
+            self.runner = onnx_runner
         # Decision records, feedback scoring and shadow checks (issue 8); the engine traces every
         # exit only when a feedback log wants it.
         self.monitor = ModelMonitor(self.name, bundle.manifest.version, self.calibration, metrics, settings)
@@ -140,16 +141,6 @@ def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
                               f"lists {width} labels")
 
 
-def _reload_counter(metrics: Metrics) -> Counter:
-    # Kept on the Metrics object so that every repository sharing a registry shares the one counter.
-    counter = getattr(metrics, "model_reloads", None)
-    if counter is None:
-        counter = Counter("exitserve_model_reloads", "Hot reloads of a model, by outcome (ok or error)",
-                          ["model", "outcome"], registry=metrics.registry)
-        metrics.model_reloads = counter  # type: ignore[attr-defined]
-    return counter
-
-
 class ReloadRefused(Conflict):
     """A reload that cannot start now (the model is still warming up)."""
 
@@ -161,7 +152,7 @@ class ModelRepository:
         self.models: dict[str, ServedModel] = {}
         self.paths: dict[str, Path] = {}  # where each model was loaded from: the default for a reload
         self._lock = threading.Lock()  # one reload at a time
-        self.reloads = _reload_counter(metrics)
+        self.reloads = metrics.model_reloads
 
     def build(self, path: Path) -> ServedModel:
         return ServedModel(load_bundle(path, require_calibration=True), self.settings, self.metrics)
