@@ -21,14 +21,14 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from exitserve.errors import Conflict, InvalidInput, PayloadTooLarge
+from exitserve.service.protocols.bodies import StrictBody, validate
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
-_FIELDS = {"request_id", "index", "label"}
 
 
-class FeedbackItem(BaseModel):
-    request_id: str = Field(description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
+class FeedbackItem(StrictBody):
+    request_id: str = Field(min_length=1, description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
     index: int = Field(ge=0, description="position of the sample in that request, from 0")
     label: str | int = Field(description="the true class: a label name or a class index")
 
@@ -60,27 +60,15 @@ def parse_items(served: ServedModel, payload: Any) -> list[tuple[str, int, int]]
     labels = served.manifest.labels
     by_name = {name: i for i, name in enumerate(labels)}
     out = []
-    for i, item in enumerate(payload):
-        if not isinstance(item, dict):
-            raise InvalidInput(f"[{i}]: must be an object {{request_id, index, label}}")
-        missing, unknown = _FIELDS - set(item), set(item) - _FIELDS
-        if missing or unknown:
-            raise InvalidInput(f"[{i}]: " + "; ".join(
-                ([f"missing {sorted(missing)}"] if missing else []) + ([f"unknown field(s) {sorted(unknown)}"] if unknown else [])))
-        request_id, index, label = item["request_id"], item["index"], item["label"]
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidInput(f"[{i}].request_id: must be a non-empty string")
-        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-            raise InvalidInput(f"[{i}].index: must be an integer >= 0, got {index!r}")
+    for i, raw in enumerate(payload):
+        item = validate(FeedbackItem, raw, prefix=f"[{i}]")
+        request_id, index, label = item.request_id, item.index, item.label
         if isinstance(label, str):
             if label not in by_name:
                 raise InvalidInput(f"[{i}].label: {label!r} is not a class of model {served.name!r}")
             label = by_name[label]
-        elif isinstance(label, int) and not isinstance(label, bool):
-            if not 0 <= label < len(labels):
-                raise InvalidInput(f"[{i}].label: class index {label} outside [0, {len(labels)})")
-        else:
-            raise InvalidInput(f"[{i}].label: must be a class name or a class index, got {label!r}")
+        elif not 0 <= label < len(labels):
+            raise InvalidInput(f"[{i}].label: class index {label} outside [0, {len(labels)})")
         out.append((request_id, index, label))
     return out
 

@@ -98,14 +98,14 @@ def test_unknown_and_duplicate_items_are_answered_and_counted_not_refused(monito
 @pytest.mark.parametrize(("items", "message"), [
     ({"request_id": "a"}, "body: must be a JSON array"),
     ([], "body: empty array"),
-    ([{"request_id": "a", "index": 0}], "[0]: missing ['label']"),
-    ([{"request_id": "a", "index": 0, "label": 1, "extra": 2}], "[0]: unknown field(s) ['extra']"),
-    ([{"request_id": "", "index": 0, "label": 1}], "[0].request_id: must be a non-empty string"),
-    ([{"request_id": "a", "index": -1, "label": 1}], "[0].index: must be an integer >= 0"),
-    ([{"request_id": "a", "index": True, "label": 1}], "[0].index: must be an integer >= 0"),
+    ([{"request_id": "a", "index": 0}], "[0].label: Field required"),
+    ([{"request_id": "a", "index": 0, "label": 1, "extra": 2}], "[0].extra: unknown field"),
+    ([{"request_id": "", "index": 0, "label": 1}], "[0].request_id: String should have at least 1 character"),
+    ([{"request_id": "a", "index": -1, "label": 1}], "[0].index: Input should be greater than or equal to 0"),
+    ([{"request_id": "a", "index": True, "label": 1}], "[0].index: Input should be a valid integer"),
     ([{"request_id": "a", "index": 0, "label": "ten"}], "[0].label: 'ten' is not a class of model 'digits'"),
     ([{"request_id": "a", "index": 0, "label": 10}], "[0].label: class index 10 outside [0, 10)"),
-    ([{"request_id": "a", "index": 0, "label": 1.5}], "[0].label: must be a class name or a class index"),
+    ([{"request_id": "a", "index": 0, "label": 1.5}], "[0].label: Input should be a valid"),
 ])
 def test_bad_feedback_is_a_400_naming_the_item(monitored, items, message) -> None:
     r = feedback(monitored, items)
