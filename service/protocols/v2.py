@@ -10,9 +10,11 @@ from __future__ import annotations
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
+from pydantic import Field
 
 from exitserve import __version__
 from exitserve.errors import InvalidInput, NotFound
+from exitserve.service.protocols.bodies import StrictBody, validate
 from exitserve.service.protocols.oip_codec import (
     decode_infer_request,
     encode_infer_response,
@@ -77,6 +79,14 @@ def model_config(model: ServedModel, max_batch_size: int, max_queue_delay_ms: fl
     }
 
 
+class InferParameters(StrictBody):
+    """Request-level parameters of an infer call (strict: `"delta": "0.9"` is refused)."""
+
+    delta: float | None = Field(None, description="accuracy target in (0, 1] for every sample")
+    policy: str | None = Field(None, description="exit policy (default: the server's)")
+    binary_data_output: bool = Field(False, description="outputs as binary tensors by default")
+
+
 def build_router(dataplane: Dataplane) -> APIRouter:
     router = APIRouter(tags=["v2 (Open Inference Protocol)"])
     settings = dataplane.settings
@@ -127,16 +137,13 @@ def build_router(dataplane: Dataplane) -> APIRouter:
         # Probabilities are sent only when asked for by name.
         outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
         x = _model_input(served, decoded.inputs)
-        params = decoded.parameters
-        unknown_params = set(params) - {"delta", "policy", "binary_data_output"}
-        if unknown_params:
-            raise InvalidInput(f"parameters: unknown parameter(s) {sorted(unknown_params)}; use 'delta' and 'policy'")
+        params = validate(InferParameters, decoded.parameters, prefix="parameters")
         if DELTA_INPUT in decoded.inputs:
             delta = decoded.inputs[DELTA_INPUT].reshape(-1)
             deltas = dataplane.check_deltas(delta, len(x), where=f"inputs[{DELTA_INPUT}]")
         else:
-            deltas = dataplane.check_deltas(params.get("delta"), len(x), where="parameters.delta")
-        policies = dataplane.check_policy(served, params.get("policy"), len(x), where="parameters.policy")
+            deltas = dataplane.check_deltas(params.delta, len(x), where="parameters.delta")
+        policies = dataplane.check_policy(served, params.policy, len(x), where="parameters.policy")
         want_probabilities = any(name == "probabilities" for name, _ in outputs)
         if decoded.id:
             # OIP clients correlate by the request's `id` (echoed in the response): feedback uses it too.

@@ -110,7 +110,7 @@ def test_lying_and_truncated_binary_headers(client, x) -> None:
         ("binary size disagrees with shape", *v2_binary(x[:2], size=256, tail=b"\0" * 256), "needs 512"),
         ("binary without header length", body, {"Content-Type": "application/octet-stream"}, "not valid JSON|UTF-8"),
         ("unknown output name", *v2_binary(x[:2], outputs=[{"name": "logits_0"}]), "output 'logits_0' is not an output"),
-        ("unknown parameter", *v2_binary(x[:2], header_extra={"parameters": {"deltaa": 0.9}}), "unknown parameter"),
+        ("unknown parameter", *v2_binary(x[:2], header_extra={"parameters": {"deltaa": 0.9}}), "parameters.deltaa: unknown field"),
         ("policy unknown", *v2_binary(x[:2], header_extra={"parameters": {"policy": "../../etc"}}), "unknown policy"),
     ]
     for kind, content, hdrs, message in cases:
