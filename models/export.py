@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 import shutil
 import sys
 import warnings
@@ -32,6 +34,41 @@ def invocation() -> str:
 
 class ExportParityError(RuntimeError):
     pass
+
+
+HOW_TO_EXPORT_YOUR_OWN = ("to export your own network, pass --model package.module:factory: a function that builds it, "
+                          "loads its weights and returns it wrapped (exitserve.models.wrap)")
+
+
+def load_exportable_checkpoint(path: str | Path) -> tuple[MultiExitNet, dict[str, Any]]:
+    """A checkpoint written by `exitserve train`, loaded without unpickling code.
+
+    Anything else (a plain state_dict, a pickled module, another file) is a ValueError whose
+    one-line message says what to pass instead.
+    """
+    from exitserve.models.architectures import ARCHITECTURES
+    from exitserve.models.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ValueError(f"{path} is not a PyTorch checkpoint; {HOW_TO_EXPORT_YOUR_OWN}") from None
+        raise ValueError(f"{path} holds pickled Python objects (a whole module saved with torch.save(model)?), and "
+                         f"exitserve never unpickles code; {HOW_TO_EXPORT_YOUR_OWN}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({exc}); {HOW_TO_EXPORT_YOUR_OWN}") from None
+    if isinstance(payload, dict) and {"state_dict", "meta"} <= set(payload):
+        architecture = payload["meta"].get("architecture") if isinstance(payload["meta"], dict) else None
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"{path}: architecture {architecture!r} is not one exitserve builds; {HOW_TO_EXPORT_YOUR_OWN}")
+        return load_checkpoint(path)
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ValueError(f"{path} is a plain state_dict (weights without the code of the network); {HOW_TO_EXPORT_YOUR_OWN}")
+    raise ValueError(f"{path} is not a checkpoint written by `exitserve train`; {HOW_TO_EXPORT_YOUR_OWN}")
 
 
 def segment_names(net: MultiExitNet, input_names: list[str]) -> list[tuple[list[str], list[str], str]]:
