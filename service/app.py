@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exitserve import __version__
 from exitserve.service.monitoring.decisions import REQUEST_ID
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols import admin
+from exitserve.service.protocols import admin, docs
 from exitserve.service.protocols import feedback as api_feedback
 from exitserve.service.protocols import v1 as api_v1
 from exitserve.service.protocols import v2 as api_v2
@@ -192,6 +192,8 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         version=__version__,
         description="Multi-exit network serving: every sample stops at the first exit whose estimated accuracy reaches delta.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI from the installed package (protocols/docs.py), not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.repository = repository
@@ -201,6 +203,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.include_router(api_v2.build_router(dataplane))
     app.include_router(admin.build_router(repository))
     app.include_router(api_feedback.build_router(repository))
+    app.include_router(docs.build_router(app.openapi_url or "/openapi.json", app.title))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:
