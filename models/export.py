@@ -7,6 +7,7 @@ import pickle
 import shutil
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,11 @@ def load_exportable_checkpoint(path: str | Path) -> tuple[MultiExitNet, dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise ValueError(f"{path} is not a PyTorch checkpoint; {HOW_TO_EXPORT_YOUR_OWN}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise ValueError(f"{path} is not a PyTorch checkpoint; {HOW_TO_EXPORT_YOUR_OWN}") from None
+    except pickle.UnpicklingError:
         raise ValueError(f"{path} holds pickled Python objects (a whole module saved with torch.save(model)?), and "
                          f"exitserve never unpickles code; {HOW_TO_EXPORT_YOUR_OWN}") from None
     except (RuntimeError, EOFError, OSError) as exc:
