@@ -28,7 +28,7 @@ MAX_IR_VERSION = 10  # onnxruntime 1.31 rejects IR 14, which onnx 1.23 writes by
 def invocation() -> str:
     """The command line that made this, as a user would type it (`exitserve ...`)."""
     program = Path(sys.argv[0]).name
-    if program in ("exitserve", "cli.py") or sys.argv[0].endswith("service/cli.py"):
+    if program in ("exitserve", "__main__.py") or sys.argv[0].endswith("service/cli/main.py"):
         return " ".join(["exitserve", *sys.argv[1:]])
     return " ".join(sys.argv)
 
@@ -164,7 +164,8 @@ def export_bundle(
     if inputs[0].shape[0] < max(PARITY_BATCHES):
         raise ValueError(f"example_inputs need at least {max(PARITY_BATCHES)} samples for the parity check")
     net = net.cpu().eval()
-    net.to(memory_format=torch.contiguous_format)
+    # training may leave channels_last weights; the stubs lack Module.to's memory_format keyword
+    net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -178,12 +179,13 @@ def export_bundle(
     for k, (seg_inputs, seg_outputs, logits) in enumerate(names):
         file = f"segments/{k:02d}.onnx"
         _export_segment(SegmentWithHead(net, k), state, out / file, seg_inputs, seg_outputs, logits, sequence_axis=text is not None)
-        spec = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
+        spec: dict[str, Any] = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
         if torchscript:
-            spec["torchscript"] = f"segments/{k:02d}.pt"
+            twin = f"segments/{k:02d}.pt"
+            spec["torchscript"] = twin
             with torch.no_grad():
                 traced = torch.jit.trace(SegmentWithHead(net, k).eval(), state, check_trace=False)
-            torch.jit.save(traced, str(out / spec["torchscript"]))
+            torch.jit.save(traced, str(out / twin))
         with torch.no_grad():
             state = as_tuple(net.segments[k](*state))
         cumulative += flops[k]
