@@ -29,6 +29,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     try:
         return args.func(args)
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not a user mistake: keep the traceback
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
