@@ -99,7 +99,9 @@ def test_serve_mistakes_name_the_flag(capsys: pytest.CaptureFixture[str], tmp_pa
 
 def test_missing_optional_dependency_names_the_extra(capsys: pytest.CaptureFixture[str], bundle_copy: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    # as if scikit-learn were not installed (also when another test has imported it already)
+    for name in ["sklearn", *(m for m in sys.modules if m.startswith("sklearn."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     line = run_error(capsys, ["calibrate", str(bundle_copy), "--data", "digits:val"])
     assert "scikit-learn" in line and "pip install 'exitserve[train]'" in line
 
