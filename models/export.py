@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import pickle
 import shutil
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,48 @@ MAX_IR_VERSION = 10  # onnxruntime 1.31 rejects IR 14, which onnx 1.23 writes by
 def invocation() -> str:
     """The command line that made this, as a user would type it (`exitserve ...`)."""
     program = Path(sys.argv[0]).name
-    if program in ("exitserve", "cli.py") or sys.argv[0].endswith("service/cli.py"):
+    if program in ("exitserve", "__main__.py") or sys.argv[0].endswith("service/cli/main.py"):
         return " ".join(["exitserve", *sys.argv[1:]])
     return " ".join(sys.argv)
 
 
 class ExportParityError(RuntimeError):
     pass
+
+
+HOW_TO_EXPORT_YOUR_OWN = ("to export your own network, pass --model package.module:factory: a function that builds it, "
+                          "loads its weights and returns it wrapped (exitserve.models.wrap)")
+
+
+def load_exportable_checkpoint(path: str | Path) -> tuple[MultiExitNet, dict[str, Any]]:
+    """A checkpoint written by `exitserve train`, loaded without unpickling code.
+
+    Anything else (a plain state_dict, a pickled module, another file) is a ValueError whose
+    one-line message says what to pass instead.
+    """
+    from exitserve.models.architectures import ARCHITECTURES
+    from exitserve.models.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise ValueError(f"{path} is not a PyTorch checkpoint; {HOW_TO_EXPORT_YOUR_OWN}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds pickled Python objects (a whole module saved with torch.save(model)?), and "
+                         f"exitserve never unpickles code; {HOW_TO_EXPORT_YOUR_OWN}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({exc}); {HOW_TO_EXPORT_YOUR_OWN}") from None
+    if isinstance(payload, dict) and {"state_dict", "meta"} <= set(payload):
+        architecture = payload["meta"].get("architecture") if isinstance(payload["meta"], dict) else None
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"{path}: architecture {architecture!r} is not one exitserve builds; {HOW_TO_EXPORT_YOUR_OWN}")
+        return load_checkpoint(path)
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ValueError(f"{path} is a plain state_dict (weights without the code of the network); {HOW_TO_EXPORT_YOUR_OWN}")
+    raise ValueError(f"{path} is not a checkpoint written by `exitserve train`; {HOW_TO_EXPORT_YOUR_OWN}")
 
 
 def segment_names(net: MultiExitNet, input_names: list[str]) -> list[tuple[list[str], list[str], str]]:
@@ -126,7 +164,8 @@ def export_bundle(
     if inputs[0].shape[0] < max(PARITY_BATCHES):
         raise ValueError(f"example_inputs need at least {max(PARITY_BATCHES)} samples for the parity check")
     net = net.cpu().eval()
-    net.to(memory_format=torch.contiguous_format)
+    # training may leave channels_last weights; the stubs lack Module.to's memory_format keyword
+    net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -140,12 +179,13 @@ def export_bundle(
     for k, (seg_inputs, seg_outputs, logits) in enumerate(names):
         file = f"segments/{k:02d}.onnx"
         _export_segment(SegmentWithHead(net, k), state, out / file, seg_inputs, seg_outputs, logits, sequence_axis=text is not None)
-        spec = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
+        spec: dict[str, Any] = {"file": file, "inputs": seg_inputs, "outputs": seg_outputs, "logits": logits, "flops": flops[k]}
         if torchscript:
-            spec["torchscript"] = f"segments/{k:02d}.pt"
+            twin = f"segments/{k:02d}.pt"
+            spec["torchscript"] = twin
             with torch.no_grad():
                 traced = torch.jit.trace(SegmentWithHead(net, k).eval(), state, check_trace=False)
-            torch.jit.save(traced, str(out / spec["torchscript"]))
+            torch.jit.save(traced, str(out / twin))
         with torch.no_grad():
             state = as_tuple(net.segments[k](*state))
         cumulative += flops[k]

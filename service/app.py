@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve import __version__
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols import admin, feedback, v1, v2
+from exitserve.service.protocols import admin, docs, feedback, v1, v2
 from exitserve.service.protocols.edge import EdgeMiddleware
 from exitserve.service.protocols.errors import error_response, install_error_handlers
 from exitserve.service.serving.dataplane import Dataplane
@@ -63,6 +63,8 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         version=__version__,
         description="Multi-exit network serving: every sample stops at the first exit whose estimated accuracy reaches delta.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI from the installed package (protocols/docs.py), not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.repository = repository
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.include_router(v2.build_router(dataplane))
     app.include_router(admin.build_router(repository))
     app.include_router(feedback.build_router(repository))
+    app.include_router(docs.build_router(app.openapi_url or "/openapi.json", app.title))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

@@ -16,33 +16,40 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-r
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EXITSERVE_", env_nested_delimiter="__", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port)")
     # NoDecode: a comma-separated EXITSERVE_BUNDLES is split by the validator below, not parsed as JSON.
-    bundles: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [DEFAULT_BUNDLE])
-    default_delta: float = Field(0.9, gt=0.0, le=1.0)
+    bundles: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_BUNDLE],
+        description="bundle directories to serve (env: comma-separated or a JSON list)",
+    )
+    default_delta: float = Field(0.9, gt=0.0, le=1.0, description="accuracy target δ for requests that give none")
     # The guarded conditional tables: over 20 calibration/test splits plain pcee-cond broke the promise in
     # 4 of 20 at delta 0.99 (bins holding one lucky sample), pcee-lb-cond never at the key deltas (BENCHMARKS.md).
     default_policy: str = Field("pcee-lb-cond", description="exit policy for requests that name none")
     max_batch_size: int = Field(64, ge=1, description="samples per engine batch")
     # 0 = opportunistic batching: a batch is whatever has queued while the engine was busy, so a lone
     # request never waits; raise it to trade latency for fuller batches at moderate load.
-    max_queue_delay_ms: float = Field(0.0, ge=0.0)
+    max_queue_delay_ms: float = Field(0.0, ge=0.0, description="longest wait for a fuller batch, in ms (0: never wait)")
     queue_limit: int = Field(256, ge=1, description="requests waiting per model before 503")
-    max_request_samples: int = Field(1024, ge=1)
-    max_body_bytes: int = Field(64 << 20, ge=1024)
-    request_timeout_s: float = Field(30.0, gt=0.0)
-    drain_timeout_s: float = Field(20.0, ge=0.0)
-    runner: Literal["onnx", "torch"] = "onnx"  # torch needs TorchScript twins in the bundle and the train extra
-    provider: Literal["cpu", "cuda"] = "cpu"
-    device_id: int = 0
+    max_request_samples: int = Field(1024, ge=1, description="samples per request before 413")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="request body size limit in bytes (413 above)")
+    request_timeout_s: float = Field(30.0, gt=0.0, description="seconds a request may wait for its answer before 504")
+    drain_timeout_s: float = Field(20.0, ge=0.0, description="seconds to finish in-flight requests on shutdown")
+    # torch needs TorchScript twins in the bundle and the train extra
+    runner: Literal["onnx", "torch"] = Field("onnx", description="onnx, or torch: the bundle's TorchScript twins")
+    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider")
+    device_id: int = Field(0, description="GPU index for the cuda provider")
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads")
-    thread_pool: Literal["global", "per-session"] = "per-session"
-    spinning: bool = False
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    thread_pool: Literal["global", "per-session"] = Field(
+        "per-session", description="ONNX Runtime thread pools: one per segment session or one shared")
+    spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (lower latency, busy CPUs)")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level")
     workers: int = Field(1, ge=1, description="engine threads per model")
-    warmup_batch_sizes: list[int] | None = None
-    api_key: str | None = None
+    warmup_batch_sizes: list[int] | None = Field(
+        None, description="batch sizes run once before /readyz (default: powers of two up to max_batch_size)")
+    api_key: str | None = Field(None, description="require this key (X-Api-Key or Bearer) on every route but health, metrics, docs")
     # Online accuracy monitoring (issue 8). Decisions kept per model for labelled feedback: the last
     # `feedback_capacity` samples (about 22 bytes each, 70 with a feedback log) for at most the TTL.
     feedback_capacity: int = Field(100_000, ge=0, description="samples of recent decisions kept per model; 0 = no feedback")
@@ -51,7 +58,7 @@ class Settings(BaseSettings):
     token_budget: int = Field(4096, ge=1, description="text models: a batch above this many (padded) tokens runs as "
                               "length-sorted pieces, each padded to its own longest text")
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of early-exited samples also run to the last exit")
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("bundles", mode="before")
     @classmethod

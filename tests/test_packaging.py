@@ -66,6 +66,6 @@ def test_version_has_one_source() -> None:
 
     text = (REPO / "pyproject.toml").read_text()
     assert f'version = "{exitserve.__version__}"' in text
-    sources = subprocess.run(["git", "grep", "-n", "-E", r"__version__ *= *['\"][0-9]", "--", "*.py"],
+    sources = subprocess.run(["git", "grep", "-n", "-E", r"__version__ *= *['\"][0-9]+\.[0-9]", "--", "*.py"],
                              cwd=REPO, capture_output=True, text=True).stdout
     assert sources == "", sources

@@ -7,10 +7,12 @@ bundle and re-signs it; evaluation sweeps δ for every policy and writes JSON, m
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,12 @@ if TYPE_CHECKING:
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
+PLOTS_EXTRA = "plots"  # `pip install 'exitserve[plots]'` adds matplotlib
+
+
+def plots_available() -> bool:
+    """matplotlib is an extra: without it evaluate writes everything but the PNG plots."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _command_line() -> str:
@@ -108,6 +116,15 @@ def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progres
     return out
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A calibration fitted by `fit_bundle`, with the logits and labels it was fitted on."""
+
+    calibration: Calibration
+    logits: list[np.ndarray]
+    labels: np.ndarray
+
+
 def calibrate_bundle(
     bundle_dir: str | Path,
     data_spec: str,
@@ -125,6 +142,22 @@ def calibrate_bundle(
     delta_grid, fit_temperature). use_labels=False calibrates self-supervised (agreement with the
     last exit). Returns the fitted Calibration; the bundle is verified again after writing.
     """
+    return fit_bundle(bundle_dir, data_spec, provider=provider, threads=threads, batch_size=batch_size,
+                      progress=progress, use_labels=use_labels, **fit_kwargs).calibration
+
+
+def fit_bundle(
+    bundle_dir: str | Path,
+    data_spec: str,
+    *,
+    provider: str = "cpu",
+    threads: int = 2,
+    batch_size: int = 256,
+    progress: bool = True,
+    use_labels: bool = True,
+    **fit_kwargs: Any,
+) -> Fitted:
+    """`calibrate_bundle`, also returning the held-out logits and labels (for the command's summary)."""
     directory = Path(bundle_dir)
     bundle = load_bundle(directory)
     data = load_bundle_data(bundle, data_spec)
@@ -133,7 +166,7 @@ def calibrate_bundle(
     save_calibration(calibration, directory / CALIBRATION_FILE)
     refresh_checksums(directory)
     load_bundle(directory, require_calibration=True)  # what we wrote must load
-    return calibration
+    return Fitted(calibration, logits, data.y)
 
 
 def evaluate_bundle(
@@ -150,12 +183,11 @@ def evaluate_bundle(
 ) -> dict:
     """Run the bundle once over labelled test data, sweep δ for every policy, write the reports.
 
-    Writes out_dir/evaluation.json, evaluation.md, reliability.png, accuracy_vs_delta.png and
+    Writes out_dir/evaluation.json, evaluation.md and, when matplotlib is installed (the `plots`
+    extra; see `plots_available`), reliability.png, accuracy_vs_delta.png and
     accuracy_vs_compute.png; returns the evaluation dict. `command` is recorded in the reports
     (default: this process's command line).
     """
-    from exitserve.calibration.plots import write_plots  # matplotlib only when plotting
-
     bundle = load_bundle(bundle_dir, require_calibration=True)
     manifest = bundle.manifest
     calibration = Calibration.from_dict(bundle.calibration, num_exits=manifest.num_exits)
@@ -177,6 +209,9 @@ def evaluate_bundle(
     out.mkdir(parents=True, exist_ok=True)
     (out / EVALUATION_JSON).write_text(dumps(report) + "\n")
     (out / EVALUATION_MD).write_text(render_markdown(report, title=f"Evaluation of {manifest.name} on {data_spec}") + "\n")
-    write_plots(report, out)
+    if plots_available():
+        from exitserve.calibration.plots import write_plots  # matplotlib only when plotting
+
+        write_plots(report, out)
     json.loads((out / EVALUATION_JSON).read_text())  # strict JSON (no NaN) or fail loudly here
     return report

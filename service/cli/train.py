@@ -1,0 +1,112 @@
+"""`exitserve train` and `exitserve train-text` (the `train` / `text` extras)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from exitserve.service.cli.export import export_checkpoint as _export
+from exitserve.service.cli.flags import add_parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from exitserve.models.architectures import build_architecture
+    from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
+    from exitserve.models.data import load_dataset
+    from exitserve.models.training import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_data = load_dataset(f"{args.data}:train", seed=args.split_seed)
+    val_data = load_dataset(f"{args.data}:val", seed=args.split_seed)
+    if args.init:
+        net, meta = load_checkpoint(args.init)
+    else:
+        net = build_architecture(args.arch, num_classes=len(train_data.labels))
+        meta = {"architecture": args.arch, "num_classes": len(train_data.labels), "labels": train_data.labels}
+    config = TrainConfig(
+        regime=args.regime, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, entropy_weight=args.entropy_weight,
+        backbone_epochs=args.backbone_epochs, augment=not args.no_augment, bf16=args.bf16, device=args.device,
+    )
+    print(f"training {meta['architecture']} on {train_data.name} ({len(train_data)} samples), "
+          f"validation {val_data.name} ({len(val_data)}) held out; regime {config.regime}")
+    history = train(net, train_data, val_data, config, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **meta,
+        "data": args.data,
+        "split_seed": args.split_seed,
+        "train_fingerprint": train_data.fingerprint,
+        "val_fingerprint": val_data.fingerprint,
+        "history": [vars(e) for e in history.epochs] + meta.get("history", []),
+        "train_config": history.config,
+        "train_seconds": sum(e.seconds for e in history.epochs),
+    }
+    save_checkpoint(out / "checkpoint.pt", net, meta)
+    (out / "history.json").write_text(json.dumps({"config": history.config, "epochs": meta["history"]}, indent=2))
+    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    if args.export:
+        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version, args.torchscript)
+    return 0
+
+
+def _cmd_train_text(args: argparse.Namespace) -> int:
+    from exitserve.models.text_training import HeadTraining, train_text_command
+
+    config = HeadTraining(epochs=args.epochs, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed)
+    train_text_command(args.data, args.heads, Path(args.export), name=args.name, layers=args.layers,
+                       train_limit=args.train_limit, config=config, cache=Path(args.cache) if args.cache else None,
+                       threads=args.threads, split_seed=args.split_seed, val_limit=args.val_limit)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "train", "train a multi-exit network (needs the `train` extra)")
+    p.add_argument("--arch", default="resnet-large", help="resnet-small, resnet-large, mnist-compact, digits-compact")
+    p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
+    p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"],
+                   help="joint: every exit on the labels; mixed: backbone first, then joint; "
+                        "heads-only: frozen backbone, self-supervised exit heads")
+    p.add_argument("--init", help="start from this checkpoint (required for heads-only)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs over the training split")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per training step")
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--backbone-epochs", type=int, help="mixed: epochs of the backbone-only phase (default: half)")
+    p.add_argument("--entropy-weight", type=float, default=0.1, help="heads-only: lambda in CE - lambda*entropy")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--no-augment", action="store_true", help="no random crops and flips (32x32 colour images)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on AVX512-BF16 CPUs and GPUs)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="run directory for checkpoint.pt and history.json")
+    p.add_argument("--export", help="also export a bundle to this directory")
+    p.add_argument("--name", help="bundle name (default: the export directory's name)")
+    p.add_argument("--version", default="1", help="bundle version")
+    p.add_argument("--torchscript", action="store_true", help="also write TorchScript twins for the torch runner")
+    p.set_defaults(func=_cmd_train)
+
+    p = add_parser(sub, "train-text", "text classifier on the frozen MiniLM encoder with an exit per layer (`text` extra)")
+    p.add_argument("--data", default="sst2", choices=["sst2", "agnews"], help="text data set")
+    p.add_argument("--heads", default="self-supervised", choices=["self-supervised", "labels"],
+                   help="exit heads learn the final exit's predictions (CE - lambda*entropy) or the true labels")
+    p.add_argument("--layers", type=int, help="use only the first N encoder layers (default: all 6)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs over the cached encoder features, per head")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the heads")
+    p.add_argument("--entropy-weight", type=float, default=0.1, help="self-supervised heads: lambda in CE - lambda*entropy")
+    p.add_argument("--seed", type=int, default=0, help="seed of head initialisation and data order")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--train-limit", type=int, help="train on the first N training samples only (default: all)")
+    p.add_argument("--val-limit", type=int, help="report validation accuracy on the first N held-out samples only (default: all)")
+    p.add_argument("--cache", default="runs/cache/text-features", help="encoder features cache ('' for none)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--export", required=True, help="bundle directory to write")
+    p.add_argument("--name", help="bundle name (default: the export directory's name)")
+    p.set_defaults(func=_cmd_train_text)
