@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from exitserve.models.bundle import BundleError
+from exitserve.errors import ExitserveError, InvalidInput
 
 EXIT_USER_ERROR = 2
 
@@ -27,7 +27,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
+class UserError(InvalidInput):
     """A mistake in what the user asked for; the message is the whole explanation."""
 
 
@@ -55,7 +55,7 @@ def user_message(exc: BaseException, flags: dict[str, str] | None = None) -> str
     `flags` maps settings field names to the command-line flags that set them, so that a
     validation error names what the user typed.
     """
-    if isinstance(exc, UserError | BundleError):
+    if isinstance(exc, ExitserveError):  # a bad bundle, a bad input, ...: the message names it
         return str(exc)
     if isinstance(exc, ValidationError):
         return _validation_message(exc, flags or {})
