@@ -1,7 +1,9 @@
 """Serving benchmarks (issue 4): the cost of cutting, early-exit efficiency, per-request overhead.
 
-    python benchmarks/monolithic.py runs/cifar10-resnet-large/checkpoint.pt --out runs/monolithic
-    python benchmarks/serving.py --bundle bundles/cifar10-resnet-large --monolithic runs/monolithic
+    python benchmarks/serving.py --bundle bundles/cifar10-resnet-large
+
+The plain-endpoint baselines (one ONNX graph) are built from the bundle's own segments into
+--monolithic when absent (benchmarks/monolithic.py), so a clean clone reruns the comparison.
 
 Writes benchmarks/results/serving.json and prints Markdown tables for BENCHMARKS.md. Every
 comparison is measured in the same run, variants interleaved in rounds so that noise from this
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from bench_support import cpu_model, free_port, wait_ready
+from monolithic import ensure_baselines
 
 from exitserve.calibration import Calibration
 from exitserve.models.bundle import load_bundle
@@ -434,6 +437,7 @@ def main() -> None:
     args = parser.parse_args()
     data = load_dataset(args.data)
     x = data.x[:1024]
+    ensure_baselines(Path(args.bundle), Path(args.monolithic))
     parts = set(args.parts.split(","))
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}, onnxruntime {ort.__version__}",

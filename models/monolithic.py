@@ -21,7 +21,9 @@ from exitserve.models.bundle import MANIFEST_FILE, load_bundle, write_manifest
 from exitserve.models.export import MAX_IR_VERSION
 
 
-def merge_segments(bundle_dir: str | Path) -> onnx.ModelProto:
+def merge_segments(bundle_dir: str | Path, every_exit: bool = False) -> onnx.ModelProto:
+    """The bundle's segments as one graph: the last exit's logits only (early heads pruned), or with
+    `every_exit` each exit's logits as an output (the pure cost of cutting, for benchmarks)."""
     bundle = load_bundle(bundle_dir)
     segments = bundle.manifest.segments
     last = len(segments) - 1
@@ -37,9 +39,20 @@ def merge_segments(bundle_dir: str | Path) -> onnx.ModelProto:
         previous = segments[k - 1]
         io_map = [(f"s{k - 1}/{name}", f"s{k}/{name}") for name in previous.state_outputs]
         keep = [o.name for o in model.graph.output]
+        if every_exit:  # the earlier exits' logits stay outputs of the merged graph
+            early = {f"s{j}/{segments[j].logits}" for j in range(k)}
+            keep = [o.name for o in merged.graph.output if o.name in early] + keep
         merged = onnx.compose.merge_models(merged, model, io_map=io_map, outputs=keep)
     assert merged is not None
     merged.ir_version = min(merged.ir_version, MAX_IR_VERSION)
+    if every_exit:
+        exits = [s.logits if k == last else f"s{k}/{s.logits}" for k, s in enumerate(segments)]
+        kept = {o.name for o in merged.graph.output}
+        missing = [name for name in exits if name not in kept]
+        assert not missing, missing
+        del merged.graph.output[:]
+        merged.graph.output.extend(_value_infos(merged, exits))
+        return merged
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "merged.onnx"
         onnx.save(merged, str(whole))
@@ -69,3 +82,9 @@ def monolithic_bundle(bundle_dir: str | Path, out_dir: str | Path, name: str | N
     raw["created_by"]["extra"] = {**raw["created_by"]["extra"], "monolithic_of": f"{source.manifest.name} v{source.manifest.version}"}
     write_manifest(out, raw)
     return out
+
+
+def _value_infos(model: onnx.ModelProto, names: list[str]) -> list[onnx.ValueInfoProto]:
+    """Output declarations for `names`, in that order (shapes from the segments' own declarations)."""
+    known = {v.name: v for v in [*model.graph.output, *model.graph.value_info]}
+    return [known[name] if name in known else onnx.helper.make_empty_tensor_value_info(name) for name in names]
