@@ -13,7 +13,8 @@ import numpy as np
 from exitserve.calibration.binning import bin_index
 from exitserve.calibration.bounds import betainc
 from exitserve.calibration.metrics import aurc, auroc, ece
-from exitserve.calibration.policies import POLICIES, Calibration, Decisions, decide_all
+from exitserve.calibration.replay import Decisions, decide_all
+from exitserve.calibration.rules import POLICIES, Calibration
 
 DEFAULT_EVAL_DELTAS: np.ndarray = np.round(np.linspace(0.50, 0.99, 50), 2)  # 0.50, 0.51, ..., 0.99
 KEY_DELTAS: tuple[float, ...] = (0.80, 0.85, 0.90, 0.95, 0.99)
