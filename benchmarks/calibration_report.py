@@ -104,6 +104,17 @@ def render(report: dict, old: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def over_promise_table(report: dict, policies: list[str]) -> list[str]:
+    """Mean estimate minus realised accuracy per exit, in points (n), for the chosen policies at the key δ."""
+    exits = report["num_exits"]
+    lines = ["| policy | δ | " + " | ".join(f"exit {k}" for k in range(exits)) + " |", "| --- | --- |" + " --- |" * exits]
+    for row in sorted((r for r in report["over_promise"] if r["policy"] in policies),
+                      key=lambda r: (r["delta"], policies.index(r["policy"]))):
+        cells = ["–" if e["over_promise"] is None else f"{100 * e['over_promise']:+.1f} ({e['n']})" for e in row["per_exit"]]
+        lines.append(f"| {row['policy']} | {row['delta']:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(report: dict, old: dict | None, path: Path) -> None:
     import matplotlib
 
@@ -163,6 +174,8 @@ def main() -> None:
     parser.add_argument("evaluation", nargs="?", type=Path)
     parser.add_argument("--plot", type=Path, help="write the coverage-vs-δ plot here")
     parser.add_argument("--old", type=Path, default=OLD_REFERENCE, help="the previous default's figures")
+    parser.add_argument("--over-promise", nargs="+", metavar="POLICY",
+                        help="print only the over-promise table of these policies")
     parser.add_argument("--extract-old", nargs=2, type=Path, metavar=("EVALUATION", "CONTROL"),
                         help="write --old from an older evaluation.json and control.json")
     args = parser.parse_args()
@@ -174,6 +187,9 @@ def main() -> None:
         parser.error("give an evaluation.json")
     report = json.loads(args.evaluation.read_text())
     old = json.loads(args.old.read_text()) if args.old.exists() else None
+    if args.over_promise:
+        print("\n".join(over_promise_table(report, args.over_promise)))
+        return
     print(render(report, old))
     if args.plot:
         plot(report, old, args.plot)

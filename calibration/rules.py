@@ -28,9 +28,13 @@ Policies
   full                      always the last exit.
 
 The promise of the baselines (confidence, per-exit-threshold, full) does not come from their exit
-rule: `estimate` and `target_met` come from a guarded tail table of the samples that leave at that
-exit under that rule at the grid δ (schema 2), so samples answered with target_met are correct at a
-rate >= δ whichever policy chose the exit. At the last exit every sample leaves and `target_met`
+rule: `target_met` comes from a guarded tail table of the samples that leave at that exit under
+that rule at the grid δ (schema 2), so samples answered with target_met are correct at a rate >= δ
+whichever policy chose the exit. For them and for pcee-lb-tail the promise is a property of the
+set (a tail whose bound reached δ), so `estimate` is the sample's own calibrated accuracy, the
+per-fine-bin accuracy of that set (Beta prior, ±window bins): it may lie below δ for a promised
+sample near the threshold, and its mean over answered samples tracks their accuracy, which is what
+the monitoring's "accuracy below promise" alert compares. At the last exit every sample leaves and `target_met`
 says whether its estimate reaches δ. Estimates are >= 0: a bin without evidence reports 0 (its
 decision value is -inf, so it never lets anyone exit).
 """
@@ -57,7 +61,7 @@ from exitserve.calibration.document import (
     parse_document,
 )
 from exitserve.calibration.tables import TABLE_KINDS, exit_allowed, table_values
-from exitserve.calibration.tails import tail_values
+from exitserve.calibration.tails import bin_estimates, tail_values
 
 POLICIES: tuple[str, ...] = (
     "pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail",
@@ -76,11 +80,12 @@ class StepDecision:
 
     exit_now:   leave at this exit (all True at the last exit).
     estimate:   the estimated accuracy of the prediction at this exit: the policy's table value
-                for the sample's bin; for the baselines the guarded tail value of their leavers
-                (schema 1 documents: the confidence, the margin threshold's precision, the bin
-                accuracy); 0 where there is no evidence.
-    target_met: the sample leaves here and its estimate reaches δ (for the PCEE policies every
-                early leaver; a baseline may let a sample leave without a promise).
+                for the sample's bin; for pcee-lb-tail and the baselines the accuracy of its fine
+                bin among the samples answered there (schema 1 documents: the confidence, the
+                margin threshold's precision, the bin accuracy); 0 where there is no evidence.
+    target_met: the promise: the sample leaves here and belongs to a set guaranteed to be correct at
+                a rate >= δ (for the per-bin PCEE policies: its estimate reaches δ; every early
+                leaver of a PCEE policy; a baseline may let a sample leave without a promise).
     confidence: the calibration's confidence measure of this exit (temperature-scaled).
     """
 
@@ -119,7 +124,8 @@ class _ExitTables:
     precision: np.ndarray  # their precision, strictly ascending
     agreement: tuple[np.ndarray, np.ndarray] | None  # per bin: samples seen at the last exit too, agreeing with it
     tail_edges: np.ndarray | None  # fine bins of the tail tables (None: schema 1)
-    tail_report: dict[str, np.ndarray]  # tail policy -> [G, M' + 1] guarded tail values (>= 0)
+    tail_guard: dict[str, np.ndarray]  # tail policy -> [G, M' + 1] guarded tail values (>= 0): the promise
+    tail_estimate: dict[str, np.ndarray]  # tail policy -> [G, M' + 1] per-bin accuracy (prior, ±window): the estimate
     tail_allowed: np.ndarray | None  # pcee-lb-tail: [G, M' + 1] may the bin leave at grid δ
 
 
@@ -252,7 +258,8 @@ class Calibration:
         exit_now, estimate, target_met = rule(ex, last, probs, conf, deltas, self.grid_index(deltas))
         if last:
             exit_now = np.ones(n, dtype=bool)
-            target_met = estimate >= deltas
+            if target_met is None:
+                target_met = estimate >= deltas
         elif target_met is None:
             target_met = exit_now.copy()
         return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf)
@@ -283,10 +290,12 @@ class Calibration:
             raise ValueError(f"policy 'pcee-lb-tail' needs a schema 2 calibration (this one is schema "
                              f"{self.schema_version}): run `exitserve calibrate` again")
         b = bin_index(ex.tail_edges, conf)
-        estimate = ex.tail_report["pcee-lb-tail"][g, b]
+        promised = ex.tail_guard["pcee-lb-tail"][g, b] >= deltas
+        estimate = ex.tail_estimate["pcee-lb-tail"][g, b]
         if last:
-            return None, estimate, None
-        return ex.tail_allowed[g, b] & (estimate >= deltas), estimate, None
+            return None, estimate, promised
+        exit_now = ex.tail_allowed[g, b] & promised
+        return exit_now, estimate, exit_now
 
     @staticmethod
     def _guarded(rule: Rule, policy: str) -> Rule:
@@ -296,8 +305,9 @@ class Calibration:
             exit_now, estimate, _ = rule(ex, last, probs, conf, deltas, g)
             if ex.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
                 return exit_now, estimate, None
-            estimate = ex.tail_report[policy][g, bin_index(ex.tail_edges, conf)]
-            return exit_now, estimate, None if last else exit_now & (estimate >= deltas)
+            b = bin_index(ex.tail_edges, conf)
+            promised = ex.tail_guard[policy][g, b] >= deltas
+            return exit_now, ex.tail_estimate[policy][g, b], promised if last else exit_now & promised
 
         return guarded
 
@@ -442,7 +452,7 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
         cond_report[policy] = _with_sentinel(np.maximum(cond_values, 0.0), 0.0)
         cond_allowed[policy] = _allowed(allowed)
 
-    tail_edges, tail_report, tail_allowed = None, {}, None
+    tail_edges, tail_guard, tail_estimate, tail_allowed = None, {}, {}, None
     if raw.tail is not None:
         try:
             tail_edges = check_edges(_float_array(raw.tail.edges, f"{where}: tail edges"))
@@ -451,7 +461,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
         for policy in TAIL_POLICIES:
             rows_counts, rows_correct = _grid_rows(raw.tail.of(policy), tail_edges.size - 1, grid, f"{where}: tail {policy}")
             tail = tail_values(rows_counts, rows_correct, grid, settings.alpha)
-            tail_report[policy] = _with_sentinel(tail, 0.0)
+            tail_guard[policy] = _with_sentinel(tail, 0.0)
+            tail_estimate[policy] = _with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)
             if policy == "pcee-lb-tail":
                 tail_allowed = _allowed(tail >= grid[:, None])  # no monotone-in-δ constraint: see tails.py
 
@@ -470,6 +481,7 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
         precision=precision,
         agreement=agreement,
         tail_edges=tail_edges,
-        tail_report=tail_report,
+        tail_guard=tail_guard,
+        tail_estimate=tail_estimate,
         tail_allowed=tail_allowed,
     )

@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from exitserve.calibration.bounds import clopper_pearson_lower
+from exitserve.calibration.tables import window_sums
 
 DEFAULT_TAIL_BINS = 100  # 200 measured the same coverage (BENCHMARKS.md §2) at 1.6x the file size
 
@@ -63,3 +64,16 @@ def tail_values(counts: np.ndarray, correct: np.ndarray, grid: np.ndarray, alpha
     first = tested.sum(axis=1) - 1  # index of the first (highest) tested edge, -1 when none
     at_first = np.where(first >= 0, running[np.arange(grid.size), np.maximum(first, 0)], 0.0)
     return np.where(tested, running, at_first[:, None])
+
+
+def bin_estimates(counts: np.ndarray, correct: np.ndarray, window: int, prior: tuple[float, float]) -> np.ndarray:
+    """A sample's own estimate: accuracy of its fine bin pooled over ±window bins, under the Beta prior.
+
+    The tail value is a promise about a set, too high for the samples near its threshold; this is
+    calibrated per sample (0 where the pooled bins hold no evidence and the prior none either).
+    """
+    a, b = prior
+    num = window_sums(np.asarray(correct, dtype=np.float64), window) + a
+    den = window_sums(np.asarray(counts, dtype=np.float64), window) + a + b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)

@@ -131,6 +131,14 @@ def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: n
                 row = rows["grid_rows"][gi]
                 return _tail_value(rows["counts"][row], rows["correct"][row], _bin(ex["tail"]["edges"], conf), grid[gi], alpha)
 
+            def bin_estimate(name, gi=g, ex=ex, conf=conf):
+                rows = ex["tail"][name]
+                row = rows["grid_rows"][gi]
+                tb = _bin(ex["tail"]["edges"], conf)
+                lo, hi = max(0, tb - window), min(len(rows["counts"][row]), tb + window + 1)
+                n, k = sum(rows["counts"][row][lo:hi]), sum(rows["correct"][row][lo:hi])
+                return (k + prior[0]) / (n + prior[0] + prior[1]) if n + prior[0] + prior[1] > 0 else 0.0
+
             if policy in _KIND:
                 value = _value(_KIND[policy], ex["counts"], ex["correct"], b, window, alpha, prior)
                 leave = value >= delta
@@ -152,21 +160,25 @@ def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: n
                 value = tail_value(policy)
                 leave = value >= grid[g] and value >= delta
             elif policy == "confidence":
-                leave = conf >= delta
+                value, leave = 0.0, conf >= delta
             elif policy == "per-exit-threshold":
+                value = 0.0
                 pet = ex["per_exit_threshold"]
                 chosen = [j for j, p in enumerate(pet["precision"]) if p >= delta]
                 margin = float(top2_margin(probs)[0])
                 leave = bool(chosen) and margin >= pet["thresholds"][chosen[0]]
             elif policy == "full":
-                leave = False
+                value, leave = 0.0, False
             else:
                 raise AssertionError(policy)
-            if policy in _BASELINES:  # the rule decides; the promise comes from the guarded tail of its leavers
-                value = tail_value(policy)
             if leave or last:
-                estimate = max(value, 0.0)
-                met = estimate >= delta if (last or policy in _BASELINES) else True
+                if policy in _BASELINES or policy == "pcee-lb-tail":
+                    # the promise: the guarded tail of the samples answered here; the estimate: the own bin
+                    met = tail_value(policy) >= delta
+                    estimate = bin_estimate(policy)
+                else:
+                    estimate = max(value, 0.0)
+                    met = estimate >= delta if last else True
                 out.append((k, int(np.argmax(logits[k][i])), estimate, bool(met)))
                 break
     return out

@@ -59,7 +59,9 @@ def test_promised_samples_meet_delta_at_every_exit_on_the_calibration_data(probl
             promised = d.target_met & (d.exit_index == k)
             if promised.any():
                 assert correct[promised].mean() >= delta, (policy, delta, k)
-            assert np.all(d.estimate[promised] >= delta)
+            answered = d.exit_index == k
+            if answered.sum() >= 300:  # the own-bin estimate is calibrated: its mean tracks the accuracy
+                assert abs(d.estimate[answered].mean() - correct[answered].mean()) < 0.03, (policy, delta, k)
 
 
 def test_baselines_keep_their_exit_rule_but_promise_only_what_the_guard_allows(problem):
