@@ -57,7 +57,10 @@ def coverage_table(report: dict, old: dict | None) -> list[str]:
     if old is not None:
         columns.append((f"`{PREVIOUS}` before (schema 1)", {round(d, 2): r for d, r in zip(old["test"]["deltas"], old["test"]["rows"], strict=True)}))
     columns.append((f"`{PREVIOUS}` now", {round(r["delta"], 2): r for r in policies[PREVIOUS]}))
-    columns.append((f"`{CONFIDENCE}`", {round(r["delta"], 2): r for r in policies[CONFIDENCE]}))
+    columns.append((f"`{CONFIDENCE}` (guarded now)", {round(r["delta"], 2): r for r in policies[CONFIDENCE]}))
+    if old is not None and "confidence" in old:
+        columns.append((f"`{CONFIDENCE}` before (its own, unguarded)",
+                        {round(d, 2): r for d, r in zip(old["confidence"]["deltas"], old["confidence"]["rows"], strict=True)}))
     lines = ["| δ | " + " | ".join(name for name, _ in columns) + " | goal |", "| --- |" + " --- |" * (len(columns) + 1)]
     for delta in (0.80, 0.85, 0.90, 0.95, 0.97, 0.98, 0.99):
         cells = []
@@ -135,6 +138,9 @@ def plot(report: dict, old: dict | None, path: Path) -> None:
                   label=f"{PREVIOUS} before (schema 1)")
         right.plot(old["test"]["deltas"], [r["compute_fraction"] for r in old["test"]["rows"]], ":", color="black",
                    label=f"{PREVIOUS} before (schema 1)")
+        if "confidence" in old:
+            left.plot(old["confidence"]["deltas"], [r["coverage"] for r in old["confidence"]["rows"]], ":", color="tab:green",
+                      label=f"{CONFIDENCE} before (unguarded)")
     for delta, goal in COVERAGE_GOAL.items():
         left.plot([delta], [goal], "k^", markersize=7)
     left.set_title("promised coverage vs δ on the test set (▲ goal, x violation)")
@@ -153,7 +159,8 @@ def plot(report: dict, old: dict | None, path: Path) -> None:
 
 def extract_old(evaluation: Path, control: Path, out: Path = OLD_REFERENCE) -> dict:
     """The previous default's test-set rows and split summary, kept small for later comparisons."""
-    rows = json.loads(evaluation.read_text())["policies"][PREVIOUS]
+    policies = json.loads(evaluation.read_text())["policies"]
+    rows = policies[PREVIOUS]
     keep = ("delta", "accuracy", "accuracy_promised", "coverage", "compute_fraction", "violation")
     splits = json.loads(control.read_text())
     per_delta = splits["policies"][PREVIOUS]["per_delta"]
@@ -161,9 +168,12 @@ def extract_old(evaluation: Path, control: Path, out: Path = OLD_REFERENCE) -> d
         "policy": PREVIOUS,
         "source": f"{evaluation.name} and {control.name} of commit d03734c (schema 1 tables)",
         "test": {"deltas": [r["delta"] for r in rows], "rows": [{k: r[k] for k in keep} for r in rows]},
+        "confidence": {"deltas": [r["delta"] for r in policies[CONFIDENCE]],
+                       "rows": [{k: r[k] for k in keep} for r in policies[CONFIDENCE]]},
         "splits": {"policy": PREVIOUS, "splits": splits["splits"], "deltas": [r["delta"] for r in per_delta],
                    "coverage": [r["coverage"] for r in per_delta], "violations": [r["violations"] for r in per_delta],
-                   "compute_fraction": [r["compute_fraction"] for r in per_delta]},
+                   "compute_fraction": [r["compute_fraction"] for r in per_delta],
+                   "confidence_coverage": [r["coverage"] for r in splits["policies"][CONFIDENCE]["per_delta"]]},
     }
     out.write_text(json.dumps(reference, indent=1) + "\n")
     return reference

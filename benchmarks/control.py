@@ -121,6 +121,9 @@ def plot(report: dict, path: Path) -> None:
         middle.plot([r["delta"] for r in bad], [r["coverage"] for r in bad], "x", color=color, markersize=8)
     if old:
         middle.plot(old["deltas"], old["coverage"], ":", color="black", label=f"{old['policy']} before (schema 1)")
+        if "confidence_coverage" in old:
+            middle.plot(old["deltas"], old["confidence_coverage"], ":", color=_STYLES["confidence"][0],
+                        label="confidence before (unguarded)")
     middle.set_title(f"promised coverage vs δ, mean over {report['splits']} test halves (x: violation rate > α)")
     middle.set_xlabel("δ (requested accuracy)")
     middle.set_ylabel("coverage (share answered with target_met)")
