@@ -173,7 +173,7 @@ def extract_old(evaluation: Path, control: Path, out: Path = OLD_REFERENCE) -> d
         "splits": {"policy": PREVIOUS, "splits": splits["splits"], "deltas": [r["delta"] for r in per_delta],
                    "coverage": [r["coverage"] for r in per_delta], "violations": [r["violations"] for r in per_delta],
                    "compute_fraction": [r["compute_fraction"] for r in per_delta],
-                   "confidence_coverage": [r["coverage"] for r in splits["policies"][CONFIDENCE]["per_delta"]]},
+                   "confidence_coverage": [r["coverage"] for r in splits["policies"].get(CONFIDENCE, {}).get("per_delta", [])]},
     }
     out.write_text(json.dumps(reference, indent=1) + "\n")
     return reference
