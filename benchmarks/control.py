@@ -33,8 +33,10 @@ from exitserve.models.bundle import load_bundle
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 # Policies the goal applies to (violation rate <= alpha); the rest are shown beside them.
-CONTROLLED = ("pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond")
-FIT_KEYS = ("confidence", "binning", "bins", "window", "alpha")
+CONTROLLED = ("pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail")
+FIT_KEYS = ("confidence", "binning", "bins", "window", "alpha", "prior", "tail_bins")
+# The coverage panel: the default, the previous default and the unguarded confidence rule.
+COVERAGE_POLICIES = ("pcee-lb-tail", "pcee-lb-cond", "confidence")
 
 
 def run_splits(logits: list[np.ndarray], labels: np.ndarray, fractions: np.ndarray, fit_kwargs: dict,
@@ -90,7 +92,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(20, 5.5))
     alpha = report["fit"]["alpha"]
     for policy, summary in report["policies"].items():
         color, line = _STYLES.get(policy, ("tab:gray", "-"))
@@ -109,6 +111,24 @@ def plot(report: dict, path: Path) -> None:
     left.set_xlabel("mean compute fraction (FLOPs / full model)")
     left.set_ylabel("overall accuracy")
     left.legend(fontsize=7, loc="lower right")
+    old = report.get("schema1_reference")
+    for policy in COVERAGE_POLICIES:
+        color, line = _STYLES.get(policy, ("tab:gray", "-"))
+        rows = report["policies"][policy]["per_delta"]
+        middle.plot([r["delta"] for r in rows], [r["coverage"] for r in rows], line, color=color, marker=".", markersize=3,
+                    label=policy)
+        bad = [r for r in rows if r["violation_rate"] > alpha]
+        middle.plot([r["delta"] for r in bad], [r["coverage"] for r in bad], "x", color=color, markersize=8)
+    if old:
+        middle.plot(old["deltas"], old["coverage"], ":", color="black", label=f"{old['policy']} before (schema 1)")
+        if "confidence_coverage" in old:
+            middle.plot(old["deltas"], old["confidence_coverage"], ":", color=_STYLES["confidence"][0],
+                        label="confidence before (unguarded)")
+    middle.set_title(f"promised coverage vs δ, mean over {report['splits']} test halves (x: violation rate > α)")
+    middle.set_xlabel("δ (requested accuracy)")
+    middle.set_ylabel("coverage (share answered with target_met)")
+    middle.legend(fontsize=7, loc="lower left")
+    middle.grid(alpha=0.3)
     right.axhline(alpha, color="black", linewidth=1, linestyle=":", label=f"α = {alpha}")
     right.set_title(f"violation rate over {n} splits (promised accuracy < δ)")
     right.set_xlabel("δ (requested accuracy)")
@@ -175,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--old", type=Path, default=RESULTS / "schema1-reference.json",
+                        help="the previous default's figures, drawn for comparison (calibration_report.py --extract-old)")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -219,6 +241,7 @@ def main() -> None:
                   for k, z in enumerate(logits)],
         "policies": policies,
         "goal_met": all(policies[p]["goal_met"] for p in CONTROLLED),
+        "schema1_reference": json.loads(args.old.read_text())["splits"] if args.old.exists() else None,
         "seconds": {"logits": logits_done - start, "splits": time.perf_counter() - logits_done},
     }
     args.out.mkdir(parents=True, exist_ok=True)

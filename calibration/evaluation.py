@@ -13,7 +13,8 @@ import numpy as np
 from exitserve.calibration.binning import bin_index
 from exitserve.calibration.bounds import betainc
 from exitserve.calibration.metrics import aurc, auroc, ece
-from exitserve.calibration.policies import POLICIES, Calibration, Decisions, decide_all
+from exitserve.calibration.replay import Decisions, decide_all
+from exitserve.calibration.rules import POLICIES, Calibration
 
 DEFAULT_EVAL_DELTAS: np.ndarray = np.round(np.linspace(0.50, 0.99, 50), 2)  # 0.50, 0.51, ..., 0.99
 KEY_DELTAS: tuple[float, ...] = (0.80, 0.85, 0.90, 0.95, 0.99)
@@ -102,6 +103,22 @@ def over_promise(decisions: Decisions, labels: np.ndarray, num_exits: int) -> li
     return rows
 
 
+def _paired_order(policies: Sequence[str]) -> list[str]:
+    """Plain and conditional variants next to each other, then the rest in their given order."""
+    order = [p for pair in CONDITIONAL_PAIRS for p in pair if p in policies]
+    return order + [p for p in policies if p not in order]
+
+
+def promise_check(report: dict) -> list[dict]:
+    """Per policy over the whole sweep: violations, and the worst promised accuracy minus δ."""
+    out = []
+    for policy, rows in report["policies"].items():
+        margins = [r["accuracy_promised"] - r["delta"] for r in rows if r["accuracy_promised"] is not None]
+        out.append({"policy": policy, "deltas": len(rows), "violations": sum(r["violation"] for r in rows),
+                    "worst_margin": min(margins) if margins else None})
+    return out
+
+
 def evaluate_policies(
     calibration: Calibration,
     test_logits_per_exit: Sequence[np.ndarray],
@@ -138,14 +155,11 @@ def evaluate_policies(
     report_policies = {
         policy: [policy_row(decide(policy, d), labels, d, fractions, num_exits) for d in deltas] for policy in policies
     }
-    promise_rows = []
-    for plain, conditional in CONDITIONAL_PAIRS:
-        if plain not in policies or conditional not in policies:
-            continue
-        for d in over_promise_deltas:
-            for policy in (plain, conditional):
-                promise_rows.append({"policy": policy, "delta": float(d),
-                                     "per_exit": over_promise(decide(policy, float(d)), labels, num_exits)})
+    # Every policy: its promise holds or it does not, whatever rule chose the exit (issue 15).
+    promise_rows = [
+        {"policy": policy, "delta": float(d), "per_exit": over_promise(decide(policy, float(d)), labels, num_exits)}
+        for policy in _paired_order(policies) for d in over_promise_deltas
+    ]
     return {
         "n": int(labels.size),
         "num_exits": num_exits,
@@ -161,6 +175,7 @@ def evaluate_policies(
         "exits": [exit_report(calibration, k, logits[k], labels, fractions[k]) for k in range(num_exits)],
         "policies": report_policies,
         "over_promise": promise_rows,
+        "promise_check": promise_check({"policies": report_policies}),
     }
 
 
@@ -203,6 +218,14 @@ def render_markdown(report: dict, title: str = "Evaluation", key_deltas: Sequenc
         ["exit", "compute", "accuracy", "T", "ECE", "AUROC", "AURC"],
         [[str(e["index"]), _fmt(e["compute_fraction"]), _fmt(e["accuracy"]), _fmt(e["temperature"], 2), _fmt(e["ece"]),
           _fmt(e["auroc"]), _fmt(e["aurc"])] for e in report["exits"]],
+    )
+    lines += ["", "## Promise check (every policy)", "",
+              "Samples answered with target_met must be correct at a rate >= δ whatever rule chose the exit: "
+              "violations over the whole sweep, and the worst promised accuracy minus δ (points).", ""]
+    lines += _table(
+        ["policy", "violations", "worst promised − δ"],
+        [[c["policy"], f"{c['violations']} of {c['deltas']}", _fmt(c["worst_margin"], 1, 100)]
+         for c in report.get("promise_check") or promise_check(report)],
     )
     header = ["δ", "accuracy", "promised", "coverage", "violation", "mean exit", "compute", "exit histogram"]
     lines += ["", "## Policies at key δ", ""]

@@ -1,38 +1,35 @@
-"""Fitting: validation logits (and labels) -> the calibration.json document.
+"""Fitting: validation logits (and labels) -> the calibration.json document (fitting time only).
 
-`calibration.policies.fit_calibration` wraps this and loads the document through
-`Calibration.from_dict`, so a fitted calibration and one read back from disk are the same object.
+`fit_calibration` loads the document through `Calibration.from_dict`, so a fitted calibration and
+one read back from disk are the same object. Nothing on the serving path imports this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
 from exitserve.calibration.binning import bin_counts, bin_index, check_edges, make_edges
-from exitserve.calibration.confidence import check_measure, confidence_from_probs, softmax, top2_margin
-from exitserve.calibration.tables import conditional_counts, table_values
+from exitserve.calibration.confidence import check_measure
+from exitserve.calibration.document import (
+    CONDITIONAL_KINDS,
+    DEFAULT_DELTA_GRID,
+    DEFAULT_PRIOR,
+    DOCUMENT_KIND,
+    SCHEMA_VERSION,
+    check_grid,
+)
+from exitserve.calibration.observations import Observations, observe_logits
+from exitserve.calibration.rules import Calibration
+from exitserve.calibration.tables import conditional_counts, exit_allowed, table_values
+from exitserve.calibration.tails import DEFAULT_TAIL_BINS, tail_values
 from exitserve.calibration.temperature import fit_temperature as fit_exit_temperature
 from exitserve.calibration.threshold import margin_records
 
-SCHEMA_VERSION = 1
-DOCUMENT_KIND = "exitserve-calibration"
-# 0.50, 0.51, ..., 0.99 and 1.00: every δ in (0.99, 1] maps to 1.00, below 0.50 to 0.50.
-DEFAULT_DELTA_GRID: np.ndarray = np.round(np.linspace(0.50, 1.00, 51), 2)
-CONDITIONAL_KINDS: dict[str, str] = {"pcee-cond": "accuracy", "pcee-ws-cond": "smoothed", "pcee-lb-cond": "lower"}
-
-
-def check_grid(delta_grid: Sequence[float] | np.ndarray) -> np.ndarray:
-    grid = np.asarray(delta_grid, dtype=np.float64)
-    if grid.ndim != 1 or grid.size == 0:
-        raise ValueError("delta_grid must be a non-empty list of numbers")
-    if np.any(~np.isfinite(grid)) or grid[0] <= 0.0 or grid[-1] > 1.0:
-        raise ValueError("delta_grid values must lie in (0, 1]")
-    if np.any(np.diff(grid) <= 0):
-        raise ValueError("delta_grid must be strictly increasing")
-    return grid
+__all__ = ["Observations", "build_calibration_dict", "fit_calibration", "observe_logits", "refit_document",
+           "tables_document"]
 
 
 def check_logits(logits_per_exit: Sequence[np.ndarray], labels: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -77,58 +74,6 @@ def _nullable(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
 
 
-@dataclass(frozen=True)
-class Observations:
-    """Per-exit evidence the tables are counted from, one row per sample.
-
-    confidence[k] / margin[k]: the exit's (temperature-scaled) confidence measure and top-2 margin,
-    NaN where the sample was not observed at exit k; prediction[k]: its argmax, -1 where not
-    observed. Validation data observes every sample at every exit; served traffic only at the exits
-    a sample passed through (all of them for shadowed samples), so a deeper exit sees fewer samples.
-    """
-
-    confidence: list[np.ndarray]
-    margin: list[np.ndarray]
-    prediction: list[np.ndarray]
-
-    def __post_init__(self) -> None:
-        if not self.confidence or not (len(self.confidence) == len(self.margin) == len(self.prediction)):
-            raise ValueError("observations need the same number (>= 1) of exits for confidence, margin and prediction")
-        n = np.asarray(self.confidence[0]).shape
-        for k, arrays in enumerate(zip(self.confidence, self.margin, self.prediction, strict=True)):
-            if any(np.asarray(a).shape != n or np.asarray(a).ndim != 1 for a in arrays):
-                raise ValueError(f"exit {k}: observations of shape other than {n}")
-
-    @property
-    def size(self) -> int:
-        return int(np.asarray(self.confidence[0]).shape[0])
-
-    def observed(self, k: int) -> np.ndarray:
-        return np.isfinite(np.asarray(self.confidence[k], dtype=np.float64)) & (np.asarray(self.prediction[k]) >= 0)
-
-    @staticmethod
-    def concatenate(parts: Sequence[Observations]) -> Observations:
-        exits = len(parts[0].confidence)
-        if any(len(p.confidence) != exits for p in parts):
-            raise ValueError("observations of different exit counts cannot be merged")
-        return Observations(
-            confidence=[np.concatenate([np.asarray(p.confidence[k], np.float64) for p in parts]) for k in range(exits)],
-            margin=[np.concatenate([np.asarray(p.margin[k], np.float64) for p in parts]) for k in range(exits)],
-            prediction=[np.concatenate([np.asarray(p.prediction[k], np.int64) for p in parts]) for k in range(exits)],
-        )
-
-
-def observe_logits(logits_per_exit: Sequence[np.ndarray], temperatures: Sequence[float], confidence: str) -> Observations:
-    """Every exit observed for every sample: what validation logits give."""
-    conf, margin, pred = [], [], []
-    for z, temperature in zip(logits_per_exit, temperatures, strict=True):
-        probs = softmax(z, temperature)
-        conf.append(confidence_from_probs(probs, confidence))
-        margin.append(top2_margin(probs))
-        pred.append(np.asarray(z).argmax(axis=1).astype(np.int64))
-    return Observations(conf, margin, pred)
-
-
 def build_calibration_dict(
     logits_per_exit: Sequence[np.ndarray],
     labels: np.ndarray | None,
@@ -141,6 +86,8 @@ def build_calibration_dict(
     delta_grid: Sequence[float] | np.ndarray = DEFAULT_DELTA_GRID,
     fit_temperature: bool = True,
     data_fingerprint: str = "",
+    prior: tuple[float, float] = DEFAULT_PRIOR,
+    tail_bins: int = DEFAULT_TAIL_BINS,
 ) -> dict:
     arrays, labels = check_logits(logits_per_exit, labels)
     check_measure(confidence)
@@ -151,16 +98,18 @@ def build_calibration_dict(
     ]
     observations = observe_logits(arrays, temperatures, confidence)
     edges = [check_edges(make_edges(conf, bins, binning)) for conf in observations.confidence]
+    tails = [check_edges(make_edges(conf, tail_bins, "equal-mass")) for conf in observations.confidence]
     return tables_document(
-        observations, labels, temperatures, edges, confidence=confidence, bins=bins, binning=binning,
-        window=window, alpha=alpha, grid=grid, data_fingerprint=data_fingerprint,
+        observations, labels, temperatures, edges, tails, confidence=confidence, bins=bins, binning=binning,
+        window=window, alpha=alpha, grid=grid, data_fingerprint=data_fingerprint, prior=prior, tail_bins=tail_bins,
     )
 
 
 def refit_document(base: dict, observations: Observations, labels: np.ndarray, *, data_fingerprint: str) -> dict:
     """Rebuild every table of calibration document `base` from new labelled observations.
 
-    The confidence measure, temperatures, bin edges, grid, window and alpha stay those of `base`:
+    The confidence measure, temperatures, bin edges (tail bins too), grid, window and alpha stay those
+    of `base` (a schema 1 base gets the default prior and equal-mass tail bins of the new observations):
     the observations (e.g. logged by the server) were computed with its temperatures, so refitting
     them would make the logged confidences meaningless. Samples missing at an exit (they left
     earlier) count nowhere there; for the conditional tables they simply never reach it.
@@ -173,11 +122,18 @@ def refit_document(base: dict, observations: Observations, labels: np.ndarray, *
         raise ValueError(f"labels must be {observations.size} integers")
     if observations.size == 0 or not observations.observed(0).any():
         raise ValueError("no observations to rebuild the tables from")
+    tail_bins = int(base.get("tail_bins") or DEFAULT_TAIL_BINS)
+    tails = [
+        check_edges(np.asarray(e["tail"]["edges"], dtype=np.float64)) if e.get("tail")
+        else check_edges(make_edges(np.asarray(observations.confidence[k], np.float64), tail_bins, "equal-mass"))
+        for k, e in enumerate(exits)
+    ]
     return tables_document(
         observations, labels.astype(np.int64), [float(e["temperature"]) for e in exits],
-        [check_edges(np.asarray(e["edges"], dtype=np.float64)) for e in exits],
+        [check_edges(np.asarray(e["edges"], dtype=np.float64)) for e in exits], tails,
         confidence=base["confidence"], bins=int(base["bins"]), binning=base["binning"], window=int(base["window"]),
         alpha=float(base["alpha"]), grid=check_grid(base["delta_grid"]), data_fingerprint=data_fingerprint,
+        prior=tuple(base.get("prior") or DEFAULT_PRIOR), tail_bins=tail_bins,
     )
 
 
@@ -193,6 +149,7 @@ def tables_document(
     labels: np.ndarray | None,
     temperatures: Sequence[float],
     edges_per_exit: Sequence[np.ndarray],
+    tail_edges_per_exit: Sequence[np.ndarray],
     *,
     confidence: str,
     bins: int,
@@ -201,6 +158,8 @@ def tables_document(
     alpha: float,
     grid: np.ndarray,
     data_fingerprint: str,
+    prior: tuple[float, float] = DEFAULT_PRIOR,
+    tail_bins: int = DEFAULT_TAIL_BINS,
 ) -> dict:
     """The calibration.json document for fixed temperatures and edges, counted from `observations`."""
     num_exits = len(observations.confidence)
@@ -208,7 +167,8 @@ def tables_document(
     last_seen = observations.observed(num_exits - 1)
     # Without labels, correctness is agreement with the last exit (self-supervised).
     reference = labels if labels is not None else predictions[-1]
-    exits, bins_per_exit, correct_per_exit, num_bins = [], [], [], []
+    exits, bins_per_exit, correct_per_exit, num_bins, tail_bins_per_exit, margins_per_exit = [], [], [], [], [], []
+    records = []
     for k in range(num_exits):
         edges = edges_per_exit[k]
         m = edges.size - 1
@@ -230,8 +190,8 @@ def tables_document(
             "edges": edges.tolist(),
             "counts": counts.tolist(),
             "correct": hits.tolist(),
-            "accuracy": _nullable(table_values("accuracy", counts, hits)),
-            "smoothed_accuracy": _nullable(table_values("smoothed", counts, hits, window=window)),
+            "accuracy": _nullable(table_values("accuracy", counts, hits, prior=prior)),
+            "smoothed_accuracy": _nullable(table_values("smoothed", counts, hits, window=window, prior=prior)),
             "lower_bound": table_values("lower", counts, hits, alpha=alpha).tolist(),
             "per_exit_threshold": {"thresholds": thresholds.tolist(), "precision": precision.tolist()},
             "conditional": {},
@@ -240,11 +200,36 @@ def tables_document(
         bins_per_exit.append(b)
         correct_per_exit.append(correct)
         num_bins.append(m)
+        tail_b = bin_index(tail_edges_per_exit[k], conf)
+        tail_b[~seen] = tail_edges_per_exit[k].size - 1
+        tail_bins_per_exit.append(tail_b)
+        margins_per_exit.append(margins)
+        records.append((thresholds, precision))
 
     for policy, kind in CONDITIONAL_KINDS.items():
-        counts, hits = conditional_counts(kind, bins_per_exit, correct_per_exit, num_bins, grid, window=window, alpha=alpha)
+        values = partial(table_values, kind, window=window, alpha=alpha, prior=prior)
+        counts, hits = conditional_counts(lambda c, h, values=values: exit_allowed(values(c, h), grid, c.sum(axis=1) == 0),
+                                          bins_per_exit, correct_per_exit, num_bins, grid)
         for k in range(num_exits):
             exits[k]["conditional"][policy] = _rows(counts[k], hits[k])
+
+    tail_sizes = [e.size - 1 for e in tail_edges_per_exit]
+    tails = {"pcee-lb-tail": conditional_counts(
+        lambda c, h: tail_values(c, h, grid, alpha) >= grid[:, None],
+        tail_bins_per_exit, correct_per_exit, tail_sizes, grid,
+    )}
+    confidences = [np.where(observations.observed(k), np.asarray(observations.confidence[k], np.float64), np.nan)
+                   for k in range(num_exits)]
+    leave_rules: dict[str, Callable[[int], np.ndarray]] = {
+        "confidence": lambda k: confidences[k][None, :] >= grid[:, None],
+        "per-exit-threshold": lambda k: margins_per_exit[k][None, :] >= _margin_thresholds(*records[k], grid)[:, None],
+        "full": lambda k: np.zeros((grid.size, observations.size), dtype=bool),
+    }
+    for policy, leave in leave_rules.items():
+        tails[policy] = leaver_counts(leave, tail_bins_per_exit, correct_per_exit, tail_sizes, grid)
+    for k in range(num_exits):
+        exits[k]["tail"] = {"edges": tail_edges_per_exit[k].tolist(),
+                            **{policy: _rows(counts[k], hits[k]) for policy, (counts, hits) in tails.items()}}
 
     return {
         "kind": DOCUMENT_KIND,
@@ -253,11 +238,80 @@ def tables_document(
         "confidence": confidence,
         "binning": binning,
         "bins": int(bins),
+        "tail_bins": int(tail_bins),
         "window": int(window),
         "alpha": float(alpha),
+        "prior": [float(prior[0]), float(prior[1])],
         "labels_known": labels is not None,
         "validation_size": observations.size,
         "data_fingerprint": str(data_fingerprint),
         "delta_grid": grid.tolist(),
         "exits": exits,
     }
+
+
+def _margin_thresholds(thresholds: np.ndarray, precision: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """per-exit-threshold's margin threshold for each grid δ (inf where none reaches it)."""
+    if precision.size == 0:
+        return np.full(grid.size, np.inf)
+    j = np.searchsorted(precision, grid, side="left")
+    return np.where(j < precision.size, thresholds[np.minimum(j, precision.size - 1)], np.inf)
+
+
+def leaver_counts(
+    leave: Callable[[int], np.ndarray],
+    bins_per_exit: list[np.ndarray],
+    correct_per_exit: list[np.ndarray],
+    num_bins: list[int],
+    grid: np.ndarray,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per exit, [G, M] counts of the samples that *leave* there under a rule, for every grid δ.
+
+    `leave(k)` -> [G, n]: would the sample leave at exit k under δ_g (the rule's own decision,
+    whatever it is); at the last exit every sample still running leaves. A baseline's promise at an
+    exit is then a guarded tail table over exactly the samples it answers there.
+    """
+    g, n = grid.size, bins_per_exit[0].size
+    alive = np.ones((g, n), dtype=bool)
+    rows = np.repeat(np.arange(g), n).reshape(g, n)
+    last = len(bins_per_exit) - 1
+    counts_out, correct_out = [], []
+    for k, (bins, correct, m) in enumerate(zip(bins_per_exit, correct_per_exit, num_bins, strict=True)):
+        seen = (bins < m)[None, :]
+        leaves = alive & seen & (True if k == last else leave(k))
+        flat = rows[leaves] * m + np.broadcast_to(bins, (g, n))[leaves]
+        hits = np.broadcast_to(np.asarray(correct, dtype=np.float64), (g, n))[leaves]
+        counts_out.append(np.bincount(flat, minlength=g * m).reshape(g, m).astype(np.int64))
+        correct_out.append(np.rint(np.bincount(flat, weights=hits, minlength=g * m)).reshape(g, m).astype(np.int64))
+        alive &= ~leaves
+    return counts_out, correct_out
+
+
+def fit_calibration(
+    logits_per_exit: list[np.ndarray],
+    labels: np.ndarray | None,
+    *,
+    confidence: str = "max-softmax",
+    bins: int = 15,
+    binning: str = "equal-width",
+    window: int = 1,
+    alpha: float = 0.05,
+    delta_grid: Sequence[float] | np.ndarray = DEFAULT_DELTA_GRID,
+    fit_temperature: bool = True,
+    data_fingerprint: str = "",
+    prior: tuple[float, float] = DEFAULT_PRIOR,
+    tail_bins: int = DEFAULT_TAIL_BINS,
+) -> Calibration:
+    """Fit temperatures and every table on validation logits [n, C] per exit.
+
+    labels None => self-supervised: a sample is "correct" at an exit when it agrees with the last
+    exit's prediction, and temperatures stay 1. The delta grid (default 0.50, 0.51, ..., 1.00) is
+    where conditional tables are built; `prior` is the Beta pseudo-counts of the unbounded tables,
+    `tail_bins` the number of equal-mass candidate thresholds per exit of the tail tables.
+    """
+    document = build_calibration_dict(
+        logits_per_exit, labels, confidence=confidence, bins=bins, binning=binning, window=window,
+        alpha=alpha, delta_grid=delta_grid, fit_temperature=fit_temperature, data_fingerprint=data_fingerprint,
+        prior=prior, tail_bins=tail_bins,
+    )
+    return Calibration.from_dict(document)

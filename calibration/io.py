@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from exitserve.calibration.policies import Calibration
+from exitserve.calibration.rules import Calibration
 
 
 def dumps(document: Any, indent: int = 2, _level: int = 0) -> str:

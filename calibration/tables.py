@@ -7,11 +7,14 @@ axis (so one call handles a single exit's [M] table or a conditional [G, M] stac
 - "smoothed": pooled accuracy over bins b-H..b+H, i.e. count-weighted (`pcee-ws`);
 - "lower":    one-sided Clopper–Pearson lower bound at level 1 - alpha (`pcee-lb`).
 
+The unbounded kinds take an optional Beta prior (pseudo-counts) against one-sample bins.
 An empty bin has no evidence: accuracy and smoothed are -inf there and the lower bound is 0, so
 for any δ in (0, 1] it never lets a sample exit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,7 +37,13 @@ def window_sums(values: np.ndarray, window: int) -> np.ndarray:
     return csum[..., hi] - csum[..., lo]
 
 
-def table_values(kind: str, counts: np.ndarray, correct: np.ndarray, *, window: int = 1, alpha: float = 0.05) -> np.ndarray:
+def table_values(
+    kind: str, counts: np.ndarray, correct: np.ndarray, *, window: int = 1, alpha: float = 0.05,
+    prior: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Table values along the last axis. `prior` (a, b): Beta pseudo-counts of correct and wrong
+    samples added to every bin of the unbounded tables (posterior mean), so that a bin of one
+    lucky sample says (1 + a) / (1 + a + b), not 1.0; (0, 0) is the plain accuracy."""
     counts = np.asarray(counts, dtype=np.int64)
     correct = np.asarray(correct, dtype=np.int64)
     empty = counts == 0
@@ -46,37 +55,41 @@ def table_values(kind: str, counts: np.ndarray, correct: np.ndarray, *, window: 
         num, den = window_sums(correct, window), window_sums(counts, window)
     else:
         raise ValueError(f"unknown table kind {kind!r}; choose from {', '.join(TABLE_KINDS)}")
+    a, b = prior
     with np.errstate(divide="ignore", invalid="ignore"):
-        values = num / den
+        values = (num + a) / (den + a + b)
     return np.where(empty, EMPTY, values)
 
 
-def exit_allowed(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+def exit_allowed(values: np.ndarray, grid: np.ndarray, vacuous: np.ndarray | None = None) -> np.ndarray:
     """For conditional tables [G, M]: may a sample in bin b leave at this exit under grid δ_g?
 
     Bin b passes at δ_g when its table value reaches δ_g. Passing is then made monotone in δ: a
     bin may let samples leave at δ_g only if it also passes at every smaller grid δ. Without this,
     a table built on a larger reach set (higher δ) could let a sample leave *earlier* for a higher
     target. It only removes exits, so every exit still has table value >= δ_g.
+
+    `vacuous` [G] marks grid δ whose reach set is empty (nobody gets here, so no sample can be
+    moved earlier): they constrain nothing. Without it one δ whose samples all left earlier would
+    shut the exit for every higher δ (it shut whole exits of the default bundle).
     """
     passes = values >= grid[:, None]
-    return np.logical_and.accumulate(passes, axis=0)
+    constraint = passes if vacuous is None else passes | np.asarray(vacuous, dtype=bool)[:, None]
+    return np.logical_and.accumulate(constraint, axis=0) & passes
 
 
 def conditional_counts(
-    kind: str,
+    allowed: Callable[[np.ndarray, np.ndarray], np.ndarray],
     bins_per_exit: list[np.ndarray],
     correct_per_exit: list[np.ndarray],
     num_bins: list[int],
     grid: np.ndarray,
-    *,
-    window: int,
-    alpha: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per exit, [G, M] counts and correct counts over the samples that reach it under each grid δ.
 
     The samples reaching exit l under δ_g are those that did not leave at an earlier exit under
-    the conditional rule itself (tables of that exit for δ_g, with `exit_allowed`). All grid
+    the conditional rule itself (`allowed(counts, correct)` -> [G, M]: may bin b leave at δ_g,
+    from that exit's tables, see `exit_allowed`). All grid
     values are simulated at once: one pass over exits, vectorised over (δ_g, sample).
     """
     g, n = grid.size, bins_per_exit[0].size
@@ -93,8 +106,7 @@ def conditional_counts(
         counts_out.append(counts)
         correct_out.append(corr)
         if exit_index < last:
-            allowed = exit_allowed(table_values(kind, counts, corr, window=window, alpha=alpha), grid)
-            padded = np.concatenate([allowed, np.zeros((g, 1), dtype=bool)], axis=1)  # sentinel column
+            padded = np.concatenate([allowed(counts, corr), np.zeros((g, 1), dtype=bool)], axis=1)  # sentinel column
             leaves = alive & padded[rows, np.broadcast_to(bins, (g, n))]
             alive &= ~leaves
     return counts_out, correct_out

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.calibration import POLICIES
+from exitserve.calibration.document import normalise_deltas
 from exitserve.errors import InvalidInput, Overloaded, PayloadTooLarge, Timeout
 from exitserve.service.serving.batcher import ItemResult, WorkItem
 from exitserve.service.serving.context import REQUEST_ID
@@ -76,29 +77,12 @@ class Dataplane:
         return model.tokenizer.encode(texts, where)
 
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
-        if delta is None:
-            return np.full(n, self.settings.default_delta)
-        # Numbers only: numpy would happily parse "0.9", b"0.9" or True into a target.
-        if isinstance(delta, np.ndarray):
-            numeric = delta.dtype.kind in "fiu"
-        elif isinstance(delta, list):
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in delta)
-        else:
-            numeric = isinstance(delta, (int, float)) and not isinstance(delta, bool)
-        if not numeric:
-            raise InvalidInput(f"{where}: must be a number in (0, 1] or a list of one per sample, got {delta!r:.80}")
+        """One target per sample, through the calibration package's one δ normaliser (numbers only:
+        numpy would happily parse "0.9", b"0.9" or True into a target)."""
         try:
-            values = np.asarray(delta, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"{where}: must be a number in (0, 1] or a list of one per sample, got {delta!r}") from None
-        if values.ndim == 0:
-            values = np.full(n, float(values))
-        elif values.shape != (n,):
-            raise InvalidInput(f"{where}: {values.size} values for {n} samples")
-        if not np.isfinite(values).all() or (values <= 0).any() or (values > 1).any():
-            bad = values[(~np.isfinite(values)) | (values <= 0) | (values > 1)][0]
-            raise InvalidInput(f"{where}: must be in (0, 1], got {float(bad)!r}")
-        return values
+            return normalise_deltas(delta, n, default=self.settings.default_delta, where=where)
+        except ValueError as exc:
+            raise InvalidInput(_clip(str(exc))) from None
 
     def check_policy(self, model: ServedModel, policy: object, n: int, where: str = "policy") -> np.ndarray:
         name = self.settings.default_policy if policy is None else policy
@@ -133,3 +117,8 @@ class Dataplane:
         if not item.future.done():
             item.cancelled = True  # the engine skips it if it has not started yet
             item.future.set_exception(Timeout(f"no answer within {self.settings.request_timeout_s:g} s"))
+
+
+def _clip(message: str, limit: int = 300) -> str:
+    """Error messages echo what the client sent: never megabytes of it."""
+    return message if len(message) <= limit else message[: limit - 1] + "…"

@@ -81,25 +81,39 @@ def _scipy_lower(k: int, n: int, alpha: float) -> float:
     return 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
 
 
-def _value(kind: str, counts: list[int], correct: list[int], b: int, window: int, alpha: float) -> float:
+def _value(kind: str, counts: list[int], correct: list[int], b: int, window: int, alpha: float,
+           prior: tuple[float, float] = (0.0, 0.0)) -> float:
     n, k = counts[b], correct[b]
     if kind == "lower":
         return _scipy_lower(k, n, alpha)
     if n == 0:
         return -math.inf
+    pa, pb = prior
     if kind == "accuracy":
-        return k / n
+        return (k + pa) / (n + pa + pb)
     lo, hi = max(0, b - window), min(len(counts), b + window + 1)
-    return sum(correct[lo:hi]) / sum(counts[lo:hi])
+    return (sum(correct[lo:hi]) + pa) / (sum(counts[lo:hi]) + pa + pb)
+
+
+def _tail_value(counts: list[int], correct: list[int], b: int, delta: float, alpha: float) -> float:
+    """Fixed-sequence tail test, one edge at a time: the smallest bound from the first tested edge down to b."""
+    fewest = math.inf if delta >= 1.0 else next(n for n in range(1, 10**7) if alpha ** (1.0 / n) >= delta)
+    tested = [j for j in range(len(counts)) if sum(counts[j:]) >= fewest]
+    if not tested:
+        return 0.0
+    first = max(tested)
+    bounds = [_scipy_lower(sum(correct[j:]), sum(counts[j:]), alpha) for j in range(min(b, first), first + 1)]
+    return min(bounds)
 
 
 _KIND = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
+_BASELINES = ("confidence", "per-exit-threshold", "full")
 
 
 def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: np.ndarray) -> list[tuple[int, int, float, bool]]:
-    """(exit, prediction, estimate, target_met) per sample, one sample at a time."""
+    """(exit, prediction, estimate, target_met) per sample, one sample at a time (schema 2 documents)."""
     num_exits, grid = doc["num_exits"], doc["delta_grid"]
-    window, alpha = doc["window"], doc["alpha"]
+    window, alpha, prior = doc["window"], doc["alpha"], tuple(doc["prior"])
     out = []
     for i, delta in enumerate(deltas):
         delta = float(delta)
@@ -111,35 +125,60 @@ def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: n
             b = _bin(ex["edges"], conf)
             last = k == num_exits - 1
             base = policy.removesuffix("-cond")
+
+            def tail_value(name, gi=g, ex=ex, conf=conf):
+                rows = ex["tail"][name]
+                row = rows["grid_rows"][gi]
+                return _tail_value(rows["counts"][row], rows["correct"][row], _bin(ex["tail"]["edges"], conf), grid[gi], alpha)
+
+            def bin_estimate(name, gi=g, ex=ex, conf=conf):
+                rows = ex["tail"][name]
+                row = rows["grid_rows"][gi]
+                tb = _bin(ex["tail"]["edges"], conf)
+                lo, hi = max(0, tb - window), min(len(rows["counts"][row]), tb + window + 1)
+                n, k = sum(rows["counts"][row][lo:hi]), sum(rows["correct"][row][lo:hi])
+                return (k + prior[0]) / (n + prior[0] + prior[1]) if n + prior[0] + prior[1] > 0 else 0.0
+
             if policy in _KIND:
-                value = _value(_KIND[policy], ex["counts"], ex["correct"], b, window, alpha)
+                value = _value(_KIND[policy], ex["counts"], ex["correct"], b, window, alpha, prior)
                 leave = value >= delta
             elif policy.endswith("-cond"):
                 cond = ex["conditional"][policy]
 
                 def cond_value(gi, cond=cond, b=b, base=base):
                     row = cond["grid_rows"][gi]
-                    return _value(_KIND[base], cond["counts"][row], cond["correct"][row], b, window, alpha)
+                    return _value(_KIND[base], cond["counts"][row], cond["correct"][row], b, window, alpha, prior)
+
+                def reached(gi, cond=cond):
+                    return sum(cond["counts"][cond["grid_rows"][gi]]) > 0
 
                 value = cond_value(g)
-                leave = all(cond_value(j) >= grid[j] for j in range(g + 1)) and value >= delta
+                # monotone in δ: every smaller grid δ whose reach set is not empty must pass too
+                leave = all(cond_value(j) >= grid[j] or not reached(j) for j in range(g + 1)) and value >= grid[g]
+                leave = leave and value >= delta
+            elif policy == "pcee-lb-tail":
+                value = tail_value(policy)
+                leave = value >= grid[g] and value >= delta
             elif policy == "confidence":
-                value, leave = conf, conf >= delta
+                value, leave = 0.0, conf >= delta
             elif policy == "per-exit-threshold":
-                if last:
-                    value, leave = _value("accuracy", ex["counts"], ex["correct"], b, window, alpha), True
-                else:
-                    pet = ex["per_exit_threshold"]
-                    chosen = [j for j, p in enumerate(pet["precision"]) if p >= delta]
-                    margin = float(top2_margin(probs)[0])
-                    value = pet["precision"][chosen[0]] if chosen else 0.0
-                    leave = bool(chosen) and margin >= pet["thresholds"][chosen[0]]
+                value = 0.0
+                pet = ex["per_exit_threshold"]
+                chosen = [j for j, p in enumerate(pet["precision"]) if p >= delta]
+                margin = float(top2_margin(probs)[0])
+                leave = bool(chosen) and margin >= pet["thresholds"][chosen[0]]
             elif policy == "full":
-                value, leave = _value("accuracy", ex["counts"], ex["correct"], b, window, alpha), False
+                value, leave = 0.0, False
             else:
                 raise AssertionError(policy)
             if leave or last:
-                estimate = max(value, 0.0)
-                out.append((k, int(np.argmax(logits[k][i])), estimate, bool(estimate >= delta) if last else True))
+                if policy in _BASELINES or policy == "pcee-lb-tail":
+                    # the promise: the guarded tail of the samples answered here; the estimate: the own bin
+                    met = tail_value(policy) >= delta
+                    estimate = bin_estimate(policy)
+                else:
+                    estimate = max(value, 0.0)
+                    met = estimate >= delta if last else True
+                out.append((k, int(np.argmax(logits[k][i])), estimate, bool(met)))
                 break
     return out

@@ -176,10 +176,22 @@ def test_margin_records_pick_the_smallest_threshold_reaching_epsilon(samples, ep
 
 
 def test_calibration_imports_neither_torch_nor_scipy_nor_service():
-    code = ("import sys, exitserve.calibration, exitserve.calibration.policies, exitserve.calibration.evaluation, "
+    code = ("import sys, exitserve.calibration, exitserve.calibration.rules, exitserve.calibration.replay, "
+            "exitserve.calibration.document, exitserve.calibration.fitting, exitserve.calibration.evaluation, "
             "exitserve.calibration.metrics, exitserve.calibration.plots, exitserve.calibration.io; "
             "bad = [m for m in ('torch', 'scipy', 'exitserve.service', 'exitserve.models', 'matplotlib') "
             "if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deciding_needs_no_fitting_module():
+    """What the serving path uses (load a document, step, replay, observations) imports no fitting code."""
+    code = ("import sys, exitserve.calibration as c, exitserve.calibration.observations; "
+            "from exitserve.calibration import Calibration, decide_all, normalise_deltas; "
+            "bad = [m for m in ('exitserve.calibration.fitting', 'exitserve.calibration.temperature', "
+            "'exitserve.calibration.threshold', 'exitserve.calibration.evaluation', 'tqdm') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -77,8 +77,7 @@ def test_per_exit_metrics_and_over_promise(setup, report):
         assert e["n"] == at.sum()
         if at.any():
             assert e["over_promise"] == pytest.approx(d.estimate[at].mean() - (d.prediction == test_y)[at].mean())
-    assert {r["policy"] for r in report["over_promise"]} == {"pcee", "pcee-cond", "pcee-ws", "pcee-ws-cond",
-                                                               "pcee-lb", "pcee-lb-cond"}
+    assert {r["policy"] for r in report["over_promise"]} == set(POLICIES)
 
 
 def test_markdown_and_plots(tmp_path, report):
@@ -98,3 +97,15 @@ def test_evaluate_rejects_mismatched_inputs(setup):
         evaluate_policies(cal, test, test_y, [0.5, 1.0])
     with pytest.raises(ValueError, match="unknown policy"):
         evaluate_policies(cal, test, test_y, FRACTIONS, policies=["greedy"])
+
+
+def test_promise_check_covers_every_policy(report):
+    check = {c["policy"]: c for c in report["promise_check"]}
+    assert set(check) == set(POLICIES)
+    for policy, rows in report["policies"].items():
+        assert check[policy]["violations"] == sum(r["violation"] for r in rows)
+        margins = [r["accuracy_promised"] - r["delta"] for r in rows if r["accuracy_promised"] is not None]
+        assert check[policy]["worst_margin"] == (min(margins) if margins else None)
+    text = render_markdown(report)
+    assert "## Promise check (every policy)" in text
+    assert all(f"| {policy} | {check[policy]['violations']} of 50 |" in text for policy in POLICIES)

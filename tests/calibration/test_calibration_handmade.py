@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 
 from exitserve.calibration import POLICIES, decide_all, fit_calibration
+from exitserve.calibration.bounds import clopper_pearson_lower
+from exitserve.calibration.document import TAIL_POLICIES
 
 NEG = -1000.0
 U = [0.0, 0.0, 0.0, 0.0]
@@ -52,7 +54,9 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 
 @pytest.fixture(scope="module")
 def cal():
-    return fit_calibration([EXIT0, EXIT1], LABELS, bins=4, window=1, alpha=0.05, delta_grid=GRID, fit_temperature=False)
+    # No Beta prior here, so that the tables are the plain fractions worked out above.
+    return fit_calibration([EXIT0, EXIT1], LABELS, bins=4, window=1, alpha=0.05, delta_grid=GRID, fit_temperature=False,
+                           prior=(0.0, 0.0))
 
 
 def run(cal, policy, deltas):
@@ -164,7 +168,7 @@ def test_pcee_cond_uses_the_grid_delta_at_or_above(cal):
 
 
 def test_delta_above_the_top_of_the_grid_uses_the_top_tables_and_still_needs_the_value():
-    cal = fit_calibration([EXIT0, EXIT1], LABELS, bins=4, delta_grid=[0.5, 0.7], fit_temperature=False)
+    cal = fit_calibration([EXIT0, EXIT1], LABELS, bins=4, delta_grid=[0.5, 0.7], fit_temperature=False, prior=(0.0, 0.0))
     # Grid top 0.7: bin 3 of exit 0 (0.75) is allowed there; a request at 0.74 leaves, at 0.8 it must not.
     np.testing.assert_array_equal(run(cal, "pcee-cond", 0.74).exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     d = run(cal, "pcee-cond", 0.8)
@@ -176,8 +180,9 @@ def test_delta_above_the_top_of_the_grid_uses_the_top_tables_and_still_needs_the
 def test_confidence_policy(cal):
     d = run(cal, "confidence", 0.9)
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
-    np.testing.assert_allclose(d.estimate, [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, T_CONF, 0.25, 0.5, 1.0])
-    np.testing.assert_array_equal(d.target_met, [True] * 5 + [False, False, False, False, True])
+    # Ten samples cannot prove 0.9 (29 all-correct samples are the least that can): the guard
+    # promises nothing, although the confidence of s0..s4 and s9 is >= 0.9.
+    assert not d.target_met.any()
     d = run(cal, "confidence", 0.25)  # exactly the uniform confidence: everyone leaves at exit 0
     np.testing.assert_array_equal(d.exit_index, [0] * 10)
 
@@ -189,10 +194,9 @@ def test_per_exit_threshold_policy(cal):
     assert thresholds["precision"] == pytest.approx([0.6, 0.75], abs=1e-15)
     d = run(cal, "per-exit-threshold", 0.6)
     np.testing.assert_array_equal(d.exit_index, [0] * 10)
-    np.testing.assert_allclose(d.estimate, [0.6] * 10)
+    assert not d.target_met.any()  # 6 of 10 correct: no bound reaches 0.6 (the rule's own precision did)
     d = run(cal, "per-exit-threshold", 0.7)
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    np.testing.assert_allclose(d.estimate, [0.75] * 4 + [1.0, 0.5, 1.0, 0.0, 0.5, 1.0])  # last exit: pcee table
     d = run(cal, "per-exit-threshold", 0.76)  # no threshold reaches 0.76: nobody leaves early
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
 
@@ -200,11 +204,19 @@ def test_per_exit_threshold_policy(cal):
 def test_full_policy(cal):
     d = run(cal, "full", 0.5)
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
-    np.testing.assert_allclose(d.estimate, [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0])
-    np.testing.assert_array_equal(d.target_met, [True] * 5 + [True, True, False, True, True])
+    # The last exit's guarded tail at grid δ 0.5, tested from the top down: the 6 saturated samples
+    # are all correct (bound 0.05 ** (1/6) = 0.61, the first tail of >= 5 samples), with T 7 of 7
+    # (0.65), with the two H 8 of 9 (0.59): all >= 0.5; with U 8 of 10 (< 0.5) the test stops.
+    bounds = clopper_pearson_lower(np.array([6, 7, 8, 8]), np.array([6, 7, 9, 10]), 0.05)
+    assert np.all(bounds[:3] >= 0.5) and bounds[3] < 0.5
+    np.testing.assert_array_equal(d.target_met, [True] * 7 + [False, True, True])
+    # The estimate is the sample's own: the accuracy of its fine bin (±1 bin, no prior here). The
+    # fine equal-mass edges fall between the distinct confidences U, H, T, S, so each pattern has
+    # its own bin and its ±1 neighbours are empty: S 6/6, T 1/1, H 1/2 (s5 right, s8 wrong), U 0/1.
+    np.testing.assert_allclose(d.estimate[[0, 6, 5, 8, 7]], [1.0, 1.0, 0.5, 0.5, 0.0])
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("confidence", "per-exit-threshold")])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in TAIL_POLICIES])
 def test_empty_bin_never_lets_anyone_leave_and_reports_zero(cal, policy):
     five = np.zeros((3, 5), dtype=np.float32)  # five classes: confidence 0.2, in the empty bin 0
     step = cal.step(policy, 0, five, np.array([0.01, 0.1, 0.2]))
@@ -217,12 +229,16 @@ def test_empty_bin_never_lets_anyone_leave_and_reports_zero(cal, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_at_an_early_exit_target_met_is_exactly_leaving(cal, policy):
+def test_at_an_early_exit_target_met_is_leaving_with_an_estimate_reaching_delta(cal, policy):
     deltas = np.linspace(0.3, 0.9, 10)
     step = cal.step(policy, 0, EXIT0, deltas)
-    np.testing.assert_array_equal(step.target_met, step.exit_now)
-    if policy == "full":  # estimates reach δ for some rows, yet nobody leaves and nothing is promised
-        assert not step.exit_now.any() and np.any(step.estimate >= deltas)
+    assert not np.any(step.target_met & ~step.exit_now)
+    if policy not in ("confidence", "per-exit-threshold", "full"):  # PCEE rules leave only with the promise
+        np.testing.assert_array_equal(step.target_met, step.exit_now)
+    if policy not in TAIL_POLICIES:  # per-bin rules: the promise is the estimate reaching δ
+        np.testing.assert_array_equal(step.target_met, step.exit_now & (step.estimate >= deltas))
+    if policy == "full":  # nobody leaves early, so nothing is promised there
+        assert not step.exit_now.any() and not step.target_met.any()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -231,7 +247,8 @@ def test_every_policy_answers_everyone_at_the_last_exit(cal, policy):
     assert step.exit_now.all()
     assert step.exit_now.dtype == bool and step.target_met.dtype == bool
     assert step.estimate.dtype == np.float64 and step.confidence.dtype == np.float64
-    np.testing.assert_array_equal(step.target_met, step.estimate >= 0.99)
+    if policy not in TAIL_POLICIES:  # tail rules promise by their guarded tail, not the own estimate
+        np.testing.assert_array_equal(step.target_met, step.estimate >= 0.99)
 
 
 def test_self_supervised_correctness_is_agreement_with_the_last_exit():
@@ -252,7 +269,7 @@ def test_step_rejects_bad_arguments(cal):
         cal.step("pcee", 0, EXIT0, np.full(10, 1.5))
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         cal.step("pcee", 0, EXIT0, np.full(10, 0.0))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="3 values for 10 samples"):
         cal.step("pcee", 0, EXIT0, np.full(3, 0.9))
     empty = cal.step("pcee", 0, EXIT0[:0], np.empty(0))
     assert empty.exit_now.shape == (0,)

@@ -40,7 +40,8 @@ def test_raising_delta_never_lowers_any_exit_index(problem, seed):
     low = draw_deltas(rng, cal.delta_grid, n)
     high = np.where(rng.random(n) < 0.5, draw_deltas(rng, cal.delta_grid, n), low + (1.0 - low) * rng.random(n))
     low, high = np.minimum(low, high), np.maximum(low, high)
-    for policy in POLICIES:
+    # pcee-lb-tail gives this up for coverage (see calibration/tails.py); its promise is tested below.
+    for policy in (p for p in POLICIES if p != "pcee-lb-tail"):
         before = decide_all(cal, policy, logits, low).exit_index
         after = decide_all(cal, policy, logits, high).exit_index
         assert np.all(after >= before), policy
@@ -83,8 +84,10 @@ def test_pcee_first_exit_bins_meet_delta_on_calibration_data(problem, delta):
 @given(problems())
 def test_conditional_estimates_are_exact_on_calibration_data_at_grid_deltas(problem):
     """At every exit and bin, the samples pcee-cond answers there are correct at exactly the
-    estimated rate, which is >= δ at early exits; pcee-lb-cond's are >= δ as well."""
+    estimated rate (under the document's Beta prior), which is >= δ at early exits; pcee-lb-cond's
+    are >= δ as well."""
     cal = fit(problem)
+    pa, pb = cal.to_dict()["prior"]
     target = reference_target(problem)
     correct = [z.argmax(axis=1) == target for z in problem.logits]
     bins = [cal.bin_index(k, cal.confidence(k, z)) for k, z in enumerate(problem.logits)]
@@ -98,7 +101,8 @@ def test_conditional_estimates_are_exact_on_calibration_data_at_grid_deltas(prob
                     if k < cal.num_exits - 1:
                         assert realised >= delta, (policy, delta, k, b)
                     if policy == "pcee-cond":
-                        np.testing.assert_allclose(d.estimate[group], realised, rtol=0, atol=1e-12)
+                        posterior = (correct[k][group].sum() + pa) / (group.sum() + pa + pb)
+                        np.testing.assert_allclose(d.estimate[group], posterior, rtol=0, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

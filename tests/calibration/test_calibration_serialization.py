@@ -95,9 +95,9 @@ def _edit(doc, path, value):
 
 
 @pytest.mark.parametrize(("path", "value", "message"), [
-    (("schema_version",), 2, "schema_version 2 is not supported"),
-    (("confidence",), "energy", "unknown confidence measure 'energy'"),
-    (("alpha",), 1.5, "0 < alpha < 1"),
+    (("schema_version",), 3, "schema_version 3 is not supported"),
+    (("confidence",), "energy", "confidence: Input should be 'max-softmax', 'entropy' or 'margin'"),
+    (("alpha",), 1.5, "alpha: Input should be less than 1"),
     (("delta_grid",), [0.9, 0.5], "delta_grid: delta_grid must be strictly increasing"),
     (("exits", 1, "temperature"), -1.0, "exit 1: temperature must be a positive number"),
     (("exits", 0, "edges"), [0.0, 0.6, 0.5, 1.0], "exit 0: edges: bin edges must be strictly increasing"),
@@ -105,11 +105,16 @@ def _edit(doc, path, value):
     (("exits", 0, "counts"), [1, 2], r"exit 0: counts: shape \(2,\), expected \(15,\)"),
     (("exits", 2, "accuracy"), [0.5] * 15, "exit 2: accuracy: does not match the counts"),
     (("exits", 0, "index"), 5, "exit 0: index is 5, expected 0"),
-    (("exits", 0, "conditional", "pcee-lb-cond"), KeyError, "exit 0: conditional: missing field 'pcee-lb-cond'"),
+    (("exits", 0, "conditional", "pcee-lb-cond"), KeyError, "exits.0.conditional.pcee-lb-cond: Field required"),
+    (("exits", 2, "tail", "confidence"), KeyError, "exits.2.tail.confidence: Field required"),
+    (("exits", 0, "tail", "edges"), [0.0, 1.0], r"exit 0: tail pcee-lb-tail: counts and correct must be lists of rows of 1 bins"),
+    (("exits", 0, "surprise"), 1, "exits.0.surprise: Extra inputs are not permitted"),
+    (("bonus",), True, "bonus: Extra inputs are not permitted"),
+    (("prior",), [1.0], "prior: List should have at least 2 items"),
     (("exits", 1, "conditional", "pcee-cond", "grid_rows"), [0] * 3, r"grid_rows: shape \(3,\), expected \(51,\)"),
-    (("exits", 1, "temperature"), "1.0", "field 'temperature' must be int or float, got str"),
-    (("labels_known",), 1, "field 'labels_known' must be bool"),
-    (("exits",), KeyError, "missing field 'exits'"),
+    (("exits", 1, "temperature"), "1.0", "exits.1.temperature: Input should be a valid number"),
+    (("labels_known",), 1, "labels_known: Input should be a valid boolean"),
+    (("exits",), KeyError, "exits: Field required"),
 ])
 def test_malformed_documents_are_refused_naming_the_field(doc, path, value, message):
     with pytest.raises(ValueError, match=message):

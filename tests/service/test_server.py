@@ -35,7 +35,7 @@ def offline(digits_bundle: Path, samples):
     logits = OnnxRunner(bundle).run_all_exits(samples[0], progress=False)
     calibration = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
 
-    def decide(delta: float, policy: str = "pcee-lb-cond"):  # the server's default policy
+    def decide(delta: float, policy: str = "pcee-lb-tail"):  # the server's default policy
         return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta))
 
     return decide

@@ -11,7 +11,7 @@ def test_defaults_serve_the_committed_bundle(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.delenv(key, raising=False)
     settings = Settings()
     assert settings.bundles == [DEFAULT_BUNDLE] and (DEFAULT_BUNDLE / "manifest.json").is_file()
-    assert settings.max_queue_delay_ms == 0.0 and settings.default_policy == "pcee-lb-cond"
+    assert settings.max_queue_delay_ms == 0.0 and settings.default_policy == "pcee-lb-tail"
 
 
 @pytest.mark.parametrize("value", ["/a/one,/b/two", " /a/one , /b/two ", '["/a/one", "/b/two"]'])

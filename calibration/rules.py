@@ -1,0 +1,487 @@
+"""The exit rules (DESIGN.md §3) and the one decision function, `Calibration.step`.
+
+The server's engine calls `step` after every segment on the rows it still holds; the offline replay
+(`calibration.replay.decide_all`, used by `exitserve evaluate` and the benchmarks) runs exactly that
+loop. Every lookup table is precomputed when a document is loaded, so `step` is a handful of
+vectorised numpy operations per call and never loops over samples.
+
+Policies
+  pcee, pcee-ws, pcee-lb    exit at the first exit l < L whose table value (bin accuracy, window-
+                            smoothed accuracy — both under the document's Beta prior, so a bin of
+                            one lucky sample cannot promise much — or Clopper–Pearson lower bound)
+                            for the sample's confidence bin is >= δ; otherwise the last exit answers.
+  pcee-cond, -ws-cond,      the same over conditional tables, built per grid δ on the validation
+  -lb-cond                  samples that reach each exit under that δ. A request uses the tables and
+                            decisions of the grid δ nearest at or above its own (a δ within 1e-9 above
+                            a grid value counts as it; below the grid: its bottom, more cautious than
+                            asked; above the grid top: the top). An early exit also needs the table
+                            value >= the request's own δ. A bin lets samples leave at grid δ only if
+                            it also does at every smaller grid δ whose reach set is not empty
+                            (tables.exit_allowed), so raising δ never moves a sample to an earlier exit.
+  pcee-lb-tail              (the default) per exit and grid δ, the lowest confidence threshold whose
+                            Clopper–Pearson bound on the samples reaching that exit with at least
+                            that confidence still reaches δ, thresholds tested from the top down
+                            (calibration.tails); conditional like the -cond tables, on fine bins.
+  confidence                exit when the confidence itself is >= δ.
+  per-exit-threshold        exit when the top-2 margin is >= the exit's smallest margin threshold
+                            whose calibration precision is >= δ.
+  full                      always the last exit.
+
+The promise of the baselines (confidence, per-exit-threshold, full) does not come from their exit
+rule: `target_met` comes from a guarded tail table of the samples that leave at that exit under
+that rule at the grid δ (schema 2), so samples answered with target_met are correct at a rate >= δ
+whichever policy chose the exit. For them and for pcee-lb-tail the promise is a property of the
+set (a tail whose bound reached δ), so `estimate` is the sample's own calibrated accuracy, the
+per-fine-bin accuracy of that set (Beta prior, ±window bins): it may lie below δ for a promised
+sample near the threshold, and its mean over answered samples tracks their accuracy, which is what
+the monitoring's "accuracy below promise" alert compares. At the last exit every sample leaves and `target_met`
+says whether its estimate reaches δ. Estimates are >= 0: a bin without evidence reports 0 (its
+decision value is -inf, so it never lets anyone exit).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from exitserve.calibration.binning import bin_index, check_edges
+from exitserve.calibration.confidence import confidence_from_probs, softmax, top2_margin
+from exitserve.calibration.document import (
+    CONDITIONAL_KINDS,
+    DOCUMENT_KIND,
+    TAIL_POLICIES,
+    ExitDocument,
+    GridRows,
+    check_grid,
+    normalise_deltas,
+    parse_document,
+)
+from exitserve.calibration.tables import TABLE_KINDS, exit_allowed, table_values
+from exitserve.calibration.tails import bin_estimates, tail_values
+
+POLICIES: tuple[str, ...] = (
+    "pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail",
+    "confidence", "per-exit-threshold", "full",
+)
+DEFAULT_POLICY = "pcee-lb-tail"
+TABLE_POLICIES: dict[str, str] = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
+GRID_TOLERANCE = 1e-9  # a δ this close above a grid value counts as that grid value
+_STORED_TABLES = {"accuracy": "accuracy", "smoothed": "smoothed_accuracy", "lower": "lower_bound"}
+_CONSISTENCY_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The decision at one exit for the n samples still running there (row order preserved).
+
+    exit_now:   leave at this exit (all True at the last exit).
+    estimate:   the estimated accuracy of the prediction at this exit: the policy's table value
+                for the sample's bin; for pcee-lb-tail and the baselines the accuracy of its fine
+                bin among the samples answered there (schema 1 documents: the confidence, the
+                margin threshold's precision, the bin accuracy); 0 where there is no evidence.
+    target_met: the promise: the sample leaves here and belongs to a set guaranteed to be correct at
+                a rate >= δ (for the per-bin PCEE policies: its estimate reaches δ; every early
+                leaver of a PCEE policy; a baseline may let a sample leave without a promise).
+    confidence: the calibration's confidence measure of this exit (temperature-scaled).
+    """
+
+    exit_now: np.ndarray
+    estimate: np.ndarray
+    target_met: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per-sample outcome of a whole multi-exit pass (`decide_all`)."""
+
+    exit_index: np.ndarray
+    prediction: np.ndarray
+    estimate: np.ndarray
+    target_met: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass(frozen=True)
+class _ExitTables:
+    """Everything `step` needs for one exit; every table has a sentinel column M for NaN confidences."""
+
+    temperature: float
+    edges: np.ndarray
+    counts: np.ndarray
+    correct: np.ndarray
+    values: dict[str, np.ndarray]  # kind -> [M] table values (-inf / 0 for empty bins)
+    decide: dict[str, np.ndarray]  # kind -> [M + 1] decision values
+    report: dict[str, np.ndarray]  # kind -> [M + 1] reported estimates (>= 0)
+    cond_decide: dict[str, np.ndarray]  # conditional policy -> [G, M + 1]
+    cond_report: dict[str, np.ndarray]  # conditional policy -> [G, M + 1]
+    cond_allowed: dict[str, np.ndarray]  # conditional policy -> [G, M + 1] may the bin leave at grid δ
+    thresholds: np.ndarray  # per-exit-threshold record candidates, ascending
+    precision: np.ndarray  # their precision, strictly ascending
+    agreement: tuple[np.ndarray, np.ndarray] | None  # per bin: samples seen at the last exit too, agreeing with it
+    tail_edges: np.ndarray | None  # fine bins of the tail tables (None: schema 1)
+    tail_guard: dict[str, np.ndarray]  # tail policy -> [G, M' + 1] guarded tail values (>= 0): the promise
+    tail_estimate: dict[str, np.ndarray]  # tail policy -> [G, M' + 1] per-bin accuracy (prior, ±window): the estimate
+    tail_allowed: np.ndarray | None  # pcee-lb-tail: [G, M' + 1] may the bin leave at grid δ
+
+
+Rule = Callable[["_ExitTables", bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                tuple["np.ndarray | None", np.ndarray, "np.ndarray | None"]]
+
+
+class Calibration:
+    """Reliability tables and exit rules of one bundle. Build with `fit_calibration` or `from_dict`."""
+
+    def __init__(self, document: dict, exits: list[_ExitTables], grid: np.ndarray):
+        self._document = document
+        self._exits = exits
+        self.delta_grid = grid
+        self.num_exits: int = len(exits)
+        self.schema_version: int = document["schema_version"]
+        self.labels_known: bool = document["labels_known"]
+        self.measure: str = document["confidence"]
+        self.binning: str = document["binning"]
+        self.alpha: float = document["alpha"]
+        self.window: int = document["window"]
+        self.validation_size: int = document["validation_size"]
+        self.data_fingerprint: str = document["data_fingerprint"]
+        self.temperatures: np.ndarray = np.array([e.temperature for e in exits])
+        self.has_tail_tables: bool = all(e.tail_edges is not None for e in exits)
+        self._rules: dict[str, Rule] = {
+            **{p: self._table_rule(kind) for p, kind in TABLE_POLICIES.items()},
+            **{p: self._conditional_rule(p) for p in CONDITIONAL_KINDS},
+            "pcee-lb-tail": self._tail_rule,
+            "confidence": self._guarded(self._confidence_rule, "confidence"),
+            "per-exit-threshold": self._guarded(self._threshold_rule, "per-exit-threshold"),
+            "full": self._guarded(self._full_rule, "full"),
+        }
+
+    # --- loading and saving -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict, num_exits: int | None = None) -> Calibration:
+        """Validate a calibration.json document and precompute the lookup tables.
+
+        Raises ValueError naming the field that is wrong; `num_exits` (the bundle's) is checked.
+        """
+        doc = parse_document(data)
+        if num_exits is not None and len(doc.exits) != num_exits:
+            raise ValueError(f"calibration: {len(doc.exits)} exit tables for a model with {num_exits} exits "
+                             "(was it calibrated for another bundle?)")
+        try:
+            grid = check_grid(doc.delta_grid)
+        except ValueError as exc:
+            raise ValueError(f"calibration: delta_grid: {exc}") from exc
+        settings = _Settings(window=doc.window, alpha=doc.alpha, prior=doc.beta_prior,
+                             validation_size=doc.validation_size, schema=doc.schema_version)
+        exits = [_parse_exit(raw, k, grid, settings) for k, raw in enumerate(doc.exits)]
+        document = copy.deepcopy(dict(data))
+        document["kind"] = DOCUMENT_KIND
+        document["alpha"] = float(doc.alpha)
+        return cls(document, exits, grid)
+
+    def to_dict(self) -> dict:
+        """The calibration.json document (JSON-serialisable; a deep copy)."""
+        return copy.deepcopy(self._document)
+
+    # --- per-exit quantities ------------------------------------------------------------------
+
+    def probabilities(self, exit_index: int, logits: np.ndarray) -> np.ndarray:
+        """softmax(logits / T_exit) in float64."""
+        return softmax(logits, self._exit(exit_index).temperature)
+
+    def confidence(self, exit_index: int, logits: np.ndarray) -> np.ndarray:
+        """The confidence measure of exit `exit_index` for each row of logits."""
+        return confidence_from_probs(self.probabilities(exit_index, logits), self.measure)
+
+    def edges(self, exit_index: int) -> np.ndarray:
+        return self._exit(exit_index).edges.copy()
+
+    def bin_index(self, exit_index: int, confidences: np.ndarray) -> np.ndarray:
+        return bin_index(self._exit(exit_index).edges, confidences)
+
+    def counts(self, exit_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(count, correct count) per bin of the unconditional table."""
+        ex = self._exit(exit_index)
+        return ex.counts.copy(), ex.correct.copy()
+
+    def agreement(self, exit_index: int) -> tuple[np.ndarray, float] | None:
+        """Calibration-time agreement of this exit's prediction with the last exit's: per bin
+        (with the exit's overall rate where a bin is empty) and overall. None when not recorded."""
+        stored = self._exit(exit_index).agreement
+        if stored is None:
+            return None
+        counts, agree = stored
+        if not counts.sum():
+            return None
+        overall = float(agree.sum() / counts.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_bin = np.where(counts > 0, agree / counts, overall)
+        return np.append(per_bin, overall), overall  # the extra entry serves the NaN-sentinel bin
+
+    def table(self, kind: str, exit_index: int) -> np.ndarray:
+        """Unconditional table values per bin: kind in accuracy, smoothed, lower (-inf / 0 when empty)."""
+        if kind not in TABLE_KINDS:
+            raise ValueError(f"unknown table kind {kind!r}; choose from {', '.join(TABLE_KINDS)}")
+        return self._exit(exit_index).values[kind].copy()
+
+    def grid_index(self, deltas: np.ndarray) -> np.ndarray:
+        """Row of the grid δ each request δ uses: nearest at or above (clipped to the grid's ends)."""
+        g = np.searchsorted(self.delta_grid, np.asarray(deltas, dtype=np.float64) - GRID_TOLERANCE, side="left")
+        return np.minimum(g, self.delta_grid.size - 1)
+
+    def _exit(self, exit_index: int) -> _ExitTables:
+        if not 0 <= exit_index < self.num_exits:
+            raise ValueError(f"exit index {exit_index} out of range: the model has {self.num_exits} exits")
+        return self._exits[exit_index]
+
+    # --- the decision -------------------------------------------------------------------------
+
+    def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: np.ndarray | float) -> StepDecision:
+        """Decide for the n samples still running at exit `exit_index` (logits [n, C], deltas [n] or one δ)."""
+        rule = self._rules.get(policy)
+        if rule is None:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        ex = self._exit(exit_index)
+        logits = np.asarray(logits)
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be [n, classes], got shape {logits.shape}")
+        n = logits.shape[0]
+        deltas = normalise_deltas(deltas, n, where="deltas")
+        probs = softmax(logits, ex.temperature)
+        conf = confidence_from_probs(probs, self.measure)
+        last = exit_index == self.num_exits - 1
+        exit_now, estimate, target_met = rule(ex, last, probs, conf, deltas, self.grid_index(deltas))
+        if last:
+            exit_now = np.ones(n, dtype=bool)
+            if target_met is None:
+                target_met = estimate >= deltas
+        elif target_met is None:
+            target_met = exit_now.copy()
+        return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf)
+
+    @staticmethod
+    def _table_rule(kind: str) -> Rule:
+        def rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+            b = bin_index(ex.edges, conf)
+            exit_now = None if last else ex.decide[kind][b] >= deltas
+            return exit_now, ex.report[kind][b], None
+
+        return rule
+
+    @staticmethod
+    def _conditional_rule(policy: str) -> Rule:
+        def rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+            b = bin_index(ex.edges, conf)
+            estimate = ex.cond_report[policy][g, b]
+            if last:
+                return None, estimate, None
+            exit_now = ex.cond_allowed[policy][g, b] & (ex.cond_decide[policy][g, b] >= deltas)
+            return exit_now, estimate, None
+
+        return rule
+
+    def _tail_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+        if ex.tail_edges is None or ex.tail_allowed is None:
+            raise ValueError(f"policy 'pcee-lb-tail' needs a schema 2 calibration (this one is schema "
+                             f"{self.schema_version}): run `exitserve calibrate` again")
+        b = bin_index(ex.tail_edges, conf)
+        promised = ex.tail_guard["pcee-lb-tail"][g, b] >= deltas
+        estimate = ex.tail_estimate["pcee-lb-tail"][g, b]
+        if last:
+            return None, estimate, promised
+        exit_now = ex.tail_allowed[g, b] & promised
+        return exit_now, estimate, exit_now
+
+    @staticmethod
+    def _guarded(rule: Rule, policy: str) -> Rule:
+        """A baseline's own exit rule; its promise from the guarded tail table of its leavers (schema 2)."""
+
+        def guarded(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+            exit_now, estimate, _ = rule(ex, last, probs, conf, deltas, g)
+            if ex.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
+                return exit_now, estimate, None
+            b = bin_index(ex.tail_edges, conf)
+            promised = ex.tail_guard[policy][g, b] >= deltas
+            return exit_now, ex.tail_estimate[policy][g, b], promised if last else exit_now & promised
+
+        return guarded
+
+    @staticmethod
+    def _confidence_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+        return (None if last else conf >= deltas), conf.copy(), None
+
+    @staticmethod
+    def _threshold_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+        if last:
+            return None, ex.report["accuracy"][bin_index(ex.edges, conf)], None
+        if ex.precision.size == 0:
+            return np.zeros(deltas.size, dtype=bool), np.zeros(deltas.size), None
+        j = np.searchsorted(ex.precision, deltas, side="left")
+        found = j < ex.precision.size
+        j = np.minimum(j, ex.precision.size - 1)
+        threshold = np.where(found, ex.thresholds[j], np.inf)
+        exit_now = top2_margin(probs) >= threshold
+        return exit_now, np.where(found, ex.precision[j], 0.0), None
+
+    @staticmethod
+    def _full_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+        estimate = ex.report["accuracy"][bin_index(ex.edges, conf)]
+        return (None if last else np.zeros(deltas.size, dtype=bool)), estimate, None
+
+    def __repr__(self) -> str:
+        return (f"Calibration({self.num_exits} exits, {self.measure}, {self.validation_size} validation samples, "
+                f"labels_known={self.labels_known})")
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    window: int
+    alpha: float
+    prior: tuple[float, float]
+    validation_size: int
+    schema: int
+
+
+def _int_array(value: list, where: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: not a rectangular list of integers") from exc
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{where}: shape {array.shape}, expected {shape}")
+    if np.any(array < 0):
+        raise ValueError(f"{where}: counts cannot be negative")
+    return array
+
+
+def _float_array(value: list, where: str) -> np.ndarray:
+    return np.asarray([math.nan if v is None else v for v in value], dtype=np.float64)
+
+
+def _check_consistent(stored: np.ndarray, computed: np.ndarray, where: str) -> None:
+    """Stored derived tables are for readers; they must agree with what the counts imply."""
+    if stored.shape != computed.shape:
+        raise ValueError(f"{where}: {stored.size} values for {computed.size} bins")
+    finite = np.isfinite(computed)
+    if np.any(np.isfinite(stored) != finite) or np.any(np.abs(stored[finite] - computed[finite]) > _CONSISTENCY_TOLERANCE):
+        raise ValueError(f"{where}: does not match the counts and correct counts (edited by hand?)")
+
+
+def _with_sentinel(values: np.ndarray, fill: float) -> np.ndarray:
+    pad = np.full(values.shape[:-1] + (1,), fill)
+    return np.concatenate([values, pad], axis=-1)
+
+
+def _grid_rows(block: GridRows, m: int, grid: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The [G, M] counts and correct counts a compact block stands for."""
+    counts = _int_array(block.counts, f"{where}: counts")
+    correct = _int_array(block.correct, f"{where}: correct")
+    rows = _int_array(block.grid_rows, f"{where}: grid_rows", (grid.size,))
+    if counts.ndim != 2 or counts.shape[1] != m or correct.shape != counts.shape:
+        raise ValueError(f"{where}: counts and correct must be lists of rows of {m} bins")
+    if np.any(correct > counts):
+        raise ValueError(f"{where}: a bin has more correct samples than samples")
+    if np.any(rows >= counts.shape[0]):
+        raise ValueError(f"{where}: grid_rows points past the {counts.shape[0]} stored rows")
+    return counts[rows], correct[rows]
+
+
+def _allowed(allowed: np.ndarray) -> np.ndarray:
+    """[G, M] permission with the sentinel column (NaN confidences never leave)."""
+    return _with_sentinel(allowed, False).astype(bool)
+
+
+def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings) -> _ExitTables:
+    where = f"calibration: exit {k}"
+    if raw.index != k:
+        raise ValueError(f"{where}: index is {raw.index}, expected {k}")
+    temperature = float(raw.temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: temperature must be a positive number, got {temperature}")
+    try:
+        edges = check_edges(_float_array(raw.edges, f"{where}: edges"))
+    except ValueError as exc:
+        raise ValueError(f"{where}: edges: {exc}") from exc
+    m = edges.size - 1
+    counts = _int_array(raw.counts, f"{where}: counts", (m,))
+    correct = _int_array(raw.correct, f"{where}: correct", (m,))
+    if np.any(correct > counts):
+        raise ValueError(f"{where}: a bin has more correct samples than samples")
+    if counts.sum() > settings.validation_size:
+        raise ValueError(f"{where}: {counts.sum()} samples in the bins but validation_size is {settings.validation_size}")
+
+    options = {"window": settings.window, "alpha": settings.alpha, "prior": settings.prior}
+    values = {kind: table_values(kind, counts, correct, **options) for kind in TABLE_KINDS}
+    for kind, key in _STORED_TABLES.items():
+        _check_consistent(_float_array(getattr(raw, key), f"{where}: {key}"), values[kind], f"{where}: {key}")
+    if raw.validation_accuracy is not None and counts.sum():
+        _check_consistent(np.array([raw.validation_accuracy]), np.array([correct.sum() / counts.sum()]),
+                          f"{where}: validation_accuracy")
+
+    agreement = None
+    if raw.agreement is not None:
+        agree_counts = _int_array(raw.agreement.counts, f"{where}: agreement: counts", (m,))
+        agree = _int_array(raw.agreement.agree, f"{where}: agreement: agree", (m,))
+        if np.any(agree > agree_counts):
+            raise ValueError(f"{where}: agreement: a bin has more agreeing samples than samples")
+        agreement = (agree_counts, agree)
+
+    thresholds = _float_array(raw.per_exit_threshold.thresholds, f"{where}: thresholds")
+    precision = _float_array(raw.per_exit_threshold.precision, f"{where}: precision")
+    if thresholds.shape != precision.shape or np.any(~np.isfinite(thresholds)) or np.any(~np.isfinite(precision)):
+        raise ValueError(f"{where}: per_exit_threshold needs finite thresholds and precision of equal length")
+    if np.any(np.diff(thresholds) <= 0) or np.any(np.diff(precision) <= 0):
+        raise ValueError(f"{where}: per_exit_threshold thresholds and precision must be strictly increasing")
+
+    # Schema 1 reach sets were counted with strict monotonicity (every smaller δ constrains).
+    strict = settings.schema < 2
+    cond_decide, cond_report, cond_allowed = {}, {}, {}
+    for policy, kind in CONDITIONAL_KINDS.items():
+        rows_counts, rows_correct = _grid_rows(raw.conditional.of(policy), m, grid, f"{where}: conditional {policy}")
+        cond_values = table_values(kind, rows_counts, rows_correct, **options)
+        allowed = exit_allowed(cond_values, grid, None if strict else rows_counts.sum(axis=1) == 0)
+        cond_decide[policy] = _with_sentinel(cond_values, -np.inf)
+        cond_report[policy] = _with_sentinel(np.maximum(cond_values, 0.0), 0.0)
+        cond_allowed[policy] = _allowed(allowed)
+
+    tail_edges, tail_guard, tail_estimate, tail_allowed = None, {}, {}, None
+    if raw.tail is not None:
+        try:
+            tail_edges = check_edges(_float_array(raw.tail.edges, f"{where}: tail edges"))
+        except ValueError as exc:
+            raise ValueError(f"{where}: tail: edges: {exc}") from exc
+        for policy in TAIL_POLICIES:
+            rows_counts, rows_correct = _grid_rows(raw.tail.of(policy), tail_edges.size - 1, grid, f"{where}: tail {policy}")
+            tail = tail_values(rows_counts, rows_correct, grid, settings.alpha)
+            tail_guard[policy] = _with_sentinel(tail, 0.0)
+            tail_estimate[policy] = _with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)
+            if policy == "pcee-lb-tail":
+                tail_allowed = _allowed(tail >= grid[:, None])  # no monotone-in-δ constraint: see tails.py
+
+    return _ExitTables(
+        temperature=temperature,
+        edges=edges,
+        counts=counts,
+        correct=correct,
+        values=values,
+        decide={kind: _with_sentinel(v, -np.inf) for kind, v in values.items()},
+        report={kind: _with_sentinel(np.maximum(v, 0.0), 0.0) for kind, v in values.items()},
+        cond_decide=cond_decide,
+        cond_report=cond_report,
+        cond_allowed=cond_allowed,
+        thresholds=thresholds,
+        precision=precision,
+        agreement=agreement,
+        tail_edges=tail_edges,
+        tail_guard=tail_guard,
+        tail_estimate=tail_estimate,
+        tail_allowed=tail_allowed,
+    )
