@@ -145,8 +145,11 @@ def test_schema1_documents_still_load_and_decide_as_they_were_fitted(problem, ca
     d = decide_all(old, "confidence", logits, 0.9)
     np.testing.assert_allclose(d.estimate, d.confidence)  # the baseline's own estimate, as before
     np.testing.assert_array_equal(d.target_met[d.exit_index < 2], True)
-    with pytest.raises(ValueError, match="pcee-lb-tail' needs a schema 2 calibration"):
-        old.step("pcee-lb-tail", 0, logits[0], 0.9)
+    # no tail tables in schema 1: the default policy falls back to the previous default, still guarded
+    for k in range(3):
+        tail, cond = old.step("pcee-lb-tail", k, logits[k], 0.6), old.step("pcee-lb-cond", k, logits[k], 0.6)
+        for field in ("exit_now", "estimate", "target_met"):
+            np.testing.assert_array_equal(getattr(tail, field), getattr(cond, field))
     broken = schema1(cal.to_dict())
     broken["exits"][0]["tail"] = cal.to_dict()["exits"][0]["tail"]
     assert Calibration.from_dict(broken).schema_version == 1  # a tail block alone is harmless
