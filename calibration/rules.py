@@ -22,6 +22,7 @@ Policies
                             Clopper–Pearson bound on the samples reaching that exit with at least
                             that confidence still reaches δ, thresholds tested from the top down
                             (calibration.tails); conditional like the -cond tables, on fine bins.
+                            A schema 1 document has no tail tables: there it decides as pcee-lb-cond.
   confidence                exit when the confidence itself is >= δ.
   per-exit-threshold        exit when the top-2 margin is >= the exit's smallest margin threshold
                             whose calibration precision is >= δ.
@@ -287,8 +288,8 @@ class Calibration:
 
     def _tail_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
         if ex.tail_edges is None or ex.tail_allowed is None:
-            raise ValueError(f"policy 'pcee-lb-tail' needs a schema 2 calibration (this one is schema "
-                             f"{self.schema_version}): run `exitserve calibrate` again")
+            # Schema 1 has no tail tables: decide as the previous default did, still guarded.
+            return self._rules["pcee-lb-cond"](ex, last, probs, conf, deltas, g)
         b = bin_index(ex.tail_edges, conf)
         promised = ex.tail_guard["pcee-lb-tail"][g, b] >= deltas
         estimate = ex.tail_estimate["pcee-lb-tail"][g, b]

@@ -145,8 +145,11 @@ def test_schema1_documents_still_load_and_decide_as_they_were_fitted(problem, ca
     d = decide_all(old, "confidence", logits, 0.9)
     np.testing.assert_allclose(d.estimate, d.confidence)  # the baseline's own estimate, as before
     np.testing.assert_array_equal(d.target_met[d.exit_index < 2], True)
-    with pytest.raises(ValueError, match="pcee-lb-tail' needs a schema 2 calibration"):
-        old.step("pcee-lb-tail", 0, logits[0], 0.9)
+    # no tail tables in schema 1: the default policy falls back to the previous default, still guarded
+    for k in range(3):
+        tail, cond = old.step("pcee-lb-tail", k, logits[k], 0.6), old.step("pcee-lb-cond", k, logits[k], 0.6)
+        for field in ("exit_now", "estimate", "target_met"):
+            np.testing.assert_array_equal(getattr(tail, field), getattr(cond, field))
     broken = schema1(cal.to_dict())
     broken["exits"][0]["tail"] = cal.to_dict()["exits"][0]["tail"]
     assert Calibration.from_dict(broken).schema_version == 1  # a tail block alone is harmless
@@ -154,3 +157,22 @@ def test_schema1_documents_still_load_and_decide_as_they_were_fitted(problem, ca
     del v2["exits"][1]["tail"]
     with pytest.raises(ValueError, match="schema 2 needs prior, tail_bins and every exit's tail tables"):
         Calibration.from_dict(v2)
+
+
+@pytest.mark.parametrize("policy", TAIL_POLICIES)
+def test_stored_tail_counts_are_the_samples_the_replay_answers_or_lets_reach(problem, cal, policy):
+    """Fitting simulates each rule; replaying it on the same data must meet exactly the counted samples."""
+    logits, labels = problem
+    doc = cal.to_dict()
+    for g in (0, 20, 40):
+        delta = cal.delta_grid[g]
+        d = decide_all(cal, policy, logits, delta)
+        for k in range(cal.num_exits):
+            rows = doc["exits"][k]["tail"][policy]
+            counts = np.array(rows["counts"][rows["grid_rows"][g]])
+            edges = np.array(doc["exits"][k]["tail"]["edges"])
+            # pcee-lb-tail counts every sample reaching exit k, a baseline the samples it answers there
+            members = d.exit_index >= k if policy == "pcee-lb-tail" else d.exit_index == k
+            bins = np.searchsorted(edges, cal.confidence(k, logits[k][members]), side="right") - 1
+            bins = np.clip(bins, 0, edges.size - 2)
+            np.testing.assert_array_equal(np.bincount(bins, minlength=edges.size - 1), counts, err_msg=f"{policy} δ {delta} exit {k}")
