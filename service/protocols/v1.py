@@ -36,7 +36,7 @@ class PredictRequest(StrictBody):
     inputs: list[Any] | RawTensor | None = Field(None, description="a batch of samples as nested lists, or a raw tensor (token ids for text models)")
     texts: list[str] | None = Field(None, description="text models: one string per sample, tokenised by the bundle's tokenizer")
     delta: float | list[float] | None = Field(None, description="accuracy target in (0, 1]; one value or one per sample")
-    policy: str | None = Field(None, description="exit policy, e.g. pcee-lb-cond (default), pcee-cond, pcee, confidence, full")
+    policy: str | None = Field(None, description="exit policy, e.g. pcee-lb-tail (the default), pcee-lb-cond, pcee-cond, pcee, confidence, full")
     return_probabilities: bool = False
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 
 from exitserve.calibration import Calibration
-from exitserve.calibration.fitting import Observations
+from exitserve.calibration.observations import Observations
 from exitserve.service.monitoring.feedback_log import LOG_VERSION, calibration_key
 
 

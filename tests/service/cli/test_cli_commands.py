@@ -41,7 +41,7 @@ def test_calibrate_prints_per_exit_accuracy_and_the_promise(capsys: pytest.Captu
     policy = _rows(out, "δ")
     assert [r[0] for r in policy] == ["0.80", "0.90", "0.95", "0.99"]
     assert all(0.0 <= float(r[3]) <= 1.0 for r in policy)  # coverage
-    assert "pcee-lb-cond" in out and "calibration data itself" in out
+    assert Settings().default_policy in out and "calibration data itself" in out
 
 
 def test_evaluate_prints_what_evaluation_json_holds(capsys: pytest.CaptureFixture[str], digits_bundle: Path,
@@ -52,7 +52,7 @@ def test_evaluate_prints_what_evaluation_json_holds(capsys: pytest.CaptureFixtur
     report = json.loads((out_dir / "evaluation.json").read_text())
     exits = _rows(out, "exit  compute")
     assert [float(r[2]) for r in exits] == [round(e["accuracy"], 3) for e in report["exits"]]
-    by_delta = {f"{r['delta']:.2f}": r for r in report["policies"]["pcee-lb-cond"]}
+    by_delta = {f"{r['delta']:.2f}": r for r in report["policies"][Settings().default_policy]}
     for delta, accuracy, promised, coverage, _ in (r[:5] for r in _rows(out, "δ")):
         row = by_delta[delta]
         assert float(accuracy) == round(row["accuracy"], 3) and float(coverage) == round(row["coverage"], 3)
