@@ -92,7 +92,7 @@ class ExitDocument(_Strict):
 
 
 class CalibrationDocument(_Strict):
-    kind: Literal["exitserve-calibration"] = DOCUMENT_KIND
+    kind: Literal["exitserve-calibration"] = "exitserve-calibration"  # DOCUMENT_KIND
     schema_version: Literal[1, 2]
     num_exits: int = Field(ge=1)
     confidence: Literal[MEASURES]  # type: ignore[valid-type]

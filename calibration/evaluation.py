@@ -98,7 +98,7 @@ def over_promise(decisions: Decisions, labels: np.ndarray, num_exits: int) -> li
         accuracy = float(correct[at].mean()) if n else None
         rows.append({
             "exit": k, "n": n, "mean_estimate": mean_estimate, "accuracy": accuracy,
-            "over_promise": None if n == 0 else mean_estimate - accuracy,
+            "over_promise": None if mean_estimate is None or accuracy is None else mean_estimate - accuracy,
         })
     return rows
 

@@ -208,10 +208,12 @@ def tables_document(
 
     for policy, kind in CONDITIONAL_KINDS.items():
         values = partial(table_values, kind, window=window, alpha=alpha, prior=prior)
-        counts, hits = conditional_counts(lambda c, h, values=values: exit_allowed(values(c, h), grid, c.sum(axis=1) == 0),
-                                          bins_per_exit, correct_per_exit, num_bins, grid)
+        def allowed(c: np.ndarray, h: np.ndarray, values: partial[np.ndarray] = values) -> np.ndarray:
+            return exit_allowed(values(c, h), grid, c.sum(axis=1) == 0)
+
+        reach_counts, reach_hits = conditional_counts(allowed, bins_per_exit, correct_per_exit, num_bins, grid)
         for k in range(num_exits):
-            exits[k]["conditional"][policy] = _rows(counts[k], hits[k])
+            exits[k]["conditional"][policy] = _rows(reach_counts[k], reach_hits[k])
 
     tail_sizes = [e.size - 1 for e in tail_edges_per_exit]
     tails = {"pcee-lb-tail": conditional_counts(

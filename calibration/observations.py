@@ -55,7 +55,8 @@ class Observations:
         )
 
 
-def observe_logits(logits_per_exit: Sequence[np.ndarray], temperatures: Sequence[float], confidence: str) -> Observations:
+def observe_logits(logits_per_exit: Sequence[np.ndarray], temperatures: Sequence[float] | np.ndarray,
+                   confidence: str) -> Observations:
     """Every exit observed for every sample: what validation logits give."""
     conf, margin, pred = [], [], []
     for z, temperature in zip(logits_per_exit, temperatures, strict=True):

@@ -46,6 +46,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -256,13 +257,11 @@ class Calibration:
         probs = softmax(logits, ex.temperature)
         conf = confidence_from_probs(probs, self.measure)
         last = exit_index == self.num_exits - 1
-        exit_now, estimate, target_met = rule(ex, last, probs, conf, deltas, self.grid_index(deltas))
-        if last:
-            exit_now = np.ones(n, dtype=bool)
-            if target_met is None:
-                target_met = estimate >= deltas
-        elif target_met is None:
-            target_met = exit_now.copy()
+        leaves, estimate, target_met = rule(ex, last, probs, conf, deltas, self.grid_index(deltas))
+        # The last exit answers everyone; a rule says None there (and only there) for "no decision".
+        exit_now = np.ones(n, dtype=bool) if last or leaves is None else leaves
+        if target_met is None:
+            target_met = estimate >= deltas if last else exit_now.copy()
         return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf)
 
     @staticmethod
@@ -419,8 +418,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
     if counts.sum() > settings.validation_size:
         raise ValueError(f"{where}: {counts.sum()} samples in the bins but validation_size is {settings.validation_size}")
 
-    options = {"window": settings.window, "alpha": settings.alpha, "prior": settings.prior}
-    values = {kind: table_values(kind, counts, correct, **options) for kind in TABLE_KINDS}
+    values_of = partial(table_values, window=settings.window, alpha=settings.alpha, prior=settings.prior)
+    values = {kind: values_of(kind, counts, correct) for kind in TABLE_KINDS}
     for kind, key in _STORED_TABLES.items():
         _check_consistent(_float_array(getattr(raw, key), f"{where}: {key}"), values[kind], f"{where}: {key}")
     if raw.validation_accuracy is not None and counts.sum():
@@ -447,7 +446,7 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
     cond_decide, cond_report, cond_allowed = {}, {}, {}
     for policy, kind in CONDITIONAL_KINDS.items():
         rows_counts, rows_correct = _grid_rows(raw.conditional.of(policy), m, grid, f"{where}: conditional {policy}")
-        cond_values = table_values(kind, rows_counts, rows_correct, **options)
+        cond_values = values_of(kind, rows_counts, rows_correct)
         allowed = exit_allowed(cond_values, grid, None if strict else rows_counts.sum(axis=1) == 0)
         cond_decide[policy] = _with_sentinel(cond_values, -np.inf)
         cond_report[policy] = _with_sentinel(np.maximum(cond_values, 0.0), 0.0)

@@ -30,7 +30,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *_: objec
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     formatwarning = warnings.formatwarning
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except Exception as exc:

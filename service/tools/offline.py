@@ -27,7 +27,7 @@ from exitserve.models.data import Dataset, load_dataset
 from exitserve.models.tokens import length_batches, pad_batch, token_ids
 
 if TYPE_CHECKING:
-    from exitserve.service.runners.onnx_runtime import ChainRunner
+    from exitserve.service.runners.onnx_runtime import ChainRunner, Provider
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -84,7 +84,7 @@ def _check_labels(bundle: Bundle, data: Dataset, data_spec: str) -> None:
 
 
 def bundle_logits(
-    bundle: Bundle, x: np.ndarray, *, provider: str = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
+    bundle: Bundle, x: np.ndarray, *, provider: Provider = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
 ) -> list[np.ndarray]:
     """Every exit's logits for every row of x, from the bundle's ONNX segments."""
     from exitserve.service.runners.onnx_runtime import (
@@ -103,6 +103,7 @@ def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progres
     from exitserve.service.serving.text_input import TextTokenizer
 
     spec = bundle.manifest.input.text
+    assert spec is not None  # only text bundles come here
     rows = token_ids(TextTokenizer(bundle).tokenizer, [str(t) for t in texts], spec.max_length)
     lengths = np.array([len(r) for r in rows])
     if (cut := int((lengths >= spec.max_length).sum())):
@@ -129,7 +130,7 @@ def calibrate_bundle(
     bundle_dir: str | Path,
     data_spec: str,
     *,
-    provider: str = "cpu",
+    provider: Provider = "cpu",
     threads: int = 2,
     batch_size: int = 256,
     progress: bool = True,
@@ -150,7 +151,7 @@ def fit_bundle(
     bundle_dir: str | Path,
     data_spec: str,
     *,
-    provider: str = "cpu",
+    provider: Provider = "cpu",
     threads: int = 2,
     batch_size: int = 256,
     progress: bool = True,
@@ -174,7 +175,7 @@ def evaluate_bundle(
     data_spec: str,
     out_dir: str | Path,
     *,
-    provider: str = "cpu",
+    provider: Provider = "cpu",
     threads: int = 2,
     batch_size: int = 256,
     progress: bool = True,
@@ -190,6 +191,7 @@ def evaluate_bundle(
     """
     bundle = load_bundle(bundle_dir, require_calibration=True)
     manifest = bundle.manifest
+    assert bundle.calibration is not None  # require_calibration
     calibration = Calibration.from_dict(bundle.calibration, num_exits=manifest.num_exits)
     data = load_bundle_data(bundle, data_spec)
     logits = bundle_logits(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)

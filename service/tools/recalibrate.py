@@ -64,6 +64,7 @@ def recalibrate_from_feedback(
     source = Path(bundle_dir)
     bundle = load_bundle(source, require_calibration=True)
     manifest = bundle.manifest
+    assert bundle.calibration is not None  # require_calibration
     base = Calibration.from_dict(bundle.calibration, num_exits=manifest.num_exits)
     logged = read_feedback(Path(log_path), manifest.name, base, len(manifest.labels))
     if logged.used == 0:
