@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -14,45 +13,25 @@ from exitserve.service.settings import DEFAULT_BUNDLE
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from exitserve.models.architectures import build_architecture
-    from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
-    from exitserve.models.data import load_dataset
-    from exitserve.models.training import TrainConfig, train
+    from exitserve.models.recipes import apply_recipe, run_training
+    from exitserve.models.training import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_data = load_dataset(f"{args.data}:train", seed=args.split_seed)
-    val_data = load_dataset(f"{args.data}:val", seed=args.split_seed)
-    if args.init:
-        net, meta = load_checkpoint(args.init)
-    else:
-        net = build_architecture(args.arch, num_classes=len(train_data.labels))
-        meta = {"architecture": args.arch, "num_classes": len(train_data.labels), "labels": train_data.labels}
     config = TrainConfig(
         regime=args.regime, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, entropy_weight=args.entropy_weight,
         backbone_epochs=args.backbone_epochs, augment=not args.no_augment, bf16=args.bf16, device=args.device,
+        distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+        gradient_equilibrium=args.gradient_equilibrium,
     )
-    print(f"training {meta['architecture']} on {train_data.name} ({len(train_data)} samples), "
-          f"validation {val_data.name} ({len(val_data)}) held out; regime {config.regime}")
-    history = train(net, train_data, val_data, config, progress=not args.no_progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        **meta,
-        "data": args.data,
-        "split_seed": args.split_seed,
-        "train_fingerprint": train_data.fingerprint,
-        "val_fingerprint": val_data.fingerprint,
-        "history": [vars(e) for e in history.epochs] + meta.get("history", []),
-        "train_config": history.config,
-        "train_seconds": sum(e.seconds for e in history.epochs),
-    }
-    save_checkpoint(out / "checkpoint.pt", net, meta)
-    (out / "history.json").write_text(json.dumps({"config": history.config, "epochs": meta["history"]}, indent=2))
-    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    checkpoint = run_training(
+        None if args.init else args.arch, args.data, Path(args.out), apply_recipe(config, args.recipe),
+        split_seed=args.split_seed, init=Path(args.init) if args.init else None, train_limit=args.train_limit,
+        progress=not args.no_progress,
+    )
     if args.export:
-        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version, args.torchscript)
+        return _export(checkpoint, Path(args.export), args.name, args.version, args.torchscript)
     return 0
 
 
@@ -207,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a multi-exit network (needs the `train` extra)")
-    p.add_argument("--arch", default="resnet-large", help="resnet-small, resnet-large, mnist-compact, digits-compact")
+    p.add_argument("--arch", default="resnet-large",
+                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, mnist-compact, digits-compact")
     p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
     p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"])
     p.add_argument("--init", help="start from this checkpoint (required for heads-only)")
@@ -217,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--backbone-epochs", type=int, help="mixed: epochs of the backbone-only phase")
     p.add_argument("--entropy-weight", type=float, default=0.1, help="heads-only: lambda in CE - lambda*entropy")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="self-distillation: early exits learn (1-a) CE + a KL from the last exit (0 = off)")
+    p.add_argument("--distill-temperature", type=float, default=3.0)
+    p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA's gradient equilibrium between exits")
+    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed"],
+                   help="named recipe (models/recipes.py): sets --regime, --distill-weight, --gradient-equilibrium")
+    p.add_argument("--train-limit", type=int, help="train on N random training samples only (timing, tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--no-augment", action="store_true")
