@@ -1,16 +1,15 @@
 """Large model with early exit vs small model at equal cost (issues 6 and 17; arXiv 2412.19325's headline).
 
-    python benchmarks/headline.py --small runs/bundles/cifar10-resnet-small-sd-ge \
-        --large runs/bundles/cifar10-resnet-deep-sd-ge --calibrate-large --large-name deep
+    python benchmarks/headline.py     # runs/bundles/cifar10-resnet-small-ge vs runs/bundles/cifar10-resnet-deep-late-ge
 
-Calibrates the small bundle (and, with --calibrate-large, the large one) on cifar10:val in place
-(runs/ copies, never committed), takes every exit's logits on cifar10:val and cifar10:test once
-(cached under runs/cache), and compares test error against mean FLOPs per sample: each exit of both
-models at full depth, the small model with PCEE over δ (its own early-exit curve), the large model
-with `pcee`, `pcee-lb-cond` and the `confidence` baseline over δ. Also counts destructive
-overthinking (an early exit right where the last exit is wrong). Decisions go through `decide_all`,
-the function the server's engine uses. Writes headline.json and headline.png under --out and prints
-Markdown tables.
+Calibrates both bundles on cifar10:val in place (runs/ copies, never committed; `--large-calibrated`
+keeps a committed large bundle's calibration as it is), takes every exit's logits on cifar10:val and
+cifar10:test once (cached under runs/cache), and compares test error against mean FLOPs per sample:
+each exit of both models at full depth, the small model with PCEE over δ (its own early-exit curve),
+the large model with `pcee`, `pcee-lb-cond` and the `confidence` baseline over δ. Also counts
+destructive overthinking (an early exit right where the last exit is wrong). Decisions go through
+`decide_all`, the function the server's engine uses. Writes headline.json and headline.png under
+--out and prints Markdown tables. BENCHMARKS.md §4.1 has the commands that train the two bundles.
 """
 
 from __future__ import annotations
@@ -252,15 +251,15 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-small")
-    parser.add_argument("--large", type=Path, default=REPO / "bundles" / "cifar10-resnet-large")
+    parser.add_argument("--small", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-small-ge")
+    parser.add_argument("--large", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-deep-late-ge")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-calibrate", action="store_true", help="use the small bundle's calibration as it is")
-    parser.add_argument("--calibrate-large", action="store_true",
-                        help="calibrate the large bundle on cifar10:val in place too (a runs/ copy, not a committed bundle)")
+    parser.add_argument("--large-calibrated", action="store_true",
+                        help="use the large bundle's calibration as it is (a committed bundle) instead of fitting it in place")
     parser.add_argument("--small-name", default="small", help="what the smaller model is called in tables and plots")
-    parser.add_argument("--large-name", default="large", help="what the larger model is called in tables and plots")
+    parser.add_argument("--large-name", default="deep-late", help="what the larger model is called in tables and plots")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -270,13 +269,13 @@ def main() -> None:
         small_cal = Calibration.from_dict(small_bundle.calibration, num_exits=small_bundle.manifest.num_exits)
     else:
         small_cal = calibrate_in_place(args.small, small_bundle, args.cache)
-    if args.calibrate_large:
-        large_bundle = load_bundle(args.large)
-        large_cal = calibrate_in_place(args.large, large_bundle, args.cache)
-    else:  # a committed bundle is already calibrated on cifar10:val: use it as it is
+    if args.large_calibrated:  # a committed bundle is already calibrated on cifar10:val: use it as it is
         large_bundle = load_bundle(args.large, require_calibration=True)
         large_cal = Calibration.from_dict(large_bundle.calibration, num_exits=large_bundle.manifest.num_exits)
         split_logits(large_bundle, "cifar10:val", args.cache)  # cached for benchmarks/control.py
+    else:
+        large_bundle = load_bundle(args.large)
+        large_cal = calibrate_in_place(args.large, large_bundle, args.cache)
 
     small = model_curves(small_bundle, small_cal, args.cache, DEFAULT_EVAL_DELTAS, SMALL_POLICIES)
     large = model_curves(large_bundle, large_cal, args.cache, DEFAULT_EVAL_DELTAS, HEADLINE_POLICIES)

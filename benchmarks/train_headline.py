@@ -68,7 +68,7 @@ def probe_step_seconds(arch: str, device: str, steps: int = 20) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def run_one(arch: str, recipe: str, epochs: int, device: str, out: Path, threads: int, limit: int | None) -> None:
+def run_one(arch: str, recipe: str, epochs: int, device: str, out: Path, threads: int, limit: int | None, seed: int) -> None:
     import torch
 
     from exitserve.models.recipes import apply_recipe, run_training
@@ -76,7 +76,7 @@ def run_one(arch: str, recipe: str, epochs: int, device: str, out: Path, threads
 
     if threads:
         torch.set_num_threads(threads)
-    config = apply_recipe(TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, bf16=True, device=device), recipe)
+    config = apply_recipe(TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, bf16=True, device=device, seed=seed), recipe)
     run_training(arch, "cifar10", out, config, train_limit=limit, progress=False, log=lambda m: print(m, flush=True))
 
 
@@ -91,12 +91,13 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--deadline", type=float, default=470.0, help="stop runs still going after this many seconds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run process (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (runs are named ...-s<seed> when not 0)")
     parser.add_argument("--train-limit", type=int, help="first N training images only (a quick check)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--one", nargs=2, metavar=("ARCH", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one[0], args.one[1], args.epochs, args.device, args.out, args.threads, args.train_limit)
+        run_one(args.one[0], args.one[1], args.epochs, args.device, args.out, args.threads, args.train_limit, args.seed)
         return
 
     started = time.perf_counter()
@@ -119,9 +120,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
     for arch, recipe in pairs:
-        name = f"{arch}-{recipe}"
+        name = f"{arch}-{recipe}" + (f"-s{args.seed}" if args.seed else "")
         cmd = [sys.executable, __file__, "--one", arch, recipe, "--epochs", str(epochs), "--device", args.device,
-               "--threads", str(args.threads), "--out", str(args.out / name)]
+               "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(args.out / name)]
         if args.train_limit:
             cmd += ["--train-limit", str(args.train_limit)]
         log = (args.out / f"{name}.log").open("w")
