@@ -159,7 +159,8 @@ def train(
     saved = torch.load(resume_file, map_location="cpu", weights_only=False) if resume_file and resume_file.is_file() else None
     if saved is not None:
         if saved["config"] != asdict(config):
-            raise ValueError(f"{resume_file} was written by a run with another configuration")
+            raise ValueError(f"{resume_file} was written by a run with another configuration: "
+                             "delete it to start afresh, or train into another folder")
         net.load_state_dict(saved["net"])
         generator.set_state(saved["generator"])
         rng.bit_generator.state = saved["rng"]
