@@ -156,7 +156,7 @@ def train(
     epoch_number = 0
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     resume_file = Path(resume_path) if resume_path else None
-    saved = torch.load(resume_file, map_location="cpu", weights_only=False) if resume_file and resume_file.is_file() else None
+    saved = torch.load(resume_file, map_location="cpu", weights_only=True) if resume_file and resume_file.is_file() else None
     if saved is not None:
         if saved["config"] != asdict(config):
             raise ValueError(f"{resume_file} was written by a run with another configuration: "
