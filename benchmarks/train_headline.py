@@ -1,14 +1,14 @@
-"""Train the headline's models (issue 17): `resnet-small` and `resnet-deep` under each recipe, same epochs.
+"""Train the headline's models (issue 17) in parallel processes: each (model, recipe) pair, same epochs.
 
-    python benchmarks/train_headline.py --device cuda --budget 390 --out /tmp/headline-runs
-    python benchmarks/train_headline.py --device cpu --epochs 60 --recipes sd-ge --out runs/headline
+    python benchmarks/train_headline.py --device cuda --epochs 41 --runs resnet-small:ge,resnet-deep-late:ge --out runs/headline
+    python benchmarks/train_headline.py --device cuda --models resnet-small,resnet-deep --recipes plain,sd-ge,sd-mixed --out DIR
 
-Each (model, recipe) is one process running `models.recipes.run_training`, the code behind
-`exitserve train --arch A --recipe R --epochs E --batch-size 512 --lr 0.4 --bf16`, so a run can be
-repeated (and resumed: out/A-R/resume.pt) with that command. The runs go in parallel: on a GPU these
-small networks are launch-bound, so several processes share it well. Without --epochs, E is the
-largest count that fits --budget seconds if the runs went one after another, from a timing probe of
-each model's training step (the parallel runs finish sooner). At --deadline seconds, runs still going
+Each run is one process running `models.recipes.run_training`, the code behind `exitserve train
+--arch A --recipe R --epochs E --batch-size 512 --lr 0.4 --bf16`, so a run can be repeated (and
+resumed: DIR/A-R/resume.pt) with that command. On a GPU these small networks are launch-bound, so
+several processes share it well (BENCHMARKS.md §4.1: 4 runs at once took 1.7-2.7 s per epoch).
+Without --epochs, E is the largest count that fits --budget seconds if the runs went one after
+another, from a timing probe of each model's training step. At --deadline seconds, runs still going
 are stopped; their resume.pt holds the last finished epoch.
 """
 
