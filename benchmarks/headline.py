@@ -1,13 +1,15 @@
-"""Large model with early exit vs small model at equal cost (issue 6, part 1; arXiv 2412.19325's headline).
+"""Large model with early exit vs small model at equal cost (issues 6 and 17; arXiv 2412.19325's headline).
 
-    python benchmarks/headline.py --small runs/bundles/cifar10-resnet-small --large bundles/cifar10-resnet-large
+    python benchmarks/headline.py     # runs/bundles/cifar10-resnet-small-ge vs runs/bundles/cifar10-resnet-deep-late-ge
 
-Calibrates the small bundle on cifar10:val (in place: it is the runs/ copy, never committed), takes
-every exit's logits on cifar10:val and cifar10:test for both models once (cached under runs/cache),
-and compares test error against mean FLOPs per sample: each exit of the small model run to full
-depth, the small model with PCEE over δ, the large model with PCEE over δ. Decisions go through
-`decide_all`, the function the server's engine uses. Writes benchmarks/results/headline.json and
-headline.png and prints Markdown tables.
+Calibrates both bundles on cifar10:val in place (runs/ copies, never committed; `--large-calibrated`
+keeps a committed large bundle's calibration as it is), takes every exit's logits on cifar10:val and
+cifar10:test once (cached under runs/cache), and compares test error against mean FLOPs per sample:
+each exit of both models at full depth, the small model with PCEE over δ (its own early-exit curve),
+the large model with `pcee`, `pcee-lb-cond` and the `confidence` baseline over δ. Also counts
+destructive overthinking (an early exit right where the last exit is wrong). Decisions go through
+`decide_all`, the function the server's engine uses. Writes headline.json and headline.png under
+--out and prints Markdown tables. BENCHMARKS.md §4.1 has the commands that train the two bundles.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from exitserve.models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refre
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-HEADLINE_POLICIES = ("pcee", "pcee-cond")
+HEADLINE_POLICIES = ("pcee", "pcee-lb-cond", "confidence")
+SMALL_POLICIES = ("pcee",)  # the small model's own early-exit curve
 PAPER_ERRORS = (0.060, 0.074)  # large with PCEE vs small, at the small model's FLOPs (arXiv 2412.19325)
 PAPER_RATIO = PAPER_ERRORS[0] / PAPER_ERRORS[1]
 
@@ -45,7 +48,20 @@ def calibrate_in_place(directory: Path, bundle: Bundle, cache: Path) -> Calibrat
     return calibration
 
 
-def model_curves(bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray) -> dict:
+def overthinking(logits: list[np.ndarray], labels: np.ndarray) -> dict:
+    """Destructive overthinking: how often exit k is right where the last exit is wrong (share of all samples)."""
+    right = np.stack([z.argmax(axis=1) == labels for z in logits])  # [exits, n]
+    last_wrong = ~right[-1]
+    return {
+        "per_exit": [float((r & last_wrong).mean()) for r in right[:-1]],
+        "any_early_exit": float((right[:-1].any(axis=0) & last_wrong).mean()),
+        "last_exit_error": float(last_wrong.mean()),
+    }
+
+
+def model_curves(
+    bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray, policies: tuple[str, ...]
+) -> dict:
     """Per exit at full depth, and each headline policy over δ: test error and mean MFLOPs per sample."""
     manifest = bundle.manifest
     test = split_logits(bundle, "cifar10:test", cache)
@@ -56,8 +72,8 @@ def model_curves(bundle: Bundle, calibration: Calibration, cache: Path, deltas: 
         accuracy = float((z.argmax(axis=1) == test.labels).mean())
         exits.append({"index": k, "mflops": float(mflops[k]), "compute_fraction": float(fractions[k]),
                       "accuracy": accuracy, "error": 1.0 - accuracy})
-    policies = {}
-    for policy in HEADLINE_POLICIES:
+    curves = {}
+    for policy in policies:
         rows = []
         for delta in deltas:
             d = decide_all(calibration, policy, test.logits, float(delta))
@@ -65,11 +81,11 @@ def model_curves(bundle: Bundle, calibration: Calibration, cache: Path, deltas: 
             row["mflops"] = float(mflops[d.exit_index].mean())
             row["error"] = 1.0 - row["accuracy"]
             rows.append(row)
-        policies[policy] = rows
+        curves[policy] = rows
     return {
         "bundle": manifest.name, "full_mflops": float(mflops[-1]), "test_n": int(test.labels.size),
         "calibration_fingerprint": calibration.data_fingerprint, "logits_seconds": test.seconds,
-        "exits": exits, "policies": policies,
+        "exits": exits, "policies": curves, "overthinking": overthinking(test.logits, test.labels),
     }
 
 
@@ -103,6 +119,19 @@ def mflops_to_reach(rows: list[dict], error: float) -> float | None:
     return None
 
 
+def below_small_curve(small_rows: list[dict], large_rows: list[dict], points: int = 200) -> dict:
+    """Large curve minus small curve (error) over the costs both reach; below everywhere if the max is < 0."""
+    sx, _ = frontier(small_rows)
+    lx, _ = frontier(large_rows)
+    lo, hi = max(sx[0], lx[0]), min(sx[-1], lx[-1])
+    if lo > hi:
+        return {"shared_mflops": None, "max_gap": None, "share_below": None, "below_everywhere": False}
+    grid = np.linspace(lo, hi, points)
+    gap = np.array([error_at(large_rows, g) - error_at(small_rows, g) for g in grid])
+    return {"shared_mflops": [float(lo), float(hi)], "max_gap": float(gap.max()), "min_gap": float(gap.min()),
+            "share_below": float((gap < 0).mean()), "below_everywhere": bool((gap < 0).all())}
+
+
 def compare(small: dict, large: dict) -> dict:
     small_mflops = small["full_mflops"]
     small_error = small["exits"][-1]["error"]
@@ -128,20 +157,21 @@ def compare(small: dict, large: dict) -> dict:
             "large_first_exit_mflops": large["exits"][0]["mflops"],
             "equal_cost_reachable": error is not None,
             "goal_met": ratio is not None and ratio <= PAPER_RATIO,
+            "vs_small_pcee_curve": below_small_curve(small["policies"]["pcee"], rows),
         }
     return out
 
 
-def plot(small: dict, large: dict, result: dict, path: Path, small_name: str = "small") -> None:
+def plot(small: dict, large: dict, result: dict, path: Path, small_name: str = "small", large_name: str = "large") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"pcee": "-", "pcee-cond": "--"}
-    for model, color, name in ((small, "tab:orange", small_name), (large, "tab:blue", "large")):
-        for policy in HEADLINE_POLICIES:
+    styles = {"pcee": "-", "pcee-lb-cond": "--", "confidence": ":"}
+    for model, color, name in ((small, "tab:orange", small_name), (large, "tab:blue", large_name)):
+        for policy in model["policies"]:
             xs, ys = frontier(model["policies"][policy])
             ax.plot(xs, 100 * ys, styles[policy], color=color, marker=".", markersize=3,
                     label=f"{name} + {policy} (δ 0.50…0.99)")
@@ -160,11 +190,12 @@ def plot(small: dict, large: dict, result: dict, path: Path, small_name: str = "
                 xytext=(6, -14), fontsize=8, color="gray")
     # No policy can spend less than the large model's first exit on a sample: its curve starts right of this.
     ax.axvline(h["large_first_exit_mflops"], color="tab:blue", linewidth=0.8, linestyle=":")
-    ax.annotate("large: cheapest possible\n(exit 0 for every sample)", (h["large_first_exit_mflops"], 100 * h["small_full_error"]),
+    ax.annotate(f"{large_name}: cheapest possible\n(exit 0 for every sample)",
+                (h["large_first_exit_mflops"], 100 * h["small_full_error"]),
                 textcoords="offset points", xytext=(4, 40), fontsize=7, color="tab:blue")
     ax.set_xlabel("mean MFLOPs per sample (multiply-add = 2)")
     ax.set_ylabel("CIFAR-10 test error (%)")
-    ax.set_title(f"Large model with PCEE vs {small_name} model (CIFAR-10 test, 10,000 images)")
+    ax.set_title(f"{large_name} model with early exit vs {small_name} model (CIFAR-10 test, 10,000 images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -177,42 +208,58 @@ def fmt(value: float | None, spec: str, scale: float = 1.0, missing: str = "–"
 
 
 def render(report: dict) -> str:
-    small_name = report.get("small_name", "small")
-    lines = ["| model | exit | MFLOPs | test accuracy | test error |", "| --- | --- | --- | --- | --- |"]
+    names = {"small": report.get("small_name", "small"), "large": report.get("large_name", "large")}
+    small_name, large_name = names["small"], names["large"]
+    over = {k: report["models"][k]["overthinking"] for k in names}
+    lines = ["| model | exit | MFLOPs | test accuracy | test error | right where the last exit is wrong |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for key in ("small", "large"):
-        for e in report["models"][key]["exits"]:
-            lines.append(f"| {small_name if key == 'small' else key} | {e['index']} | {e['mflops']:.1f} | {e['accuracy']:.4f} | {100 * e['error']:.2f} % |")
-    lines += ["", f"| policy (large) | {small_name} full depth: MFLOPs, error | large error at that cost | ratio (paper 0.81) | "
-              f"large MFLOPs to match {small_name}'s error | large's cheapest point: MFLOPs, error | goal met |",
+        exits = report["models"][key]["exits"]
+        for e in exits:
+            destructive = over[key]["per_exit"][e["index"]] if e["index"] < len(exits) - 1 else None
+            lines.append(f"| {names[key]} | {e['index']} | {e['mflops']:.1f} | {e['accuracy']:.4f} | "
+                         f"{100 * e['error']:.2f} % | {fmt(destructive, '.2f', 100)}{'' if destructive is None else ' %'} |")
+    lines += ["", f"| policy ({large_name}) | {small_name} full depth: MFLOPs, error | {large_name} error at that cost | "
+              f"ratio (paper 0.81) | {large_name} MFLOPs to match {small_name}'s error | "
+              f"below {small_name} + pcee at every shared cost (max gap) | goal met |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for policy, h in report["comparison"].items():
         match = h["large_mflops_to_match_small_error"]
         times = "" if match is None else f" ({match / h['small_full_mflops']:.2f}× {small_name})"
+        below = h["vs_small_pcee_curve"]
+        gap = "–" if below["max_gap"] is None else (
+            f"{'yes' if below['below_everywhere'] else 'no'} ({100 * below['max_gap']:+.2f} pts; below on "
+            f"{100 * below['share_below']:.0f} % of {below['shared_mflops'][0]:.1f}–{below['shared_mflops'][1]:.1f} MFLOPs)")
         lines.append(
             f"| {policy} | {h['small_full_mflops']:.1f}, {100 * h['small_full_error']:.2f} % | "
             f"{fmt(h['large_error_at_small_mflops'], '.2f', 100, 'out of reach')}"
             f"{'' if h['large_error_at_small_mflops'] is None else ' %'} | {fmt(h['error_ratio'], '.3f')} | "
-            f"{fmt(match, '.1f')}{times} | "
-            f"{h['large_min_mflops']:.1f}, {100 * h['large_error_at_min_mflops']:.2f} % | "
-            f"{'**yes**' if h['goal_met'] else '**no**'} |")
+            f"{fmt(match, '.1f')}{times} | {gap} | {'**yes**' if h['goal_met'] else '**no**'} |")
+    lines += ["", "| model | destructive overthinking: some early exit right, last exit wrong | last exit's error |",
+              "| --- | --- | --- |"]
+    for key in ("small", "large"):
+        lines.append(f"| {names[key]} | {100 * over[key]['any_early_exit']:.2f} % | {100 * over[key]['last_exit_error']:.2f} % |")
     lines += ["", "| model + policy | δ | MFLOPs | test error | coverage | promised accuracy |", "| --- | --- | --- | --- | --- | --- |"]
     for key in ("small", "large"):
         for policy, rows in report["models"][key]["policies"].items():
             for r in rows:
                 if round(r["delta"], 2) in (0.50, 0.80, 0.90, 0.95, 0.99):
-                    lines.append(f"| {small_name if key == 'small' else key} + {policy} | {r['delta']:.2f} | {r['mflops']:.1f} | {100 * r['error']:.2f} % | "
+                    lines.append(f"| {names[key]} + {policy} | {r['delta']:.2f} | {r['mflops']:.1f} | {100 * r['error']:.2f} % | "
                                  f"{r['coverage']:.3f} | {fmt(r['accuracy_promised'], '.3f')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-small")
-    parser.add_argument("--large", type=Path, default=REPO / "bundles" / "cifar10-resnet-large")
+    parser.add_argument("--small", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-small-ge")
+    parser.add_argument("--large", type=Path, default=REPO / "runs" / "bundles" / "cifar10-resnet-deep-late-ge")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-calibrate", action="store_true", help="use the small bundle's calibration as it is")
+    parser.add_argument("--large-calibrated", action="store_true",
+                        help="use the large bundle's calibration as it is (a committed bundle) instead of fitting it in place")
     parser.add_argument("--small-name", default="small", help="what the smaller model is called in tables and plots")
+    parser.add_argument("--large-name", default="deep-late", help="what the larger model is called in tables and plots")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -222,13 +269,16 @@ def main() -> None:
         small_cal = Calibration.from_dict(small_bundle.calibration, num_exits=small_bundle.manifest.num_exits)
     else:
         small_cal = calibrate_in_place(args.small, small_bundle, args.cache)
-    # The default bundle is committed and already calibrated on cifar10:val: use it as it is.
-    large_bundle = load_bundle(args.large, require_calibration=True)
-    large_cal = Calibration.from_dict(large_bundle.calibration, num_exits=large_bundle.manifest.num_exits)
-    split_logits(large_bundle, "cifar10:val", args.cache)  # cached for benchmarks/control.py
+    if args.large_calibrated:  # a committed bundle is already calibrated on cifar10:val: use it as it is
+        large_bundle = load_bundle(args.large, require_calibration=True)
+        large_cal = Calibration.from_dict(large_bundle.calibration, num_exits=large_bundle.manifest.num_exits)
+        split_logits(large_bundle, "cifar10:val", args.cache)  # cached for benchmarks/control.py
+    else:
+        large_bundle = load_bundle(args.large)
+        large_cal = calibrate_in_place(args.large, large_bundle, args.cache)
 
-    small = model_curves(small_bundle, small_cal, args.cache, DEFAULT_EVAL_DELTAS)
-    large = model_curves(large_bundle, large_cal, args.cache, DEFAULT_EVAL_DELTAS)
+    small = model_curves(small_bundle, small_cal, args.cache, DEFAULT_EVAL_DELTAS, SMALL_POLICIES)
+    large = model_curves(large_bundle, large_cal, args.cache, DEFAULT_EVAL_DELTAS, HEADLINE_POLICIES)
     comparison = compare(small, large)
     report = {
         "command": " ".join(["python", *sys.argv]),
@@ -237,6 +287,7 @@ def main() -> None:
         "deltas": [float(d) for d in DEFAULT_EVAL_DELTAS],
         "paper": {"large_pcee_error": PAPER_ERRORS[0], "small_error": PAPER_ERRORS[1], "ratio": PAPER_RATIO},
         "small_name": args.small_name,
+        "large_name": args.large_name,
         "models": {"small": small, "large": large},
         "comparison": comparison,
         "goal": "large with PCEE has lower error than the small model at the small model's full-depth FLOPs, "
@@ -246,7 +297,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "headline.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    plot(small, large, comparison, args.out / "headline.png", args.small_name)
+    plot(small, large, comparison, args.out / "headline.png", args.small_name, args.large_name)
     print(render(report))
     print(f"\nwrote {args.out / 'headline.json'} and headline.png in {report['seconds']:.0f} s")
 

@@ -28,7 +28,7 @@ BENCH = Path("benchmarks")
 BUNDLE = Path("bundles/cifar10-resnet-large")
 CHECKPOINT = Path("runs/cifar10-resnet-large/checkpoint.pt")
 MONOLITHIC = Path("runs/monolithic")
-SMALL = Path("runs/bundles/cifar10-resnet-small")
+SMALL = Path("runs/bundles/cifar10-resnet-small-ge")  # with runs/bundles/cifar10-resnet-deep-late-ge (§4.1)
 MEDIUM = Path("runs/bundles/cifar10-resnet-medium")
 TEXT_RESULTS = Path("benchmarks/results/text")
 
@@ -54,13 +54,15 @@ def main() -> int:
     results.append(run("Control on the default bundle", [str(BENCH / "calibration_report.py"),
                                                          "benchmarks/results/default-bundle/evaluation.json"]))
     results.append(run("Control over random splits", [str(BENCH / "control.py"), "--splits", "20"]))
-    if SMALL.is_dir():
+    if SMALL.is_dir() and Path("runs/bundles/cifar10-resnet-deep-late-ge").is_dir():
         results.append(run("Large with early exit vs small", [str(BENCH / "headline.py")]))
     else:
-        print("\nskipped headline: train the small preset first (BENCHMARKS.md §4 has the command)")
+        print("\nskipped headline: train the small and deep-late models first (BENCHMARKS.md §4.1 has the commands)")
     if MEDIUM.is_dir():
         results.append(run("Large with early exit vs medium", [str(BENCH / "headline.py"), "--small", str(MEDIUM), "--small-name",
-                                                               "medium", "--out", "benchmarks/results/headline-medium"]))
+                                                               "medium", "--large", str(BUNDLE), "--large-calibrated",
+                                                               "--large-name", "large",
+                                                               "--out", "benchmarks/results/headline-medium"]))
     else:
         print("\nskipped the medium headline: train the medium preset first (BENCHMARKS.md §4.1 has the command)")
     if (TEXT_RESULTS / "sst2-self-supervised" / "evaluation.json").is_file():

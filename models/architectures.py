@@ -67,6 +67,7 @@ class ConvHead(nn.Module):
 class ResNetPreset:
     width: int
     blocks: tuple[int, ...]
+    exit_every_block: bool = False
 
 
 RESNET_PRESETS = {
@@ -74,6 +75,12 @@ RESNET_PRESETS = {
     # between the two: its full depth costs about what the large preset spends at its second exit
     "medium": ResNetPreset(width=24, blocks=(1, 1, 1, 1)),
     "large": ResNetPreset(width=32, blocks=(1, 1, 1, 1)),
+    # Depth, not width (issue 17): the small preset's widths with 11 blocks and an exit after each,
+    # so exits come every ~10 MFLOPs and one lands near the small model's full cost.
+    "deep": ResNetPreset(width=16, blocks=(1, 2, 4, 4), exit_every_block=True),
+    # The same with the extra depth in the last two stages: its first three exits are the small
+    # preset's (11.5 / 20.0 / 28.5 MFLOPs), where exits after stage-1 blocks are weak for their cost.
+    "deep-late": ResNetPreset(width=16, blocks=(1, 1, 3, 4), exit_every_block=True),
 }
 
 
@@ -84,27 +91,35 @@ def multi_exit_resnet(
     in_channels: int = 3,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
+    exit_every_block: bool = False,
 ) -> MultiExitNet:
-    """ResNet for 32x32 inputs; one segment (and exit) per stage, width doubling per stage.
+    """ResNet for 32x32 inputs, width doubling per stage; one exit per stage, or per block.
 
     Early heads down-sample with one strided conv until the map is 4x4 or smaller; the final head
     is pooling plus a linear layer, as in a plain ResNet.
     """
-    segments, heads = [], []
+    groups: list[tuple[list[nn.Module], int, int]] = []  # (layers, channels out, map size) per segment
     cin, size = width, 32
     for stage, count in enumerate(blocks):
         cout = width * 2**stage
         stride = 1 if stage == 0 else 2
+        size //= stride
         layers: list[nn.Module] = []
         if stage == 0:
             layers += [Normalize(mean, std), conv_bn_relu(in_channels, width)]
         for b in range(count):
             layers.append(BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1))
-        size //= stride
-        segments.append(nn.Sequential(*layers))
-        is_last = stage == len(blocks) - 1
-        heads.append(ConvHead(cout, num_classes, stride=0 if is_last else (2 if size > 4 else 1)))
+            if exit_every_block:
+                groups.append((layers, cout, size))
+                layers = []
+        if not exit_every_block:
+            groups.append((layers, cout, size))
         cin = cout
+    segments, heads = [], []
+    for k, (layers, channels, map_size) in enumerate(groups):
+        segments.append(nn.Sequential(*layers))
+        is_last = k == len(groups) - 1
+        heads.append(ConvHead(channels, num_classes, stride=0 if is_last else (2 if map_size > 4 else 1)))
     return MultiExitNet(segments, heads)
 
 
@@ -112,7 +127,7 @@ def resnet_preset(name: str, num_classes: int = 10) -> MultiExitNet:
     if name not in RESNET_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(RESNET_PRESETS)}")
     preset = RESNET_PRESETS[name]
-    return multi_exit_resnet(preset.width, preset.blocks, num_classes)
+    return multi_exit_resnet(preset.width, preset.blocks, num_classes, exit_every_block=preset.exit_every_block)
 
 
 class _MLPHead(nn.Module):
@@ -140,6 +155,8 @@ ARCHITECTURES = {
     "resnet-small": lambda num_classes: resnet_preset("small", num_classes),
     "resnet-medium": lambda num_classes: resnet_preset("medium", num_classes),
     "resnet-large": lambda num_classes: resnet_preset("large", num_classes),
+    "resnet-deep": lambda num_classes: resnet_preset("deep", num_classes),
+    "resnet-deep-late": lambda num_classes: resnet_preset("deep-late", num_classes),
     "mnist-compact": lambda num_classes: compact_mnist_net(num_classes, image_size=28),
     "digits-compact": lambda num_classes: compact_mnist_net(num_classes, width=8, image_size=8),
 }

@@ -4,6 +4,10 @@
 - `mixed`: backbone and final head first, then everything jointly (arXiv 2407.14320).
 - `heads-only`: backbone and final head frozen; the early heads learn from the final exit's own
   predictions with loss CE - lambda * entropy (self-supervised exits, arXiv 2407.21082).
+
+`joint` and the joint phase of `mixed` can add self-distillation from the last exit and gradient
+equilibrium (models/exit_training.py). With `resume_path`, the full training state is saved after
+every epoch and a run that finds it picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from exitserve.models.data import Dataset
+from exitserve.models.exit_training import forward_with_equilibrium, random_crop_flip, self_distilled_losses
 from exitserve.models.net import MultiExitNet
 
 Regime = Literal["joint", "mixed", "heads-only"]
@@ -39,6 +45,9 @@ class TrainConfig:
     backbone_epochs: int | None = None  # mixed: epochs of phase 1; half of `epochs` when None
     entropy_weight: float = 0.1  # heads-only: lambda in CE - lambda * entropy
     augment: bool = True  # random crop (pad 4) and horizontal flip, for 32x32 colour images
+    distill_weight: float = 0.0  # alpha: early exits learn (1-alpha) CE + alpha KD from the last exit
+    distill_temperature: float = 3.0
+    gradient_equilibrium: bool = False  # IMTA's gradient rescaling between exits (joint phases)
     bf16: bool = False  # bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)
     device: str = "cpu"
 
@@ -62,20 +71,6 @@ class TrainHistory:
         return self.epochs[-1].val_accuracy if self.epochs else []
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 4-pixel-padded crop and horizontal flip, per sample."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
-
-
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits, dim=1)
     return -(log_p.exp() * log_p).sum(dim=1)
@@ -91,6 +86,8 @@ def exit_losses(
     if phase == "backbone":
         return F.cross_entropy(logits[-1], targets)
     weights = config.exit_weights or [1.0] * len(logits)
+    if config.distill_weight > 0:
+        return self_distilled_losses(logits, targets, weights, config.distill_weight, config.distill_temperature)
     return sum(w * F.cross_entropy(z, targets) for w, z in zip(weights, logits, strict=True))
 
 
@@ -125,6 +122,12 @@ def _trainable(net: MultiExitNet, phase: str) -> list[torch.nn.Parameter]:
     return list(net.parameters())
 
 
+def _save_resume(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a run killed mid-write keeps the previous epoch's state
+
+
 def train(
     net: MultiExitNet,
     train_data: Dataset,
@@ -132,21 +135,40 @@ def train(
     config: TrainConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume_path: str | Path | None = None,
 ) -> TrainHistory:
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = config.device
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     net.to(device)
     four_d = train_data.x.ndim == 4
     if four_d:
         net.to(memory_format=torch.channels_last)
     augment = config.augment and four_d and train_data.x.shape[1] == 3 and train_data.x.shape[2] >= 32
+    # On a GPU the whole training set lives there: batches are gathered and augmented on the device.
+    x_all = torch.from_numpy(train_data.x).to(device) if on_gpu else torch.from_numpy(train_data.x)
+    y_all = torch.from_numpy(train_data.y).to(device)
     history = TrainHistory(config=asdict(config))
     epoch_number = 0
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    resume_file = Path(resume_path) if resume_path else None
+    saved = torch.load(resume_file, map_location="cpu", weights_only=True) if resume_file and resume_file.is_file() else None
+    if saved is not None:
+        if saved["config"] != asdict(config):
+            raise ValueError(f"{resume_file} was written by a run with another configuration: "
+                             "delete it to start afresh, or train into another folder")
+        net.load_state_dict(saved["net"])
+        generator.set_state(saved["generator"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        history.epochs = [EpochRecord(**e) for e in saved["epochs"]]
+        log(f"resuming from {resume_file} after epoch {len(history.epochs)}")
 
-    for phase, epochs in _phases(config):
+    for phase_index, (phase, epochs) in enumerate(_phases(config)):
         if epochs <= 0:
             continue
         params = _trainable(net, phase)
@@ -160,40 +182,60 @@ def train(
             optimizer, max_lr=config.lr, total_steps=epochs * steps_per_epoch, pct_start=0.25,
             anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
         )
-        for _ in range(epochs):
+        first_epoch = 0
+        if saved is not None:
+            if saved["phase_index"] > phase_index:  # phase finished before the interruption
+                epoch_number += epochs
+                continue
+            if saved["phase_index"] == phase_index:
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                first_epoch = saved["epoch_in_phase"]
+                epoch_number += first_epoch
+        equilibrium = config.gradient_equilibrium and phase == "joint"
+        for epoch_in_phase in range(first_epoch, epochs):
             epoch_number += 1
             started = time.perf_counter()
             net.train()
             if phase == "heads-only":
                 net.segments.eval()  # frozen backbone: keep its batch-norm statistics
                 net.heads[-1].eval()
-            order = rng.permutation(len(train_data))
-            total, seen = 0.0, 0
+            order = torch.from_numpy(rng.permutation(len(train_data)))
+            total = torch.zeros((), device=device)  # summed on the device: no sync per step
+            seen = 0
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch_number} ({phase})", disable=not progress, leave=False)
             for step in bar:
                 idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                x = torch.from_numpy(train_data.x[idx])
-                y = torch.from_numpy(train_data.y[idx]).to(device)
+                x = x_all[idx.to(x_all.device)]
+                y = y_all[idx.to(y_all.device)]
                 if augment:
-                    x = _augment(x, generator)
+                    x = random_crop_flip(x, generator)
                 x = x.to(device)
                 if four_d:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = exit_losses(net(x), y, config.regime, phase, config)
+                    logits = forward_with_equilibrium(net, x) if equilibrium else net(x)
+                    loss = exit_losses(logits, y, config.regime, phase, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += loss.item() * len(idx)
+                total += loss.detach().float() * len(idx)
                 seen += len(idx)
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{total / seen:.4f}")
+                if progress and step % 20 == 0:
+                    bar.set_postfix(loss=f"{total.item() / seen:.4f}")
             val_acc = per_exit_accuracy(net, val_data, config=config) if val_data is not None else []
-            record = EpochRecord(epoch_number, phase, total / seen, val_acc, time.perf_counter() - started)
+            record = EpochRecord(epoch_number, phase, total.item() / seen, val_acc, time.perf_counter() - started)
             history.epochs.append(record)
+            if resume_file is not None:
+                _save_resume(resume_file, {
+                    "config": asdict(config), "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "phase_index": phase_index, "epoch_in_phase": epoch_in_phase + 1,
+                    "generator": generator.get_state(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "epochs": [asdict(e) for e in history.epochs],
+                })
             accs = " ".join(f"{a:6.2%}" for a in val_acc)
-            log(f"epoch {epoch_number:3d}  {phase:10s}  loss {record.loss:.4f}  val acc per exit: {accs}  ({record.seconds:.0f}s)")
+            log(f"epoch {epoch_number:3d}  {phase:10s}  loss {record.loss:.4f}  val acc per exit: {accs}  ({record.seconds:.1f}s)")
     for p in net.parameters():
         p.requires_grad_(True)
     net.eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from exitserve.service.cli.export import export_checkpoint as _export
@@ -13,45 +12,25 @@ from exitserve.service.cli.flags import add_parser
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from exitserve.models.architectures import build_architecture
-    from exitserve.models.checkpoint import load_checkpoint, save_checkpoint
-    from exitserve.models.data import load_dataset
-    from exitserve.models.training import TrainConfig, train
+    from exitserve.models.recipes import apply_recipe, run_training
+    from exitserve.models.training import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_data = load_dataset(f"{args.data}:train", seed=args.split_seed)
-    val_data = load_dataset(f"{args.data}:val", seed=args.split_seed)
-    if args.init:
-        net, meta = load_checkpoint(args.init)
-    else:
-        net = build_architecture(args.arch, num_classes=len(train_data.labels))
-        meta = {"architecture": args.arch, "num_classes": len(train_data.labels), "labels": train_data.labels}
     config = TrainConfig(
         regime=args.regime, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, entropy_weight=args.entropy_weight,
         backbone_epochs=args.backbone_epochs, augment=not args.no_augment, bf16=args.bf16, device=args.device,
+        distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+        gradient_equilibrium=args.gradient_equilibrium,
     )
-    print(f"training {meta['architecture']} on {train_data.name} ({len(train_data)} samples), "
-          f"validation {val_data.name} ({len(val_data)}) held out; regime {config.regime}")
-    history = train(net, train_data, val_data, config, progress=not args.no_progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        **meta,
-        "data": args.data,
-        "split_seed": args.split_seed,
-        "train_fingerprint": train_data.fingerprint,
-        "val_fingerprint": val_data.fingerprint,
-        "history": [vars(e) for e in history.epochs] + meta.get("history", []),
-        "train_config": history.config,
-        "train_seconds": sum(e.seconds for e in history.epochs),
-    }
-    save_checkpoint(out / "checkpoint.pt", net, meta)
-    (out / "history.json").write_text(json.dumps({"config": history.config, "epochs": meta["history"]}, indent=2))
-    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    checkpoint = run_training(
+        None if args.init else args.arch, args.data, Path(args.out), apply_recipe(config, args.recipe),
+        split_seed=args.split_seed, init=Path(args.init) if args.init else None, train_limit=args.train_limit,
+        progress=not args.no_progress,
+    )
     if args.export:
-        return _export(out / "checkpoint.pt", Path(args.export), args.name, args.version, args.torchscript)
+        return _export(checkpoint, Path(args.export), args.name, args.version, args.torchscript)
     return 0
 
 
@@ -67,7 +46,8 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "train", "train a multi-exit network (needs the `train` extra)")
-    p.add_argument("--arch", default="resnet-large", help="resnet-small, resnet-large, mnist-compact, digits-compact")
+    p.add_argument("--arch", default="resnet-large",
+                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, mnist-compact, digits-compact")
     p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
     p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"],
                    help="joint: every exit on the labels; mixed: backbone first, then joint; "
@@ -79,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--backbone-epochs", type=int, help="mixed: epochs of the backbone-only phase (default: half)")
     p.add_argument("--entropy-weight", type=float, default=0.1, help="heads-only: lambda in CE - lambda*entropy")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="self-distillation: early exits learn (1-a) CE + a KL from the last exit (0 = off)")
+    p.add_argument("--distill-temperature", type=float, default=3.0, help="self-distillation: softmax temperature")
+    p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA's gradient equilibrium between exits")
+    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed"],
+                   help="named recipe (models/recipes.py): sets --regime, --distill-weight, --gradient-equilibrium")
+    p.add_argument("--train-limit", type=int, help="train on N random training samples only (timing, tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--no-augment", action="store_true", help="no random crops and flips (32x32 colour images)")

@@ -39,13 +39,38 @@ def test_mflops_to_reach_finds_the_first_crossing() -> None:
 
 
 def test_compare_reports_no_ratio_when_costs_do_not_overlap() -> None:
-    small = {"full_mflops": 36.0, "exits": [{"mflops": 36.0, "error": 0.15}]}
+    small = {"full_mflops": 36.0, "exits": [{"mflops": 36.0, "error": 0.15}],
+             "policies": {"pcee": rows([(20.0, 0.20), (36.0, 0.15)])}}
     policy_rows = rows([(55.0, 0.22), (73.0, 0.15), (140.0, 0.12)])
     large = {"exits": [{"mflops": 44.0}], "policies": {p: policy_rows for p in headline.HEADLINE_POLICIES}}
     out = headline.compare(small, large)["pcee"]
     assert out["large_error_at_small_mflops"] is None and out["error_ratio"] is None
     assert out["goal_met"] is False and out["equal_cost_reachable"] is False
     assert out["large_mflops_to_match_small_error"] == pytest.approx(73.0)
+    assert out["vs_small_pcee_curve"]["below_everywhere"] is False  # no cost in common
+
+
+def test_below_small_curve_measures_the_gap_over_shared_costs() -> None:
+    small = rows([(10.0, 0.30), (36.0, 0.15)])
+    large = rows([(20.0, 0.26), (40.0, 0.10), (120.0, 0.08)])
+    out = headline.below_small_curve(small, large, points=5)
+    assert out["shared_mflops"] == [20.0, 36.0]
+    # at 20 MFLOPs large 0.26 against small 0.30 - 0.15 * 10/26 (above); at 36 large 0.132 against 0.15 (below)
+    assert out["max_gap"] == pytest.approx(0.26 - (0.30 - 0.15 * 10 / 26))
+    assert out["min_gap"] == pytest.approx(0.26 - 0.16 * 16 / 20 - 0.15)
+    assert out["below_everywhere"] is False and 0.0 < out["share_below"] < 1.0
+    assert headline.below_small_curve(small, rows([(15.0, 0.05), (50.0, 0.04)]))["below_everywhere"] is True
+
+
+def test_overthinking_counts_early_exits_right_where_the_last_is_wrong() -> None:
+    labels = np.array([0, 1, 2, 0])
+    def logits(predicted: list[int]) -> np.ndarray:
+        return np.eye(3)[predicted]
+    # last exit: right, wrong, wrong, right; exit 0 right on samples 1 and 3; exit 1 right on sample 2
+    out = headline.overthinking([logits([1, 1, 0, 0]), logits([1, 0, 2, 1]), logits([0, 2, 0, 0])], labels)
+    assert out["per_exit"] == [0.25, 0.25]
+    assert out["any_early_exit"] == 0.5
+    assert out["last_exit_error"] == 0.5
 
 
 def test_summarise_counts_violations_per_delta_over_splits() -> None:
