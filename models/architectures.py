@@ -19,6 +19,9 @@ MNIST_STD = (0.3081,)
 class Normalize(nn.Module):
     """Per-channel standardisation inside the graph, so clients send pixels scaled to [0, 1]."""
 
+    mean: torch.Tensor  # buffers, declared for the type checker
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

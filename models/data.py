@@ -73,6 +73,13 @@ def cache_dir() -> Path:
 # --- CIFAR-10 ---------------------------------------------------------------------------------
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    if handle is None:  # not a regular file (filtered out above)
+        raise ValueError(f"{member.name}: not a file in the archive")
+    return handle.read()
+
+
 def _decode_jpeg_tree(names_and_bytes: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
     from PIL import Image
 
@@ -100,10 +107,10 @@ def _cifar_from_jpeg_tar(path: Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     with tarfile.open(path) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith((".jpg", ".jpeg", ".png"))]
-        blobs = [(m.name, tar.extractfile(m).read()) for m in members]
+        blobs = [(m.name, _member_bytes(tar, m)) for m in members]
     arrays = _decode_jpeg_tree(blobs)
     tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **arrays as its own options
     tmp.replace(cached)
     return arrays
 
@@ -311,9 +318,9 @@ def load_text_dataset(name: str, split: str, seed: int = 0, root: Path | None = 
         rows = _read_tsv(base / ("test.tsv" if split == "test" else "dev.tsv"), header=False)
         y = np.array([labels.index(label) for _, label in rows], np.int64)
         if split != "test":
-            train_idx, val_idx = split_train_val(len(rows), AGNEWS_VALIDATION_SIZE, seed)
-            idx = train_idx if split == "train" else val_idx
-            rows, y = [rows[i] for i in idx], y[idx]
+            train_part, val_part = split_train_val(len(rows), AGNEWS_VALIDATION_SIZE, seed)
+            part = train_part if split == "train" else val_part
+            rows, y = [rows[i] for i in part], y[part]
     x = np.empty(len(rows), dtype=object)
     x[:] = [text for text, _ in rows]
     suffix = f"-seed{seed}" if split != "test" else ""

@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from exitserve.models.bundle import Manifest
 from exitserve.models.net import MultiExitNet
-from exitserve.models.text import TOKENIZER_FILE, minilm_dir, pooled_features, text_multi_exit_net
+from exitserve.models.text import (
+    TOKENIZER_FILE,
+    PooledClassifier,
+    TextInputSegment,
+    minilm_dir,
+    pooled_features,
+    text_multi_exit_net,
+)
 from exitserve.models.tokens import MAX_SEQUENCE_LENGTH, length_batches, pad_batch, token_ids
 from exitserve.models.training import TrainConfig, exit_losses
 
@@ -47,9 +55,11 @@ def encoder_features(net: MultiExitNet, tokenizer, texts: np.ndarray, cache: Pat
     if path is not None and path.is_file():
         return np.load(path)
     torch.set_num_threads(threads)
-    rows = token_ids(tokenizer, texts)
+    rows = token_ids(tokenizer, [str(t) for t in texts])
     lengths = np.array([len(r) for r in rows])
-    width = net.heads[0].mlp[0].in_features
+    first_layer = _heads(net)[0].mlp[0]
+    assert isinstance(first_layer, torch.nn.Linear)
+    width = first_layer.in_features
     out = np.zeros((net.num_exits, len(rows), width), np.float32)
     for batch in tqdm(length_batches(lengths), desc="encoding", unit="batch"):
         ids = torch.from_numpy(pad_batch([rows[i] for i in batch]))
@@ -59,6 +69,13 @@ def encoder_features(net: MultiExitNet, tokenizer, texts: np.ndarray, cache: Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, out)
     return out
+
+
+def _heads(net: MultiExitNet) -> list[PooledClassifier]:
+    """The text model's exit heads, typed (a ModuleList only knows they are modules)."""
+    heads = [h for h in net.heads if isinstance(h, PooledClassifier)]
+    assert len(heads) == len(net.heads), "not a text model's heads"
+    return heads
 
 
 @dataclass
@@ -79,7 +96,7 @@ class HeadReport:
     seconds: float
 
 
-def _fit_head(head: torch.nn.Module, features: torch.Tensor, loss_of, config: HeadTraining) -> None:  # noqa: ANN001
+def _fit_head(head: PooledClassifier, features: torch.Tensor, loss_of, config: HeadTraining) -> None:  # noqa: ANN001
     """Train one head's MLP on pooled features (the pooling itself has no parameters)."""
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -104,12 +121,13 @@ def train_text_heads(net: MultiExitNet, train_features: np.ndarray, y_train: np.
     started = time.perf_counter()
     feats = torch.from_numpy(train_features)
     labels = torch.from_numpy(y_train)
-    final = net.heads[-1]
+    heads = _heads(net)
+    final = heads[-1]
     _fit_head(final, feats[-1], lambda z, idx: F.cross_entropy(z, labels[idx]), config)
     with torch.no_grad():
         final_logits = final.mlp(feats[-1])
     loss_config = TrainConfig(regime="heads-only", entropy_weight=config.entropy_weight)
-    for k, head in enumerate(net.heads[:-1]):
+    for k, head in enumerate(heads[:-1]):
         if targets == "self-supervised":
             # exit_losses' heads-only term: CE against the final exit's argmax, minus lambda * entropy
             def loss_of(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -120,7 +138,7 @@ def train_text_heads(net: MultiExitNet, train_features: np.ndarray, y_train: np.
         _fit_head(head, feats[k], loss_of, config)
     with torch.no_grad():
         val = torch.from_numpy(val_features)
-        predictions = [head.mlp(val[k]).argmax(dim=1).numpy() for k, head in enumerate(net.heads)]
+        predictions = [head.mlp(val[k]).argmax(dim=1).numpy() for k, head in enumerate(heads)]
     return HeadReport(
         targets=targets,
         val_accuracy=[float((p == y_val).mean()) for p in predictions],
@@ -130,7 +148,7 @@ def train_text_heads(net: MultiExitNet, train_features: np.ndarray, y_train: np.
 
 
 def export_text_bundle(net: MultiExitNet, tokenizer, out_dir: Path, labels: list[str], name: str,  # noqa: ANN001
-                       example_texts: list[str], provenance: dict) -> tuple[object, list[float]]:
+                       example_texts: list[str], provenance: dict) -> tuple[Manifest, list[float]]:
     """Per-segment ONNX (dynamic batch and sequence axes) plus the tokenizer, parity-checked with padding."""
     from exitserve.models.export import export_bundle
 
@@ -139,7 +157,9 @@ def export_text_bundle(net: MultiExitNet, tokenizer, out_dir: Path, labels: list
     tokenizer.save(str(tokenizer_copy))
     # Mixed lengths, so that the parity check (batch 1 and 7) runs with padding present.
     example = torch.from_numpy(pad_batch(token_ids(tokenizer, example_texts)))
-    vocab_size = net.segments[0].embeddings.word_embeddings.num_embeddings
+    first = net.segments[0]
+    assert isinstance(first, TextInputSegment)
+    vocab_size = first.embeddings.word_embeddings.num_embeddings
     try:
         return export_bundle(
             net, example, out_dir, labels=labels, name=name, task="text-classification", input_name="input_ids",

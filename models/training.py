@@ -88,7 +88,7 @@ def exit_losses(
     weights = config.exit_weights or [1.0] * len(logits)
     if config.distill_weight > 0:
         return self_distilled_losses(logits, targets, weights, config.distill_weight, config.distill_temperature)
-    return sum(w * F.cross_entropy(z, targets) for w, z in zip(weights, logits, strict=True))
+    return torch.stack([w * F.cross_entropy(z, targets) for w, z in zip(weights, logits, strict=True)]).sum()
 
 
 @torch.no_grad()
@@ -147,7 +147,7 @@ def train(
     net.to(device)
     four_d = train_data.x.ndim == 4
     if four_d:
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; missing from torch's stubs
     augment = config.augment and four_d and train_data.x.shape[1] == 3 and train_data.x.shape[2] >= 32
     # On a GPU the whole training set lives there: batches are gathered and augmented on the device.
     x_all = torch.from_numpy(train_data.x).to(device) if on_gpu else torch.from_numpy(train_data.x)
