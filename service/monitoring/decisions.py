@@ -172,6 +172,16 @@ class DecisionStore:
                 out.append(self._decision(slot, entry.calibration))
             return out
 
+    def release(self, claimed: list[tuple[str, int]]) -> None:
+        """Undo `claim` for these (request id, index) pairs: their labels were not written, so a retry
+        must find them claimable again (not "duplicate")."""
+        with self._lock:
+            oldest_kept = self._head - self.capacity
+            for request_id, index in claimed:
+                entry = self._entries.get(request_id)
+                if entry is not None and entry.start >= oldest_kept and index < entry.size:
+                    self._labelled[(entry.start + index) % self.capacity] = False
+
     def _decision(self, slot: int, calibration: str) -> SampleDecision:
         trace = None
         if self._trace is not None:

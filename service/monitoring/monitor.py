@@ -22,7 +22,12 @@ from exitserve.service.monitoring.decisions import (
     DecisionStore,
     SampleDecision,
 )
-from exitserve.service.monitoring.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
+from exitserve.service.monitoring.feedback_log import (
+    LOG_VERSION,
+    FeedbackLog,
+    FeedbackNotWritten,
+    calibration_key,
+)
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.settings import Settings
@@ -129,13 +134,29 @@ class ModelMonitor:
     # --- event loop -------------------------------------------------------------------------------
 
     def score(self, wanted: list[tuple[str, int, int]]) -> list[Scored]:
-        """Score (request id, index, class index) items; raises decisions.UnknownIndex before changing anything."""
+        """Score (request id, index, class index) items; raises decisions.UnknownIndex before changing anything.
+
+        Scored means written: with a feedback log, the lines are written before anything is counted,
+        and when the log fails (FeedbackNotWritten, a 503) the claims are undone, so the client's
+        retry scores the same samples instead of being told "duplicate"."""
         claims = self.store.claim([(request_id, index) for request_id, index, _ in wanted])
+        now = time.time()
+        claimed = [(request_id, index) for (request_id, index, _), claim in zip(wanted, claims, strict=True)
+                   if not isinstance(claim, str)]
+        if self.log is not None and claimed:
+            lines = [self._line(now, request_id, index, label, claim, claim.prediction == label)
+                     for (request_id, index, label), claim in zip(wanted, claims, strict=True)
+                     if not isinstance(claim, str)]
+            try:
+                self.log.write(lines)
+            except FeedbackNotWritten:
+                self.store.release(claimed)
+                log.error("feedback log write failed; the labels were not scored and may be sent again",
+                          extra={"model": self.name, "samples": len(claimed)})
+                raise
         out: list[Scored] = []
         estimates: dict[int, list[float]] = {}
-        lines = []
-        now = time.time()
-        for (request_id, index, label), claim in zip(wanted, claims, strict=True):
+        for (_, _, label), claim in zip(wanted, claims, strict=True):
             if isinstance(claim, str):
                 self._unmatched[claim].inc()
                 out.append(Scored(claim))
@@ -144,15 +165,8 @@ class ModelMonitor:
             self._feedback[(str(claim.exit), "correct" if correct else "incorrect")].inc()
             estimates.setdefault(claim.exit, []).append(claim.estimate)
             out.append(Scored("scored", claim, correct))
-            if self.log is not None:
-                lines.append(self._line(now, request_id, index, label, claim, correct))
         for k, values in estimates.items():
             self._estimate.observe_many(np.asarray(values), self.name, str(k))
-        if lines and self.log is not None:
-            try:
-                self.log.write(lines)
-            except OSError:
-                log.exception("writing the feedback log failed", extra={"model": self.name})
         return out
 
     def _line(self, now: float, request_id: str, index: int, label: int, d: SampleDecision, correct: bool) -> dict:

@@ -1,8 +1,14 @@
-"""The edge of every HTTP request (pure ASGI, cheaper than BaseHTTPMiddleware): request id, API key,
-body limit, request metrics and the request log line."""
+"""The edge of every HTTP request (pure ASGI, cheaper than BaseHTTPMiddleware): allowed hosts, request
+id, API keys, content type, body limit, client-gone watch, request metrics and the request log line.
+
+Every response of a model route (inference, feedback, admin) is counted in
+`exitserve_requests_total` and logged, whatever its status, a 500 from a bug included.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -13,39 +19,99 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exitserve.errors import PayloadTooLarge
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols.errors import error_response
-from exitserve.service.serving.context import REQUEST_ID
+from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID
 from exitserve.service.serving.repository import ModelRepository
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+# Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
+SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
 
 
-def _inference_route(path: str) -> tuple[str, str] | None:
-    """(protocol, model) for inference paths, else None."""
+def _route(path: str) -> tuple[str, str] | None:
+    """(protocol, model) for model routes (v1, v2, feedback, admin), else None."""
     parts = path.strip("/").split("/")
-    if len(parts) >= 4 and parts[1] == "models" and parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
-        return parts[0], parts[2]
+    if len(parts) >= 4 and parts[1] == "models":
+        if parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
+            return parts[0], parts[2]
+        if parts[0] == "v1" and parts[-1] == "feedback":
+            return "feedback", parts[2]
+        if parts[0] == "admin":
+            return "admin", parts[2]
     return None
 
 
-class EdgeMiddleware:
-    """Pure ASGI (cheaper than BaseHTTPMiddleware): request id, API key, body limit, request metrics, logs."""
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
+
+def request_id_of(raw: bytes | None) -> tuple[str | None, str | None]:
+    """(id, None) for an acceptable X-Request-Id (or None when absent), else (None, why it is refused).
+
+    Ids are UTF-8 (echoed byte for byte) and at most MAX_REQUEST_ID_CHARS characters: never cut or
+    re-decoded, because feedback is matched against the exact id the client holds."""
+    if raw is None or raw == b"":
+        return None, None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "X-Request-Id: must be UTF-8 text"
+    if len(text) > MAX_REQUEST_ID_CHARS:
+        return None, f"X-Request-Id: {len(text)} characters exceed the limit of {MAX_REQUEST_ID_CHARS}"
+    if not text.isprintable():
+        return None, "X-Request-Id: holds control characters"
+    return text, None
+
+
+class EdgeMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, repository: ModelRepository):
         self.app = app
         self.settings = settings
         self.metrics = metrics
         self.repository = repository
         self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
+        self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
 
-    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
-        assert self.api_key is not None  # only asked when a key is configured
-        supplied = headers.get(b"x-api-key")
-        if supplied is None:
+    @staticmethod
+    def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
+        # An empty X-API-Key does not hide a valid Bearer token (nor stand for a key).
+        supplied = headers.get(b"x-api-key") or b""
+        if not supplied:
             auth = headers.get(b"authorization", b"")
             supplied = auth[7:] if auth[:7].lower() == b"bearer " else b""
-        return hmac.compare_digest(supplied, self.api_key)
+        return supplied
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], protocol: str | None, id_problem: str | None) -> object:
+        """The response refusing this request at the edge, or None to let it through."""
+        if self.allowed_hosts:
+            host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
+            if host not in self.allowed_hosts:
+                return error_response("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)", 400)
+        if id_problem is not None:
+            return error_response(id_problem, 400)
+        path = scope["path"]
+        if protocol == "admin":
+            key = self.admin_key
+            if key is not None and not hmac.compare_digest(self._supplied_key(headers), key):
+                return error_response("missing or wrong admin API key", 401, {"WWW-Authenticate": "Bearer"})
+        elif (self.api_key and not path.startswith((*OPEN_PATHS, "/admin/"))
+              and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
+                return error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return error_response(f"body of {int(length)} bytes exceeds the limit of {self.settings.max_body_bytes}", 413)
+        if scope["method"] == "POST" and protocol is not None:
+            content_type = headers.get(b"content-type")
+            if protocol == "v2":
+                # tritonclient sends binary bodies with no (or an octet-stream) Content-Type.
+                if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in SIMPLE_TYPES:
+                    return error_response("Content-Type must be application/json or application/octet-stream", 415)
+            elif length != b"0" and (content_type is None or not _is_json(content_type)):
+                return error_response("Content-Type must be application/json", 415)
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,45 +119,64 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        raw_id = headers.get(b"x-request-id")
+        client_id, id_problem = request_id_of(raw_id)
+        request_id = client_id or uuid.uuid4().hex
+        echo = raw_id if client_id is not None and raw_id is not None else request_id.encode()
         scope.setdefault("state", {})["request_id"] = request_id
         REQUEST_ID.set(request_id)  # the dataplane records decisions under it (labelled feedback)
-        path = scope["path"]
-        status_holder = {"status": 500}
+        route = _route(scope["path"])
+        protocol = route[0] if route else None
+        status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                status_holder["started"] = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", echo)]
             await send(message)
 
-        response = None
-        if self.api_key and not path.startswith(OPEN_PATHS) and not self._authorised(headers):
-            response = error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
-        else:
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-                response = error_response(f"body of {int(length)} bytes exceeds the limit of {self.settings.max_body_bytes}", 413)
-        if response is not None:
-            await response(scope, receive, send_with_id)
-        else:
-            await self.app(scope, self._limited(receive), send_with_id)
-
-        route = _inference_route(path)
+        gone: asyncio.Future = asyncio.get_running_loop().create_future()
+        CLIENT_GONE.set(gone)
+        watcher: list[asyncio.Task] = []
+        response = self._refusal(scope, headers, protocol, id_problem)
+        try:
+            if response is not None:
+                await response(scope, receive, send_with_id)  # type: ignore[operator]
+            else:
+                await self.app(scope, self._watched(receive, gone, watcher), send_with_id)
+        except Exception:
+            # A bug the app's own handler already answered (and logged) as a 500, which Starlette then
+            # re-raises: count and log it below like any response; answer here only if nothing was sent.
+            status_holder["status"] = 500
+            if not status_holder["started"]:
+                with contextlib.suppress(Exception):
+                    await error_response("internal server error", 500)(scope, receive, send_with_id)
+        finally:
+            for task in watcher:
+                task.cancel()
+            if not gone.done():
+                gone.cancel()
         if route is not None:
-            protocol, model = route
+            model = route[1]
             label = model if model in self.repository.models else "unknown"
-            status = status_holder["status"]
+            status = int(status_holder["status"])
             self.metrics.requests.labels(label, protocol, str(status)).inc()
-            if status < 400:
+            if status < 400 and protocol in ("v1", "v2"):
                 self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
             level = logging.INFO if status < 500 else logging.ERROR
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task]) -> Receive:
+        """Enforce the body limit while it streams in; once it is complete, watch for the client leaving."""
         limit = self.settings.max_body_bytes
         seen = 0
+
+        async def watch() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not gone.done():
+                gone.set_result(True)
 
         async def wrapped() -> Message:
             nonlocal seen
@@ -100,6 +185,8 @@ class EdgeMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                if not message.get("more_body", False) and not watcher:
+                    watcher.append(asyncio.ensure_future(watch()))
             return message
 
         return wrapped

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextvars import ContextVar
 
 # The request id decisions are recorded under (labelled feedback): X-Request-Id, generated when absent,
 # or an Open Inference Protocol request's `id`.
 REQUEST_ID: ContextVar[str | None] = ContextVar("exitserve_request_id", default=None)
+# Done when the client hung up after sending its request: queued work for it is dropped, not computed.
+CLIENT_GONE: ContextVar[asyncio.Future | None] = ContextVar("exitserve_client_gone", default=None)
+# Longest request id kept (X-Request-Id or an OIP `id`): ids are stored in the decision record for an hour.
+MAX_REQUEST_ID_CHARS = 128

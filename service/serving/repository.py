@@ -82,6 +82,8 @@ class ServedModel:
             workers=settings.workers,
             name=self.name,
             observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor),
+            queue_samples=settings.queued_samples_limit(),
+            deadline_s=settings.request_timeout_s,
         )
 
     def start(self, warmup_sizes: list[int]) -> None:
@@ -110,6 +112,13 @@ class ServedModel:
                 raise ShuttingDown(f"model {self.name!r} was reloaded with other inputs or labels; "
                                    "send the request again") from None
             successor.submit(item)
+
+    def abandon(self, item: WorkItem) -> None:
+        """Drop a queued request (client gone, deadline passed), wherever it was handed on to."""
+        model: ServedModel | None = self
+        while model is not None:
+            model.batcher.abandon(item)
+            model = model.successor
 
     def accepts_requests_of(self, other: ServedModel) -> bool:
         """True when a request validated (and to be answered) against `other` is valid here too."""

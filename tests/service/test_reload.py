@@ -19,7 +19,9 @@ from reliability_support import DAMAGE_KINDS, MODEL, Reference, damage, metric, 
 from exitserve.models.data import load_dataset
 
 KEY = "reload-s3cret"
+ADMIN_KEY = "reload-admin-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 OPEN = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 DELTAS = np.array([0.5, 0.8, 0.9, 0.95, 0.99])
 
@@ -33,8 +35,10 @@ def served_bundle(digits_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def keyed(served_bundle: Path):
-    with running_server([served_bundle], ["--api-key", KEY]) as proc:
+def keyed(served_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    # Reload paths must lie under a bundle root: here every temporary directory of the session.
+    env = {"EXITSERVE_ADMIN_API_KEY": ADMIN_KEY, "EXITSERVE_BUNDLE_ROOTS": str(tmp_path_factory.getbasetemp())}
+    with running_server([served_bundle], ["--api-key", KEY], env=env) as proc:
         yield proc
 
 
@@ -49,7 +53,7 @@ def predict(server: ServerProcess, x: np.ndarray, delta: float | list[float] = 0
 
 
 def reload(server: ServerProcess, body: object = None, **kwargs: object) -> httpx.Response:
-    headers = {**AUTH, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    headers = {**ADMIN, "Content-Type": "application/json", **kwargs.pop("headers", {})}  # type: ignore[dict-item]
     content = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     return httpx.post(f"{server.url}/admin/models/{MODEL}/reload", content=content, headers=headers, timeout=60)
 
@@ -68,7 +72,8 @@ def test_every_route_but_health_needs_the_key(keyed) -> None:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": KEY}):
             response = httpx.request(method, f"{keyed.url}{path}", headers=headers, content=b"{}")
             assert response.status_code == 401, (method, path, headers, response.status_code)
-            assert response.json() == {"error": "missing or wrong API key"}
+            which = "admin API key" if path.startswith("/admin/") else "API key"
+            assert response.json() == {"error": f"missing or wrong {which}"}
     for path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/openapi.json"):
         assert httpx.get(f"{keyed.url}{path}").status_code == 200, path
 
@@ -78,15 +83,16 @@ def test_key_is_compared_in_constant_time() -> None:
 
     from exitserve.service import app
 
-    source = inspect.getsource(app.EdgeMiddleware._authorised)
-    assert "hmac.compare_digest(supplied, self.api_key)" in source and "== self.api_key" not in source
+    source = inspect.getsource(app.EdgeMiddleware._refusal)
+    assert "hmac.compare_digest(self._supplied_key(headers), self.api_key)" in source and "== self.api_key" not in source
+    assert "hmac.compare_digest(self._supplied_key(headers), key)" in source
 
 
 def test_bad_admin_requests(keyed) -> None:
     assert reload(keyed, b"{nope").status_code == 400
     assert "path" in reload(keyed, {"path": 5}).json()["error"]
     assert reload(keyed, {"unexpected": 1}).status_code == 400
-    missing = httpx.post(f"{keyed.url}/admin/models/nope/reload", headers=AUTH)
+    missing = httpx.post(f"{keyed.url}/admin/models/nope/reload", headers=ADMIN)
     assert missing.status_code == 404 and "unknown model" in missing.json()["error"]
 
 

@@ -72,6 +72,7 @@ def v2_binary(x: np.ndarray, header_extra: dict | None = None, size: int | None 
     return raw + data, {"Inference-Header-Content-Length": str(len(raw)), "Content-Type": "application/octet-stream"}
 
 
+JSON = {"Content-Type": "application/json"}
 V1 = f"/v1/models/{MODEL}/predict"
 V2 = f"/v2/models/{MODEL}/infer"
 
@@ -84,7 +85,8 @@ def test_size_limits_both_protocols(client, x) -> None:
         ("body over limit", "post", V1, {"content": b" " * (MAX_BODY + 1)}, 413, f"exceeds the limit of {MAX_BODY}"),
         ("body over limit", "post", V2, {"content": b" " * (MAX_BODY + 1)}, 413, f"exceeds the limit of {MAX_BODY}"),
         # No Content-Length: the limit must hold while the chunked body streams in.
-        ("chunked body over limit", "post", V1, {"content": iter([b" " * 8192] * 10)}, 413, f"limit of {MAX_BODY} bytes"),
+        ("chunked body over limit", "post", V1, {"content": iter([b" " * 8192] * 10), "headers": JSON}, 413,
+         f"limit of {MAX_BODY} bytes"),
         ("chunked body over limit", "post", V2, {"content": iter([b" " * 8192] * 10)}, 413, f"limit of {MAX_BODY} bytes"),
         # 4 MiB of zeros gzipped to ~4 KiB: inflating must stop at the limit.
         ("compression bomb", "post", V2, {"content": gzip.compress(b"0" * (4 << 20)), "headers": {"Content-Encoding": "gzip"}},
@@ -161,7 +163,7 @@ def test_malformed_requests_both_protocols(client, x) -> None:
 
 def test_admin_routes_refused_without_a_configured_key(client) -> None:
     response = client.post(f"/admin/models/{MODEL}/reload")
-    assert_clear_4xx(response, 403, "EXITSERVE_API_KEY")
+    assert_clear_4xx(response, 403, "EXITSERVE_ADMIN_API_KEY")
 
 
 def test_slow_clients_do_not_hold_up_others(server, client, x) -> None:
