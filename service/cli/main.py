@@ -195,9 +195,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
     app = create_app(settings)  # loads and verifies every bundle: a bad one stops start-up here
+    from exitserve.service.protocols.http_limits import uvicorn_options
+
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        **uvicorn_options(settings),  # header size/count limits, header and keep-alive timeouts
     )
     return 0
 

@@ -101,8 +101,9 @@ class EdgeMiddleware:
               and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
                 return error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return error_response(f"body of {int(length)} bytes exceeds the limit of {self.settings.max_body_bytes}", 413)
+        limit = scope["state"]["body_limit"]
+        if length is not None and length.isdigit() and int(length) > limit:
+            return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
         if scope["method"] == "POST" and protocol is not None:
             content_type = headers.get(b"content-type")
             if protocol == "v2":
@@ -127,6 +128,7 @@ class EdgeMiddleware:
         REQUEST_ID.set(request_id)  # the dataplane records decisions under it (labelled feedback)
         route = _route(scope["path"])
         protocol = route[0] if route else None
+        scope["state"]["body_limit"] = self._body_limit(route)
         status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
@@ -144,7 +146,7 @@ class EdgeMiddleware:
             if response is not None:
                 await response(scope, receive, send_with_id)  # type: ignore[operator]
             else:
-                await self.app(scope, self._watched(receive, gone, watcher), send_with_id)
+                await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"]), send_with_id)
         except Exception:
             # A bug the app's own handler already answered (and logged) as a 500, which Starlette then
             # re-raises: count and log it below like any response; answer here only if nothing was sent.
@@ -168,9 +170,20 @@ class EdgeMiddleware:
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
 
-    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task]) -> Receive:
-        """Enforce the body limit while it streams in; once it is complete, watch for the client leaving."""
+    def _body_limit(self, route: tuple[str, str] | None) -> int:
+        """The body limit of this route. Text models get a smaller one, sized by what their inputs can
+        hold (samples x max tokens x 32 bytes): a 40 MiB text is refused as it arrives, before any
+        copy or parse of it (each pass over 40 MiB holds the interpreter for a tenth of a second)."""
         limit = self.settings.max_body_bytes
+        if route is not None and route[0] in ("v1", "v2"):
+            served = self.repository.models.get(route[1])
+            text = served.manifest.input.text if served is not None else None
+            if text is not None:
+                limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        return limit
+
+    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task], limit: int) -> Receive:
+        """Enforce the body limit while it streams in; once it is complete, watch for the client leaving."""
         seen = 0
 
         async def watch() -> None:
