@@ -17,18 +17,19 @@ from exitserve.errors import InvalidInput
 
 Schema = TypeVar("Schema", bound=BaseModel)
 T = TypeVar("T")
-# Bodies above this are parsed off the event loop, one at a time: parsing a 60 MiB JSON of numbers
+# Bodies above this are parsed off the event loop, two at a time: parsing a 60 MiB JSON of numbers
 # costs about a second and a gigabyte, which must neither stall /healthz nor run many times at once.
-OFFLOAD_BYTES = 1 << 20
+OFFLOAD_BYTES = 4 << 20
+PARALLEL_BIG_PARSES = 2
 _big_parse: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
 async def parse_off_loop(size: int, parse: Callable[..., T], *args: object) -> T:
-    """`parse(*args)` on the loop for small bodies; in a worker thread, one big body at a time, otherwise."""
+    """`parse(*args)` on the loop for small bodies; in a worker thread, a bounded number at a time, otherwise."""
     if size <= OFFLOAD_BYTES:
         return parse(*args)
     loop = asyncio.get_running_loop()
-    gate = _big_parse.setdefault(loop, asyncio.Semaphore(1))
+    gate = _big_parse.setdefault(loop, asyncio.Semaphore(PARALLEL_BIG_PARSES))
     async with gate:
         return await asyncio.to_thread(parse, *args)
 

@@ -11,15 +11,17 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exitserve.errors import PayloadTooLarge
+from exitserve.errors import Overloaded, PayloadTooLarge
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols.errors import error_response
-from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID
+from exitserve.service.serving.batcher import Reservation
+from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
 from exitserve.service.serving.repository import ModelRepository
 from exitserve.service.settings import Settings
 
@@ -40,6 +42,11 @@ def _route(path: str) -> tuple[str, str] | None:
         if parts[0] == "admin":
             return "admin", parts[2]
     return None
+
+
+def route_model(path: str) -> str | None:
+    route = _route(path)
+    return route[1] if route else None
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -104,6 +111,11 @@ class EdgeMiddleware:
         limit = scope["state"]["body_limit"]
         if length is not None and length.isdigit() and int(length) > limit:
             return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
+        if protocol in ("v1", "v2"):
+            try:
+                RESERVATION.set(self._reserve(route_model(scope["path"]), headers, scope))
+            except Overloaded as exc:
+                return error_response(str(exc), exc.status, exc.headers)
         if scope["method"] == "POST" and protocol is not None:
             content_type = headers.get(b"content-type")
             if protocol == "v2":
@@ -138,6 +150,7 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", echo)]
             await send(message)
 
+        RESERVATION.set(None)
         gone: asyncio.Future = asyncio.get_running_loop().create_future()
         CLIENT_GONE.set(gone)
         watcher: list[asyncio.Task] = []
@@ -155,6 +168,9 @@ class EdgeMiddleware:
                 with contextlib.suppress(Exception):
                     await error_response("internal server error", 500)(scope, receive, send_with_id)
         finally:
+            reservation = RESERVATION.get()
+            if reservation is not None:
+                reservation.release()  # refused or failed before it was queued
             for task in watcher:
                 task.cancel()
             if not gone.done():
@@ -169,6 +185,22 @@ class EdgeMiddleware:
             level = logging.INFO if status < 500 else logging.ERROR
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
+
+    def _reserve(self, model: str | None, headers: dict[bytes, bytes], scope: Scope) -> Reservation | None:
+        """Room in the model's queue for this request, estimated from its Content-Length as raw samples
+        (exact for base64 tensors, generous for JSON): refused with 503 on the headers, before the body
+        is read or parsed, so a burst costs the server next to nothing. Only on kept-alive connections:
+        uvicorn then reads and drops the unread body, whereas closing a socket with unread data would
+        reset it and the client could lose the 503."""
+        served = self.repository.models.get(model) if model else None
+        length = headers.get(b"content-length", b"")
+        if served is None or not served.ready or served.tokenizer is not None or not length.isdigit():
+            return None
+        if scope.get("http_version") == "1.0" or b"close" in headers.get(b"connection", b"").lower():
+            return None
+        sample_bytes = max(1, math.prod(d for d in served.sample_shape if d > 0) * served.input_dtype.itemsize * 4 // 3)
+        samples = min(max(1, int(length) // sample_bytes), self.settings.max_request_samples)
+        return served.batcher.reserve(samples)  # QueueFull: a 503 + Retry-After
 
     def _body_limit(self, route: tuple[str, str] | None) -> int:
         """The body limit of this route. Text models get a smaller one, sized by what their inputs can

@@ -29,7 +29,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
-        self._start_head()
+        self._in_head = False
+        self._start_head()  # a connection that never sends a byte is closed too
 
     def _start_head(self) -> None:
         """A new request head is expected: count its bytes and lines, and time it."""
@@ -78,10 +79,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         super().on_headers_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
+    def on_message_begin(self) -> None:
+        # The next request on a kept-alive connection starts here (its first byte). Not at the end of
+        # the previous response: the rest of a body the app did not read may still be arriving, and
+        # would be counted as a head. Between requests uvicorn's keep-alive timer closes idle connections.
+        if not self._in_head:
             self._start_head()
+        super().on_message_begin()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()

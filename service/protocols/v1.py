@@ -120,6 +120,7 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     async def predict(model: str, request: Request) -> Response:
         served = dataplane.model(model)
         raw_body = await request.body()
+        dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
         body = await parse_off_loop(len(raw_body), parse_body, PredictRequest, raw_body)
         if (body.inputs is None) == (body.texts is None):
             raise InvalidInput("body: give either 'inputs' or 'texts', not both" if body.inputs is not None

@@ -130,6 +130,7 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
         served = _model(model, version)
         body = await request.body()
+        dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
         decoded = await parse_off_loop(  # ProtocolError is an InvalidInput: a 400 naming the problem
             len(body), decode_infer_request, body, request.headers.get("inference-header-content-length"),
             request.headers.get("content-encoding"), settings.max_body_bytes,

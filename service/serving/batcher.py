@@ -37,6 +37,19 @@ class QueueFull(Overloaded):
     pass
 
 
+class Reservation:
+    """Room held in a batcher's admission count until the request is queued (or ends); idempotent release."""
+
+    def __init__(self, batcher: DynamicBatcher, samples: int):
+        self._batcher: DynamicBatcher | None = batcher
+        self.samples = samples
+
+    def release(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher._unreserve(self.samples)
+
+
 class ShuttingDown(Overloaded):
     default_headers = {"Retry-After": "5"}
 
@@ -168,6 +181,7 @@ class DynamicBatcher:
         self.queue_samples = queue_samples or 8 * max_batch_size
         self.deadline_s = deadline_s  # admitted work must be answerable within this (the request timeout)
         self._queued_samples = 0
+        self._reserved = 0  # samples of requests admitted on their headers, not yet queued
         self._admission = threading.Lock()
         self._throughput: float | None = None  # samples per second, smoothed over recent batches
 
@@ -177,21 +191,25 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.start()
 
+    def _refuse_unless_room(self, n: int) -> None:
+        """Under the admission lock: QueueFull unless `n` more samples fit (a lone request always fits)."""
+        waiting = self._queued_samples + self._reserved
+        if not waiting:
+            return
+        if waiting + n > self.queue_samples:
+            raise QueueFull(f"queue of model {self.name!r} is full ({waiting} samples waiting, limit {self.queue_samples})")
+        if self.deadline_s is not None and self._throughput:
+            # Estimated cost: what is queued now must be answered before its deadline.
+            wait = (waiting + n) / self._throughput
+            if wait > 0.8 * self.deadline_s:
+                raise QueueFull(f"queue of model {self.name!r} is full (about {wait:.1f} s of work waiting)")
+
     def submit(self, item: WorkItem) -> None:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         n = len(item)
         with self._admission:
-            waiting = self._queued_samples
-            # A lone request is always admitted (even above the limit: it runs as pieces).
-            if waiting and waiting + n > self.queue_samples:
-                raise QueueFull(f"queue of model {self.name!r} is full ({waiting} samples waiting, limit "
-                                f"{self.queue_samples})")
-            if waiting and self.deadline_s is not None and self._throughput:
-                # Estimated cost: what is queued now must be answered before its deadline.
-                wait = (waiting + n) / self._throughput
-                if wait > 0.8 * self.deadline_s:
-                    raise QueueFull(f"queue of model {self.name!r} is full (about {wait:.1f} s of work waiting)")
+            self._refuse_unless_room(n)
             try:
                 self.queue.put_nowait(item)
             except queue.Full:
@@ -200,6 +218,23 @@ class DynamicBatcher:
             item.counted = True
         with self._idle:
             self._in_flight += 1
+
+    def reserve(self, n: int) -> Reservation:
+        """Hold room for a request of about `n` samples whose body is still to come (QueueFull if none):
+        a burst is refused on its headers, before bodies are read, parsed and found not to fit."""
+        with self._admission:
+            self._refuse_unless_room(n)
+            self._reserved += n
+        return Reservation(self, n)
+
+    def _unreserve(self, n: int) -> None:
+        with self._admission:
+            self._reserved -= n
+
+    def check_room(self) -> None:
+        """QueueFull when no request could be admitted now."""
+        with self._admission:
+            self._refuse_unless_room(1)
 
     def abandon(self, item: WorkItem) -> None:
         """The client left or the deadline passed: the item no longer counts and is skipped, not computed."""

@@ -11,7 +11,7 @@ import numpy as np
 from exitserve.calibration import POLICIES
 from exitserve.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, Timeout
 from exitserve.service.serving.batcher import ItemResult, WorkItem
-from exitserve.service.serving.context import CLIENT_GONE, REQUEST_ID
+from exitserve.service.serving.context import CLIENT_GONE, REQUEST_ID, RESERVATION
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 from exitserve.service.serving.text_input import check_token_ids
 from exitserve.service.settings import Settings
@@ -38,6 +38,13 @@ class Dataplane:
 
     def model(self, name: str) -> ServedModel:
         return self.repository.get(name)
+
+    def admit_early(self, model: ServedModel) -> None:
+        """A fast 503 before the body is parsed when the model's queue has no room for any request."""
+        if not model.ready:
+            raise Overloaded(f"model {model.name!r} is not ready")
+        if RESERVATION.get() is None:  # else the edge admitted it on its headers, room held
+            model.batcher.check_room()
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -123,6 +130,9 @@ class Dataplane:
         gone = CLIENT_GONE.get()
         if gone is not None and gone.done() and not gone.cancelled():
             raise ClientGone("the client closed the connection before its request was queued")
+        reservation = RESERVATION.get()
+        if reservation is not None:
+            reservation.release()  # the request's real size replaces the edge's estimate
         model.submit(item)  # a model retired by a reload hands the request on; QueueFull is a 503
         # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
         timer = loop.call_later(self.settings.request_timeout_s, self._expire, model, item)
