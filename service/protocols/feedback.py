@@ -22,13 +22,14 @@ from pydantic import BaseModel, Field
 
 from exitserve.errors import Conflict, InvalidInput, PayloadTooLarge
 from exitserve.service.protocols.bodies import StrictBody, validate
+from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
 
 
 class FeedbackItem(StrictBody):
-    request_id: str = Field(min_length=1, description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
     index: int = Field(ge=0, description="position of the sample in that request, from 0")
     label: str | int = Field(description="the true class: a label name or a class index")
 

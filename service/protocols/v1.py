@@ -28,7 +28,10 @@ RAW_DTYPES = frozenset(get_args(RawDtype))
 class RawTensor(StrictBody):
     b64: str = Field(description="base64 of the raw little-endian bytes, row-major")
     dtype: RawDtype = Field(description=f"one of {sorted(RAW_DTYPES)}")
-    shape: list[Annotated[int, Field(ge=0)]] = Field(description="full shape including the batch axis")
+    # Bounded like the Open Inference Protocol's shapes: numpy refuses more than 64 axes or sizes near
+    # 2**63 even for zero-size tensors (a 500 if not caught here).
+    shape: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        max_length=16, description="full shape including the batch axis")
 
 
 class PredictRequest(StrictBody):

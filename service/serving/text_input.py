@@ -67,6 +67,8 @@ class TextTokenizer:
 
 def check_token_ids(spec: TextSpec, ids: np.ndarray, where: str = "inputs") -> None:
     """Token ids sent directly (tensor input to a text model): within the vocabulary and the length limit."""
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise TextInputError(f"{where}: token ids must be a [batch, length] matrix with length >= 1")
     if ids.shape[1] > spec.max_length:
         raise TextInputError(f"{where}: sequence length {ids.shape[1]} exceeds the model's limit of {spec.max_length}")
     if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
