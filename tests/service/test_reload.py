@@ -275,3 +275,24 @@ def test_memory_comes_back_after_reloads_and_a_sighup_storm_coalesces() -> None:
     assert abs(rss_last - rss_first) <= 0.10 * rss_first
     assert 1 <= storm <= 2
     assert rss_storm <= 1.10 * rss_first
+
+
+def test_admin_has_its_own_key_and_reloads_only_from_bundle_roots(keyed, served_bundle: Path) -> None:
+    # The inference key does not open admin routes, and the admin key does not open inference.
+    r = httpx.post(f"{keyed.url}/admin/models/{MODEL}/reload", headers=AUTH, timeout=60)
+    assert r.status_code == 401 and "admin API key" in r.json()["error"]
+    assert predict(keyed, np.zeros((1, 1, 8, 8), np.float32)).status_code == 200
+    r = httpx.post(f"{keyed.url}/v1/models/{MODEL}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}, headers=ADMIN)
+    assert r.status_code == 401
+    # Paths outside the roots: one answer whether they exist or not (no probing of the file system).
+    answers = {reload(keyed, {"path": path}).json()["error"] for path in ("/etc", "/no/such/dir", f"{served_bundle}/../../..")}
+    assert len(answers) == 1 and "bundle roots" in answers.pop()
+    assert reload(keyed, {"path": "/etc"}).status_code == 403
+
+
+def test_an_empty_api_key_header_does_not_hide_a_valid_bearer_token(keyed) -> None:
+    body = {"inputs": [[[[0.0] * 8] * 8]]}
+    ok = httpx.post(f"{keyed.url}/v1/models/{MODEL}/predict", json=body, headers={**AUTH, "X-API-Key": ""})
+    assert ok.status_code == 200, ok.text
+    bad = httpx.post(f"{keyed.url}/v1/models/{MODEL}/predict", json=body, headers={"X-API-Key": ""})
+    assert bad.status_code == 401

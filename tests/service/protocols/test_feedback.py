@@ -264,3 +264,19 @@ def test_labels_are_never_lost_when_the_log_cannot_be_written(digits_bundle: Pat
         assert feedback(proc, [{"request_id": rid, "index": 0, "label": int(y[0])}]).json()["scored"] == 1
         assert len(log.read_text().splitlines()) == 1
         assert "unhandled error" not in proc.logs()
+
+
+def test_a_utf8_request_id_is_kept_exactly_and_feedback_finds_it(monitored, data) -> None:
+    request_id = "zamówienie-№42-✓"
+    r = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:2])},
+                   headers={**AUTH, "X-Request-Id": request_id.encode()}, timeout=30)
+    assert r.status_code == 200 and r.json()["request_id"] == request_id
+    assert dict(r.headers.raw)[b"x-request-id"] == request_id.encode()  # not re-decoded as Latin-1
+    body = feedback(monitored, [{"request_id": request_id, "index": 1, "label": int(data[1][1])}]).json()
+    assert body["scored"] == 1
+    too_long = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:1])},
+                          headers={**AUTH, "X-Request-Id": "z" * 200}, timeout=30)
+    assert too_long.status_code == 400 and "exceed the limit of 128" in too_long.json()["error"]
+    not_utf8 = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:1])},
+                          headers={**AUTH, "X-Request-Id": b"caf\xe9"}, timeout=30)  # Latin-1, not UTF-8
+    assert not_utf8.status_code == 400 and "UTF-8" in not_utf8.json()["error"]
