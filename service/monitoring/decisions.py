@@ -135,8 +135,10 @@ class DecisionStore:
                 break
             self._entries.popitem(last=False)
 
-    def update_shadow(self, start: int, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
-        """Shadow outcomes (and the now complete traces) of rows of the request recorded at `start`."""
+    def update_shadow(self, handle: object, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
+        """Shadow outcomes (and the now complete traces) of rows of the request recorded at `handle`
+        (its ring position, as `record` returned it)."""
+        start = int(handle)  # type: ignore[call-overload]
         with self._lock:
             if start < self._head - self.capacity:
                 return  # overwritten meanwhile

@@ -29,6 +29,7 @@ from exitserve.service.monitoring.feedback_log import (
     calibration_key,
 )
 from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.monitoring.redis_store import RedisDecisionStore
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.settings import Settings
 
@@ -52,7 +53,12 @@ class ModelMonitor:
         self.key = calibration_key(calibration)
         self.log = FeedbackLog.shared(settings.feedback_log) if settings.feedback_log else None
         self.trace = self.log is not None  # per-exit traces are only needed for the log
-        self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
+        self.store: DecisionStore | RedisDecisionStore
+        if settings.decision_store == "redis":  # shared by every replica (labels may reach any of them)
+            self.store = RedisDecisionStore(settings.redis_url, name, settings.feedback_capacity, settings.feedback_ttl_s,
+                                            self.num_exits, self.trace)
+        else:
+            self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
         exits = [str(k) for k in range(self.num_exits)]
         # Every series exists at 0 from the start, so rates and rules have data before the first event.
         self._feedback = {(k, o): metrics.feedback.labels(name, k, o) for k in exits for o in ("correct", "incorrect")}
@@ -81,8 +87,8 @@ class ModelMonitor:
 
     def record(self, request_id: str | None, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
                exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
-               trace: Trace | None) -> int | None:
-        """Remember one answered request for feedback; its slot in the record (for shadow updates) or None."""
+               trace: Trace | None) -> object | None:
+        """Remember one answered request for feedback; its handle in the record (for shadow updates) or None."""
         if request_id is None or not self.store.enabled:
             return None
         try:
@@ -92,7 +98,7 @@ class ModelMonitor:
             log.exception("recording a decision failed", extra={"model": self.name})
             return None
 
-    def observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+    def observe_shadows(self, slots: list[object | None], offsets: np.ndarray, class_index: np.ndarray,
                         exit_index: np.ndarray, shadow_prediction: np.ndarray | None, confidence: np.ndarray | None,
                         trace: Trace | None) -> None:
         """Shadow outcomes of one batch: rows `offsets[i]`.. belong to the request recorded at `slots[i]`."""
@@ -103,7 +109,7 @@ class ModelMonitor:
         except Exception:
             log.exception("shadow bookkeeping failed", extra={"model": self.name})
 
-    def _observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+    def _observe_shadows(self, slots: list[object | None], offsets: np.ndarray, class_index: np.ndarray,
                          exit_index: np.ndarray, shadow_prediction: np.ndarray, confidence: np.ndarray | None,
                          trace: Trace | None) -> None:
         rows = np.flatnonzero(shadow_prediction >= 0)

@@ -14,6 +14,7 @@ out by design, so the item is answered with status "unknown" and counted in
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -93,7 +94,9 @@ def build_router(repository: ModelRepository) -> APIRouter:
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"body: invalid JSON ({exc})") from None
         wanted = parse_items(served, payload)
-        scored = served.monitor.score(wanted)  # an index outside a known request is a 400 (UnknownIndex)
+        # Off the loop: the feedback log's write and, with a shared store, Redis round trips.
+        # An index outside a known request is a 400 (UnknownIndex).
+        scored = await asyncio.to_thread(served.monitor.score, wanted)
         results: list[dict[str, object]] = []
         counts = {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
         for s in scored:
