@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         "memory", description="where decisions for labelled feedback are kept: this process, or Redis (shared by replicas)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for decision_store=redis")
     # Online accuracy monitoring (issue 8). Decisions kept per model for labelled feedback: the last
-    # `feedback_capacity` samples (about 22 bytes each, 70 with a feedback log) for at most the TTL.
+    # `feedback_capacity` samples (22 bytes each plus ~100 per request and its id) for at most the TTL.
     feedback_capacity: int = Field(100_000, ge=0, description="samples of recent decisions kept per model; 0 = no feedback")
     feedback_ttl_s: float = Field(3600.0, gt=0.0, description="feedback for a request older than this is 'unknown'")
     feedback_log: Path | None = Field(None, description="append decisions joined with labels here (JSON lines)")
