@@ -17,6 +17,7 @@ Recording is one Lua script call (atomic, one round trip) on an engine thread.
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
 import numpy as np
 
@@ -97,7 +98,7 @@ class RedisDecisionStore:
             "policy": np.full(n, codes) if isinstance(codes, int) else codes, "target_met": target_met,
             "shadow": np.zeros(n),
         }
-        fields: list[object] = ["size", n, "cal", calibration, "at", time.time()]
+        fields: list[Any] = ["size", n, "cal", calibration, "at", time.time()]
         for name, dtype in _COLUMNS.items():
             fields += [name, np.ascontiguousarray(columns[name], dtype=dtype).tobytes()]
         if self.trace and trace is not None:
@@ -108,15 +109,15 @@ class RedisDecisionStore:
         return request_id, int(start)
 
     @staticmethod
-    def _trace_fields(trace: Trace) -> list[object]:
+    def _trace_fields(trace: Trace) -> list[Any]:
         return ["trace_c", np.ascontiguousarray(trace.confidence, np.float32).tobytes(),
                 "trace_m", np.ascontiguousarray(trace.margin, np.float32).tobytes(),
                 "trace_p", np.ascontiguousarray(trace.prediction, np.int32).tobytes()]
 
     def update_shadow(self, handle: object, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
-        request_id, start = handle  # type: ignore[misc]
+        request_id, start = cast(tuple[str, int], handle)
         key = self._key(request_id)
-        raw = self.client.hmget(key, ["start", "size", "shadow", *_TRACE])
+        raw: list[Any] = self.client.hmget(key, ["start", "size", "shadow", *_TRACE])
         if raw[0] is None or int(raw[0]) != start:
             return  # expired, evicted or overwritten by a newer request with this id
         size = int(raw[1])
@@ -180,10 +181,10 @@ class RedisDecisionStore:
         size = int(raw[1])
         names = [*_COLUMNS, *_TRACE]
         dtypes = {**_COLUMNS, **_TRACE}
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for name, blob in zip(names, raw[3:], strict=True):
             if blob is not None:
-                array = np.frombuffer(blob, dtypes[name])
+                array: np.ndarray = np.frombuffer(blob, dtypes[name])
                 out[name] = array.reshape(size, self.num_exits) if name in _TRACE else array
         return out
 

@@ -117,8 +117,8 @@ def _empty_like(part: BatchResult, n: int) -> BatchResult:
     if part.trace is not None:
         width = part.trace.confidence.shape[1]
         trace = Trace.empty(n, width)
-    return BatchResult(**{f.name: grow(getattr(part, f.name)) for f in dataclasses.fields(part) if f.name != "trace"},
-                       trace=trace)
+    grown = {f.name: grow(getattr(part, f.name)) for f in dataclasses.fields(part) if f.name != "trace"}
+    return BatchResult(**grown, trace=trace)  # type: ignore[arg-type]  # the required columns are never None
 
 
 def _copy_rows(full: BatchResult, part: BatchResult, rows: np.ndarray, offset: int) -> None:
