@@ -76,6 +76,9 @@ def test_huge_and_numerous_headers_are_431_and_idle_connections_close(digits_bun
 def test_a_huge_text_is_refused_before_tokenising(text_bundle: Path) -> None:
     """40 MiB of text: 413 as it arrives (a text model's body limit is sized by what its inputs can
     hold); 800 kB in one sample: 400 before the tokenizer sees it; /healthz unaffected by either."""
+    # Bodies built before the prober starts: making 40 MiB of JSON holds this process's GIL, and the
+    # prober (a thread here) would time our own stall instead of the server's.
+    bodies = [json.dumps({"texts": ["good movie " * repeat]}).encode() for repeat in (4 << 20, 80_000)]
     with running_server([text_bundle]) as server:
         stop, latencies = threading.Event(), []
         prober = threading.Thread(target=_healthz_latencies, args=(server.url, stop, latencies))
@@ -83,8 +86,7 @@ def test_a_huge_text_is_refused_before_tokenising(text_bundle: Path) -> None:
         try:
             time.sleep(0.2)
             outcomes = []
-            for repeat in (4 << 20, 80_000):
-                body = json.dumps({"texts": ["good movie " * repeat]}).encode()
+            for body in bodies:
                 started = time.perf_counter()
                 try:
                     r = httpx.post(f"{server.url}/v1/models/sst2-tiny/predict", content=body,
