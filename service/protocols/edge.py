@@ -22,13 +22,14 @@ from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols.errors import error_response
 from exitserve.service.serving.batcher import Reservation
 from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
-from exitserve.service.serving.repository import ModelRepository
+from exitserve.service.serving.repository import ModelRepository, trim_heap
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 # Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
 SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back to the OS
 
 
 def _route(path: str) -> tuple[str, str] | None:
@@ -175,6 +176,9 @@ class EdgeMiddleware:
                 task.cancel()
             if not gone.done():
                 gone.cancel()
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) >= BIG_BODY_BYTES:
+            trim_heap()  # what a big request parsed and decoded is freed now: give it back to the OS
         if route is not None:
             model = route[1]
             label = model if model in self.repository.models else "unknown"

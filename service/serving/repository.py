@@ -146,6 +146,12 @@ class ServedModel:
 def release_memory() -> None:
     """Collect garbage and return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc keeps them otherwise: a big request's body and
+    tensors would stay in the RSS after it is answered). ctypes releases the GIL meanwhile."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
