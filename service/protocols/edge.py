@@ -160,7 +160,8 @@ class EdgeMiddleware:
             if response is not None:
                 await response(scope, receive, send_with_id)  # type: ignore[operator]
             else:
-                await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"]), send_with_id)
+                await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"],
+                                                   watch=protocol in ("v1", "v2")), send_with_id)
         except Exception:
             # A bug the app's own handler already answered (and logged) as a 500, which Starlette then
             # re-raises: count and log it below like any response; answer here only if nothing was sent.
@@ -218,8 +219,10 @@ class EdgeMiddleware:
                 limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
         return limit
 
-    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task], limit: int) -> Receive:
-        """Enforce the body limit while it streams in; once it is complete, watch for the client leaving."""
+    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task], limit: int,
+                 watch: bool) -> Receive:
+        """Enforce the body limit while it streams in; once it is complete, watch (inference routes only:
+        others, like streamed answers, listen for the disconnect themselves) for the client leaving."""
         seen = 0
 
         async def watch() -> None:
@@ -234,7 +237,7 @@ class EdgeMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-                if not message.get("more_body", False) and not watcher:
+                if watch and not message.get("more_body", False) and not watcher:
                     watcher.append(asyncio.ensure_future(watch()))
             return message
 
