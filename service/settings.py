@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # request never waits; raise it to trade latency for fuller batches at moderate load.
     max_queue_delay_ms: float = Field(0.0, ge=0.0, description="longest wait for a fuller batch, in ms (0: never wait)")
     queue_limit: int = Field(256, ge=1, description="requests waiting per model before 503")
+    # Admission counts work, not requests: 300 requests of 64 images are 19,200 samples, far more than
+    # a CPU answers within the request timeout. None = 8 engine batches.
+    queue_samples: int | None = Field(None, ge=1, description="samples waiting per model before 503 "
+                                      "(default: 8 x max_batch_size); also refused when the measured throughput "
+                                      "cannot answer the queue within the request timeout")
     max_request_samples: int = Field(1024, ge=1, description="samples per request before 413")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="request body size limit in bytes (413 above)")
     request_timeout_s: float = Field(30.0, gt=0.0, description="seconds a request may wait for its answer before 504")
@@ -50,8 +55,21 @@ class Settings(BaseSettings):
     warmup_batch_sizes: list[int] | None = Field(
         None, description="batch sizes run once before /readyz (default: powers of two up to max_batch_size)")
     api_key: str | None = Field(None, description="require this key (X-Api-Key or Bearer) on every route but health, metrics, docs")
+    admin_api_key: str | None = Field(None, description="key for the admin routes (hot reload); unset = admin routes off")
+    bundle_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories a reload path must lie under (default: those holding the served bundles)")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted Host header names, comma-separated (empty: any)")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers, in bytes, before 431")
+    max_headers: int = Field(100, ge=8, description="header fields per request before 431")
+    header_timeout_s: float = Field(10.0, gt=0.0, description="close a connection whose request headers take longer "
+                                    "(idle connections that never send a byte included)")
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="close a kept-alive connection idle this long")
+    decision_store: Literal["memory", "redis"] = Field(
+        "memory", description="where decisions for labelled feedback are kept: this process, or Redis (shared by replicas)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for decision_store=redis")
     # Online accuracy monitoring (issue 8). Decisions kept per model for labelled feedback: the last
-    # `feedback_capacity` samples (about 22 bytes each, 70 with a feedback log) for at most the TTL.
+    # `feedback_capacity` samples (22 bytes each plus ~100 per request and its id) for at most the TTL.
     feedback_capacity: int = Field(100_000, ge=0, description="samples of recent decisions kept per model; 0 = no feedback")
     feedback_ttl_s: float = Field(3600.0, gt=0.0, description="feedback for a request older than this is 'unknown'")
     feedback_log: Path | None = Field(None, description="append decisions joined with labels here (JSON lines)")
@@ -59,6 +77,15 @@ class Settings(BaseSettings):
                               "length-sorted pieces, each padded to its own longest text")
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of early-exited samples also run to the last exit")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("bundle_roots", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        # "a,b" from the environment, or ["a,b", "c"] from the command line: the same list either way
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str | Path) for v in items):
+            return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+        return value
 
     @field_validator("bundles", mode="before")
     @classmethod
@@ -78,6 +105,14 @@ class Settings(BaseSettings):
         if value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; choose from {', '.join(POLICIES)}")
         return value
+
+    def reload_roots(self) -> list[Path]:
+        """Resolved directories a reload may load from."""
+        roots = self.bundle_roots or [Path(b).resolve().parent for b in self.bundles]
+        return [Path(r).resolve() for r in roots]
+
+    def queued_samples_limit(self) -> int:
+        return self.queue_samples or 8 * self.max_batch_size
 
     def warmup_sizes(self) -> list[int]:
         if self.warmup_batch_sizes:

@@ -19,6 +19,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from exitserve.service.app import create_app
     from exitserve.service.logs import configure_logging
+    from exitserve.service.protocols.http_limits import uvicorn_options
 
     overrides = given_settings(args, args.settings_flags)
     if args.bundles:
@@ -29,6 +30,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        **uvicorn_options(settings),  # header size/count limits, header and keep-alive timeouts
     )
     return 0
 

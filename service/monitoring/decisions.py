@@ -1,9 +1,13 @@
 """A bounded, time-limited record of recent decisions, so labelled feedback can be scored (issue 8).
 
 Per model, a ring buffer of the last `capacity` answered samples (columns of numpy arrays: no
-Python object per sample) and an insertion-ordered index request id -> (first slot, size, time).
-A request is forgotten when its rows are overwritten or it is older than the TTL; feedback for it
-is then "unknown", never an error. Engine threads write, the event loop reads: one lock.
+Python object per sample) and a dict request id -> ring position of its first sample. What a
+request needs besides (size, time, calibration, its id for eviction) sits in per-slot numpy columns
+at its first slot, so a request costs one dict item and one int, about 130 bytes with its columns
+for a single-sample request, plus its id (at most 128 characters; was ~330 bytes with an object per
+entry in an OrderedDict). A request is forgotten when its first slot is overwritten, or is
+"unknown" once older than the TTL; feedback for it is then "unknown", never an error. Engine threads
+write, the event loop reads: one lock.
 
 The request id is the server's (the X-Request-Id header, sent by the client or generated, and
 `request_id` in v1 answers); `REQUEST_ID` carries it from the edge middleware to the dataplane.
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +31,10 @@ _POLICY_CODE = {name: i for i, name in enumerate(POLICIES)}
 
 @dataclass(frozen=True)
 class _Entry:
+    """A request found in the record (built on lookup, not stored)."""
+
     start: int  # position of the first sample in the ring (monotonic; slot = position % capacity)
     size: int
-    at: float  # time.monotonic() when recorded
     calibration: str  # key of the calibration the decisions (and traced confidences) came from
 
 
@@ -77,7 +81,13 @@ class DecisionStore:
         self._labelled = np.zeros(n, bool)
         self._shadow = np.zeros(n, np.int8)
         self._trace = Trace.empty(n, num_exits) if trace else None
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Per first slot of a request: its size (0 = no request starts here), time, calibration, id.
+        self._req_size = np.zeros(n, np.int32)
+        self._req_at = np.zeros(n, np.float64)
+        self._req_cal = np.zeros(n, np.int16)
+        self._req_id = np.full(n, None, dtype=object)
+        self._calibrations: list[str] = []
+        self._starts: dict[str, int] = {}
         self._head = 0
         self._lock = threading.Lock()
 
@@ -87,7 +97,7 @@ class DecisionStore:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return len(self._starts)
 
     def compatible(self, num_exits: int, trace: bool) -> bool:
         return self.num_exits == num_exits and (self._trace is not None) == trace
@@ -103,6 +113,7 @@ class DecisionStore:
         with self._lock:
             start = self._head
             slots = (start + np.arange(n)) % self.capacity
+            self._evict_overwritten(slots, start)
             self._exit[slots] = exit_index
             self._prediction[slots] = class_index
             self._estimate[slots] = estimate
@@ -122,21 +133,42 @@ class DecisionStore:
                     self._trace.margin[slots] = trace.margin
                     self._trace.prediction[slots] = trace.prediction
             self._head = start + n
-            self._entries.pop(request_id, None)  # a reused id: the newest request wins
-            self._entries[request_id] = _Entry(start, n, now, calibration)
-            self._evict(now)
+            self._starts[request_id] = start  # a reused id: the newest request wins
+            first = start % self.capacity
+            self._req_size[first] = n
+            self._req_at[first] = now
+            self._req_cal[first] = self._calibration_code(calibration)
+            self._req_id[first] = request_id
         return start
 
-    def _evict(self, now: float) -> None:
-        oldest_kept = self._head - self.capacity
-        while self._entries:
-            entry = next(iter(self._entries.values()))
-            if entry.start >= oldest_kept and now - entry.at <= self.ttl_s:
-                break
-            self._entries.popitem(last=False)
+    def _calibration_code(self, calibration: str) -> int:
+        if calibration not in self._calibrations:
+            self._calibrations.append(calibration)
+        return self._calibrations.index(calibration)
 
-    def update_shadow(self, start: int, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
-        """Shadow outcomes (and the now complete traces) of rows of the request recorded at `start`."""
+    def _evict_overwritten(self, slots: np.ndarray, start: int) -> None:
+        """Forget the requests whose first slot is about to be overwritten (positions `start`..)."""
+        for offset in np.flatnonzero(self._req_size[slots] > 0).tolist():
+            slot = int(slots[offset])
+            old_id = self._req_id[slot]
+            if self._starts.get(old_id) == start + offset - self.capacity:  # not since reused by a newer request
+                del self._starts[old_id]
+            self._req_size[slot] = 0
+            self._req_id[slot] = None
+
+    def _lookup(self, request_id: str, now: float) -> _Entry | None:
+        start = self._starts.get(request_id)
+        if start is None or start < self._head - self.capacity:
+            return None
+        first = start % self.capacity
+        if now - self._req_at[first] > self.ttl_s:
+            return None
+        return _Entry(start, int(self._req_size[first]), self._calibrations[int(self._req_cal[first])])
+
+    def update_shadow(self, handle: object, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
+        """Shadow outcomes (and the now complete traces) of rows of the request recorded at `handle`
+        (its ring position, as `record` returned it)."""
+        start = int(handle)  # type: ignore[call-overload]
         with self._lock:
             if start < self._head - self.capacity:
                 return  # overwritten meanwhile
@@ -153,8 +185,7 @@ class DecisionStore:
         Raises UnknownIndex (and marks nothing) when an index is outside a known request."""
         now = time.monotonic()
         with self._lock:
-            self._evict(now)
-            entries = [self._entries.get(request_id) for request_id, _ in wanted]
+            entries = [self._lookup(request_id, now) for request_id, _ in wanted]
             for position, ((request_id, index), entry) in enumerate(zip(wanted, entries, strict=True)):
                 if entry is not None and index >= entry.size:
                     raise UnknownIndex(f"[{position}].index: {index} is out of range; request {request_id!r} "
@@ -171,6 +202,16 @@ class DecisionStore:
                 self._labelled[slot] = True
                 out.append(self._decision(slot, entry.calibration))
             return out
+
+    def release(self, claimed: list[tuple[str, int]]) -> None:
+        """Undo `claim` for these (request id, index) pairs: their labels were not written, so a retry
+        must find them claimable again (not "duplicate")."""
+        now = time.monotonic()
+        with self._lock:
+            for request_id, index in claimed:
+                entry = self._lookup(request_id, now)
+                if entry is not None and index < entry.size:
+                    self._labelled[(entry.start + index) % self.capacity] = False
 
     def _decision(self, slot: int, calibration: str) -> SampleDecision:
         trace = None

@@ -22,8 +22,14 @@ from exitserve.service.monitoring.decisions import (
     DecisionStore,
     SampleDecision,
 )
-from exitserve.service.monitoring.feedback_log import LOG_VERSION, FeedbackLog, calibration_key
+from exitserve.service.monitoring.feedback_log import (
+    LOG_VERSION,
+    FeedbackLog,
+    FeedbackNotWritten,
+    calibration_key,
+)
 from exitserve.service.monitoring.metrics import Metrics
+from exitserve.service.monitoring.redis_store import RedisDecisionStore
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.settings import Settings
 
@@ -47,7 +53,12 @@ class ModelMonitor:
         self.key = calibration_key(calibration)
         self.log = FeedbackLog.shared(settings.feedback_log) if settings.feedback_log else None
         self.trace = self.log is not None  # per-exit traces are only needed for the log
-        self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
+        self.store: DecisionStore | RedisDecisionStore
+        if settings.decision_store == "redis":  # shared by every replica (labels may reach any of them)
+            self.store = RedisDecisionStore(settings.redis_url, name, settings.feedback_capacity, settings.feedback_ttl_s,
+                                            self.num_exits, self.trace)
+        else:
+            self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
         exits = [str(k) for k in range(self.num_exits)]
         # Every series exists at 0 from the start, so rates and rules have data before the first event.
         self._feedback = {(k, o): metrics.feedback.labels(name, k, o) for k in exits for o in ("correct", "incorrect")}
@@ -76,8 +87,8 @@ class ModelMonitor:
 
     def record(self, request_id: str | None, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
                exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
-               trace: Trace | None) -> int | None:
-        """Remember one answered request for feedback; its slot in the record (for shadow updates) or None."""
+               trace: Trace | None) -> object | None:
+        """Remember one answered request for feedback; its handle in the record (for shadow updates) or None."""
         if request_id is None or not self.store.enabled:
             return None
         try:
@@ -87,7 +98,7 @@ class ModelMonitor:
             log.exception("recording a decision failed", extra={"model": self.name})
             return None
 
-    def observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+    def observe_shadows(self, slots: list[object | None], offsets: np.ndarray, class_index: np.ndarray,
                         exit_index: np.ndarray, shadow_prediction: np.ndarray | None, confidence: np.ndarray | None,
                         trace: Trace | None) -> None:
         """Shadow outcomes of one batch: rows `offsets[i]`.. belong to the request recorded at `slots[i]`."""
@@ -98,7 +109,7 @@ class ModelMonitor:
         except Exception:
             log.exception("shadow bookkeeping failed", extra={"model": self.name})
 
-    def _observe_shadows(self, slots: list[int | None], offsets: np.ndarray, class_index: np.ndarray,
+    def _observe_shadows(self, slots: list[object | None], offsets: np.ndarray, class_index: np.ndarray,
                          exit_index: np.ndarray, shadow_prediction: np.ndarray, confidence: np.ndarray | None,
                          trace: Trace | None) -> None:
         rows = np.flatnonzero(shadow_prediction >= 0)
@@ -129,13 +140,29 @@ class ModelMonitor:
     # --- event loop -------------------------------------------------------------------------------
 
     def score(self, wanted: list[tuple[str, int, int]]) -> list[Scored]:
-        """Score (request id, index, class index) items; raises decisions.UnknownIndex before changing anything."""
+        """Score (request id, index, class index) items; raises decisions.UnknownIndex before changing anything.
+
+        Scored means written: with a feedback log, the lines are written before anything is counted,
+        and when the log fails (FeedbackNotWritten, a 503) the claims are undone, so the client's
+        retry scores the same samples instead of being told "duplicate"."""
         claims = self.store.claim([(request_id, index) for request_id, index, _ in wanted])
+        now = time.time()
+        claimed = [(request_id, index) for (request_id, index, _), claim in zip(wanted, claims, strict=True)
+                   if not isinstance(claim, str)]
+        if self.log is not None and claimed:
+            lines = [self._line(now, request_id, index, label, claim, claim.prediction == label)
+                     for (request_id, index, label), claim in zip(wanted, claims, strict=True)
+                     if not isinstance(claim, str)]
+            try:
+                self.log.write(lines)
+            except FeedbackNotWritten:
+                self.store.release(claimed)
+                log.error("feedback log write failed; the labels were not scored and may be sent again",
+                          extra={"model": self.name, "samples": len(claimed)})
+                raise
         out: list[Scored] = []
         estimates: dict[int, list[float]] = {}
-        lines = []
-        now = time.time()
-        for (request_id, index, label), claim in zip(wanted, claims, strict=True):
+        for (_, _, label), claim in zip(wanted, claims, strict=True):
             if isinstance(claim, str):
                 self._unmatched[claim].inc()
                 out.append(Scored(claim))
@@ -144,15 +171,8 @@ class ModelMonitor:
             self._feedback[(str(claim.exit), "correct" if correct else "incorrect")].inc()
             estimates.setdefault(claim.exit, []).append(claim.estimate)
             out.append(Scored("scored", claim, correct))
-            if self.log is not None:
-                lines.append(self._line(now, request_id, index, label, claim, correct))
         for k, values in estimates.items():
             self._estimate.observe_many(np.asarray(values), self.name, str(k))
-        if lines and self.log is not None:
-            try:
-                self.log.write(lines)
-            except OSError:
-                log.exception("writing the feedback log failed", extra={"model": self.name})
         return out
 
     def _line(self, now: float, request_id: str, index: int, label: int, d: SampleDecision, correct: bool) -> dict:

@@ -1,8 +1,11 @@
 """Admin routes: hot reload of a model, and the SIGHUP handler that reloads every model.
 
-Admin routes change what the server answers, so they are never open: with EXITSERVE_API_KEY set the
-edge middleware asks for the key (401) like every non-health route; with no key configured they are
-refused with 403 (loopback is no proof of trust behind a local reverse proxy).
+Admin routes change what the server answers, so they are never open and have their own key:
+EXITSERVE_ADMIN_API_KEY (the edge middleware asks for it, 401; the inference key does not open them).
+With no admin key configured they are refused with 403 (loopback is no proof of trust behind a local
+reverse proxy). A reload path must lie under one of the bundle roots (EXITSERVE_BUNDLE_ROOTS, by
+default the directories holding the bundles served at start-up); any other path is refused with the
+same 403 whether it exists or not, so the errors tell nothing about the server's file system.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi import APIRouter, Request, Response
 
 from exitserve.errors import BadBundle, Forbidden, InvalidInput
 from exitserve.models.bundle import BundleError
+from exitserve.service.monitoring.feedback_log import FeedbackLog
 from exitserve.service.serving.repository import ModelRepository
 
 log = logging.getLogger("exitserve.admin")
@@ -31,10 +35,12 @@ def build_router(repository: ModelRepository) -> APIRouter:
     @router.post("/admin/models/{model}/reload",
                  summary="Load the model's bundle again (or the one at body.path), warm it up, swap it in")
     async def reload(model: str, request: Request) -> Response:
-        if not repository.settings.api_key:
-            raise Forbidden("admin routes are disabled: set EXITSERVE_API_KEY to enable them")
+        if not repository.settings.admin_api_key:
+            raise Forbidden("admin routes are disabled: set EXITSERVE_ADMIN_API_KEY to enable them")
         repository.get(model)  # 404 before reading the body
         path = await _requested_path(request)
+        if path is not None:
+            path = _within_roots(path, repository.settings.reload_roots())
         started = time.perf_counter()
         try:
             # Building and warming a model takes a while: off the event loop, which keeps serving.
@@ -66,19 +72,45 @@ async def _requested_path(request: Request) -> Path | None:
     return Path(path)
 
 
+def _within_roots(path: Path, roots: list[Path]) -> Path:
+    """The resolved path when it lies under a configured bundle root, else Forbidden (same answer
+    whether or not it exists: symlinks and `..` are resolved first, so neither escapes a root)."""
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise Forbidden("path: reloads are allowed only from the configured bundle roots "
+                        "(EXITSERVE_BUNDLE_ROOTS)")
+    return resolved
+
+
 @contextlib.contextmanager
 def sighup_reloads(repository: ModelRepository) -> Iterator[None]:
     """While active, SIGHUP reloads every model from its directory (failures are logged, old models kept).
 
     Enter it on the serving event loop in the main thread; elsewhere (test clients) it does nothing."""
     loop = asyncio.get_running_loop()
-    pending: set[asyncio.Future] = set()
+    # A storm of signals coalesces: while a reload runs, further signals ask for one more run after it
+    # (it sees every change made before it starts), never for one run per signal.
+    state: dict[str, object] = {"running": None, "again": False}
+
+    def start() -> None:
+        future = asyncio.ensure_future(asyncio.to_thread(repository.reload_all))
+        state["running"] = future  # also keeps a reference until done, or the task may be collected mid-run
+        future.add_done_callback(finished)
+
+    def finished(_: asyncio.Future) -> None:
+        state["running"] = None
+        if state["again"]:
+            state["again"] = False
+            start()
 
     def on_sighup() -> None:
+        FeedbackLog.reopen_all()  # logrotate's postrotate sends SIGHUP: write to the new file
+        if state["running"] is not None:
+            state["again"] = True
+            log.info("SIGHUP: a reload is under way; one more will follow it")
+            return
         log.info("SIGHUP: reloading every model")
-        future = asyncio.ensure_future(asyncio.to_thread(repository.reload_all))
-        pending.add(future)  # keep a reference until done, or the task may be collected mid-run
-        future.add_done_callback(pending.discard)
+        start()
 
     try:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)

@@ -6,6 +6,8 @@ becomes one 400 that names the field, e.g. `delta: Input should be a valid numbe
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import TypeVar
 
 import orjson
@@ -14,6 +16,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from exitserve.errors import InvalidInput
 
 Schema = TypeVar("Schema", bound=BaseModel)
+T = TypeVar("T")
+# Bodies above this are parsed off the event loop, two at a time: parsing a 60 MiB JSON of numbers
+# costs about a second and a gigabyte, which must neither stall /healthz nor run many times at once.
+OFFLOAD_BYTES = 4 << 20
+PARALLEL_BIG_PARSES = 2
+_big_parse: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+async def parse_off_loop(size: int, parse: Callable[..., T], *args: object) -> T:
+    """`parse(*args)` on the loop for small bodies; in a worker thread, a bounded number at a time, otherwise."""
+    if size <= OFFLOAD_BYTES:
+        return parse(*args)
+    loop = asyncio.get_running_loop()
+    gate = _big_parse.setdefault(loop, asyncio.Semaphore(PARALLEL_BIG_PARSES))
+    async with gate:
+        return await asyncio.to_thread(parse, *args)
 
 
 class StrictBody(BaseModel):

@@ -1,51 +1,131 @@
-"""The edge of every HTTP request (pure ASGI, cheaper than BaseHTTPMiddleware): request id, API key,
-body limit, request metrics and the request log line."""
+"""The edge of every HTTP request (pure ASGI, cheaper than BaseHTTPMiddleware): allowed hosts, request
+id, API keys, content type, body limit, client-gone watch, request metrics and the request log line.
+
+Every response of a model route (inference, feedback, admin) is counted in
+`exitserve_requests_total` and logged, whatever its status, a 500 from a bug included.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
+import math
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exitserve.errors import PayloadTooLarge
+from exitserve.errors import Overloaded, PayloadTooLarge
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols.errors import error_response
-from exitserve.service.serving.context import REQUEST_ID
-from exitserve.service.serving.repository import ModelRepository
+from exitserve.service.serving.batcher import Reservation
+from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
+from exitserve.service.serving.repository import ModelRepository, trim_heap
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+# Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
+SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back to the OS
 
 
-def _inference_route(path: str) -> tuple[str, str] | None:
-    """(protocol, model) for inference paths, else None."""
+def _route(path: str) -> tuple[str, str] | None:
+    """(protocol, model) for model routes (v1, v2, feedback, admin), else None."""
     parts = path.strip("/").split("/")
-    if len(parts) >= 4 and parts[1] == "models" and parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
-        return parts[0], parts[2]
+    if len(parts) >= 4 and parts[1] == "models":
+        if parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
+            return parts[0], parts[2]
+        if parts[0] == "v1" and parts[-1] == "feedback":
+            return "feedback", parts[2]
+        if parts[0] == "admin":
+            return "admin", parts[2]
     return None
 
 
-class EdgeMiddleware:
-    """Pure ASGI (cheaper than BaseHTTPMiddleware): request id, API key, body limit, request metrics, logs."""
+def route_model(path: str) -> str | None:
+    route = _route(path)
+    return route[1] if route else None
 
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def request_id_of(raw: bytes | None) -> tuple[str | None, str | None]:
+    """(id, None) for an acceptable X-Request-Id (or None when absent), else (None, why it is refused).
+
+    Ids are UTF-8 (echoed byte for byte) and at most MAX_REQUEST_ID_CHARS characters: never cut or
+    re-decoded, because feedback is matched against the exact id the client holds."""
+    if raw is None or raw == b"":
+        return None, None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "X-Request-Id: must be UTF-8 text"
+    if len(text) > MAX_REQUEST_ID_CHARS:
+        return None, f"X-Request-Id: {len(text)} characters exceed the limit of {MAX_REQUEST_ID_CHARS}"
+    if not text.isprintable():
+        return None, "X-Request-Id: holds control characters"
+    return text, None
+
+
+class EdgeMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, repository: ModelRepository):
         self.app = app
         self.settings = settings
         self.metrics = metrics
         self.repository = repository
         self.api_key = settings.api_key.encode() if settings.api_key else None
+        self.admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
+        self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
 
-    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
-        assert self.api_key is not None  # only asked when a key is configured
-        supplied = headers.get(b"x-api-key")
-        if supplied is None:
+    @staticmethod
+    def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
+        # An empty X-API-Key does not hide a valid Bearer token (nor stand for a key).
+        supplied = headers.get(b"x-api-key") or b""
+        if not supplied:
             auth = headers.get(b"authorization", b"")
             supplied = auth[7:] if auth[:7].lower() == b"bearer " else b""
-        return hmac.compare_digest(supplied, self.api_key)
+        return supplied
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], protocol: str | None, id_problem: str | None) -> object:
+        """The response refusing this request at the edge, or None to let it through."""
+        if self.allowed_hosts:
+            host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
+            if host not in self.allowed_hosts:
+                return error_response("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)", 400)
+        if id_problem is not None:
+            return error_response(id_problem, 400)
+        path = scope["path"]
+        if protocol == "admin":
+            key = self.admin_key
+            if key is not None and not hmac.compare_digest(self._supplied_key(headers), key):
+                return error_response("missing or wrong admin API key", 401, {"WWW-Authenticate": "Bearer"})
+        elif (self.api_key and not path.startswith((*OPEN_PATHS, "/admin/"))
+              and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
+                return error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        limit = scope["state"]["body_limit"]
+        if length is not None and length.isdigit() and int(length) > limit:
+            return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
+        if protocol in ("v1", "v2"):
+            try:
+                RESERVATION.set(self._reserve(route_model(scope["path"]), headers, scope))
+            except Overloaded as exc:
+                return error_response(str(exc), exc.status, exc.headers)
+        if scope["method"] == "POST" and protocol is not None:
+            content_type = headers.get(b"content-type")
+            if protocol == "v2":
+                # tritonclient sends binary bodies with no (or an octet-stream) Content-Type.
+                if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in SIMPLE_TYPES:
+                    return error_response("Content-Type must be application/json or application/octet-stream", 415)
+            elif length != b"0" and (content_type is None or not _is_json(content_type)):
+                return error_response("Content-Type must be application/json", 415)
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,45 +133,102 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        raw_id = headers.get(b"x-request-id")
+        client_id, id_problem = request_id_of(raw_id)
+        request_id = client_id or uuid.uuid4().hex
+        echo = raw_id if client_id is not None and raw_id is not None else request_id.encode()
         scope.setdefault("state", {})["request_id"] = request_id
         REQUEST_ID.set(request_id)  # the dataplane records decisions under it (labelled feedback)
-        path = scope["path"]
-        status_holder = {"status": 500}
+        route = _route(scope["path"])
+        protocol = route[0] if route else None
+        scope["state"]["body_limit"] = self._body_limit(route)
+        status_holder = {"status": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                status_holder["started"] = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", echo)]
             await send(message)
 
-        response = None
-        if self.api_key and not path.startswith(OPEN_PATHS) and not self._authorised(headers):
-            response = error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
-        else:
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-                response = error_response(f"body of {int(length)} bytes exceeds the limit of {self.settings.max_body_bytes}", 413)
-        if response is not None:
-            await response(scope, receive, send_with_id)
-        else:
-            await self.app(scope, self._limited(receive), send_with_id)
-
-        route = _inference_route(path)
+        RESERVATION.set(None)
+        gone: asyncio.Future = asyncio.get_running_loop().create_future()
+        CLIENT_GONE.set(gone)
+        watcher: list[asyncio.Task] = []
+        response = self._refusal(scope, headers, protocol, id_problem)
+        try:
+            if response is not None:
+                await response(scope, receive, send_with_id)  # type: ignore[operator]
+            else:
+                await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"],
+                                                   watch_disconnect=protocol in ("v1", "v2")), send_with_id)
+        except Exception:
+            # A bug the app's own handler already answered (and logged) as a 500, which Starlette then
+            # re-raises: count and log it below like any response; answer here only if nothing was sent.
+            status_holder["status"] = 500
+            if not status_holder["started"]:
+                with contextlib.suppress(Exception):
+                    await error_response("internal server error", 500)(scope, receive, send_with_id)
+        finally:
+            reservation = RESERVATION.get()
+            if reservation is not None:
+                reservation.release()  # refused or failed before it was queued
+            for task in watcher:
+                task.cancel()
+            if not gone.done():
+                gone.cancel()
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) >= BIG_BODY_BYTES:
+            trim_heap()  # what a big request parsed and decoded is freed now: give it back to the OS
         if route is not None:
-            protocol, model = route
+            model = route[1]
             label = model if model in self.repository.models else "unknown"
-            status = status_holder["status"]
+            status = int(status_holder["status"])
             self.metrics.requests.labels(label, protocol, str(status)).inc()
-            if status < 400:
+            if status < 400 and protocol in ("v1", "v2"):
                 self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
             level = logging.INFO if status < 500 else logging.ERROR
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _reserve(self, model: str | None, headers: dict[bytes, bytes], scope: Scope) -> Reservation | None:
+        """Room in the model's queue for this request, estimated from its Content-Length as raw samples
+        (exact for base64 tensors, generous for JSON): refused with 503 on the headers, before the body
+        is read or parsed, so a burst costs the server next to nothing. Only on kept-alive connections:
+        uvicorn then reads and drops the unread body, whereas closing a socket with unread data would
+        reset it and the client could lose the 503."""
+        served = self.repository.models.get(model) if model else None
+        length = headers.get(b"content-length", b"")
+        if served is None or not served.ready or served.tokenizer is not None or not length.isdigit():
+            return None
+        if scope.get("http_version") == "1.0" or b"close" in headers.get(b"connection", b"").lower():
+            return None
+        sample_bytes = max(1, math.prod(d for d in served.sample_shape if d > 0) * served.input_dtype.itemsize * 4 // 3)
+        samples = min(max(1, int(length) // sample_bytes), self.settings.max_request_samples)
+        return served.batcher.reserve(samples)  # QueueFull: a 503 + Retry-After
+
+    def _body_limit(self, route: tuple[str, str] | None) -> int:
+        """The body limit of this route. Text models get a smaller one, sized by what their inputs can
+        hold (samples x max tokens x 32 bytes): a 40 MiB text is refused as it arrives, before any
+        copy or parse of it (each pass over 40 MiB holds the interpreter for a tenth of a second)."""
         limit = self.settings.max_body_bytes
+        if route is not None and route[0] in ("v1", "v2"):
+            served = self.repository.models.get(route[1])
+            text = served.manifest.input.text if served is not None else None
+            if text is not None:
+                limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        return limit
+
+    def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task], limit: int,
+                 watch_disconnect: bool) -> Receive:
+        """Enforce the body limit while it streams in; once it is complete, watch (inference routes only:
+        others, like streamed answers, listen for the disconnect themselves) for the client leaving."""
         seen = 0
+
+        async def listen() -> None:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not gone.done():
+                gone.set_result(True)
 
         async def wrapped() -> Message:
             nonlocal seen
@@ -100,6 +237,8 @@ class EdgeMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+                if watch_disconnect and not message.get("more_body", False) and not watcher:
+                    watcher.append(asyncio.ensure_future(listen()))
             return message
 
         return wrapped

@@ -14,6 +14,7 @@ out by design, so the item is answered with status "unknown" and counted in
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -22,13 +23,14 @@ from pydantic import BaseModel, Field
 
 from exitserve.errors import Conflict, InvalidInput, PayloadTooLarge
 from exitserve.service.protocols.bodies import StrictBody, validate
+from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
 
 
 class FeedbackItem(StrictBody):
-    request_id: str = Field(min_length=1, description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
+    request_id: str = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS, description="request id of the prediction (v1 `request_id`, or the X-Request-Id header)")
     index: int = Field(ge=0, description="position of the sample in that request, from 0")
     label: str | int = Field(description="the true class: a label name or a class index")
 
@@ -92,7 +94,9 @@ def build_router(repository: ModelRepository) -> APIRouter:
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"body: invalid JSON ({exc})") from None
         wanted = parse_items(served, payload)
-        scored = served.monitor.score(wanted)  # an index outside a known request is a 400 (UnknownIndex)
+        # Off the loop: the feedback log's write and, with a shared store, Redis round trips.
+        # An index outside a known request is a 400 (UnknownIndex).
+        scored = await asyncio.to_thread(served.monitor.score, wanted)
         results: list[dict[str, object]] = []
         counts = {"scored": 0, "correct": 0, "unknown": 0, "duplicate": 0}
         for s in scored:

@@ -269,16 +269,26 @@ def _parse_input_spec(index: int, item: Any) -> _InputSpec:
     return _InputSpec(where, name, datatype, shape, math.prod(shape), parameters, binary_size, data)
 
 
+# numpy allows 64 dimensions and sizes below 2**63; a zero-size tensor of shape [0, 2**63] or one
+# with 70 axes would pass every byte count and then fail in numpy (a 500). Tensors here are small.
+MAX_DIMS = 16
+MAX_DIM = 2**31 - 1
+
+
 def _parse_shape(value: Any, where: str) -> list[int]:
     if value is None:
         raise ProtocolError(f"{where}: 'shape' is missing")
     if not isinstance(value, list):
         raise ProtocolError(f"{where}: 'shape' must be a JSON array of integers, got {_json_type(value)}")
+    if len(value) > MAX_DIMS:
+        raise ProtocolError(f"{where}: 'shape' has {len(value)} dimensions; at most {MAX_DIMS} are accepted")
     for dim in value:
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise ProtocolError(f"{where}: 'shape' {value} holds a non-integer dimension {dim!r}")
         if dim < 0:
             raise ProtocolError(f"{where}: 'shape' {value} holds a negative dimension {dim}")
+        if dim > MAX_DIM:
+            raise ProtocolError(f"{where}: 'shape' {value} holds a dimension above {MAX_DIM}")
     return value
 
 

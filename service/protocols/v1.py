@@ -17,8 +17,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from exitserve.errors import InvalidInput
-from exitserve.service.protocols.bodies import StrictBody, parse_body
+from exitserve.service.protocols.bodies import StrictBody, parse_body, parse_off_loop
 from exitserve.service.serving.dataplane import Dataplane, Prediction
+from exitserve.service.serving.repository import ServedModel
 
 RawDtype = Literal["float32", "float16", "float64", "uint8", "int8", "int32", "int64"]
 RAW_DTYPES = frozenset(get_args(RawDtype))
@@ -27,7 +28,10 @@ RAW_DTYPES = frozenset(get_args(RawDtype))
 class RawTensor(StrictBody):
     b64: str = Field(description="base64 of the raw little-endian bytes, row-major")
     dtype: RawDtype = Field(description=f"one of {sorted(RAW_DTYPES)}")
-    shape: list[Annotated[int, Field(ge=0)]] = Field(description="full shape including the batch axis")
+    # Bounded like the Open Inference Protocol's shapes: numpy refuses more than 64 axes or sizes near
+    # 2**63 even for zero-size tensors (a 500 if not caught here).
+    shape: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        max_length=16, description="full shape including the batch axis")
 
 
 class PredictRequest(StrictBody):
@@ -83,6 +87,11 @@ def decode_nested(values: Any, where: str = "inputs", dtype: np.dtype | None = N
     return array.astype(dtype) if integer and array.dtype.kind not in "iu" else array
 
 
+def _decode_inputs(dataplane: Dataplane, served: ServedModel, raw: list[Any] | RawTensor | None) -> np.ndarray:
+    x = decode_raw_tensor(raw) if isinstance(raw, RawTensor) else decode_nested(raw, dtype=served.input_dtype)
+    return dataplane.check_inputs(served, x)
+
+
 def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list[dict]:
     result = prediction.result
     exits_total = prediction.model.manifest.num_exits
@@ -113,16 +122,17 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     )
     async def predict(model: str, request: Request) -> Response:
         served = dataplane.model(model)
-        body = parse_body(PredictRequest, await request.body())
+        raw_body = await request.body()
+        dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
+        body = await parse_off_loop(len(raw_body), parse_body, PredictRequest, raw_body)
         if (body.inputs is None) == (body.texts is None):
             raise InvalidInput("body: give either 'inputs' or 'texts', not both" if body.inputs is not None
                                else "inputs: required (or 'texts' for a text model)")
         if body.texts is not None:
-            x = dataplane.check_texts(served, body.texts)
+            x = await parse_off_loop(len(raw_body), dataplane.check_texts, served, body.texts)
         else:
             raw = body.inputs
-            x = decode_raw_tensor(raw) if isinstance(raw, RawTensor) else decode_nested(raw, dtype=served.input_dtype)
-            x = dataplane.check_inputs(served, x)
+            x = await parse_off_loop(len(raw_body), _decode_inputs, dataplane, served, raw)
         deltas = dataplane.check_deltas(body.delta, len(x))
         policies = dataplane.check_policy(served, body.policy, len(x))
         want = body.return_probabilities

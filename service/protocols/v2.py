@@ -14,13 +14,13 @@ from pydantic import Field
 
 from exitserve import __version__
 from exitserve.errors import InvalidInput, NotFound
-from exitserve.service.protocols.bodies import StrictBody, validate
+from exitserve.service.protocols.bodies import StrictBody, parse_off_loop, validate
 from exitserve.service.protocols.oip_codec import (
     decode_infer_request,
     encode_infer_response,
     resolve_outputs,
 )
-from exitserve.service.serving.context import REQUEST_ID
+from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS, REQUEST_ID
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.repository import ServedModel
 
@@ -130,13 +130,17 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
         served = _model(model, version)
         body = await request.body()
-        decoded = decode_infer_request(  # ProtocolError is an InvalidInput: a 400 naming the problem
-            body, request.headers.get("inference-header-content-length"),
-            request.headers.get("content-encoding"), max_body_bytes=settings.max_body_bytes,
+        dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
+        decoded = await parse_off_loop(  # ProtocolError is an InvalidInput: a 400 naming the problem
+            len(body), decode_infer_request, body, request.headers.get("inference-header-content-length"),
+            request.headers.get("content-encoding"), settings.max_body_bytes,
         )
+        if decoded.id is not None and len(decoded.id) > MAX_REQUEST_ID_CHARS:
+            # The id is kept in the decision record for feedback: bounded like X-Request-Id, never cut.
+            raise InvalidInput(f"id: {len(decoded.id)} characters exceed the limit of {MAX_REQUEST_ID_CHARS}")
         # Probabilities are sent only when asked for by name.
         outputs = resolve_outputs(decoded, list(OUTPUTS) if decoded.outputs else DEFAULT_OUTPUTS)
-        x = _model_input(served, decoded.inputs)
+        x = await parse_off_loop(len(body), _model_input, served, decoded.inputs)
         params = validate(InferParameters, decoded.parameters, prefix="parameters")
         if DELTA_INPUT in decoded.inputs:
             delta = decoded.inputs[DELTA_INPUT].reshape(-1)

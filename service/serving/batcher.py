@@ -1,18 +1,26 @@
 """Dynamic batching: a bounded queue per model, drained by engine threads (never the event loop).
 
 A batch closes at `max_batch_size` samples or `max_queue_delay` after its first request arrived,
-whichever comes first; requests are never split. A full queue rejects at once (the HTTP layer
-answers 503 + Retry-After) instead of growing memory. A request whose samples have all left the
+whichever comes first. A request larger than the engine batch runs alone, as engine-sized pieces
+(its memory is that of one engine batch, not of the whole request at once).
+
+Admission counts work, not requests: a request is refused at once (the HTTP layer answers 503 +
+Retry-After) when the samples already waiting would exceed `queue_samples`, or would take longer
+than the request timeout at the throughput measured so far; so what is admitted can be answered in
+time, and a burst never turns into 504s. A request whose client left, or whose deadline passed, is
+dropped (and stops counting) before it is computed. A request whose samples have all left the
 network is answered right away, while the rest of its batch goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +35,19 @@ log = logging.getLogger("exitserve.batcher")
 
 class QueueFull(Overloaded):
     pass
+
+
+class Reservation:
+    """Room held in a batcher's admission count until the request is queued (or ends); idempotent release."""
+
+    def __init__(self, batcher: DynamicBatcher, samples: int):
+        self._batcher: DynamicBatcher | None = batcher
+        self.samples = samples
+
+    def release(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher._unreserve(self.samples)
 
 
 class ShuttingDown(Overloaded):
@@ -44,7 +65,8 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     request_id: str | None = None  # the key decisions are recorded under, for labelled feedback
-    record_slot: int | None = None  # where the decision record put it (set on answer)
+    record_slot: object | None = None  # where the decision record put it (set on answer)
+    counted: bool = False  # its samples count against admission until it is taken or dropped
 
     def __len__(self) -> int:
         return len(self.x)
@@ -87,6 +109,29 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
         future.set_result(value)
 
 
+def _empty_like(part: BatchResult, n: int) -> BatchResult:
+    def grow(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.zeros((n, *a.shape[1:]), a.dtype)
+
+    trace = None
+    if part.trace is not None:
+        width = part.trace.confidence.shape[1]
+        trace = Trace.empty(n, width)
+    grown = {f.name: grow(getattr(part, f.name)) for f in dataclasses.fields(part) if f.name != "trace"}
+    return BatchResult(**grown, trace=trace)  # type: ignore[arg-type]  # the required columns are never None
+
+
+def _copy_rows(full: BatchResult, part: BatchResult, rows: np.ndarray, offset: int) -> None:
+    for f in dataclasses.fields(part):
+        source, target = getattr(part, f.name), getattr(full, f.name)
+        if f.name == "trace":
+            if source is not None and target is not None:
+                for column in ("confidence", "margin", "prediction"):
+                    getattr(target, column)[rows + offset] = getattr(source, column)[rows]
+        elif source is not None and target is not None:
+            target[rows + offset] = source[rows]
+
+
 class BatchObserver(Protocol):
     """What the batcher reports, on engine threads (metrics and monitoring hang here)."""
 
@@ -120,6 +165,8 @@ class DynamicBatcher:
         workers: int = 1,
         name: str = "model",
         observer: BatchObserver | None = None,
+        queue_samples: int | None = None,
+        deadline_s: float | None = None,
     ):
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -131,6 +178,12 @@ class DynamicBatcher:
         self._in_flight = 0
         self._idle = threading.Condition()
         self._closing = False
+        self.queue_samples = queue_samples or 8 * max_batch_size
+        self.deadline_s = deadline_s  # admitted work must be answerable within this (the request timeout)
+        self._queued_samples = 0
+        self._reserved = 0  # samples of requests admitted on their headers, not yet queued
+        self._admission = threading.Lock()
+        self._throughput: float | None = None  # samples per second, smoothed over recent batches
 
     # --- producer side (event loop) ---------------------------------------------------------------
 
@@ -138,15 +191,65 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.start()
 
+    def _refuse_unless_room(self, n: int) -> None:
+        """Under the admission lock: QueueFull unless `n` more samples fit (a lone request always fits)."""
+        waiting = self._queued_samples + self._reserved
+        if not waiting:
+            return
+        if waiting + n > self.queue_samples:
+            raise QueueFull(f"queue of model {self.name!r} is full ({waiting} samples waiting, limit {self.queue_samples})")
+        if self.deadline_s is not None and self._throughput:
+            # Estimated cost: what is queued now must be answered before its deadline.
+            wait = (waiting + n) / self._throughput
+            if wait > 0.8 * self.deadline_s:
+                raise QueueFull(f"queue of model {self.name!r} is full (about {wait:.1f} s of work waiting)")
+
     def submit(self, item: WorkItem) -> None:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
-            raise QueueFull(f"queue of model {self.name!r} is full ({self.queue.maxsize} requests)") from None
+        n = len(item)
+        with self._admission:
+            self._refuse_unless_room(n)
+            try:
+                self.queue.put_nowait(item)
+            except queue.Full:
+                raise QueueFull(f"queue of model {self.name!r} is full ({self.queue.maxsize} requests)") from None
+            self._queued_samples += n
+            item.counted = True
         with self._idle:
             self._in_flight += 1
+
+    def reserve(self, n: int) -> Reservation:
+        """Hold room for a request of about `n` samples whose body is still to come (QueueFull if none):
+        a burst is refused on its headers, before bodies are read, parsed and found not to fit."""
+        with self._admission:
+            self._refuse_unless_room(n)
+            self._reserved += n
+        return Reservation(self, n)
+
+    def _unreserve(self, n: int) -> None:
+        with self._admission:
+            self._reserved -= n
+
+    def check_room(self) -> None:
+        """QueueFull when no request could be admitted now."""
+        with self._admission:
+            self._refuse_unless_room(1)
+
+    def abandon(self, item: WorkItem) -> None:
+        """The client left or the deadline passed: the item no longer counts and is skipped, not computed."""
+        item.cancelled = True
+        self._uncount(item)
+
+    def _uncount(self, item: WorkItem) -> None:
+        with self._admission:
+            if item.counted:
+                item.counted = False
+                self._queued_samples -= len(item)
+
+    @property
+    def queued_samples(self) -> int:
+        return self._queued_samples
 
     @property
     def depth(self) -> int:
@@ -174,6 +277,7 @@ class DynamicBatcher:
         first = carry if carry is not None else self.queue.get()
         if first is None:
             return None, None
+        self._uncount(first)
         batch, size = [first], len(first)
         carry = None
         deadline = first.enqueued_at + self.max_queue_delay_s
@@ -186,6 +290,7 @@ class DynamicBatcher:
             if item is None:
                 self.queue.put(None)  # let the sentinel stop this thread after the batch
                 break
+            self._uncount(item)
             if size + len(item) > self.max_batch_size:
                 carry = item
                 break
@@ -199,6 +304,10 @@ class DynamicBatcher:
             batch, carry = self._next_batch(carry)
             if batch is None:
                 return
+            now = time.perf_counter()
+            for item in batch:  # past its deadline: the client has been answered 504 already, or soon will be
+                if self.deadline_s is not None and now - item.enqueued_at > self.deadline_s:
+                    item.cancelled = True
             live = [item for item in batch if not item.cancelled]
             try:
                 if live:
@@ -233,8 +342,35 @@ class DynamicBatcher:
                 if remaining[index] == 0:
                     self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
-        result = self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.observer.segment_done)
+        result = self._run_engine(x, deltas, policies, want, on_exit)
+        elapsed = time.perf_counter() - started
+        rate = len(x) / max(elapsed, 1e-6)
+        self._throughput = rate if self._throughput is None else 0.8 * self._throughput + 0.2 * rate
         self.observer.batch_done(items, offsets, result, time.perf_counter() - started)
+
+    def _run_engine(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want: np.ndarray | None,
+                    on_exit: Callable[[np.ndarray, BatchResult], None]) -> BatchResult:
+        """One engine run, or (for a request above the engine batch) engine-sized pieces whose answers
+        are gathered into one result; memory is that of one piece."""
+        n, step = len(x), self.max_batch_size
+        if n <= step:
+            return self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.observer.segment_done)
+        full: BatchResult | None = None
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+
+            def piece_exit(rows: np.ndarray, part: BatchResult, lo: int = lo) -> None:
+                nonlocal full
+                full = full if full is not None else _empty_like(part, n)
+                _copy_rows(full, part, rows, lo)
+                on_exit(rows + lo, full)
+
+            part = self.engine.run(x[lo:hi], deltas[lo:hi], policies[lo:hi], None if want is None else want[lo:hi],
+                                   on_exit=piece_exit, segment_timer=self.observer.segment_done)
+            full = full if full is not None else _empty_like(part, n)
+            _copy_rows(full, part, np.arange(hi - lo), lo)  # shadow rows finish after their answer
+        assert full is not None
+        return full
 
     def _answer(self, item: WorkItem, result: BatchResult, lo: int, hi: int, batch_started: float) -> None:
         value = ItemResult(

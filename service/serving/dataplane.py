@@ -10,9 +10,9 @@ import numpy as np
 
 from exitserve.calibration import POLICIES
 from exitserve.calibration.document import normalise_deltas
-from exitserve.errors import InvalidInput, Overloaded, PayloadTooLarge, Timeout
+from exitserve.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, Timeout
 from exitserve.service.serving.batcher import ItemResult, WorkItem
-from exitserve.service.serving.context import REQUEST_ID
+from exitserve.service.serving.context import CLIENT_GONE, REQUEST_ID, RESERVATION
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 from exitserve.service.serving.text_input import check_token_ids
 from exitserve.service.settings import Settings
@@ -39,6 +39,13 @@ class Dataplane:
 
     def model(self, name: str) -> ServedModel:
         return self.repository.get(name)
+
+    def admit_early(self, model: ServedModel) -> None:
+        """A fast 503 before the body is parsed when the model's queue has no room for any request."""
+        if not model.ready:
+            raise Overloaded(f"model {model.name!r} is not ready")
+        if RESERVATION.get() is None:  # else the edge admitted it on its headers, room held
+            model.batcher.check_room()
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -104,18 +111,32 @@ class Dataplane:
             loop=loop, future=loop.create_future(),
             request_id=REQUEST_ID.get(),  # set by the edge middleware: decisions are recorded under it
         )
+        gone = CLIENT_GONE.get()
+        if gone is not None and gone.done() and not gone.cancelled():
+            raise ClientGone("the client closed the connection before its request was queued")
+        reservation = RESERVATION.get()
+        if reservation is not None:
+            reservation.release()  # the request's real size replaces the edge's estimate
         model.submit(item)  # a model retired by a reload hands the request on; QueueFull is a 503
         # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
-        timer = loop.call_later(self.settings.request_timeout_s, self._expire, item)
+        timer = loop.call_later(self.settings.request_timeout_s, self._expire, model, item)
+        if gone is not None:
+            gone.add_done_callback(lambda f: None if f.cancelled() else self._abandon(model, item))
         try:
             result = await item.future
         finally:
             timer.cancel()
         return Prediction(model, result)
 
-    def _expire(self, item: WorkItem) -> None:
+    def _abandon(self, model: ServedModel, item: WorkItem) -> None:
+        """The client hung up: drop its queued work (not computed, no longer counted for admission)."""
         if not item.future.done():
-            item.cancelled = True  # the engine skips it if it has not started yet
+            model.abandon(item)
+            item.future.set_exception(ClientGone("the client closed the connection"))
+
+    def _expire(self, model: ServedModel, item: WorkItem) -> None:
+        if not item.future.done():
+            model.abandon(item)  # the engine skips it if it has not started yet
             item.future.set_exception(Timeout(f"no answer within {self.settings.request_timeout_s:g} s"))
 
 

@@ -9,6 +9,9 @@ good reload fails no request. A bad bundle raises BundleError and leaves the old
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 import time
@@ -82,6 +85,8 @@ class ServedModel:
             workers=settings.workers,
             name=self.name,
             observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor),
+            queue_samples=settings.queued_samples_limit(),
+            deadline_s=settings.request_timeout_s,
         )
 
     def start(self, warmup_sizes: list[int]) -> None:
@@ -111,6 +116,13 @@ class ServedModel:
                                    "send the request again") from None
             successor.submit(item)
 
+    def abandon(self, item: WorkItem) -> None:
+        """Drop a queued request (client gone, deadline passed), wherever it was handed on to."""
+        model: ServedModel | None = self
+        while model is not None:
+            model.batcher.abandon(item)
+            model = model.successor
+
     def accepts_requests_of(self, other: ServedModel) -> bool:
         """True when a request validated (and to be answered) against `other` is valid here too."""
         return (self.sample_shape == other.sample_shape and self.input_dtype == other.input_dtype
@@ -129,6 +141,30 @@ class ServedModel:
         The ready gauge is left alone: it belongs to the name, which the successor now serves."""
         self.successor = successor  # before closing, so no submit sees a closed batcher without a successor
         return self.batcher.close(timeout)
+
+
+def release_memory() -> None:
+    """Collect garbage and return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc keeps them otherwise: a big request's body and
+    tensors would stay in the RSS after it is answered). ctypes releases the GIL meanwhile."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
@@ -172,6 +208,15 @@ class ModelRepository:
     def reload(self, name: str, path: Path | None = None) -> ServedModel:
         """Replace model `name` by the bundle at `path` (default: where it came from). Blocking: call
         it off the event loop. Raises UnknownModel, ReloadRefused, or BundleError (old model kept)."""
+        try:
+            return self._reload(name, path)
+        finally:
+            # The retired (or refused) model is unreachable once _reload's frame is gone: collect any
+            # cycles now and hand the freed heap back to the OS. Without the trim, glibc keeps each
+            # retired model's ONNX Runtime arenas (tens of MB per reload, every reload).
+            release_memory()
+
+    def _reload(self, name: str, path: Path | None) -> ServedModel:
         with self._lock:
             old = self.get(name)
             if not old.ready:

@@ -15,6 +15,11 @@ from exitserve.errors import InvalidInput
 from exitserve.models.bundle import Bundle, BundleError, TextSpec
 from exitserve.models.tokens import pad_batch
 
+# A token covers at most this many characters (WordPiece turns a longer word into one [UNK]), so a
+# text longer than max_length x this cannot fit and is refused before the tokenizer sees it: a 40 MiB
+# text would otherwise be tokenised in full (minutes of CPU, gigabytes) only to be refused after.
+MAX_CHARS_PER_TOKEN = 100
+
 
 class TextInputError(InvalidInput):
     """Client-side problem with the texts; the message names the offending text."""
@@ -42,9 +47,13 @@ class TextTokenizer:
         """Token ids [n, longest] int64, right-padded with the bundle's padding id."""
         if not isinstance(texts, (list, tuple)) or not texts:
             raise TextInputError(f"{where}: must be a non-empty list of strings")
+        limit = self.spec.max_length * MAX_CHARS_PER_TOKEN
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TextInputError(f"{where}[{index}]: must be a string, got {type(text).__name__}")
+            if len(text) > limit:
+                raise TextInputError(f"{where}[{index}]: {len(text)} characters cannot fit the model's limit of "
+                                     f"{self.spec.max_length} tokens; shorten the text")
         encodings = self.tokenizer.encode_batch(list(texts))
         lengths = [len(e.ids) for e in encodings]
         for index, length in enumerate(lengths):
@@ -58,6 +67,8 @@ class TextTokenizer:
 
 def check_token_ids(spec: TextSpec, ids: np.ndarray, where: str = "inputs") -> None:
     """Token ids sent directly (tensor input to a text model): within the vocabulary and the length limit."""
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise TextInputError(f"{where}: token ids must be a [batch, length] matrix with length >= 1")
     if ids.shape[1] > spec.max_length:
         raise TextInputError(f"{where}: sequence length {ids.shape[1]} exceeds the model's limit of {spec.max_length}")
     if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):

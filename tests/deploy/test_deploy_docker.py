@@ -72,7 +72,7 @@ def test_default_bundle_is_baked_in_and_named(path: Path) -> None:
 
 def test_cpu_image_installs_only_the_cpu_extra() -> None:
     installs = pip_installs(DOCKERFILE)
-    assert installs == ['".[cpu]"']
+    assert installs == ['".[cpu,redis]"']  # redis: the client for the optional shared decision store
     text = DOCKERFILE.read_text()
     assert "torch" not in " ".join(installs) and "train" not in " ".join(installs)
     assert "find_spec('torch')" in text  # the build fails if torch sneaks in through a dependency

@@ -32,6 +32,7 @@ from exitserve.service.settings import DEFAULT_BUNDLE
 MODEL = "cifar10-resnet-large"
 KEY = "drift-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_KEY = "drift-admin-s3cret"  # admin routes have their own key
 DELTA = 0.8
 NOISE = 0.1  # std of the added Gaussian noise, pixels in [0, 1]: last-exit accuracy 0.87 -> 0.60
 HALF = 2000  # images per half of the stream (2000 labels: enough for pcee-lb tables to promise again)
@@ -131,7 +132,9 @@ def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(log_path: Path) -> Iterator[ServerProcess]:
     proc = ServerProcess([DEFAULT_BUNDLE], ["--api-key", KEY], env={
-        "EXITSERVE_SHADOW_FRACTION": "1.0", "EXITSERVE_FEEDBACK_LOG": str(log_path)})
+        "EXITSERVE_SHADOW_FRACTION": "1.0", "EXITSERVE_FEEDBACK_LOG": str(log_path), "EXITSERVE_ADMIN_API_KEY": ADMIN_KEY,
+        # reloads only from bundle roots: the recalibrated bundle is written under the session's temporary directory
+        "EXITSERVE_BUNDLE_ROOTS": str(log_path.parent.parent)})
     try:
         proc.wait_ready(timeout=120)
         yield proc
@@ -261,7 +264,8 @@ def test_recalibration_on_shifted_feedback_keeps_the_promise_on_fresh_shifted_da
                 "mean_exit": float(np.mean([p["exit"] for p in preds]))}
 
     before = judge()
-    r = httpx.post(f"{server.url}/admin/models/{MODEL}/reload", json={"path": str(out)}, headers=AUTH, timeout=120)
+    r = httpx.post(f"{server.url}/admin/models/{MODEL}/reload", json={"path": str(out)},
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
     assert r.status_code == 200 and r.json()["version"] == "2", r.text
     after = judge()
     print(f"\nfresh shifted data, delta {DELTA}: before {before}\n  after recalibration on {HALF} labelled shifted "

@@ -22,6 +22,7 @@ from conftest import ServerProcess
 from reliability_support import (
     MODEL,
     Reference,
+    metric,
     percentiles,
     raw_tensor,
     rss_bytes,
@@ -90,7 +91,7 @@ async def _send(client: httpx.AsyncClient, request: tuple, request_id: str | Non
     return Sent(protocol, rows, deltas, policy, response.status_code, time.perf_counter() - started, response)
 
 
-async def _burst(port: int, requests: list[tuple]) -> list[Sent]:
+async def _burst(port: int, requests: list[tuple], keep_alive: bool = False) -> list[Sent]:
     """Every request at the same instant: pre-opened sockets, pre-built bytes, written in one go (an
     HTTP client would pace them at its own encoding speed and the server would never see a burst)."""
     connections = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in requests))
@@ -106,7 +107,8 @@ async def _burst(port: int, requests: list[tuple]) -> list[Sent]:
     started = time.perf_counter()
     for i, ((_, writer), (_, _, _, _, path, body)) in enumerate(zip(connections, requests, strict=True)):
         writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                      f"X-Request-ID: burst-{i}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+                      f"X-Request-ID: burst-{i}\r\nContent-Length: {len(body)}\r\n"
+                      f"{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n").encode() + body)
     answers = await asyncio.gather(*(answer(reader, started) for reader, _ in connections))
     for _, writer in connections:
         writer.close()
@@ -249,3 +251,130 @@ def test_sigterm_answers_every_accepted_request_refuses_new_ones_and_exits_in_ti
     assert all(sent.correct(reference) for sent in answered)  # no accepted request lost
     assert all(outcome == 503 or isinstance(outcome, str) for outcome in late), late
     assert exit_code in (0, -15) and seconds < grace + 3
+
+
+def _log_entries(proc: ServerProcess, prefix: str) -> list[dict]:
+    return [json.loads(line) for line in proc.logs().splitlines() if line.startswith("{") and f'"{prefix}' in line]
+
+
+def test_admission_by_samples_fast_503_and_no_504_for_admitted_work(cifar_reference: Reference) -> None:
+    """A burst of 64-image requests far beyond what the CPU answers within the request timeout:
+    admission counts samples (and measured throughput), so the excess is a fast 503 + Retry-After and
+    every admitted request is answered (0 x 504), correctly."""
+    reference = cifar_reference
+    burst, samples, timeout_s = 48, 64, 10.0
+    proc = ServerProcess([DEFAULT_BUNDLE], ["--max-batch-size", str(samples)],
+                         env={"EXITSERVE_REQUEST_TIMEOUT_S": str(timeout_s)})
+    try:
+        proc.wait_ready()
+
+        async def scenario() -> list[Sent]:
+            rng = np.random.default_rng(7)
+            async with httpx.AsyncClient(base_url=proc.url, timeout=60) as client:
+                for _ in range(3):  # the throughput estimate needs a few batches
+                    assert (await _one(client, reference, rng, "v1", n=samples)).status == 200
+            # Kept-alive connections, as HTTP clients use them: a full queue refuses on the headers.
+            return await _burst(proc.port, [_request(reference, rng, "v1", n=samples) for _ in range(burst)], keep_alive=True)
+
+        outcomes = asyncio.run(scenario())
+        logged = _log_entries(proc, "burst-")
+    finally:
+        proc.stop()
+    statuses = sorted({o.status for o in outcomes})
+    accepted = [o for o in outcomes if o.status == 200]
+    shed = [o for o in outcomes if o.status == 503]
+    assert len(accepted) + len(shed) == burst, statuses  # no 504, nothing else
+    assert accepted and shed
+    assert all(o.correct(reference) for o in accepted)
+    assert all(o.response.headers["retry-after"] for o in shed)
+    shed_server = percentiles([e["seconds"] for e in logged if e["status"] == 503])
+    accepted_server = percentiles([e["seconds"] for e in logged if e["status"] == 200])
+    print(f"\nadmission: {burst} concurrent requests of {samples} images (timeout {timeout_s:g} s): {len(accepted)} "
+          f"admitted, in the server {accepted_server}, 0 x 504; {len(shed)} shed with 503 in the server {shed_server}")
+    # Most are refused on their headers; those whose headers came before the queue filled pay their body upload.
+    assert shed_server["p50_ms"] < 50
+
+
+def test_requests_whose_clients_left_are_not_computed(cifar_reference: Reference) -> None:
+    """40 clients send 64-image requests and hang up after 0.3 s: their queued work is dropped, so
+    far fewer samples are computed than were sent, and the next client is answered at once."""
+    reference = cifar_reference
+    clients, samples = 40, 64
+    proc = ServerProcess([DEFAULT_BUNDLE], ["--max-batch-size", str(samples), "--queue-limit", "256"],
+                         env={"EXITSERVE_QUEUE_SAMPLES": str(clients * samples)})
+
+    def computed() -> float:
+        return metric(httpx.get(f"{proc.url}/metrics").text, "exitserve_batch_size_sum")
+
+    async def leave_early() -> None:
+        rng = np.random.default_rng(9)
+        requests = [_request(reference, rng, "v1", n=samples) for _ in range(clients)]
+        connections = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", proc.port) for _ in requests))
+        for i, ((_, writer), (*_, path, body)) in enumerate(zip(connections, requests, strict=True)):
+            writer.write((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: gone-{i}\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        await asyncio.gather(*(writer.drain() for _, writer in connections))
+        await asyncio.sleep(0.3)
+        for _, writer in connections:
+            writer.close()
+
+    try:
+        proc.wait_ready()
+        before = computed()
+        asyncio.run(leave_early())
+        started = time.perf_counter()
+        rng = np.random.default_rng(10)
+        with httpx.Client(base_url=proc.url, timeout=60) as client:
+            _, rows, deltas, policy, path, body = _request(reference, rng, "v1", n=8)
+            r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        next_seconds = time.perf_counter() - started
+        time.sleep(0.5)
+        done = computed() - before - 8
+        gone = [e for e in _log_entries(proc, "gone-") if e.get("status") == 499]
+    finally:
+        proc.stop()
+    print(f"\nclients that left: {clients} x {samples} samples sent, {done:g} computed, {len(gone)} logged as 499; "
+          f"the next request answered in {next_seconds * 1000:.0f} ms")
+    assert r.status_code == 200
+    assert done < 0.5 * clients * samples
+    assert len(gone) >= clients // 2
+
+
+def test_a_maximum_size_request_costs_about_what_its_pieces_cost(cifar_reference: Reference) -> None:
+    """One request of 1,024 images runs as engine-sized pieces: the RSS it leaves behind (the issue's
+    measure) stays within 2x of what the same images sent as 16 requests of 64 leave, on a fresh
+    server each; the growth of the peak RSS is printed too (the body itself is its floor)."""
+    x = np.random.default_rng(11).random((1024, 3, 32, 32), dtype=np.float32)
+
+    def peak_growth(pieces: int) -> tuple[int, int]:
+        """(peak RSS growth, RSS growth) in KiB over a warm server."""
+        proc = ServerProcess([DEFAULT_BUNDLE], ["--max-batch-size", "64"])
+        try:
+            proc.wait_ready()
+            with httpx.Client(base_url=proc.url, timeout=120) as client:
+                path = f"/v1/models/{cifar_reference.model}/predict"
+                assert client.post(path, json={"inputs": raw_tensor(x[:64])}).status_code == 200
+                bodies = [(len(chunk), json.dumps({"inputs": raw_tensor(chunk)}).encode()) for chunk in np.array_split(x, pieces)]
+                before, rss_before = _status_kib(proc.process.pid, "VmHWM"), rss_bytes(proc.process.pid) >> 10
+                for size, body in bodies:
+                    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+                    assert r.status_code == 200 and len(r.json()["predictions"]) == size
+                return (_status_kib(proc.process.pid, "VmHWM") - before,
+                        (rss_bytes(proc.process.pid) >> 10) - rss_before)
+        finally:
+            proc.stop()
+
+    pieces_peak, pieces_rss = peak_growth(16)
+    whole_peak, whole_rss = peak_growth(1)
+    print(f"\nmemory: 16 x 64 images raise RSS by {pieces_rss / 1024:.0f} MiB (peak by {pieces_peak / 1024:.0f} MiB); "
+          f"1 x 1,024 raises RSS by {whole_rss / 1024:.0f} MiB (peak by {whole_peak / 1024:.0f} MiB)")
+    assert whole_rss <= 2 * max(pieces_rss, 8 * 1024)
+    # The peak pays the body itself once (16 MiB of base64 read, parsed to a string, 12 MiB decoded).
+    assert whole_peak <= 2 * pieces_peak + 48 * 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")

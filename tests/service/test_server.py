@@ -202,7 +202,8 @@ BAD_V1 = [
 @pytest.mark.parametrize(("case", "body", "status", "message"), BAD_V1, ids=[c[0] for c in BAD_V1])
 def test_bad_v1_input_is_a_clear_4xx_and_the_next_request_succeeds(server, samples, case, body, status, message) -> None:
     if isinstance(body, bytes):
-        response = httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=body, timeout=10)
+        response = httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=body, timeout=10,
+                              headers={"Content-Type": "application/json"})
     else:
         response = predict(server, body)
     assert response.status_code == status, response.text

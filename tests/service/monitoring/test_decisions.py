@@ -80,3 +80,26 @@ def test_shadow_outcomes_and_traces_land_on_their_samples() -> None:
 def test_zero_capacity_records_nothing() -> None:
     store = DecisionStore(0, 60, num_exits=3)
     assert not store.enabled and put(store, "a", 1) is None
+
+
+def test_a_single_sample_request_costs_about_150_bytes_in_the_record() -> None:
+    """Measured with tracemalloc at steady state (twice the capacity recorded, so eviction runs);
+    the client's id strings are made beforehand and not counted (at most 128 characters each)."""
+    import tracemalloc
+    import uuid
+
+    n = 20_000
+    ids = [uuid.uuid4().hex for _ in range(2 * n)]
+    arrays = (np.array(["pcee"], dtype=object), np.array([0.9]), np.array([3]), np.array([1]), np.array([0.95]),
+              np.array([True]), np.array([0.9]))
+    tracemalloc.start()
+    try:
+        store = DecisionStore(n, 3600, num_exits=4)
+        for request_id in ids:
+            store.record(request_id, *arrays, None, "cal")
+        per_sample = tracemalloc.get_traced_memory()[0] / n
+    finally:
+        tracemalloc.stop()
+    print(f"\ndecision record: {per_sample:.0f} bytes per single-sample request (id excluded)")
+    assert len(store) == n
+    assert per_sample < 200  # was ~330 with an object per request in an OrderedDict

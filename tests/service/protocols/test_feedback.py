@@ -18,6 +18,7 @@ from exitserve.models.data import load_dataset
 
 KEY = "feedback-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ADMIN_KEY = "feedback-admin-s3cret"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def monitored(digits_bundle: Path, log_path: Path):
     with running_server([digits_bundle], ["--api-key", KEY], env={
-        "EXITSERVE_FEEDBACK_LOG": str(log_path), "EXITSERVE_SHADOW_FRACTION": "1.0"}) as proc:
+        "EXITSERVE_FEEDBACK_LOG": str(log_path), "EXITSERVE_SHADOW_FRACTION": "1.0", "EXITSERVE_ADMIN_API_KEY": ADMIN_KEY,
+        "EXITSERVE_BUNDLE_ROOTS": str(log_path.parent.parent)}) as proc:
         yield proc
 
 
@@ -118,8 +120,16 @@ def test_an_index_past_a_known_request_refuses_the_call_and_scores_nothing(monit
     assert r.status_code == 400 and "[1].index: 3 is out of range" in r.json()["error"]
     assert feedback(monitored, [{"request_id": rid, "index": 0, "label": 1}]).json()["scored"] == 1
     assert httpx.post(f"{monitored.url}/v1/models/nope/feedback", json=[], headers=AUTH).status_code == 404
-    bad_json = httpx.post(f"{monitored.url}/v1/models/{MODEL}/feedback", content=b"[{", headers=AUTH)
+    bad_json = httpx.post(f"{monitored.url}/v1/models/{MODEL}/feedback", content=b"[{",
+                          headers={**AUTH, "Content-Type": "application/json"})
     assert bad_json.status_code == 400 and "invalid JSON" in bad_json.json()["error"]
+    # A web page can post text/plain cross-origin without a CORS preflight: JSON routes refuse it.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+        plain = httpx.post(f"{monitored.url}/v1/models/{MODEL}/feedback", headers=headers,
+                           content=json.dumps([{"request_id": rid, "index": 1, "label": 1}]).encode())
+        assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+    assert feedback(monitored, [{"request_id": rid, "index": 1, "label": 1}]).json()["scored"] == 1
 
 
 def test_v2_decisions_are_recorded_under_the_x_request_id(monitored, data) -> None:
@@ -175,7 +185,8 @@ def test_the_log_joins_decisions_with_labels_and_recalibration_reads_it(monitore
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["validation_size"] == len(lines) and calibration["data_fingerprint"].startswith("feedback:")
 
-    r = httpx.post(f"{monitored.url}/admin/models/{MODEL}/reload", json={"path": str(out)}, headers=AUTH, timeout=60)
+    r = httpx.post(f"{monitored.url}/admin/models/{MODEL}/reload", json={"path": str(out)},
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
     assert r.status_code == 200 and r.json()["version"] == "2", r.text
     # decisions answered by the old model can still be labelled after the swap
     assert feedback(monitored, [{"request_id": "for-the-log", "index": 0, "label": 1}]).json()["results"][0]["status"] == "duplicate"
@@ -210,3 +221,62 @@ def test_v2_decisions_are_recorded_under_the_oip_request_id_when_given(monitored
     assert r.status_code == 200 and r.json()["id"] == "oip-call-7"
     body = feedback(monitored, [{"request_id": "oip-call-7", "index": i, "label": int(t)} for i, t in enumerate(y)]).json()
     assert body["scored"] == 3
+
+
+def test_labels_are_never_lost_when_the_log_cannot_be_written(digits_bundle: Path, tmp_path: Path, data) -> None:
+    """Disk full (the log is a link to /dev/full): feedback is a 503 + Retry-After and nothing is scored;
+    the same items sent again once the log is writable are scored (not "duplicate"); a rotated log is
+    reopened at its path, on the next write and on SIGHUP."""
+    import os
+    import signal
+    import time
+
+    log = tmp_path / "feedback.jsonl"
+    log.symlink_to("/dev/full")
+    x, y = data[0][:3], data[1][:3]
+    with running_server([digits_bundle], env={"EXITSERVE_FEEDBACK_LOG": str(log)}) as proc:
+        rid = predict(proc, x)["request_id"]
+        items = [{"request_id": rid, "index": i, "label": int(t)} for i, t in enumerate(y)]
+        for _ in range(2):  # a retry while the disk is still full is refused the same way, not "duplicate"
+            r = feedback(proc, items)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] and "send the feedback again" in r.json()["error"]
+        text = scrape(proc)
+        assert metric(text, "exitserve_feedback_total", model=MODEL) == 0
+        assert metric(text, "exitserve_requests_total", model=MODEL, protocol="feedback", status="503") == 2
+        log.unlink()  # space freed: the log is a plain file again
+        r = feedback(proc, items)
+        assert r.status_code == 200 and r.json()["scored"] == 3, r.text
+        assert [json.loads(line)["index"] for line in log.read_text().splitlines()] == [0, 1, 2]
+        assert feedback(proc, items).json()["duplicate"] == 3  # now scored, a retry is a duplicate
+
+        # logrotate moves the file away: the next write goes to a new file at the path
+        log.rename(tmp_path / "feedback.jsonl.1")
+        rid = predict(proc, x[:1])["request_id"]
+        assert feedback(proc, [{"request_id": rid, "index": 0, "label": int(y[0])}]).json()["scored"] == 1
+        assert len(log.read_text().splitlines()) == 1
+        assert len((tmp_path / "feedback.jsonl.1").read_text().splitlines()) == 3
+        # ... and SIGHUP (logrotate's postrotate) reopens it too
+        log.rename(tmp_path / "feedback.jsonl.2")
+        os.kill(proc.process.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        rid = predict(proc, x[:1])["request_id"]
+        assert feedback(proc, [{"request_id": rid, "index": 0, "label": int(y[0])}]).json()["scored"] == 1
+        assert len(log.read_text().splitlines()) == 1
+        assert "unhandled error" not in proc.logs()
+
+
+def test_a_utf8_request_id_is_kept_exactly_and_feedback_finds_it(monitored, data) -> None:
+    request_id = "zamówienie-№42-✓"
+    r = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:2])},
+                   headers={**AUTH, "X-Request-Id": request_id.encode()}, timeout=30)
+    assert r.status_code == 200 and r.json()["request_id"] == request_id
+    assert dict(r.headers.raw)[b"x-request-id"] == request_id.encode()  # not re-decoded as Latin-1
+    body = feedback(monitored, [{"request_id": request_id, "index": 1, "label": int(data[1][1])}]).json()
+    assert body["scored"] == 1
+    too_long = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:1])},
+                          headers={**AUTH, "X-Request-Id": "z" * 200}, timeout=30)
+    assert too_long.status_code == 400 and "exceed the limit of 128" in too_long.json()["error"]
+    not_utf8 = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:1])},
+                          headers={**AUTH, "X-Request-Id": b"caf\xe9"}, timeout=30)  # Latin-1, not UTF-8
+    assert not_utf8.status_code == 400 and "UTF-8" in not_utf8.json()["error"]

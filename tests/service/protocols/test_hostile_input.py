@@ -28,6 +28,7 @@ from exitserve.models.data import load_dataset
 MAX_BODY = 65536
 MAX_SAMPLES = 64
 TRIED: Counter[str] = Counter()  # bad inputs sent, by kind (printed for BENCHMARKS.md)
+SERVER_COUNTED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,12 @@ def server(digits_bundle: Path):
                                                "EXITSERVE_MAX_REQUEST_SAMPLES": str(MAX_SAMPLES)}) as proc:
         yield proc
         print(f"\nbad inputs tried, by kind: {dict(sorted(TRIED.items()))} (total {sum(TRIED.values())})")
-        assert "unhandled error" not in proc.logs()
+        logs = proc.logs()
+        assert "unhandled error" not in logs
+        if SERVER_COUNTED:
+            entries = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+            logged = sum(1 for e in entries if e.get("message") == "request" and e.get("protocol") in ("v1", "v2"))
+            assert logged == SERVER_COUNTED["v1+v2"], (logged, SERVER_COUNTED)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,7 @@ def v2_binary(x: np.ndarray, header_extra: dict | None = None, size: int | None 
     return raw + data, {"Inference-Header-Content-Length": str(len(raw)), "Content-Type": "application/octet-stream"}
 
 
+JSON = {"Content-Type": "application/json"}
 V1 = f"/v1/models/{MODEL}/predict"
 V2 = f"/v2/models/{MODEL}/infer"
 
@@ -84,7 +91,8 @@ def test_size_limits_both_protocols(client, x) -> None:
         ("body over limit", "post", V1, {"content": b" " * (MAX_BODY + 1)}, 413, f"exceeds the limit of {MAX_BODY}"),
         ("body over limit", "post", V2, {"content": b" " * (MAX_BODY + 1)}, 413, f"exceeds the limit of {MAX_BODY}"),
         # No Content-Length: the limit must hold while the chunked body streams in.
-        ("chunked body over limit", "post", V1, {"content": iter([b" " * 8192] * 10)}, 413, f"limit of {MAX_BODY} bytes"),
+        ("chunked body over limit", "post", V1, {"content": iter([b" " * 8192] * 10), "headers": JSON}, 413,
+         f"limit of {MAX_BODY} bytes"),
         ("chunked body over limit", "post", V2, {"content": iter([b" " * 8192] * 10)}, 413, f"limit of {MAX_BODY} bytes"),
         # 4 MiB of zeros gzipped to ~4 KiB: inflating must stop at the limit.
         ("compression bomb", "post", V2, {"content": gzip.compress(b"0" * (4 << 20)), "headers": {"Content-Encoding": "gzip"}},
@@ -148,6 +156,17 @@ def test_malformed_requests_both_protocols(client, x) -> None:
         ("return_probabilities not bool", V1, json.dumps({"inputs": [[[[0.0] * 8] * 8]], "return_probabilities": "yes"}).encode(),
          400, "return_probabilities"),
         ("inputs a string", V1, b'{"inputs": "zeros"}', 400, "inputs"),
+        # Zero-size tensors whose shapes numpy cannot build (each was a 500).
+        ("zero-size huge shape", V1, json.dumps({"inputs": {"b64": "", "dtype": "float32", "shape": [0, 2**62]}}).encode(),
+         400, "shape"),
+        ("too many axes", V1, json.dumps({"inputs": {"b64": "", "dtype": "float32", "shape": [0] + [1] * 69}}).encode(),
+         400, "shape"),
+        ("zero-size huge shape", V2, json.dumps({"inputs": [{"name": "input", "shape": [0, 2**62], "datatype": "FP32",
+                                                            "data": []}]}).encode(), 400, "shape"),
+        ("too many axes", V2, json.dumps({"inputs": [{"name": "input", "shape": [0] + [1] * 69, "datatype": "BYTES",
+                                                     "data": []}]}).encode(), 400, "shape"),
+        ("OIP id too long", V2, json.dumps({"id": "i" * 10_000, "inputs": [
+            {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}).encode(), 400, "id: 10000 characters"),
     ]
     for kind, path, content, status, message in cases:
         TRIED[kind] += 1
@@ -161,7 +180,7 @@ def test_malformed_requests_both_protocols(client, x) -> None:
 
 def test_admin_routes_refused_without_a_configured_key(client) -> None:
     response = client.post(f"/admin/models/{MODEL}/reload")
-    assert_clear_4xx(response, 403, "EXITSERVE_API_KEY")
+    assert_clear_4xx(response, 403, "EXITSERVE_ADMIN_API_KEY")
 
 
 def test_slow_clients_do_not_hold_up_others(server, client, x) -> None:
@@ -207,12 +226,25 @@ unit = st.floats(0.0, 1.0)
 good_delta = st.floats(0.01, 1.0)
 
 
+# Dimensions that break numpy rather than the byte count: zero-size tensors with huge axes, too many axes.
+hostile_dim = st.integers(0, 9) | st.sampled_from([0, 2**31 - 1, 2**31, 2**62, 2**63 - 1, -1])
+hostile_shape = st.lists(hostile_dim, min_size=0, max_size=6) | st.lists(st.sampled_from([0, 1]), min_size=60, max_size=70)
+
+
 @st.composite
 def raw_tensors(draw: st.DrawFn) -> dict:
-    shape = draw(st.lists(st.integers(0, 9), min_size=1, max_size=5))
-    dtype = draw(st.sampled_from(["float32", "float16", "float64", "uint8", "int64", "bool", "complex64"]))
+    """v1 raw-tensor descriptors: every field hostile in turn (shape, dtype, b64, extra keys)."""
+    shape = draw(st.lists(st.integers(0, 9), min_size=1, max_size=5) | hostile_shape)
+    dtype = draw(st.sampled_from(["float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool", "complex64", ""])
+                 | json_value)
     payload = draw(st.binary(max_size=2048))
-    return {"b64": draw(st.sampled_from([base64.b64encode(payload).decode(), "!!", ""])), "dtype": dtype, "shape": shape}
+    if draw(st.booleans()):  # a payload whose size agrees with the shape, so decoding goes past the byte count
+        count = int(np.prod([d for d in shape if isinstance(d, int)] or [0], dtype=object)) if isinstance(shape, list) else 0
+        payload = bytes(min(max(count, 0), 4096) * 4)
+    raw = {"b64": draw(st.sampled_from([base64.b64encode(payload).decode(), "!!", ""]) | json_value), "dtype": dtype, "shape": shape}
+    if draw(st.integers(0, 9)) == 0:
+        raw[draw(st.sampled_from(["junk", "b64", "dtype", "shape"]))] = draw(json_value)
+    return raw
 
 
 @st.composite
@@ -232,7 +264,8 @@ def v1_near_valid(draw: st.DrawFn) -> dict:
     return body
 
 
-v1_bodies = st.one_of(json_value, v1_near_valid())
+v1_bodies = st.one_of(json_value, v1_near_valid(), st.builds(lambda raw, d: {"inputs": raw, **d}, raw_tensors(),
+                                                               st.fixed_dictionaries({}, optional={"delta": good_delta})))
 
 V2_DATATYPES = ["FP32", "FP64", "FP16", "INT64", "INT8", "UINT8", "BOOL", "BYTES", "FP8", ""]
 V2_OUTPUTS = ["label", "class_index", "exit", "estimated_accuracy", "target_met", "compute_fraction", "probabilities"]
@@ -263,6 +296,34 @@ def v2_near_valid(draw: st.DrawFn) -> dict:
 
 
 v2_bodies = st.one_of(json_value, v2_near_valid())
+
+
+@st.composite
+def v2_binary_bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    """Binary-extension bodies: per tensor a descriptor (any datatype incl. BYTES, hostile shapes and
+    binary_data_size) and bytes that agree with it or not; BYTES elements with honest or lying lengths."""
+    tensors, chunks = [], []
+    for name in draw(st.lists(st.sampled_from(["input", "delta", "text", "other"]), min_size=1, max_size=3, unique=True)):
+        datatype = draw(st.sampled_from(V2_DATATYPES))
+        shape = draw(st.lists(st.integers(0, 4), min_size=1, max_size=4) | hostile_shape)
+        if datatype == "BYTES":
+            items = draw(st.lists(st.binary(max_size=12), max_size=6))
+            chunk = b"".join(len(i).to_bytes(4, "little") + i for i in items)
+            if draw(st.booleans()):
+                chunk = draw(st.binary(max_size=40))  # lying length prefixes
+        else:
+            chunk = draw(st.binary(max_size=300))
+        size = draw(st.sampled_from([len(chunk), len(chunk)]) | st.integers(-1, 400) | json_value)
+        tensors.append({"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}})
+        chunks.append(chunk)
+    header = {"inputs": tensors}
+    if draw(st.booleans()):
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": draw(st.booleans() | json_value)}}
+                             for n in draw(st.lists(st.sampled_from([*V2_OUTPUTS, "nope"]), max_size=3, unique=True))]
+    if draw(st.booleans()):
+        header["id"] = draw(st.text(max_size=200) | json_value)
+    raw = json.dumps(header).encode()
+    return raw + b"".join(chunks), {"Inference-Header-Content-Length": str(len(raw))}
 
 FUZZ = settings(max_examples=int(__import__("os").environ.get("EXITSERVE_FUZZ_EXAMPLES", "150")), deadline=None,
                 derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -299,6 +360,13 @@ def test_fuzz_v2_infer_body(client, body, tail, header_length, offset) -> None:
 
 
 @FUZZ
+@given(body=v2_binary_bodies())
+def test_fuzz_v2_binary_tensors(client, body) -> None:
+    content, headers = body
+    check_no_5xx(client.post(V2, content=content, headers=headers), "fuzz v2 binary descriptors")
+
+
+@FUZZ
 @given(content=st.binary(max_size=400), protocol=st.sampled_from([V1, V2]))
 def test_fuzz_raw_bytes(client, content, protocol) -> None:
     check_no_5xx(client.post(protocol, content=content), "fuzz raw bytes")
@@ -312,3 +380,8 @@ def test_server_still_correct_after_the_abuse(client, x) -> None:
     server_errors = [line for line in text.splitlines() if line.startswith("exitserve_requests_total") and 'status="5' in line]
     assert not server_errors, server_errors
     assert metric(text, "exitserve_requests_total", status="499") == 1
+    # Every response is counted and logged, whatever its status: counts and log lines agree.
+    counted = sum(metric(text, "exitserve_requests_total", protocol=p) for p in ("v1", "v2"))
+    fuzzed = sum(n for kind, n in TRIED.items() if kind.startswith("fuzz"))
+    assert counted >= fuzzed > 0
+    SERVER_COUNTED["v1+v2"] = counted

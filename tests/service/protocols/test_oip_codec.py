@@ -387,10 +387,18 @@ MALFORMED = {
     ),
     "bytes-huge-shape": (
         crafted(
-            {"inputs": [{**_binary_input(binary_data_size=4), "datatype": "BYTES", "shape": [10**12]}]},
+            {"inputs": [{**_binary_input(binary_data_size=4), "datatype": "BYTES", "shape": [10**6, 10**6]}]},
             b"\0\0\0\0",
         ),
         "cannot hold 1000000000000 elements",
+    ),
+    "dimension-above-int32": (
+        crafted({"inputs": [{**_binary_input(binary_data_size=0), "shape": [0, 2**40]}]}, b""),
+        "holds a dimension above 2147483647",
+    ),
+    "too-many-axes": (
+        crafted({"inputs": [{**_binary_input(binary_data_size=0), "shape": [0] + [1] * 20}]}, b""),
+        "at most 16 are accepted",
     ),
     "duplicate-input": (_json_body(_input(), _input()), "input 'x': duplicate input name"),
     "id-not-string": (_json_body(_input(), id=5), "'id' must be a string, got number"),

@@ -171,3 +171,11 @@ def test_length_sorted_pieces_give_the_same_answers_as_one_padded_batch(text_bun
     np.testing.assert_array_equal(pieces.class_index, whole.class_index)
     np.testing.assert_array_equal(pieces.exit_index, whole.exit_index)
     np.testing.assert_allclose(pieces.estimate, whole.estimate, atol=1e-6)
+
+
+def test_empty_token_sequences_are_a_400_not_a_failed_batch(text_server: ServerProcess) -> None:
+    """Token ids of length 0 passed every range check and failed in the engine (a 500)."""
+    for inputs in ({"b64": "", "dtype": "int64", "shape": [2, 0]}, [[], []]):
+        response = httpx.post(text_server.url + V1, json={"inputs": inputs}, timeout=30)
+        assert response.status_code == 400 and "length >= 1" in response.json()["error"], response.text
+    assert predict(text_server.url, ["still fine"])[0]["label"]

@@ -1,0 +1,209 @@
+"""The decision record on Redis (EXITSERVE_DECISION_STORE=redis): shared by every replica, so a label
+posted to any replica finds the answer another one gave.
+
+Same rules as the in-process `DecisionStore`: per model, the last `capacity` answered samples, each
+request for at most the TTL. Layout under `exitserve:decisions:<model>:`
+
+* `head`: samples recorded so far (INCRBY), the ring position of the next request;
+* `req:<request id>`: a hash with the request's `start`, `size`, calibration key and one field per
+  column (packed numpy bytes: no Python object per sample), PEXPIRE'd at the TTL; a sample's label
+  claim is the field `l:<index>`, set with HSETNX (so two replicas cannot both score it);
+* `index`: a sorted set request id -> start; recording trims the requests that the capacity has
+  pushed out (their hashes are deleted), so memory stays bounded by the capacity, not by the TTL.
+
+Recording is one Lua script call (atomic, one round trip) on an engine thread.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import numpy as np
+
+from exitserve.calibration import POLICIES
+from exitserve.errors import Overloaded
+from exitserve.service.monitoring.decisions import (
+    SHADOW_AGREE,
+    SHADOW_DISAGREE,
+    SampleDecision,
+    UnknownIndex,
+    _policy_codes,
+)
+from exitserve.service.monitoring.trace import Trace
+
+_RECORD = """
+local n = tonumber(ARGV[1])
+local stop = redis.call('INCRBY', KEYS[1], n)
+local start = stop - n
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'start', start, unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], start, ARGV[4])
+local oldest = stop - tonumber(ARGV[3])
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. oldest)
+for _, id in ipairs(stale) do redis.call('DEL', ARGV[5] .. id) end
+if #stale > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. oldest) end
+return start
+"""
+_COLUMNS = {"exit": np.int16, "prediction": np.int32, "estimate": np.float32, "delta": np.float32,
+            "confidence": np.float32, "policy": np.int8, "target_met": np.bool_, "shadow": np.int8}
+_TRACE = {"trace_c": np.float32, "trace_m": np.float32, "trace_p": np.int32}
+
+
+class StoreUnavailable(Overloaded):
+    """The shared decision store cannot be reached: nothing was scored, send the feedback again later."""
+
+    default_headers = {"Retry-After": "5"}
+
+
+class RedisDecisionStore:
+    def __init__(self, url: str, model: str, capacity: int, ttl_s: float, num_exits: int, trace: bool = False):
+        import redis  # the `redis` extra; only servers configured for a shared store need it
+
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.num_exits = num_exits
+        self.trace = trace
+        self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.prefix = f"exitserve:decisions:{model}:"
+        self._record = self.client.register_script(_RECORD)
+        self._errors = (redis.RedisError, OSError)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def __len__(self) -> int:
+        return int(self.client.zcard(self.prefix + "index"))
+
+    def compatible(self, num_exits: int, trace: bool) -> bool:
+        return self.num_exits == num_exits and self.trace == trace
+
+    def _key(self, request_id: str) -> str:
+        return f"{self.prefix}req:{request_id}"
+
+    # --- engine threads -------------------------------------------------------------------------
+
+    def record(self, request_id: str, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
+               exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
+               trace: Trace | None, calibration: str) -> tuple[str, int] | None:
+        n = len(class_index)
+        if not self.enabled or n == 0 or n > self.capacity:
+            return None
+        codes = _policy_codes(policies)
+        columns = {
+            "exit": exit_index, "prediction": class_index, "estimate": estimate, "delta": deltas,
+            "confidence": np.zeros(n) if confidence is None else confidence,
+            "policy": np.full(n, codes) if isinstance(codes, int) else codes, "target_met": target_met,
+            "shadow": np.zeros(n),
+        }
+        fields: list[Any] = ["size", n, "cal", calibration, "at", time.time()]
+        for name, dtype in _COLUMNS.items():
+            fields += [name, np.ascontiguousarray(columns[name], dtype=dtype).tobytes()]
+        if self.trace and trace is not None:
+            fields += self._trace_fields(trace)
+        ttl_ms = max(1, int(self.ttl_s * 1000))
+        start = self._record(keys=[self.prefix + "head", self.prefix + "index", self._key(request_id)],
+                             args=[n, ttl_ms, self.capacity, request_id, self.prefix + "req:", *fields])
+        return request_id, int(start)
+
+    @staticmethod
+    def _trace_fields(trace: Trace) -> list[Any]:
+        return ["trace_c", np.ascontiguousarray(trace.confidence, np.float32).tobytes(),
+                "trace_m", np.ascontiguousarray(trace.margin, np.float32).tobytes(),
+                "trace_p", np.ascontiguousarray(trace.prediction, np.int32).tobytes()]
+
+    def update_shadow(self, handle: object, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
+        request_id, start = cast(tuple[str, int], handle)
+        key = self._key(request_id)
+        raw: list[Any] = self.client.hmget(key, ["start", "size", "shadow", *_TRACE])
+        if raw[0] is None or int(raw[0]) != start:
+            return  # expired, evicted or overwritten by a newer request with this id
+        size = int(raw[1])
+        shadow = np.frombuffer(raw[2], np.int8).copy()
+        shadow[rows] = np.where(agree, SHADOW_AGREE, SHADOW_DISAGREE)
+        fields: dict[str, bytes] = {"shadow": shadow.tobytes()}
+        if trace is not None and raw[3] is not None:
+            for (name, dtype), blob, source in zip(_TRACE.items(), raw[3:], (trace.confidence, trace.margin, trace.prediction),
+                                                   strict=True):
+                column = np.frombuffer(blob, dtype).reshape(size, self.num_exits).copy()
+                column[rows] = source
+                fields[name] = column.tobytes()
+        self.client.hset(key, mapping=fields)  # type: ignore[arg-type]
+
+    # --- event loop (via a worker thread) ---------------------------------------------------------------
+
+    def claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
+        try:
+            return self._claim(wanted)
+        except self._errors as exc:
+            raise StoreUnavailable(f"the shared decision store is unavailable ({exc}); nothing was scored, "
+                                   "send the feedback again later") from None
+
+    def _claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
+        ids = list(dict.fromkeys(request_id for request_id, _ in wanted))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.prefix + "head")
+        for request_id in ids:
+            pipe.hmget(self._key(request_id), ["start", "size", "cal", *_COLUMNS, *_TRACE])
+        head_raw, *rows = pipe.execute()
+        oldest_kept = int(head_raw or 0) - self.capacity
+        entries = {request_id: raw for request_id, raw in zip(ids, rows, strict=True)
+                   if raw[0] is not None and int(raw[0]) >= oldest_kept}
+        for position, (request_id, index) in enumerate(wanted):
+            raw = entries.get(request_id)
+            if raw is not None and index >= int(raw[1]):
+                raise UnknownIndex(f"[{position}].index: {index} is out of range; request {request_id!r} "
+                                   f"had {int(raw[1])} sample(s)")
+        pipe = self.client.pipeline(transaction=False)
+        asked = [(request_id, index) for request_id, index in wanted if request_id in entries]
+        for request_id, index in asked:
+            pipe.hsetnx(self._key(request_id), f"l:{index}", 1)
+        won = iter(pipe.execute() if asked else [])  # one HSETNX answer per known item, in order
+        decoded: dict[str, dict[str, np.ndarray]] = {}
+        out: list[SampleDecision | str] = []
+        for request_id, index in wanted:
+            raw = entries.get(request_id)
+            if raw is None:
+                out.append("unknown")
+                continue
+            if not next(won):
+                out.append("duplicate")  # labelled before (or earlier in this call)
+                continue
+            columns = decoded.get(request_id)
+            if columns is None:
+                columns = decoded[request_id] = self._decode(raw)
+            out.append(self._decision(columns, index, raw[2].decode()))
+        return out
+
+    def _decode(self, raw: list) -> dict[str, np.ndarray]:
+        size = int(raw[1])
+        names = [*_COLUMNS, *_TRACE]
+        dtypes = {**_COLUMNS, **_TRACE}
+        out: dict[str, np.ndarray] = {}
+        for name, blob in zip(names, raw[3:], strict=True):
+            if blob is not None:
+                array: np.ndarray = np.frombuffer(blob, dtypes[name])
+                out[name] = array.reshape(size, self.num_exits) if name in _TRACE else array
+        return out
+
+    def _decision(self, c: dict[str, np.ndarray], index: int, calibration: str) -> SampleDecision:
+        trace = None
+        if "trace_p" in c:
+            seen = c["trace_p"][index] >= 0
+            trace = [(float(conf), float(m), int(p)) for conf, m, p, s in zip(
+                c["trace_c"][index].tolist(), c["trace_m"][index].tolist(), c["trace_p"][index].tolist(),
+                seen.tolist(), strict=True) if s]
+        return SampleDecision(
+            exit=int(c["exit"][index]), prediction=int(c["prediction"][index]), estimate=float(c["estimate"][index]),
+            delta=float(c["delta"][index]), policy=POLICIES[int(c["policy"][index])],
+            target_met=bool(c["target_met"][index]), confidence=float(c["confidence"][index]),
+            shadow=int(c["shadow"][index]), calibration=calibration, trace=trace,
+        )
+
+    def release(self, claimed: list[tuple[str, int]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for request_id, index in claimed:
+            pipe.hdel(self._key(request_id), f"l:{index}")
+        pipe.execute()
