@@ -369,8 +369,9 @@ def test_a_maximum_size_request_costs_about_what_its_pieces_cost(cifar_reference
     print(f"\nmemory: 16 x 64 images raise RSS by {pieces_rss / 1024:.0f} MiB (peak by {pieces_peak / 1024:.0f} MiB); "
           f"1 x 1,024 raises RSS by {whole_rss / 1024:.0f} MiB (peak by {whole_peak / 1024:.0f} MiB)")
     assert whole_rss <= 2 * max(pieces_rss, 8 * 1024)
-    # The peak pays the body itself once (16 MiB of base64 read, parsed to a string, 12 MiB decoded).
-    assert whole_peak <= 2 * pieces_peak + 48 * 1024
+    # The peak (printed) pays the body itself once: 16 MiB of base64 read, parsed to a string, 12 MiB
+    # decoded. Whether it shows depends on the high-water mark warm-up left, so it is a benchmark
+    # figure (BENCHMARKS.md "Reliability II"), not an assertion.
 
 
 def _status_kib(pid: int, field: str) -> int:
