@@ -98,17 +98,6 @@ class StepDecision:
 
 
 @dataclass(frozen=True)
-class Decisions:
-    """Per-sample outcome of a whole multi-exit pass (`decide_all`)."""
-
-    exit_index: np.ndarray
-    prediction: np.ndarray
-    estimate: np.ndarray
-    target_met: np.ndarray
-    confidence: np.ndarray
-
-
-@dataclass(frozen=True)
 class _ExitTables:
     """Everything `step` needs for one exit; every table has a sentinel column M for NaN confidences."""
 
