@@ -40,12 +40,17 @@ def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1) -> ExitHe
 def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, seed: int = 2) -> Calibration:
     """Tables counted on random token streams, teacher-forced (what the real pipeline does on WikiText)."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(model.config.vocab_size, (tokens,), generator=generator)
-    logits, hidden = model(ids, hidden_layers=EXIT_LAYERS[:-1])
-    with torch.no_grad():
-        per_exit = [heads.logits(k, h).numpy() for k, h in enumerate(hidden)]
-    return fit_token_calibration(per_exit, heads.vocab.numpy(), logits.argmax(-1).numpy(), model.config.vocab_size,
-                                 bins=10)
+    per_exit: list[list[np.ndarray]] = [[] for _ in EXIT_LAYERS[:-1]]
+    full = []
+    for _ in range(tokens // 100):
+        ids = torch.randint(model.config.vocab_size, (100,), generator=generator)
+        logits, hidden = model(ids, hidden_layers=EXIT_LAYERS[:-1])
+        with torch.no_grad():
+            for k, h in enumerate(hidden):
+                per_exit[k].append(heads.logits(k, h).numpy())
+        full.append(logits.argmax(-1).numpy())
+    return fit_token_calibration([np.concatenate(z) for z in per_exit], heads.vocab.numpy(), np.concatenate(full),
+                                 model.config.vocab_size, bins=10)
 
 
 def random_prompts(count: int, seed: int = 3, vocab: int = TINY.vocab_size) -> list[list[int]]:

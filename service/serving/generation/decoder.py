@@ -126,6 +126,8 @@ class MultiExitDecoder:
         xs = [self.model.embed(torch.tensor(s.tokens[s.fed:], dtype=torch.int64, device=self.device)) for s in batch]
         active = list(range(len(batch)))
         for layer_index, layer in enumerate(self.model.layers):
+            if not active:
+                break
             for i in active:
                 seq = batch[i]
                 first = seq.filled[layer_index]
