@@ -56,3 +56,46 @@ def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, se
 def random_prompts(count: int, seed: int = 3, vocab: int = TINY.vocab_size) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(1, 12))).tolist() for _ in range(count)]
+
+
+END_ID = 95
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer():
+    """Printable ASCII, one token per character (ids 0..94), plus <|end|> (95): the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {chr(c): c - 32 for c in range(32, 127)}
+    vocab["<|end|>"] = END_ID
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.add_special_tokens(["<|end|>"])
+    tokenizer.decoder = decoders.Fuse()
+    return tokenizer
+
+
+def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256):
+    """A complete generation bundle of the tiny model: weights, tokenizer, chat template, heads, tables."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from exitserve.models.llm.manifest import write_generation_manifest
+    from exitserve.service.serving.generation.build import write_exits
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = tiny_model()
+    (directory / "config.json").write_text(json.dumps(TINY.to_json()))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(directory / "model.safetensors"))
+    char_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    write_generation_manifest(directory, name="tiny-llm", exit_layers=[TINY.num_layers - 1], bos_id=None,
+                              eos_ids=[END_ID], max_context=max_context, command="tests")
+    if with_exits:
+        heads = tiny_heads(model)
+        write_exits(directory, heads, tiny_calibration(model, heads), EXIT_LAYERS, command="tests")
+    return directory

@@ -74,7 +74,8 @@ class MultiExitDecoder:
     """The model, its exit heads and calibration; `step` advances a batch of sequences by one iteration."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
-                 calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64):
+                 calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
+                 compute_fractions: list[float] | None = None):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -91,6 +92,8 @@ class MultiExitDecoder:
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
         self.rotary = model.rotary()
+        # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
+        self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
 
     # --- sequences ------------------------------------------------------------------------------
 
