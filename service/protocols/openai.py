@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from exitserve.calibration import POLICIES
 from exitserve.service.serving.dataplane import ServiceError
 from exitserve.service.serving.generation.repository import GenerationRepository
-from exitserve.service.serving.generation.scheduler import (
+from exitserve.service.serving.generation.stream import (
     GenerationParams,
     Overloaded,
     TokenEvent,

@@ -23,7 +23,6 @@ output equals full greedy decoding). Exact mode always uses the `recompute` stra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,17 +30,10 @@ import torch
 from exitserve.calibration import Calibration
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
+from exitserve.service.serving.generation.stream import Mode, TokenOut
 
-Mode = Literal["full", "early", "exact"]
 KV_STRATEGIES = ("recompute", "copy")
 TABLE_KIND = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
-
-
-@dataclass
-class TokenOut:
-    token: int
-    exit: int  # exit index that produced it (the last exit: the full model)
-    drafted: bool = False
 
 
 @dataclass

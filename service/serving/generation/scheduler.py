@@ -15,57 +15,21 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from exitserve.service.serving.generation.decoder import Mode, MultiExitDecoder, Sequence, TokenOut
+from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
 from exitserve.service.serving.generation.metrics import GenerationMetrics
+from exitserve.service.serving.generation.stream import (
+    GenerationParams,
+    Overloaded,
+    TokenEvent,
+    TokenOut,
+    TokenStream,
+)
 
 log = logging.getLogger("exitserve.generation")
-
-
-class Overloaded(RuntimeError):
-    """The waiting queue is full."""
-
-
-@dataclass
-class GenerationParams:
-    prompt: list[int]
-    max_tokens: int
-    mode: Mode = "early"
-    delta: float = 0.9
-    policy: str = "pcee"
-    temperature: float = 0.0
-    seed: int | None = None
-    max_draft: int = 8
-    stop_ids: frozenset[int] = frozenset()
-
-
-@dataclass
-class TokenEvent:
-    tokens: list[TokenOut]
-    finish_reason: str | None = None  # "stop", "length", "error: ..." on the last event
-
-
-@dataclass
-class TokenStream:
-    """What the HTTP layer reads: events in order, then one with a finish_reason."""
-
-    params: GenerationParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    generated: int = 0
-    drafted: int = 0
-    accepted: int = 0
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def _push(self, event: TokenEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
 @dataclass
