@@ -39,9 +39,11 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" /
 def quality(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> list[dict]:
     spec, config = gm.spec, gm.model.config
     layers = spec.exit_layers[:-1]
-    path = cache_dir / f"{gm.name}-test-{tokens}-{'_'.join(map(str, layers))}.pt"
-    if path.is_file():
-        cache = HiddenCache.load(path)
+    path = cache_dir / f"{gm.name}-test-0-{tokens}-{'_'.join(map(str, layers))}.pt"
+    found = [c for c in map(HiddenCache.load, sorted(cache_dir.glob(f"{gm.name}-test-0-{tokens}-*.pt")))
+             if set(layers) <= set(c.layers)]
+    if found:
+        cache = found[0]
     else:
         cache = cache_hidden(gm.model, text_tokens(gm.tokenizer, data / "test.txt", limit=tokens), layers)
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,9 @@ def wikitext_prompts(gm: GenerationModel, data: Path, count: int, length: int = 
     return [gm.encode(" " + line)[:length] for line in lines[:count]]
 
 
-def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, **options) -> tuple[list[int], list[int], float, object]:
+def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, kv: str = "recompute",
+             **options) -> tuple[list[int], list[int], float, object]:
+    gm.decoder.kv_strategy = kv
     seq = gm.decoder.new_sequence(prompt, capacity=len(prompt) + new_tokens + 16, **options)
     tokens, exits = [], []
     start = time.perf_counter()
@@ -96,22 +100,27 @@ def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bo
     configs = {"full": {"mode": "full"}}
     for delta in DELTAS:
         configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": "pcee-lb-cond"}
+    configs["early δ=0.9, CALM copy KV"] = {"mode": "early", "delta": 0.9, "policy": "pcee-lb-cond", "kv": "copy"}
     configs["exact"] = {"mode": "exact", "delta": 0.5, "policy": "pcee", "max_draft": 6}
     out: dict = {}
     full_tokens: dict[int, list[int]] = {}
     generate(gm, prompts[0], 4, mode="full")  # warm
     for name, options in configs.items():
-        rates, same, layers, drafted, accepted = [], 0, [], 0, 0
+        rates, same, layers, drafted, accepted, agree = [], 0, [], 0, 0, []
         for i, prompt in enumerate(prompts):
             tokens, exits, seconds, seq = generate(gm, prompt, new_tokens, **options)
             rates.append(new_tokens / seconds)
             if name == "full":
                 full_tokens[i] = tokens
             same += tokens == full_tokens[i]
+            # free generation: share of positions equal to full greedy before the first divergence counts
+            first_diff = next((j for j, (a, b) in enumerate(zip(tokens, full_tokens[i], strict=True)) if a != b), new_tokens)
+            agree.append(first_diff / new_tokens)
             layers.extend(gm.spec.exit_layers[e] + 1 for e in exits)
             drafted += seq.drafted
             accepted += seq.accepted
         out[name] = {"tokens_per_s_median": statistics.median(rates), "identical_to_full": same / len(prompts),
+                     "prefix_equal_to_full": float(np.mean(agree)),
                      "mean_layers": float(np.mean(layers)), "draft_acceptance": accepted / drafted if drafted else None}
         print(f"  {name}: {out[name]}", flush=True)
     if hf:

@@ -64,7 +64,7 @@ def train_head(model: LlamaModel, heads: ExitHeads, index: int, hidden: torch.Te
         loss.backward()
         optimizer.step()
         schedule.step()
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % 50 == 0:
             history.append(running / 50)
             running = 0.0

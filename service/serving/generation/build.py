@@ -133,8 +133,10 @@ def _calibration_space(head_logits: list[np.ndarray], vocab: np.ndarray, full_ar
 def _cached(model: LlamaModel, tokenizer, file: Path, skip: int, limit: int, layers: list[int], cache_dir: Path,
             tag: str) -> HiddenCache:
     path = cache_dir / f"{tag}-{file.stem}-{skip}-{limit}-{'_'.join(map(str, layers))}.pt"
-    if path.is_file():
-        return HiddenCache.load(path)
+    for existing in sorted(cache_dir.glob(f"{tag}-{file.stem}-{skip}-{limit}-*.pt")):
+        cache = HiddenCache.load(existing)  # any cache of the same text that holds every wanted layer
+        if set(layers) <= set(cache.layers):
+            return cache
     print(f"caching hidden states: {file.name} tokens [{skip}, {skip + limit}) at layers {layers}")
     cache = cache_hidden(model, text_tokens(tokenizer, file, skip=skip, limit=limit), layers)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -164,10 +166,20 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     print(f"head vocabulary: {vocab.size} tokens cover {coverage:.3f} of the held-out full-model predictions")
     heads = ExitHeads(model.config.hidden_size, int(args["head_hidden"]), model.config.rms_norm_eps,
                       torch.from_numpy(vocab), len(layers)).init_from(model)
-    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]))
+    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128))
+    trained = cache_dir / (f"{bundle.manifest.name}-heads-{config.loss}-{config.steps}-{config.batch_size}-{vocab.size}-"
+                           f"{heads.hidden}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
+    if trained.is_file():  # heads trained earlier with the same settings on the same text
+        from safetensors.torch import load_file
+
+        heads.load_state_dict(load_file(str(trained)))
+        heads.bind(model)
+    else:
+        for index, layer in enumerate(layers):
+            train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
+        save_heads(heads, trained)
     reports, cal_logits = {}, {}
     for index, layer in enumerate(layers):
-        train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
         cal_logits[layer] = head_logits(heads, index, cal.hidden[layer])
         reports[layer] = agreement_report(cal_logits[layer], vocab, cal.full_argmax.numpy())
         print(f"  layer {layer}: {reports[layer]}")
