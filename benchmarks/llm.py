@@ -32,6 +32,7 @@ from exitserve.service.serving.generation.model import GenerationModel
 
 DELTAS = (0.7, 0.8, 0.9, 0.95)
 POLICIES = ("pcee", "pcee-lb", "pcee-lb-cond", "per-exit-threshold")
+EXACT_DRAFT_DELTAS = (0.5, 0.8)
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "wikitext-2"
 
@@ -81,70 +82,86 @@ def wikitext_prompts(gm: GenerationModel, data: Path, count: int, length: int = 
 
 def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, kv: str = "recompute",
              **options) -> tuple[list[int], list[int], float, object]:
+    """(tokens, exits, decoding tokens/s with the prefill excluded, sequence state)."""
     gm.decoder.kv_strategy = kv
     seq = gm.decoder.new_sequence(prompt, capacity=len(prompt) + new_tokens + 16, **options)
-    tokens, exits = [], []
+    first = gm.decoder.step([seq])[0]  # the prefill yields the first token
+    tokens, exits = [t.token for t in first], [t.exit for t in first]
     start = time.perf_counter()
-    gm.decoder.step([seq])  # prefill
-    first = time.perf_counter()
     while len(tokens) < new_tokens:
-        for t in gm.decoder.step([seq]):
+        for t in gm.decoder.step([seq])[0]:
             tokens.append(t.token)
             exits.append(t.exit)
-    seconds = time.perf_counter() - first
-    del start
-    return tokens[:new_tokens], exits[:new_tokens], seconds, seq
+    rate = (len(tokens) - len(first)) / (time.perf_counter() - start)
+    gm.decoder.kv_strategy = "recompute"
+    return tokens[:new_tokens], exits[:new_tokens], rate, seq
 
 
 def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bool) -> dict:
-    configs = {"full": {"mode": "full"}}
+    """Configurations interleaved per prompt, so that load changes on a shared machine hit all alike."""
+    configs: dict[str, dict] = {"full": {"mode": "full"}}
     for delta in DELTAS:
         configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": "pcee-lb-cond"}
     configs["early δ=0.9, CALM copy KV"] = {"mode": "early", "delta": 0.9, "policy": "pcee-lb-cond", "kv": "copy"}
-    configs["exact"] = {"mode": "exact", "delta": 0.5, "policy": "pcee", "max_draft": 6}
-    out: dict = {}
-    full_tokens: dict[int, list[int]] = {}
+    for draft in EXACT_DRAFT_DELTAS:
+        configs[f"exact (draft δ={draft})"] = {"mode": "exact", "delta": draft, "policy": "pcee", "max_draft": 6}
+    stats = {name: {"rates": [], "same": 0, "prefix": [], "layers": [], "drafted": 0, "accepted": 0} for name in configs}
+    hf_model = _hf_model() if hf else None
+    if hf_model is not None:
+        stats["hf generate"] = {"rates": [], "same": 0, "prefix": [], "layers": [], "drafted": 0, "accepted": 0}
     generate(gm, prompts[0], 4, mode="full")  # warm
-    for name, options in configs.items():
-        rates, same, layers, drafted, accepted, agree = [], 0, [], 0, 0, []
-        for i, prompt in enumerate(prompts):
-            tokens, exits, seconds, seq = generate(gm, prompt, new_tokens, **options)
-            rates.append(new_tokens / seconds)
-            if name == "full":
-                full_tokens[i] = tokens
-            same += tokens == full_tokens[i]
-            # free generation: share of positions equal to full greedy before the first divergence counts
-            first_diff = next((j for j, (a, b) in enumerate(zip(tokens, full_tokens[i], strict=True)) if a != b), new_tokens)
-            agree.append(first_diff / new_tokens)
-            layers.extend(gm.spec.exit_layers[e] + 1 for e in exits)
-            drafted += seq.drafted
-            accepted += seq.accepted
-        out[name] = {"tokens_per_s_median": statistics.median(rates), "identical_to_full": same / len(prompts),
-                     "prefix_equal_to_full": float(np.mean(agree)),
-                     "mean_layers": float(np.mean(layers)), "draft_acceptance": accepted / drafted if drafted else None}
+    for i, prompt in enumerate(prompts):
+        full_tokens = None
+        for name, options in configs.items():
+            tokens, exits, rate, seq = generate(gm, prompt, new_tokens, **options)
+            full_tokens = tokens if name == "full" else full_tokens
+            _record(stats[name], tokens, full_tokens, rate)
+            stats[name]["layers"].extend(gm.spec.exit_layers[e] + 1 for e in exits)
+            stats[name]["drafted"] += seq.drafted
+            stats[name]["accepted"] += seq.accepted
+        if hf_model is not None:
+            tokens, rate = _hf_generate(hf_model, prompt, new_tokens)
+            _record(stats["hf generate"], tokens, full_tokens, rate)
+        print(f"  prompt {i + 1}/{len(prompts)}: " + ", ".join(
+            f"{name} {stats[name]['rates'][-1]:.1f}" for name in stats), flush=True)
+    out = {}
+    for name, st in stats.items():
+        out[name] = {"tokens_per_s_median": statistics.median(st["rates"]),
+                     "ratio_to_full_median": statistics.median(
+                         [a / b for a, b in zip(st["rates"], stats["full"]["rates"], strict=True)]),
+                     "identical_to_full": st["same"] / len(prompts),
+                     "prefix_equal_to_full": float(np.mean(st["prefix"])),
+                     "mean_layers": float(np.mean(st["layers"])) if st["layers"] else None,
+                     "draft_acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None}
         print(f"  {name}: {out[name]}", flush=True)
-    if hf:
-        out["hf generate"] = hf_speed(gm, prompts, new_tokens, full_tokens)
-        print(f"  hf generate: {out['hf generate']}", flush=True)
     return out
 
 
-def hf_speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, full_tokens: dict[int, list[int]]) -> dict:
+def _record(st: dict, tokens: list[int], full_tokens: list[int], rate: float) -> None:
+    st["rates"].append(rate)
+    st["same"] += tokens == full_tokens
+    # free generation diverges after the first differing token: the share before it
+    first = next((j for j, (a, b) in enumerate(zip(tokens, full_tokens, strict=True)) if a != b), len(tokens))
+    st["prefix"].append(first / len(tokens))
+
+
+def _hf_model():
     from exitserve.models.llm.convert import load_hf, smollm2_gguf
 
-    model, _ = load_hf(smollm2_gguf())
-    rates, same = [], 0
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=2, do_sample=False)
-            start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        # the first token's time is the prefill: compare per-token decoding like ours (prefill excluded)
-        rates.append(new_tokens / (time.perf_counter() - start))
-        same += out[0, len(prompt):].tolist() == full_tokens[i]
-    return {"tokens_per_s_median": statistics.median(rates), "identical_to_full": same / len(prompts),
-            "note": "includes the prefill"}
+    return load_hf(smollm2_gguf())[0]
+
+
+def _hf_generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Hugging Face `generate`, greedy; decoding tokens/s with the prefill (a 1-token generate) subtracted."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start - prefill
+    return out[0, len(prompt):].tolist(), (new_tokens - 1) / seconds
 
 
 def concurrency(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, streams: int, options: dict) -> dict:

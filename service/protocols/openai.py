@@ -32,6 +32,9 @@ from exitserve.service.serving.generation.stream import (
 )
 
 MODES = ("exact", "full")
+# Exact mode drafts a token where the pcee table promises at least this agreement (δ = 1 asks for
+# exactness, not for a draft threshold); `policy: exact` with a δ below 1 sets it per request.
+EXACT_DRAFT_DELTA = 0.8
 DISCONNECT_POLL_S = 0.25
 
 
@@ -115,10 +118,11 @@ class _Generation:
         if mode == "exact" and body.temperature > 0:
             raise ServiceError("exact mode (delta 1 or policy exact) is greedy: set temperature to 0", status=400)
         self.mode, self.delta, self.policy = mode, delta, (policy if mode == "early" else "pcee")
+        draft_delta = (delta if delta < 1.0 else EXACT_DRAFT_DELTA) if mode == "exact" else delta
         self.stops = _stops(body.stop)
         self.prompt_ids = prompt_ids
         self.params = GenerationParams(
-            prompt=prompt_ids, max_tokens=max_tokens, mode=mode, delta=min(delta, 1.0), policy=self.policy,
+            prompt=prompt_ids, max_tokens=max_tokens, mode=mode, delta=draft_delta, policy=self.policy,
             temperature=body.temperature, seed=body.seed, stop_ids=frozenset(model.spec.eos_ids),
         )
         self.ids: list[int] = []

@@ -48,12 +48,18 @@ def test_completion_greedy_with_exit_extension(client):
 
 
 def test_exact_mode_equals_full_depth_through_the_api(client):
+    drafted = 0
     for prompt in PROMPTS:
         full = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"policy": "full"})
         exact = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"delta": 1})
         assert exact.choices[0].text == full.choices[0].text
         assert exact.model_extra["exitserve"]["mode"] == "exact"
+        # a low draft threshold drafts (and rejects) often: still the full model's text
+        eager = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"policy": "exact", "delta": 0.2})
+        assert eager.choices[0].text == full.choices[0].text
+        drafted += eager.model_extra["exitserve"]["drafted"]
         assert all(e == 2 for e in full.model_extra["exitserve"]["exits"])
+    assert drafted > 0
 
 
 def test_streaming_gives_the_same_text(client):
