@@ -95,7 +95,10 @@ class _Generation:
             raise ServiceError(f"model {name!r} is warming up", status=503, headers={"Retry-After": "1"})
         self.model, self.name = model, name
         limit = model.spec.max_context
-        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        # OpenAI's defaults: 16 for completions; chat runs until the end of the answer (bounded here)
+        default = 16 if isinstance(body, CompletionRequest) else max(1, min(repository.max_tokens_limit,
+                                                                              limit - len(prompt_ids)))
+        max_tokens = body.max_completion_tokens or body.max_tokens or default
         if max_tokens > repository.max_tokens_limit:
             raise ServiceError(f"max_tokens: {max_tokens} exceeds the limit of {repository.max_tokens_limit}", status=400)
         if not prompt_ids:
