@@ -61,3 +61,14 @@ def test_training_raises_agreement_and_tables_count_it():
     chosen = select_exits({1: logits[0], 3: logits[1]}, vocab, full, TINY.vocab_size, TINY.num_layers,
                           check_cost=0.1, max_exits=2, log=lambda *_: None)
     assert chosen == sorted(chosen) and set(chosen) <= {1, 3}
+
+
+def test_cost_measurement_runs_the_decoder_and_returns_layer_equivalents():
+    from exitserve.service.serving.generation.build import measure_costs
+    from tests.models.llm_support import tiny_calibration, tiny_heads
+
+    model = tiny_model()
+    heads = tiny_heads(model)
+    check, lm_head = measure_costs(model, heads, [1, 3], tiny_calibration(model, heads, tokens=600), [3, 4, 5],
+                                   tokens=3, rounds=1)
+    assert np.isfinite(check) and check >= 0.0 and np.isfinite(lm_head) and lm_head > 0.0

@@ -58,35 +58,57 @@ def write_exits(directory: Path, heads: ExitHeads | None, calibration: Calibrati
 
 
 @torch.inference_mode()
-def check_cost_in_layers(model: LlamaModel, heads: ExitHeads, reps: int = 30) -> float:
-    """Measured time of one exit check (head at batch 1) over the time of one decoder layer at batch 1."""
+def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibration: Calibration,
+                  prompt: list[int], tokens: int = 12, rounds: int = 3) -> tuple[float, float]:
+    """(one exit check, the full LM head) in decoder-layer equivalents, measured in the decoder itself.
+
+    Full-depth steps against steps that run every candidate check and never exit (policy
+    `confidence` at δ 1), interleaved, medians of per-step times: the check cost includes the head
+    with its weights cold, the decision (`Calibration.step`) and the host round trip. The LM head's
+    share comes from a microbenchmark against one layer (both hot: a ratio of like with like).
+    """
+    from exitserve.service.serving.generation.decoder import MultiExitDecoder
+
+    last = model.config.num_layers - 1
+    decoder = MultiExitDecoder(model, heads, [*layers, last], calibration)
+    times: dict[str, list[float]] = {"full": [], "checks": []}
+    for _ in range(rounds):
+        for mode, options in (("full", {"mode": "full"}), ("checks", {"mode": "early", "policy": "confidence", "delta": 1.0})):
+            seq = decoder.new_sequence(prompt, capacity=len(prompt) + tokens + 4, **options)
+            decoder.step([seq])
+            for _ in range(tokens):
+                start = time.perf_counter()
+                decoder.step([seq])
+                times[mode].append(time.perf_counter() - start)
+    full, checked = float(np.median(times["full"])), float(np.median(times["checks"]))
     x = torch.randn(1, model.config.hidden_size)
     cache = model.new_cache(64)
-    layer, rotary = model.layers[0], model.rotary()
 
-    def layer_call() -> None:
-        layer.run(x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])], rotary)
-
-    def head_call() -> None:
-        heads.logits(0, x)
-
-    def median(fn) -> float:
-        times = []
+    def median(fn, reps: int = 20) -> float:
+        fn()
+        samples = []
         for _ in range(reps):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
 
-    median(layer_call), median(head_call)  # warm
-    return median(head_call) / median(layer_call)
+    layer = median(lambda: model.layers[0].run(x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])], model.rotary()))
+    lm_head_layers = median(lambda: model.logits(x)) / layer
+    per_layer = full / (model.config.num_layers + lm_head_layers)
+    check = max(checked - full, 0.0) / len(layers) / per_layer
+    return check, lm_head_layers
 
 
 def expected_cost(calibration: Calibration, logits: list[np.ndarray], exit_layers: list[int], check_cost: float,
-                  delta: float = SELECTION_DELTA, policy: str = SELECTION_POLICY) -> tuple[float, float]:
-    """(mean layer-equivalents per token, agreement of early-exited tokens) of a set of exits."""
+                  delta: float = SELECTION_DELTA, policy: str = SELECTION_POLICY,
+                  lm_head_cost: float = 0.0) -> tuple[float, float]:
+    """(mean layer-equivalents per token, agreement of early-exited tokens) of a set of exits.
+
+    A token answered early skips the full LM head (its exit head is the check already paid)."""
     decisions = decide_all(calibration, policy, logits, delta)
     layers = np.asarray([layer + 1 for layer in exit_layers], dtype=np.float64)
+    layers[-1] += lm_head_cost
     checks = np.arange(1, len(exit_layers) + 1, dtype=np.float64)
     checks[-1] = len(exit_layers) - 1  # the last exit is the model's own head, not a check
     cost = layers[decisions.exit_index] + check_cost * checks[decisions.exit_index]
@@ -96,13 +118,14 @@ def expected_cost(calibration: Calibration, logits: list[np.ndarray], exit_layer
 
 
 def select_exits(candidate_logits: dict[int, np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray, vocab_size: int,
-                 num_layers: int, check_cost: float, max_exits: int, log=print) -> list[int]:
+                 num_layers: int, check_cost: float, max_exits: int, log=print, lm_head_cost: float = 0.0) -> list[int]:
     """Greedy forward selection of early-exit layers by expected cost (fit on half A, measured on half B)."""
     n = full_argmax.size
     half = n // 2
     chosen: list[int] = []
-    best_cost = float(num_layers)
-    log(f"  selection: full depth costs {best_cost:.2f} layer-equivalents; one exit check costs {check_cost:.2f}")
+    best_cost = float(num_layers) + lm_head_cost
+    log(f"  selection: full depth costs {best_cost:.2f} layer-equivalents (LM head {lm_head_cost:.2f}); "
+        f"one exit check costs {check_cost:.2f}")
     while len(chosen) < max_exits:
         trial_best = None
         for layer in sorted(set(candidate_logits) - set(chosen)):
@@ -110,7 +133,7 @@ def select_exits(candidate_logits: dict[int, np.ndarray], vocab: np.ndarray, ful
             fit = fit_token_calibration([candidate_logits[k][:half] for k in layers], vocab, full_argmax[:half], vocab_size)
             logits = _calibration_space([candidate_logits[k][half:] for k in layers], vocab, full_argmax[half:],
                                         vocab_size)
-            cost, agree = expected_cost(fit, logits, [*layers, num_layers - 1], check_cost)
+            cost, agree = expected_cost(fit, logits, [*layers, num_layers - 1], check_cost, lm_head_cost=lm_head_cost)
             log(f"    exits {layers}: {cost:.2f} layer-equivalents per token, early agreement {agree:.3f}")
             if trial_best is None or cost < trial_best[0]:
                 trial_best = (cost, layer)
@@ -183,9 +206,14 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
         cal_logits[layer] = head_logits(heads, index, cal.hidden[layer])
         reports[layer] = agreement_report(cal_logits[layer], vocab, cal.full_argmax.numpy())
         print(f"  layer {layer}: {reports[layer]}")
-    check_cost = check_cost_in_layers(model, heads)
-    chosen = fixed or select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
-                                   model.config.num_layers, check_cost, int(args["exits"]))
+    chosen, check_cost, lm_head_cost = fixed, None, None
+    if not fixed:
+        everything = fit_token_calibration([cal_logits[layer] for layer in layers], vocab, cal.full_argmax.numpy(),
+                                           model.config.vocab_size)
+        prompt = text_tokens(tokenizer, data / "valid.txt", skip=train_tokens, limit=24).tolist()
+        check_cost, lm_head_cost = measure_costs(model, heads, layers, everything, prompt)
+        chosen = select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
+                              model.config.num_layers, check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
     keep = [layers.index(layer) for layer in chosen]
     final = ExitHeads(model.config.hidden_size, heads.hidden, model.config.rms_norm_eps, torch.from_numpy(vocab),
                       len(chosen))
@@ -196,7 +224,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     write_exits(bundle_dir, final, calibration, [*chosen, last], command="exitserve train-llm-heads",
                 data_fingerprint=cal.fingerprint,
                 extra={"head_training": {"loss": config.loss, "steps": config.steps, "train_tokens": train_tokens,
-                                         "calibration_tokens": cal_tokens, "check_cost_layers": check_cost,
+                                         "calibration_tokens": cal_tokens,
+                                         "check_cost_layers": check_cost, "lm_head_cost_layers": lm_head_cost,
                                          "candidates": {str(k): v for k, v in reports.items()},
                                          "vocab_coverage": coverage}})
     print(f"exits after layers {chosen} written to {bundle_dir}")
