@@ -76,17 +76,37 @@ class Provenance(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class GenerationSpec(_Strict):
+    """Generation bundles (decoder LLMs, task `text-generation`): the torch weights, the exits'
+    layers and heads, the tokenizer and chat template. Segment k is layers
+    (exit_layers[k-1], exit_layers[k]]; every segment reads the one weights file and keeps one
+    KV cache per layer (`kv_cache`)."""
+
+    config: str = Field(description="bundle-relative config.json of the Llama decoder")
+    weights: str = Field(description="bundle-relative safetensors of the decoder (checkpoint key names)")
+    tokenizer: str = Field(description="bundle-relative tokenizer.json (`tokenizers` package)")
+    chat_template: str | None = Field(None, description="bundle-relative Jinja chat template")
+    heads: str | None = Field(None, description="bundle-relative safetensors of the exit heads (None: no early exits)")
+    exit_layers: list[int] = Field(description="0-based decoder layer after which each exit sits; the last is the final layer")
+    head_vocab_size: int = Field(0, ge=0, description="tokens the early-exit heads predict over (a restricted vocabulary)")
+    bos_id: int | None = None
+    eos_ids: list[int] = Field(default_factory=list)
+    max_context: int = Field(gt=0)
+    kv_cache: dict[str, Any] = Field(default_factory=dict, description="per layer: keys/values [kv_heads, positions, head_dim]")
+
+
 class Manifest(_Strict):
     schema_version: int
     name: str
     version: str = "1"
-    task: Literal["image-classification", "text-classification", "classification"] = "classification"
+    task: Literal["image-classification", "text-classification", "classification", "text-generation"] = "classification"
     input: InputSpec
     labels: list[str]
     segments: list[SegmentSpec]
     exits: list[ExitSpec]
     sha256: dict[str, str]
     created_by: Provenance
+    generation: GenerationSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -111,13 +131,27 @@ class Manifest(_Strict):
             if self.segments[k].inputs != passed:
                 raise ValueError(f"segment {k} inputs {self.segments[k].inputs} != segment {k - 1} outputs {passed}")
         tokenizer = [self.input.text.tokenizer] if self.input.text else []
-        for file in [*self.sha256, *tokenizer, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
+        generation = self._generation_files()
+        for file in [*self.sha256, *tokenizer, *generation, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
             parts = PurePosixPath(file).parts
             if not parts or PurePosixPath(file).is_absolute() or ".." in parts or "\\" in file:
                 raise ValueError(f"file path {file!r} escapes the bundle directory (relative paths inside it only)")
-        if len(set(self.labels)) != len(self.labels) or not self.labels:
+        if self.task == "text-generation":
+            if self.labels:
+                raise ValueError("a text-generation bundle has no labels (its classes are the vocabulary)")
+            if len(self.generation.exit_layers) != len(self.exits):
+                raise ValueError(f"{len(self.generation.exit_layers)} exit layers for {len(self.exits)} exits")
+            if any(b <= a for a, b in zip(self.generation.exit_layers, self.generation.exit_layers[1:], strict=False)):
+                raise ValueError("exit_layers must be strictly increasing")
+        elif len(set(self.labels)) != len(self.labels) or not self.labels:
             raise ValueError("labels must be non-empty and unique")
         return self
+
+    def _generation_files(self) -> list[str]:
+        if (self.task == "text-generation") != (self.generation is not None):
+            raise ValueError("task text-generation and the `generation` section go together")
+        g = self.generation
+        return [f for f in (g.config, g.weights, g.tokenizer, g.chat_template, g.heads) if f] if g else []
 
     @property
     def num_exits(self) -> int:
@@ -212,6 +246,10 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
         for file in filter(None, (segment.file, segment.torchscript)):
             if file not in listed:
                 raise BundleError(f"{directory / file}: segment file has no checksum in the manifest")
+    generation_files = manifest._generation_files()
+    for file in generation_files:
+        if file not in listed:
+            raise BundleError(f"{directory / file}: generation file has no checksum in the manifest")
     if manifest.input.text and manifest.input.text.tokenizer not in listed:
         raise BundleError(f"{directory / manifest.input.text.tokenizer}: tokenizer file has no checksum in the manifest")
     for name in sorted(listed):

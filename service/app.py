@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve import __version__
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols import admin, docs, feedback, v1, v2
+from exitserve.service.protocols import admin, docs, feedback, openai, v1, v2
 from exitserve.service.protocols.edge import EdgeMiddleware
 from exitserve.service.protocols.errors import error_response, install_error_handlers
 from exitserve.service.serving.dataplane import Dataplane
+from exitserve.service.serving.generation.repository import GenerationRepository, split_bundles
 from exitserve.service.serving.repository import ModelRepository
 from exitserve.service.settings import Settings
 
@@ -41,21 +42,27 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     """Build the app. Bundles load (and fail loudly) here; warm-up runs after start-up, behind /readyz."""
     settings = settings or Settings()
     metrics = repository.metrics if repository else Metrics()
+    # Language models (text-generation bundles) have their own repository and OpenAI routes.
+    classifier_paths, generation_paths = split_bundles(settings.bundles) if repository is None else ([], [])
     if repository is None:
         repository = ModelRepository(settings, metrics)
-        repository.load(settings.bundles)
+        repository.load(classifier_paths)
+    generation = GenerationRepository(settings, metrics.registry, max_running=min(settings.max_batch_size, 64),
+                                      queue_limit=settings.queue_limit)
+    generation.load(generation_paths)
     dataplane = Dataplane(repository, settings)
     warmup: dict[str, asyncio.Task | None] = {"task": None}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        warmup["task"] = asyncio.create_task(asyncio.to_thread(repository.start))
+        warmup["task"] = asyncio.create_task(asyncio.to_thread(lambda: (repository.start(), generation.start())))
         with admin.sighup_reloads(repository):  # SIGHUP reloads every model from its bundle directory
             yield
         if warmup["task"] is not None:
             with contextlib.suppress(Exception):
                 await warmup["task"]
         drained = await asyncio.to_thread(repository.stop, settings.drain_timeout_s)
+        drained = await asyncio.to_thread(generation.stop, settings.drain_timeout_s) and drained
         log.info("shutdown", extra={"drained": drained})
 
     app = FastAPI(
@@ -68,12 +75,14 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     )
     app.state.settings = settings
     app.state.repository = repository
+    app.state.generation = generation
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(v1.build_router(dataplane))
     app.include_router(v2.build_router(dataplane))
     app.include_router(admin.build_router(repository))
     app.include_router(feedback.build_router(repository))
+    app.include_router(openai.build_router(generation, settings.default_delta, settings.default_policy))
     app.include_router(docs.build_router(app.openapi_url or "/openapi.json", app.title))
 
     @app.get("/healthz", tags=["health"])
@@ -85,8 +94,9 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         task = warmup["task"]
         if task is not None and task.done() and task.exception() is not None:
             return error_response(f"warm-up failed: {task.exception()}", 503)
-        ready = repository.ready
-        models = {name: m.ready for name, m in repository.models.items()}
+        ready = (repository.ready or not repository.models) and generation.ready and bool(
+            repository.models or generation.models)
+        models = {name: m.ready for name, m in (*repository.models.items(), *generation.models.items())}
         return Response(orjson.dumps({"ready": ready, "models": models}), status_code=200 if ready else 503,
                         media_type="application/json")
 

@@ -1,0 +1,226 @@
+"""A plain PyTorch Llama decoder (SmolLM2 and other Llama-shaped models) with layer-level access.
+
+No `transformers` at run time: the weights load from safetensors with the checkpoint's key names
+(`model.layers.N.self_attn.q_proj.weight`, ...). The engine drives the model one layer at a time
+(`LlamaModel.layers[l]`), because early exit decides between layers; `forward` runs every layer
+and exists for conversion parity checks and teacher-forced measurements.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    max_positions: int = 8192
+    tie_word_embeddings: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> LlamaConfig:
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown Llama config fields: {sorted(unknown)}")
+        return cls(**raw)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as the reference implementation computes them
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class Rotary:
+    """cos/sin tables for rotary position embeddings, indexed by absolute position."""
+
+    def __init__(self, config: LlamaConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim))
+        angles = torch.outer(torch.arange(config.max_positions, dtype=torch.float64), inv)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos = angles.cos().to(device=device, dtype=dtype)
+        self.sin = angles.sin().to(device=device, dtype=dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [rows, heads, head_dim] at `positions` [rows]."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+
+    def key_value(self, normed: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values [rows, kv_heads, head_dim] of normed hidden states [rows, width]."""
+        rows = normed.shape[0]
+        k = self.k_proj(normed).view(rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(normed).view(rows, self.num_kv_heads, self.head_dim)
+        return rotary.apply(k, positions), v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm Llama layer that reads and writes a KV cache.
+
+    `run` takes the hidden states of some rows of one or more sequences (`spans`: per sequence the
+    row range, its cache and the absolute positions of those rows) so that many sequences, each
+    with its own rows, share the projections and the MLP; attention runs per sequence.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def run(self, x: torch.Tensor, spans: list[LayerSpan], rotary: Rotary) -> torch.Tensor:
+        attn = self.self_attn
+        normed = self.input_layernorm(x)
+        rows = x.shape[0]
+        q = attn.q_proj(normed).view(rows, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(normed).view(rows, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(normed).view(rows, attn.num_kv_heads, attn.head_dim)
+        positions = torch.cat([s.positions for s in spans]) if len(spans) > 1 else spans[0].positions
+        q = rotary.apply(q, positions)
+        k = rotary.apply(k, positions)
+        out = torch.empty_like(q)
+        for span in spans:
+            a, b = span.rows
+            first, last = int(span.positions[0]), int(span.positions[-1])
+            span.keys[:, first:last + 1] = k[a:b].transpose(0, 1)
+            span.values[:, first:last + 1] = v[a:b].transpose(0, 1)
+            keys, values = span.keys[:, : last + 1], span.values[:, : last + 1]
+            query = q[a:b].transpose(0, 1)  # [heads, r, d]
+            mask = None
+            if b - a > 1:  # causal among the new rows; every earlier position is visible
+                mask = torch.arange(last + 1, device=x.device)[None, :] <= span.positions[:, None]
+            y = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+            out[a:b] = y[0].transpose(0, 1)
+        x = x + attn.o_proj(out.reshape(rows, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class LayerSpan:
+    """One sequence's rows in a layer call: x[rows[0]:rows[1]] sit at `positions` (consecutive)."""
+
+    rows: tuple[int, int]
+    positions: torch.Tensor
+    keys: torch.Tensor  # [kv_heads, capacity, head_dim] of this layer
+    values: torch.Tensor
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head with the checkpoint's parameter names."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rotary: Rotary | None = None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def rotary(self) -> Rotary:
+        weight = self.model.embed_tokens.weight
+        if self._rotary is None or self._rotary.cos.device != weight.device or self._rotary.cos.dtype != weight.dtype:
+            self._rotary = Rotary(self.config, weight.device, weight.dtype)
+        return self._rotary
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden))
+
+    def new_cache(self, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        weight = self.model.embed_tokens.weight
+        shape = (c.num_kv_heads, capacity, c.head_dim)
+        return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                 torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(c.num_layers)]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, *, hidden_layers: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Teacher-forced pass over one sequence `ids` [n]: (logits [n, vocab], hidden after each asked layer)."""
+        n = ids.shape[0]
+        cache = self.new_cache(n)
+        rotary = self.rotary()
+        positions = torch.arange(n, device=ids.device)
+        x = self.embed(ids)
+        kept = []
+        wanted = set(hidden_layers or [])
+        for index, layer in enumerate(self.layers):
+            keys, values = cache[index]
+            x = layer.run(x, [LayerSpan((0, n), positions, keys, values)], rotary)
+            if index in wanted:
+                kept.append(x)
+        return self.logits(x), kept
+
+
+def load_llama(directory: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaModel:
+    """Load `config.json` + `model.safetensors` of a generation bundle (weights only, no pickle)."""
+    from safetensors.torch import load_file
+
+    config = LlamaConfig.from_json(json.loads((directory / "config.json").read_text()))
+    model = LlamaModel(config)
+    weights = load_file(str(directory / "model.safetensors"))
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{directory / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

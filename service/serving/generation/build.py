@@ -1,0 +1,231 @@
+"""`exitserve train-llm-heads`: exit heads, their layers and label-free tables into a generation bundle.
+
+1. cache the frozen decoder's hidden states on WikiText-2 `valid` (training tokens, then held-out
+   calibration tokens), once;
+2. train one head per candidate layer against the full model's own predictions;
+3. choose the exit layers by measurement: greedy forward selection of the set whose expected cost
+   per token (layers run + exit checks, in measured layer-equivalents) is lowest at δ = 0.9 under
+   the tables fitted on one half of the calibration tokens and applied to the other half;
+4. fit the final tables on all calibration tokens and write heads, tables and manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exitserve.calibration import Calibration, decide_all
+from exitserve.calibration.io import save_calibration
+from exitserve.models.bundle import load_bundle
+from exitserve.models.llm.head_training import HeadTrainConfig, agreement_report, head_logits, train_head
+from exitserve.models.llm.heads import ExitHeads, choose_vocab
+from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, text_tokens
+from exitserve.models.llm.llama import LayerSpan, LlamaModel, load_llama
+from exitserve.models.llm.manifest import HEADS_FILE, write_generation_manifest
+from exitserve.service.serving.generation.calibrate import fit_token_calibration
+
+SELECTION_DELTA = 0.9
+SELECTION_POLICY = "pcee"
+
+
+def save_heads(heads: ExitHeads, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(path))
+
+
+def write_exits(directory: Path, heads: ExitHeads | None, calibration: Calibration | None, exit_layers: list[int],
+                *, command: str, data_fingerprint: str = "", extra: dict | None = None) -> None:
+    """Put heads + tables into a generation bundle and re-sign its manifest (tokenizer, ids, context kept)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    spec = manifest["generation"]
+    for stale in (HEADS_FILE, "calibration.json"):
+        (directory / stale).unlink(missing_ok=True)
+    if heads is not None:
+        save_heads(heads, directory / HEADS_FILE)
+        save_calibration(calibration, directory / "calibration.json")
+    write_generation_manifest(
+        directory, name=manifest["name"], exit_layers=exit_layers,
+        head_vocab_size=heads.vocab_size if heads is not None else 0,
+        head_hidden=heads.hidden if heads is not None else 0, bos_id=spec.get("bos_id"), eos_ids=spec["eos_ids"],
+        max_context=spec["max_context"], command=command, data_fingerprint=data_fingerprint,
+        extra={**manifest["created_by"].get("extra", {}), **(extra or {})}, version=manifest.get("version", "1"),
+    )
+
+
+@torch.inference_mode()
+def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibration: Calibration,
+                  prompt: list[int], tokens: int = 12, rounds: int = 3) -> tuple[float, float]:
+    """(one exit check, the full LM head) in decoder-layer equivalents, measured in the decoder itself.
+
+    Full-depth steps against steps that run every candidate check and never exit (policy
+    `confidence` at δ 1), interleaved, medians of per-step times: the check cost includes the head
+    with its weights cold, the decision (`Calibration.step`) and the host round trip. The LM head's
+    share comes from a microbenchmark against one layer (both hot: a ratio of like with like).
+    """
+    from exitserve.service.serving.generation.decoder import MultiExitDecoder
+
+    last = model.config.num_layers - 1
+    decoder = MultiExitDecoder(model, heads, [*layers, last], calibration)
+    times: dict[str, list[float]] = {"full": [], "checks": []}
+    for _ in range(rounds):
+        for mode, options in (("full", {"mode": "full"}), ("checks", {"mode": "early", "policy": "confidence", "delta": 1.0})):
+            seq = decoder.new_sequence(prompt, capacity=len(prompt) + tokens + 4, **options)
+            decoder.step([seq])
+            for _ in range(tokens):
+                start = time.perf_counter()
+                decoder.step([seq])
+                times[mode].append(time.perf_counter() - start)
+    full, checked = float(np.median(times["full"])), float(np.median(times["checks"]))
+    x = torch.randn(1, model.config.hidden_size)
+    cache = model.new_cache(64)
+
+    def median(fn, reps: int = 20) -> float:
+        fn()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    layer = median(lambda: model.layers[0].run(x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])], model.rotary()))
+    lm_head_layers = median(lambda: model.logits(x)) / layer
+    per_layer = full / (model.config.num_layers + lm_head_layers)
+    check = max(checked - full, 0.0) / len(layers) / per_layer
+    return check, lm_head_layers
+
+
+def expected_cost(calibration: Calibration, logits: list[np.ndarray], exit_layers: list[int], check_cost: float,
+                  delta: float = SELECTION_DELTA, policy: str = SELECTION_POLICY,
+                  lm_head_cost: float = 0.0) -> tuple[float, float]:
+    """(mean layer-equivalents per token, agreement of early-exited tokens) of a set of exits.
+
+    A token answered early skips the full LM head (its exit head is the check already paid)."""
+    decisions = decide_all(calibration, policy, logits, delta)
+    layers = np.asarray([layer + 1 for layer in exit_layers], dtype=np.float64)
+    layers[-1] += lm_head_cost
+    checks = np.arange(1, len(exit_layers) + 1, dtype=np.float64)
+    checks[-1] = len(exit_layers) - 1  # the last exit is the model's own head, not a check
+    cost = layers[decisions.exit_index] + check_cost * checks[decisions.exit_index]
+    early = decisions.exit_index < len(exit_layers) - 1
+    agree = float((decisions.prediction[early] == logits[-1].argmax(1)[early]).mean()) if early.any() else float("nan")
+    return float(cost.mean()), agree
+
+
+def select_exits(candidate_logits: dict[int, np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray, vocab_size: int,
+                 num_layers: int, check_cost: float, max_exits: int, log=print, lm_head_cost: float = 0.0) -> list[int]:
+    """Greedy forward selection of early-exit layers by expected cost (fit on half A, measured on half B)."""
+    n = full_argmax.size
+    half = n // 2
+    chosen: list[int] = []
+    best_cost = float(num_layers) + lm_head_cost
+    log(f"  selection: full depth costs {best_cost:.2f} layer-equivalents (LM head {lm_head_cost:.2f}); "
+        f"one exit check costs {check_cost:.2f}")
+    while len(chosen) < max_exits:
+        trial_best = None
+        for layer in sorted(set(candidate_logits) - set(chosen)):
+            layers = sorted([*chosen, layer])
+            fit = fit_token_calibration([candidate_logits[k][:half] for k in layers], vocab, full_argmax[:half], vocab_size)
+            logits = _calibration_space([candidate_logits[k][half:] for k in layers], vocab, full_argmax[half:],
+                                        vocab_size)
+            cost, agree = expected_cost(fit, logits, [*layers, num_layers - 1], check_cost, lm_head_cost=lm_head_cost)
+            log(f"    exits {layers}: {cost:.2f} layer-equivalents per token, early agreement {agree:.3f}")
+            if trial_best is None or cost < trial_best[0]:
+                trial_best = (cost, layer)
+        if trial_best is None or trial_best[0] >= best_cost - 0.05:
+            break
+        best_cost = trial_best[0]
+        chosen = sorted([*chosen, trial_best[1]])
+        log(f"  chose {chosen}: {best_cost:.2f} layer-equivalents per token")
+    return chosen
+
+
+def _calibration_space(head_logits: list[np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray,
+                       vocab_size: int) -> list[np.ndarray]:
+    from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
+
+    return [calibration_logits(z) for z in head_logits] + [one_hot_logits(vocab_index(vocab, vocab_size)[full_argmax],
+                                                                          vocab.size)]
+
+
+def _cached(model: LlamaModel, tokenizer, file: Path, skip: int, limit: int, layers: list[int], cache_dir: Path,
+            tag: str) -> HiddenCache:
+    path = cache_dir / f"{tag}-{file.stem}-{skip}-{limit}-{'_'.join(map(str, layers))}.pt"
+    for existing in sorted(cache_dir.glob(f"{tag}-{file.stem}-{skip}-{limit}-*.pt")):
+        cache = HiddenCache.load(existing)  # any cache of the same text that holds every wanted layer
+        if set(layers) <= set(cache.layers):
+            return cache
+    print(f"caching hidden states: {file.name} tokens [{skip}, {skip + limit}) at layers {layers}")
+    cache = cache_hidden(model, text_tokens(tokenizer, file, skip=skip, limit=limit), layers)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache
+
+
+def add_exits(bundle_dir: Path, args: dict) -> None:
+    from tokenizers import Tokenizer
+
+    torch.set_num_threads(int(args.get("threads") or 2))
+    bundle = load_bundle(bundle_dir)
+    spec = bundle.manifest.generation
+    model = load_llama(bundle_dir)
+    tokenizer = Tokenizer.from_file(str(bundle_dir / spec.tokenizer))
+    data = Path(args["data"])
+    cache_dir = Path(args["cache"])
+    candidates = [int(x) for x in args["candidates"].split(",")]
+    fixed = [int(x) for x in args["exit_layers"].split(",")] if args.get("exit_layers") else None
+    layers = fixed or candidates
+    train_tokens, cal_tokens = int(args["train_tokens"]), int(args["calibration_tokens"])
+    train = _cached(model, tokenizer, data / "valid.txt", 0, train_tokens, layers, cache_dir, bundle.manifest.name)
+    cal = _cached(model, tokenizer, data / "valid.txt", train_tokens, cal_tokens, layers, cache_dir, bundle.manifest.name)
+    last = model.config.num_layers - 1
+    vocab = choose_vocab(train.full_argmax.numpy(), int(args["head_vocab"]), always=spec.eos_ids)
+    coverage = float(np.isin(cal.full_argmax.numpy(), vocab).mean())
+    print(f"head vocabulary: {vocab.size} tokens cover {coverage:.3f} of the held-out full-model predictions")
+    heads = ExitHeads(model.config.hidden_size, int(args["head_hidden"]), model.config.rms_norm_eps,
+                      torch.from_numpy(vocab), len(layers)).init_from(model)
+    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128))
+    trained = cache_dir / (f"{bundle.manifest.name}-heads-{config.loss}-{config.steps}-{config.batch_size}-{vocab.size}-"
+                           f"{heads.hidden}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
+    if trained.is_file():  # heads trained earlier with the same settings on the same text
+        from safetensors.torch import load_file
+
+        heads.load_state_dict(load_file(str(trained)))
+        heads.bind(model)
+    else:
+        for index, layer in enumerate(layers):
+            train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
+        save_heads(heads, trained)
+    reports, cal_logits = {}, {}
+    for index, layer in enumerate(layers):
+        cal_logits[layer] = head_logits(heads, index, cal.hidden[layer])
+        reports[layer] = agreement_report(cal_logits[layer], vocab, cal.full_argmax.numpy())
+        print(f"  layer {layer}: {reports[layer]}")
+    chosen, check_cost, lm_head_cost = fixed, None, None
+    if not fixed:
+        everything = fit_token_calibration([cal_logits[layer] for layer in layers], vocab, cal.full_argmax.numpy(),
+                                           model.config.vocab_size)
+        prompt = text_tokens(tokenizer, data / "valid.txt", skip=train_tokens, limit=24).tolist()
+        check_cost, lm_head_cost = measure_costs(model, heads, layers, everything, prompt)
+        chosen = select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
+                              model.config.num_layers, check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
+    keep = [layers.index(layer) for layer in chosen]
+    final = ExitHeads(model.config.hidden_size, heads.hidden, model.config.rms_norm_eps, torch.from_numpy(vocab),
+                      len(chosen))
+    for new, old in enumerate(keep):
+        final.heads[new].load_state_dict(heads.heads[old].state_dict())
+    calibration = fit_token_calibration([cal_logits[layer] for layer in chosen], vocab, cal.full_argmax.numpy(),
+                                        model.config.vocab_size, data_fingerprint=cal.fingerprint)
+    write_exits(bundle_dir, final, calibration, [*chosen, last], command="exitserve train-llm-heads",
+                data_fingerprint=cal.fingerprint,
+                extra={"head_training": {"loss": config.loss, "steps": config.steps, "train_tokens": train_tokens,
+                                         "calibration_tokens": cal_tokens,
+                                         "check_cost_layers": check_cost, "lm_head_cost_layers": lm_head_cost,
+                                         "candidates": {str(k): v for k, v in reports.items()},
+                                         "vocab_coverage": coverage}})
+    print(f"exits after layers {chosen} written to {bundle_dir}")

@@ -1,0 +1,29 @@
+"""Label-free reliability tables for token-level exits, fitted with the shared calibration code.
+
+A token is "correct" at an exit when the exit's token equals the full model's; the tables are
+counted by `fit_calibration(..., labels=None)`, whose self-supervised reference is the last exit:
+here the full model, represented one-hot at its token (see `models.llm.heads`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exitserve.calibration import Calibration, fit_calibration
+from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
+
+
+def fit_token_calibration(head_logits: list[np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray, vocab_size: int,
+                          *, confidence: str = "max-softmax", bins: int = 20, binning: str = "equal-mass",
+                          data_fingerprint: str = "") -> Calibration:
+    """head_logits: per early exit [n, K]; full_argmax [n]: the full model's next token at each position."""
+    columns = vocab_index(vocab, vocab_size)[full_argmax]
+    per_exit = [calibration_logits(z.astype(np.float32)) for z in head_logits]
+    per_exit.append(one_hot_logits(columns, vocab.size))
+    return fit_calibration(per_exit, None, confidence=confidence, bins=bins, binning=binning, fit_temperature=False,
+                           data_fingerprint=data_fingerprint)
+
+
+def agreement(head_logits: np.ndarray, vocab: np.ndarray, full_argmax: np.ndarray) -> np.ndarray:
+    """Per token: does this exit's top token equal the full model's?"""
+    return vocab[head_logits.argmax(axis=1)] == full_argmax

@@ -1,0 +1,261 @@
+"""Token-level early exit over a batch of sequences, one decoding step at a time (iteration-level batching).
+
+Every sequence keeps a KV cache per layer and, per layer l, `filled[l]`: how many of its positions
+have keys and values there. They always form a prefix, and `filled` never grows with depth.
+
+Skipped layers' KV (`kv_strategy`):
+- `recompute` (default; EE-LLM/FREE-style, exact KV): a token that exits at layer e leaves its
+  hidden state behind; the next token of that sequence that goes deeper carries every such pending
+  position through the layers they skipped, as extra rows of the same layer calls. Decoding is
+  memory-bound, so extra rows cost little, and the cache always holds what the full model would
+  compute for the tokens emitted.
+- `copy` (CALM): the exited hidden state is copied up, and each deeper layer's keys and values for
+  that position are computed from it right away (norm + K/V projections only). Cheaper per exit,
+  but the deep KV is an approximation that later tokens attend to.
+
+Modes per sequence: `full` (every layer), `early` (leave at the first exit whose calibrated
+agreement estimate reaches δ, decided by `Calibration.step`), `exact` (self-speculative: the same
+rule drafts tokens; a token that goes to the last layer verifies every pending draft in that pass;
+the verified prefix is kept and the first mismatch replaced by the full model's token, so the
+output equals full greedy decoding). Exact mode always uses the `recompute` strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from exitserve.calibration import Calibration
+from exitserve.models.llm.heads import ExitHeads, calibration_logits
+from exitserve.models.llm.llama import LayerSpan, LlamaModel
+from exitserve.service.serving.generation.stream import Mode, TokenOut
+
+KV_STRATEGIES = ("recompute", "copy")
+TABLE_KIND = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
+
+
+@dataclass
+class Sequence:
+    """One generation stream's decoding state. Tokens past `fed` are inputs not yet run."""
+
+    tokens: list[int]
+    mode: Mode = "full"
+    delta: float = 0.9
+    policy: str = "pcee"
+    temperature: float = 0.0
+    max_draft: int = 8
+    generator: torch.Generator | None = None
+    fed: int = 0
+    filled: list[int] = field(default_factory=list)
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    h_last: torch.Tensor | None = None
+    verified: int = 0  # exact mode: tokens[:verified] are the full model's, later ones drafts
+    draft_exits: list[int] = field(default_factory=list)  # exit index of each draft
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Positions that have not been through every layer (exited early)."""
+        return self.fed - self.filled[-1] if self.filled else 0
+
+
+class MultiExitDecoder:
+    """The model, its exit heads and calibration; `step` advances a batch of sequences by one iteration."""
+
+    def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
+                 calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
+                 compute_fractions: list[float] | None = None):
+        if kv_strategy not in KV_STRATEGIES:
+            raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
+        if exit_layers[-1] != model.config.num_layers - 1:
+            raise ValueError("the last exit must sit after the last layer")
+        if heads is not None and len(heads.heads) != len(exit_layers) - 1:
+            raise ValueError(f"{len(heads.heads)} heads for {len(exit_layers) - 1} early exits")
+        self.model = model
+        self.heads = heads.bind(model) if heads is not None else None
+        self.exit_layers = list(exit_layers)
+        self.exit_at = {layer: k for k, layer in enumerate(exit_layers[:-1])}
+        self.calibration = calibration
+        self.kv_strategy = kv_strategy
+        self.max_pending = max_pending
+        self.num_layers = model.config.num_layers
+        self.device = model.model.embed_tokens.weight.device
+        self.rotary = model.rotary()
+        # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
+        self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
+
+    # --- sequences ------------------------------------------------------------------------------
+
+    def new_sequence(self, prompt: list[int], capacity: int, **options) -> Sequence:
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        seq = Sequence(tokens=list(prompt), **options)
+        if seq.mode != "full" and (self.heads is None or self.calibration is None):
+            seq.mode = "full"  # a bundle without heads answers every token at the last layer
+        seq.filled = [0] * self.num_layers
+        seq.cache = self.model.new_cache(capacity)
+        seq.h_last = torch.zeros(capacity, self.model.config.hidden_size, dtype=seq.cache[0][0].dtype, device=self.device)
+        seq.verified = len(prompt)
+        return seq
+
+    def can_fire(self, seq: Sequence, exit_index: int) -> bool:
+        """Whether exit `exit_index` can let this sequence leave at all (tables that never reach δ are skipped)."""
+        kind = TABLE_KIND.get(seq.policy)
+        if kind is None or self.calibration is None:
+            return seq.policy not in ("full",)
+        return bool(np.max(self.calibration.table(kind, exit_index)) >= seq.delta)
+
+    # --- one iteration --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: list[Sequence]) -> list[list[TokenOut]]:
+        """Run every sequence's unfed tokens; return the tokens each one gained (verified ones in exact mode)."""
+        out: list[list[TokenOut]] = [[] for _ in batch]
+        # per sequence: first row position of its current rows and the end (exclusive)
+        starts = [s.fed for s in batch]
+        ends = [len(s.tokens) for s in batch]
+        checks = [self._checks_exits(s) for s in batch]
+        xs = [self.model.embed(torch.tensor(s.tokens[s.fed:], dtype=torch.int64, device=self.device)) for s in batch]
+        active = list(range(len(batch)))
+        for layer_index, layer in enumerate(self.model.layers):
+            if not active:
+                break
+            for i in active:
+                seq = batch[i]
+                first = seq.filled[layer_index]
+                if first < starts[i]:  # pending positions join with the hidden state they exited with
+                    xs[i] = torch.cat([seq.h_last[first:starts[i]], xs[i]])
+                    starts[i] = first
+            xs = self._run_layer(layer_index, layer, batch, active, starts, ends, xs)
+            exit_index = self.exit_at.get(layer_index)
+            if exit_index is None:
+                continue
+            asking = [i for i in active if checks[i] and self.can_fire(batch[i], exit_index)]
+            if not asking:
+                continue
+            leaving = self._decide(exit_index, [batch[i] for i in asking], [xs[i][-1] for i in asking])
+            for i, token in zip(asking, leaving, strict=True):
+                if token is None:
+                    continue
+                self._exited(batch[i], exit_index, layer_index, starts[i], ends[i], xs[i], token, out[i])
+                active.remove(i)
+        if active:
+            self._finish(batch, active, starts, ends, xs, out)
+        return out
+
+    def _checks_exits(self, seq: Sequence) -> bool:
+        if seq.mode == "full" or seq.fed == 0 or len(seq.tokens) - seq.fed != 1:
+            return False  # prefill and multi-token feeds go full depth
+        if seq.mode == "exact":
+            return len(seq.tokens) - seq.verified < seq.max_draft
+        return seq.pending < self.max_pending
+
+    def _run_layer(self, layer_index: int, layer, batch: list[Sequence], active: list[int], starts: list[int],
+                   ends: list[int], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        spans, row = [], 0
+        for i in active:
+            n = ends[i] - starts[i]
+            keys, values = batch[i].cache[layer_index]
+            positions = torch.arange(starts[i], ends[i], device=self.device)
+            spans.append(LayerSpan((row, row + n), positions, keys, values))
+            row += n
+        x = torch.cat([xs[i] for i in active]) if len(active) > 1 else xs[active[0]]
+        y = layer.run(x, spans, self.rotary)
+        for i, span in zip(active, spans, strict=True):
+            xs[i] = y[span.rows[0]:span.rows[1]]
+            batch[i].filled[layer_index] = ends[i]
+        return xs
+
+    def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]) -> list[int | None]:
+        """Token for each sequence that leaves at this exit, None for those that go on."""
+        logits = self.heads.logits(exit_index, torch.stack(last_rows))
+        scores = calibration_logits(logits.float().cpu().numpy())
+        leaving: list[int | None] = [None] * len(seqs)
+        for policy in {s.policy for s in seqs}:
+            rows = [j for j, s in enumerate(seqs) if s.policy == policy]
+            deltas = np.array([seqs[j].delta for j in rows])
+            decision = self.calibration.step(policy, exit_index, scores[rows], deltas)
+            for j, leave in zip(rows, decision.exit_now, strict=True):
+                if leave:
+                    column = self._pick(seqs[j], logits[j])
+                    leaving[j] = int(self.heads.vocab[column])
+        return leaving
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.temperature <= 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / seq.temperature, dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
+
+    def _exited(self, seq: Sequence, exit_index: int, layer_index: int, start: int, end: int, x: torch.Tensor,
+                token: int, out: list[TokenOut]) -> None:
+        if self.kv_strategy == "copy" and seq.mode == "early":
+            self._copy_up(seq, layer_index, start, end, x)
+        else:
+            seq.h_last[start:end] = x
+        seq.fed = end
+        seq.tokens.append(token)
+        if seq.mode == "exact":
+            seq.drafted += 1
+            seq.draft_exits.append(exit_index)
+        else:
+            out.append(TokenOut(token, exit_index))
+
+    def _copy_up(self, seq: Sequence, layer_index: int, start: int, end: int, x: torch.Tensor) -> None:
+        """CALM: deeper layers' keys and values for these positions from the exited hidden state."""
+        positions = torch.arange(start, end, device=self.device)
+        for deeper in range(layer_index + 1, self.num_layers):
+            layer = self.model.layers[deeper]
+            k, v = layer.self_attn.key_value(layer.input_layernorm(x), positions, self.rotary)
+            keys, values = seq.cache[deeper]
+            keys[:, start:end] = k.transpose(0, 1)
+            values[:, start:end] = v.transpose(0, 1)
+            seq.filled[deeper] = end
+
+    def _finish(self, batch: list[Sequence], active: list[int], starts: list[int], ends: list[int],
+                xs: list[torch.Tensor], out: list[list[TokenOut]]) -> None:
+        last_exit = len(self.exit_layers) - 1
+        verify = [batch[i].mode == "exact" and len(batch[i].tokens) > batch[i].verified for i in active]
+        rows = [xs[i] if v else xs[i][-1:] for i, v in zip(active, verify, strict=True)]
+        logits = self.model.logits(torch.cat(rows))
+        offset = 0
+        for i, v, r in zip(active, verify, rows, strict=True):
+            seq, seq_logits = batch[i], logits[offset: offset + r.shape[0]]
+            offset += r.shape[0]
+            if v:
+                self._verify(seq, starts[i], ends[i], seq_logits.argmax(-1).tolist(), out[i], last_exit)
+                continue
+            token = self._pick(seq, seq_logits[-1])
+            seq.fed = ends[i]
+            seq.tokens.append(token)
+            seq.verified = len(seq.tokens)
+            out[i].append(TokenOut(token, last_exit))
+
+    def _verify(self, seq: Sequence, start: int, end: int, greedy: list[int], out: list[TokenOut], last_exit: int) -> None:
+        """Keep the drafts the full model agrees with; replace the first one it does not.
+
+        Row `offset` is position start + offset; its full-model prediction is the token of the next
+        position. tokens[verified:] are drafts; earlier tokens are the full model's already."""
+        for offset, position in enumerate(range(start, end)):
+            following = position + 1
+            if following < seq.verified:
+                continue
+            if following < end and greedy[offset] == seq.tokens[following]:
+                continue
+            # first mismatch (or the end): keep tokens[:following], drop later drafts and their KV
+            accepted = seq.tokens[seq.verified:following]
+            exits = seq.draft_exits[: len(accepted)]
+            del seq.tokens[following:]
+            seq.filled = [min(f, following) for f in seq.filled]
+            seq.fed = following
+            seq.tokens.append(greedy[offset])
+            seq.accepted += len(accepted)
+            out.extend(TokenOut(t, e, True) for t, e in zip(accepted, exits, strict=True))
+            out.append(TokenOut(greedy[offset], last_exit))
+            seq.verified = len(seq.tokens)
+            seq.draft_exits = []
+            return
+        raise AssertionError("verification always ends at the last row")

@@ -1,0 +1,110 @@
+"""A served generation bundle: decoder weights, exit heads, tables, tokenizer, chat template, scheduler.
+
+Loaded with torch (the `llm` extra), never with transformers. `device` is the CUDA switch: every
+tensor of the decoder and its caches lives there; the exit decisions run on the host on one row
+of head logits per sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from exitserve.calibration import Calibration
+from exitserve.models.bundle import Bundle, BundleError, load_bundle
+from exitserve.models.llm.heads import ExitHeads
+from exitserve.models.llm.llama import load_llama
+from exitserve.service.serving.generation.decoder import MultiExitDecoder
+from exitserve.service.serving.generation.metrics import GenerationMetrics
+from exitserve.service.serving.generation.scheduler import Scheduler
+
+
+def load_heads(bundle: Bundle, width: int, eps: float) -> ExitHeads | None:
+    spec = bundle.manifest.generation
+    if spec.heads is None or len(spec.exit_layers) < 2:
+        return None
+    from safetensors.torch import load_file
+
+    state = load_file(str(bundle.path / spec.heads))
+    hidden = int(state["heads.0.up.weight"].shape[0])
+    heads = ExitHeads(width, hidden, eps, state["vocab"], len(spec.exit_layers) - 1)
+    heads.load_state_dict(state)
+    return heads.eval().requires_grad_(False)
+
+
+class ChatTemplate:
+    """The bundle's Jinja chat template, rendered in a sandbox (as transformers renders it)."""
+
+    def __init__(self, source: str, bos_token: str, eos_token: str):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.template = env.from_string(source)
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                    eos_token=self.eos_token)
+
+
+class GenerationModel:
+    def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
+                 max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32):
+        spec = bundle.manifest.generation
+        if spec is None:
+            raise BundleError(f"{bundle.path}: not a text-generation bundle")
+        self.bundle, self.spec, self.name = bundle, spec, bundle.manifest.name
+        self.model = load_llama(bundle.path, dtype=dtype, device=device)
+        config = self.model.config
+        heads = load_heads(bundle, config.hidden_size, config.rms_norm_eps)
+        if heads is not None:
+            heads = heads.to(device=device, dtype=dtype)
+        calibration = None
+        if heads is not None:
+            if bundle.calibration is None:
+                raise BundleError(f"{bundle.path / 'calibration.json'}: a bundle with exit heads needs its tables")
+            try:
+                calibration = Calibration.from_dict(bundle.calibration, num_exits=bundle.manifest.num_exits)
+            except ValueError as exc:
+                raise BundleError(f"{bundle.path / 'calibration.json'}: {exc}") from exc
+        self.calibration = calibration
+        self.compute_fractions = bundle.manifest.compute_fractions()
+        self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
+                                        compute_fractions=self.compute_fractions)
+        self.tokenizer = Tokenizer.from_file(str(bundle.path / spec.tokenizer))
+        token = self.tokenizer.id_to_token
+        self.chat_template = None
+        if spec.chat_template:
+            self.chat_template = ChatTemplate((bundle.path / spec.chat_template).read_text(),
+                                              token(spec.bos_id) if spec.bos_id is not None else "",
+                                              token(spec.eos_ids[0]) if spec.eos_ids else "")
+        self.metrics = GenerationMetrics(metrics_registry, self.name, bundle.manifest.num_exits)
+        self.scheduler = Scheduler(self.decoder, self.metrics, max_running=max_running, queue_limit=queue_limit,
+                                   model=self.name)
+        self.ready = False
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.spec.exit_layers)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def start(self) -> None:
+        """Warm up (one short greedy generation) and start the engine thread."""
+        seq = self.decoder.new_sequence(self.encode("Hello") or [0], capacity=8, mode="full")
+        self.decoder.step([seq])
+        self.scheduler.start()
+        self.ready = True
+
+    def stop(self, timeout: float) -> bool:
+        self.ready = False
+        return self.scheduler.close(timeout)
+
+
+def load_generation_model(path: Path, metrics_registry, **options) -> GenerationModel:
+    return GenerationModel(load_bundle(path), metrics_registry, **options)

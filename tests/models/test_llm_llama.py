@@ -1,0 +1,65 @@
+"""Our Llama module against transformers' LlamaForCausalLM with the same weights (tiny, random)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig as HFConfig
+from transformers import LlamaForCausalLM
+
+from exitserve.models.llm.llama import LayerSpan, load_llama
+from tests.models.llm_support import TINY, tiny_model
+
+
+def _hf_twin(model) -> LlamaForCausalLM:
+    c = model.config
+    hf = LlamaForCausalLM(HFConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_positions, tie_word_embeddings=True,
+    ))
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    return hf.eval()
+
+
+def test_logits_match_transformers():
+    model = tiny_model()
+    hf = _hf_twin(model)
+    ids = torch.randint(TINY.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
+    ours, _ = model(ids)
+    with torch.no_grad():
+        theirs = hf(ids[None]).logits[0]
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_incremental_cache_matches_one_pass():
+    """Feeding tokens one by one through the cache gives the same logits as one teacher-forced pass."""
+    model = tiny_model()
+    ids = torch.randint(TINY.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    full, _ = model(ids)
+    cache, rotary = model.new_cache(32), model.rotary()
+    rows = []
+    for position in range(ids.shape[0]):
+        x = model.embed(ids[position: position + 1])
+        for layer, (keys, values) in zip(model.layers, cache, strict=True):
+            x = layer.run(x, [LayerSpan((0, 1), torch.tensor([position]), keys, values)], rotary)
+        rows.append(model.logits(x))
+    assert torch.allclose(torch.cat(rows), full, atol=1e-4)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny_model()
+    (tmp_path / "config.json").write_text(json.dumps(TINY.to_json()))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    again = load_llama(tmp_path)
+    ids = torch.arange(10)
+    assert torch.equal(model(ids)[0], again(ids)[0])
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied

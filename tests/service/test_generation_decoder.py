@@ -1,0 +1,128 @@
+"""The token-level early-exit decoder on a tiny Llama-shaped model: exact mode, KV strategies, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
+from tests.models.llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
+
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model = tiny_model()
+    heads = tiny_heads(model)
+    return model, heads, tiny_calibration(model, heads)
+
+
+def decoder(parts, kv_strategy: str = "recompute") -> MultiExitDecoder:
+    model, heads, calibration = parts
+    return MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, kv_strategy=kv_strategy)
+
+
+def generate(dec: MultiExitDecoder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **options) -> tuple[list[list[int]], list[Sequence], list[list[int]]]:
+    """Step every prompt together until each has `new_tokens` tokens; returns tokens, states, exits."""
+    seqs = [dec.new_sequence(p, capacity=len(p) + new_tokens + 16, **options) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    exits: list[list[int]] = [[] for _ in prompts]
+    running = list(range(len(prompts)))
+    while running:
+        gained = dec.step([seqs[i] for i in running])
+        for i, tokens in zip(running, gained, strict=True):
+            outs[i].extend(t.token for t in tokens)
+            exits[i].extend(t.exit for t in tokens)
+        running = [i for i in running if len(outs[i]) < new_tokens]
+    return [o[:new_tokens] for o in outs], seqs, [e[:new_tokens] for e in exits]
+
+
+def reference_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    """Full greedy decoding by re-running the whole sequence each token (no cache at all)."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        logits, _ = model(torch.tensor(ids))
+        ids.append(int(logits[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_full_depth_equals_cacheless_greedy(parts):
+    prompts = random_prompts(6)
+    tokens, _, exits = generate(decoder(parts), prompts, mode="full")
+    for prompt, got in zip(prompts, tokens, strict=True):
+        assert got == reference_greedy(parts[0], prompt)
+    assert all(e == len(EXIT_LAYERS) - 1 for row in exits for e in row)
+
+
+def test_exact_mode_output_identical_to_full_greedy_on_many_prompts(parts):
+    dec = decoder(parts)
+    prompts = random_prompts(30, seed=11)
+    full, _, _ = generate(dec, prompts, mode="full")
+    # a low δ with the `confidence` policy drafts often, so both accepted and rejected drafts occur
+    exact, seqs, _ = generate(dec, prompts, mode="exact", delta=0.15, policy="confidence", max_draft=6)
+    assert exact == full
+    drafted = sum(s.drafted for s in seqs)
+    accepted = sum(s.accepted for s in seqs)
+    assert drafted > 50 and 0 < accepted < drafted, (drafted, accepted)
+
+
+def test_exact_mode_batched_equals_one_at_a_time(parts):
+    dec = decoder(parts)
+    prompts = random_prompts(4, seed=5)
+    together, _, _ = generate(dec, prompts, mode="exact", delta=0.15, policy="confidence")
+    alone = [generate(dec, [p], mode="exact", delta=0.15, policy="confidence")[0][0] for p in prompts]
+    assert together == alone
+
+
+def test_recompute_strategy_leaves_exact_kv_for_the_emitted_tokens(parts):
+    """Early mode emits early-exit tokens; the deep KV the next deep token computes for them equals
+    what a full teacher-forced pass over the emitted sequence computes."""
+    model = parts[0]
+    dec = decoder(parts, "recompute")
+    prompt = random_prompts(1, seed=7)[0]
+    tokens, (seq,), exits = generate(dec, [prompt], mode="early", delta=0.15, policy="confidence")
+    assert any(e < len(EXIT_LAYERS) - 1 for e in exits[0]), "no token exited early"
+    # bring every pending position to full depth: one more step that goes full depth
+    seq.mode = "full"
+    dec.step([seq])
+    assert seq.pending == 0
+    ids = torch.tensor(seq.tokens[: seq.fed])
+    cache = model.new_cache(ids.shape[0])
+    from exitserve.models.llm.llama import LayerSpan
+
+    x, rotary = model.embed(ids), model.rotary()
+    for index, layer in enumerate(model.layers):
+        keys, values = cache[index]
+        x = layer.run(x, [LayerSpan((0, ids.shape[0]), torch.arange(ids.shape[0]), keys, values)], rotary)
+        got_keys = seq.cache[index][0][:, : ids.shape[0]]
+        assert torch.allclose(got_keys, keys, atol=1e-4), f"layer {index}"
+
+
+def test_copy_strategy_fills_every_layer_at_once(parts):
+    dec = decoder(parts, "copy")
+    prompt = random_prompts(1, seed=7)[0]
+    seqs = [dec.new_sequence(prompt, capacity=64, mode="early", delta=0.15, policy="confidence")]
+    early = 0
+    for _ in range(20):
+        gained = dec.step(seqs)
+        early += sum(t.exit < len(EXIT_LAYERS) - 1 for t in gained[0])
+        assert seqs[0].pending == 0 and len(set(seqs[0].filled)) == 1
+    assert early > 0
+
+
+def test_delta_one_never_exits_early(parts):
+    dec = decoder(parts)
+    prompts = random_prompts(4, seed=9)
+    tokens, _, exits = generate(dec, prompts, mode="early", delta=1.0, policy="pcee")
+    full, _, _ = generate(dec, prompts, mode="full")
+    assert tokens == full
+    assert all(e == len(EXIT_LAYERS) - 1 for row in exits for e in row)
+
+
+def test_sampling_is_reproducible_with_a_seed(parts):
+    dec = decoder(parts)
+    prompt = random_prompts(1, seed=4)
+    runs = [generate(dec, prompt, mode="full", temperature=1.0, generator=torch.Generator().manual_seed(s))[0][0]
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]

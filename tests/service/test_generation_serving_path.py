@@ -1,0 +1,65 @@
+"""The generation serving path loads a bundle without transformers, and bundles keep their checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from exitserve.models.bundle import BundleError, load_bundle
+from tests.models.llm_support import write_tiny_generation_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return write_tiny_generation_bundle(tmp_path_factory.mktemp("llm") / "tiny-llm")
+
+
+def test_serving_a_generation_bundle_never_imports_transformers(bundle):
+    code = (
+        "import sys\n"
+        "from exitserve.service.app import create_app\n"
+        "from exitserve.service.settings import Settings\n"
+        f"app = create_app(Settings(bundles=[{str(bundle)!r}]))\n"
+        "model = app.state.generation.models['tiny-llm']\n"
+        "model.start()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'gguf', 'accelerate')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_generation_manifest_lists_and_checks_every_file(bundle):
+    loaded = load_bundle(bundle)
+    spec = loaded.manifest.generation
+    assert loaded.manifest.task == "text-generation" and spec.exit_layers == [1, 3, 5]
+    assert {spec.weights, spec.config, spec.tokenizer, spec.chat_template, spec.heads, "calibration.json"} <= set(
+        loaded.manifest.sha256)
+    assert loaded.manifest.compute_fractions()[-1] == 1.0
+    assert 0 < loaded.manifest.compute_fractions()[0] < loaded.manifest.compute_fractions()[1] < 1
+
+
+def test_tampered_heads_fail_loading(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with (copy / "heads.safetensors").open("r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="heads.safetensors: sha256 mismatch"):
+        load_bundle(copy)
+
+
+def test_generation_section_is_required_for_the_task(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["generation"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="text-generation and the `generation` section go together"):
+        load_bundle(copy)

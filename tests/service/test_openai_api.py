@@ -1,0 +1,168 @@
+"""The OpenAI-compatible endpoints, driven by the real `openai` client against a real `exitserve serve`
+of a tiny generation bundle (random Llama-shaped decoder, character tokenizer, heads and tables)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import running_server
+from tests.models.llm_support import write_tiny_generation_bundle
+
+PROMPTS = ["hello", "The quick brown fox", "0123", "abc abc abc", "Zebra!", "~", "a b c d e f", "What is it?"]
+
+
+@pytest.fixture(scope="module")
+def llm_bundle(tmp_path_factory):
+    return write_tiny_generation_bundle(tmp_path_factory.mktemp("llm") / "tiny-llm")
+
+
+@pytest.fixture(scope="module")
+def llm_server(llm_bundle):
+    with running_server([llm_bundle]) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(llm_server):
+    return openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, prompt: str, **kwargs):
+    return client.completions.create(model="tiny-llm", prompt=prompt, **kwargs)
+
+
+def test_completion_greedy_with_exit_extension(client):
+    r = complete(client, "hello", max_tokens=20, temperature=0, extra_body={"delta": 0.5, "policy": "confidence"})
+    ext = r.model_extra["exitserve"]
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == len(ext["exits"]) > 0
+    assert len(r.choices[0].text) == len(ext["exits"])  # one character per token
+    assert all(0 <= e < 3 for e in ext["exits"]) and ext["num_layers"] == 6
+    assert set(ext["exit_layers"]) <= {2, 4, 6}
+    assert 0.0 < ext["mean_compute_fraction"] <= 1.0 and ext["mode"] == "early"
+
+
+def test_exact_mode_equals_full_depth_through_the_api(client):
+    drafted = 0
+    for prompt in PROMPTS:
+        full = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"policy": "full"})
+        exact = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"delta": 1})
+        assert exact.choices[0].text == full.choices[0].text
+        assert exact.model_extra["exitserve"]["mode"] == "exact"
+        # a low draft threshold drafts (and rejects) often: still the full model's text
+        eager = complete(client, prompt, max_tokens=24, temperature=0, extra_body={"policy": "exact", "delta": 0.2})
+        assert eager.choices[0].text == full.choices[0].text
+        drafted += eager.model_extra["exitserve"]["drafted"]
+        assert all(e == 2 for e in full.model_extra["exitserve"]["exits"])
+    assert drafted > 0
+
+
+def test_streaming_gives_the_same_text(client):
+    kwargs = dict(max_tokens=30, temperature=0, extra_body={"delta": 0.5, "policy": "confidence"})
+    whole = complete(client, "The quick brown fox", **kwargs).choices[0].text
+    chunks = list(complete(client, "The quick brown fox", stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and "exitserve" in finals[0].model_extra
+    assert chunks[-1].usage.completion_tokens == 30
+
+
+def test_chat_completion_and_stream(client):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=12, temperature=0,
+                                              stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == r.choices[0].message.content
+    # "<system>be brief<|end|><user>hi<|end|><assistant>": the template rendered, special token included
+    assert r.usage.prompt_tokens == len("<system>be brief") + 1 + len("<user>hi") + 1 + len("<assistant>")
+
+
+def test_stop_string_cuts_the_text(client):
+    base = complete(client, "abc abc abc", max_tokens=30, temperature=0, extra_body={"policy": "full"}).choices[0].text
+    stop = base[5:7]
+    cut = complete(client, "abc abc abc", max_tokens=30, temperature=0, stop=[stop], extra_body={"policy": "full"})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == base[: base.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    runs = [complete(client, "hello", max_tokens=16, temperature=1.0, seed=s, extra_body={"policy": "full"}).choices[0].text
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=5000), "max_tokens"),
+    (dict(prompt="x" * 300, max_tokens=4), "context limit"),
+    (dict(temperature=0.7, extra_body={"delta": 1}), "temperature"),
+    (dict(extra_body={"policy": "nope"}), "policy"),
+    (dict(extra_body={"delta": 1.5}), "delta"),
+    (dict(top_p=0.5), "top_p"),
+])
+def test_bad_requests_are_400_with_a_reason(client, kwargs, message):
+    kwargs = {"prompt": "hello", "max_tokens": 4, "temperature": 0, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny-llm", **kwargs)
+    assert message in str(info.value)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+
+
+def _metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_generation_metrics_exist_and_count(llm_server, client):
+    before = _metric(llm_server.url, "exitserve_generated_tokens_total")
+    complete(client, "hello", max_tokens=7, temperature=0, extra_body={"policy": "full"})
+    assert _metric(llm_server.url, "exitserve_generated_tokens_total") == before + 7
+    text = httpx.get(f"{llm_server.url}/metrics").text
+    for name in ("exitserve_time_to_first_token_seconds_bucket", "exitserve_inter_token_latency_seconds_bucket",
+                 "exitserve_token_exit_depth_bucket", "exitserve_token_compute_fraction_bucket",
+                 "exitserve_draft_tokens_total", "exitserve_running_sequences", "exitserve_waiting_sequences"):
+        assert name in text, name
+
+
+def test_client_disconnect_stops_generation(llm_server):
+    before = _metric(llm_server.url, "exitserve_cancelled_sequences_total")
+    body = {"model": "tiny-llm", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True,
+            "policy": "full"}
+    with httpx.stream("POST", f"{llm_server.url}/v1/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(llm_server.url, "exitserve_cancelled_sequences_total") <= before:
+        time.sleep(0.1)
+    assert _metric(llm_server.url, "exitserve_cancelled_sequences_total") == before + 1
+    assert _metric(llm_server.url, "exitserve_running_sequences") == 0
+
+
+def test_full_queue_answers_503_with_retry_after(llm_bundle):
+    with running_server([llm_bundle], ["--queue-limit", "1", "--max-batch-size", "1"]) as proc:
+        body = {"model": "tiny-llm", "prompt": "hello", "max_tokens": 150, "temperature": 0, "policy": "full"}
+
+        def post():
+            return httpx.post(f"{proc.url}/v1/completions", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: post(), range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 2 and 503 in codes, codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1" and "overloaded" in refused.json()["error"]["message"]
