@@ -139,13 +139,23 @@ class Manifest(_Strict):
         if self.task == "text-generation":
             if self.labels:
                 raise ValueError("a text-generation bundle has no labels (its classes are the vocabulary)")
-            if len(self.generation.exit_layers) != len(self.exits):
-                raise ValueError(f"{len(self.generation.exit_layers)} exit layers for {len(self.exits)} exits")
-            if any(b <= a for a, b in zip(self.generation.exit_layers, self.generation.exit_layers[1:], strict=False)):
+            if self.generation is None:
+                raise ValueError("a text-generation bundle needs a 'generation' section")
+            layers = self.generation.exit_layers
+            if len(layers) != len(self.exits):
+                raise ValueError(f"{len(layers)} exit layers for {len(self.exits)} exits")
+            if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
                 raise ValueError("exit_layers must be strictly increasing")
         elif len(set(self.labels)) != len(self.labels) or not self.labels:
             raise ValueError("labels must be non-empty and unique")
         return self
+
+    @property
+    def generation_spec(self) -> GenerationSpec:
+        """The generation section of a text-generation bundle (the validator guarantees it there)."""
+        if self.generation is None:
+            raise BundleError(f"bundle {self.name!r} is not a text-generation bundle")
+        return self.generation
 
     def _generation_files(self) -> list[str]:
         if (self.task == "text-generation") != (self.generation is not None):

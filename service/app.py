@@ -55,7 +55,11 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        warmup["task"] = asyncio.create_task(asyncio.to_thread(lambda: (repository.start(), generation.start())))
+        def warm_up() -> None:
+            repository.start()
+            generation.start()
+
+        warmup["task"] = asyncio.create_task(asyncio.to_thread(warm_up))
         with admin.sighup_reloads(repository):  # SIGHUP reloads every model from its bundle directory
             yield
         if warmup["task"] is not None:

@@ -31,14 +31,14 @@ class HeadTrainConfig:
 
 def full_head_logits(model: LlamaModel, heads: ExitHeads, last_hidden: torch.Tensor) -> torch.Tensor:
     """The full model's logits restricted to the head vocabulary, from the last layer's hidden states."""
-    return model.model.norm(last_hidden.float()) @ heads.rows.T
+    return model.model.norm(last_hidden.float()) @ heads.bound_rows().T
 
 
 def train_head(model: LlamaModel, heads: ExitHeads, index: int, hidden: torch.Tensor, last_hidden: torch.Tensor,
                full_argmax: torch.Tensor, config: HeadTrainConfig, *, log=print) -> list[float]:
     """Train head `index` on hidden states [n, width] (float16 ok); returns the loss per 50 steps."""
     generator = torch.Generator().manual_seed(config.seed + index)
-    head = heads.heads[index]
+    head = heads.exit_heads[index]
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
@@ -49,7 +49,7 @@ def train_head(model: LlamaModel, heads: ExitHeads, index: int, hidden: torch.Te
     history, running, start = [], 0.0, time.perf_counter()
     for step in range(config.steps):
         batch = usable[torch.randint(usable.numel(), (config.batch_size,), generator=generator)]
-        logits = head.features(hidden[batch].float()) @ heads.rows.T
+        logits = head.features(hidden[batch].float()) @ heads.bound_rows().T
         if config.loss == "kl":
             with torch.no_grad():
                 target = F.log_softmax(full_head_logits(model, heads, last_hidden[batch]), dim=-1)

@@ -42,9 +42,12 @@ class ExitHead(nn.Module):
 class ExitHeads(nn.Module):
     """One head per early exit; `vocab` [K] token ids; `rows` [K, width] their (frozen) embedding rows."""
 
+    vocab: torch.Tensor  # buffer: the head vocabulary's token ids
+
     def __init__(self, width: int, hidden: int, eps: float, vocab: torch.Tensor, num_heads: int):
         super().__init__()
         self.heads = nn.ModuleList(ExitHead(width, hidden, eps) for _ in range(num_heads))
+        self.exit_heads = [h for h in self.heads if isinstance(h, ExitHead)]  # the same modules, typed
         self.register_buffer("vocab", vocab.to(torch.int64), persistent=True)
         self.rows: torch.Tensor | None = None
         self.hidden = hidden
@@ -56,13 +59,18 @@ class ExitHeads(nn.Module):
         return self
 
     def init_from(self, model: LlamaModel) -> ExitHeads:
-        for head in self.heads:
+        for head in self.exit_heads:
             head.norm_out.weight.data.copy_(model.model.norm.weight.data)
         return self.bind(model)
 
     def logits(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Head `index` on hidden states [n, width] -> logits over the head vocabulary [n, K]."""
-        return self.heads[index].features(hidden) @ self.rows.T
+        return self.exit_heads[index].features(hidden) @ self.bound_rows().T
+
+    def bound_rows(self) -> torch.Tensor:
+        if self.rows is None:
+            raise RuntimeError("exit heads are not bound to a model's LM head: call bind(model) first")
+        return self.rows
 
     @property
     def vocab_size(self) -> int:

@@ -154,24 +154,33 @@ class LayerSpan:
     values: torch.Tensor
 
 
+class LlamaBody(nn.Module):
+    """The checkpoint's `model.*` part: embedding, decoder layers, final norm (typed attributes)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head with the checkpoint's parameter names."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.model = LlamaBody(config)
+        # The same modules, typed (a ModuleList only knows they are modules); looked up per token.
+        self._layers = [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rotary: Rotary | None = None
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+    def layers(self) -> list[DecoderLayer]:
+        return self._layers
 
     def rotary(self) -> Rotary:
         weight = self.model.embed_tokens.weight

@@ -14,18 +14,20 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from exitserve.calibration import POLICIES
 from exitserve.errors import ExitserveError, InvalidInput, NotFound, Overloaded
+from exitserve.service.protocols.bodies import Schema, parse_body
 from exitserve.service.serving.generation.repository import GenerationRepository
 from exitserve.service.serving.generation.stream import (
     GenerationParams,
+    Mode,
     TokenEvent,
     TokenStream,
 )
@@ -125,7 +127,7 @@ class _Generation:
         self.stops = _stops(body.stop)
         self.prompt_ids = prompt_ids
         self.params = GenerationParams(
-            prompt=prompt_ids, max_tokens=max_tokens, mode=mode, delta=draft_delta, policy=self.policy,
+            prompt=prompt_ids, max_tokens=max_tokens, mode=cast(Mode, mode), delta=draft_delta, policy=self.policy,
             temperature=body.temperature, seed=body.seed, stop_ids=frozenset(model.spec.eos_ids),
         )
         self.ids: list[int] = []
@@ -225,17 +227,8 @@ def openai_error(message: str, status: int, headers: dict[str, str] | None = Non
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
-    try:
-        raw = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"body: not valid JSON ({exc})") from exc
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise InvalidInput(f"{where}: {first.get('msg')}") from exc
+async def _parse(request: Request, schema: type[Schema]) -> Schema:
+    return parse_body(schema, await request.body())  # the same 400s as every other JSON route
 
 
 def _sse(payload: dict) -> bytes:
@@ -316,7 +309,7 @@ def build_router(repository: GenerationRepository, default_delta: float, default
             ids = await asyncio.to_thread(model.encode, prompt)
         else:
             vocab = model.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
                 raise InvalidInput(f"prompt: token ids must lie in [0, {vocab})")
             ids = list(prompt)
         return await run(request, body, ids, chat=False)

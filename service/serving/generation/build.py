@@ -46,6 +46,8 @@ def write_exits(directory: Path, heads: ExitHeads | None, calibration: Calibrati
     for stale in (HEADS_FILE, "calibration.json"):
         (directory / stale).unlink(missing_ok=True)
     if heads is not None:
+        if calibration is None:
+            raise ValueError("exit heads need their reliability tables")
         save_heads(heads, directory / HEADS_FILE)
         save_calibration(calibration, directory / "calibration.json")
     write_generation_manifest(
@@ -172,7 +174,7 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
 
     torch.set_num_threads(int(args.get("threads") or 2))
     bundle = load_bundle(bundle_dir)
-    spec = bundle.manifest.generation
+    spec = bundle.manifest.generation_spec
     model = load_llama(bundle_dir)
     tokenizer = Tokenizer.from_file(str(bundle_dir / spec.tokenizer))
     data = Path(args["data"])
@@ -214,6 +216,7 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
         check_cost, lm_head_cost = measure_costs(model, heads, layers, everything, prompt)
         chosen = select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
                               model.config.num_layers, check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
+    assert chosen is not None  # fixed, or chosen by measurement just above
     keep = [layers.index(layer) for layer in chosen]
     final = ExitHeads(model.config.hidden_size, heads.hidden, model.config.rms_norm_eps, torch.from_numpy(vocab),
                       len(chosen))

@@ -50,7 +50,7 @@ class Sequence:
     fed: int = 0
     filled: list[int] = field(default_factory=list)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    h_last: torch.Tensor | None = None
+    h_last: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # sized by new_sequence
     verified: int = 0  # exact mode: tokens[:verified] are the full model's, later ones drafts
     draft_exits: list[int] = field(default_factory=list)  # exit index of each draft
     drafted: int = 0
@@ -171,18 +171,24 @@ class MultiExitDecoder:
 
     def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]) -> list[int | None]:
         """Token for each sequence that leaves at this exit, None for those that go on."""
-        logits = self.heads.logits(exit_index, torch.stack(last_rows))
+        heads, calibration = self._exit_tables()
+        logits = heads.logits(exit_index, torch.stack(last_rows))
         scores = calibration_logits(logits.float().cpu().numpy())
         leaving: list[int | None] = [None] * len(seqs)
         for policy in {s.policy for s in seqs}:
             rows = [j for j, s in enumerate(seqs) if s.policy == policy]
             deltas = np.array([seqs[j].delta for j in rows])
-            decision = self.calibration.step(policy, exit_index, scores[rows], deltas)
+            decision = calibration.step(policy, exit_index, scores[rows], deltas)
             for j, leave in zip(rows, decision.exit_now, strict=True):
                 if leave:
                     column = self._pick(seqs[j], logits[j])
-                    leaving[j] = int(self.heads.vocab[column])
+                    leaving[j] = int(heads.vocab[column])
         return leaving
+
+    def _exit_tables(self) -> tuple[ExitHeads, Calibration]:
+        if self.heads is None or self.calibration is None:  # new_sequence sends such bundles full depth
+            raise RuntimeError("this bundle has no exit heads")
+        return self.heads, self.calibration
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         if seq.temperature <= 0.0:

@@ -23,7 +23,7 @@ from exitserve.service.serving.generation.scheduler import Scheduler
 
 
 def load_heads(bundle: Bundle, width: int, eps: float) -> ExitHeads | None:
-    spec = bundle.manifest.generation
+    spec = bundle.manifest.generation_spec
     if spec.heads is None or len(spec.exit_layers) < 2:
         return None
     from safetensors.torch import load_file
@@ -51,7 +51,7 @@ class ChatTemplate:
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32):
-        spec = bundle.manifest.generation
+        spec = bundle.manifest.generation_spec
         if spec is None:
             raise BundleError(f"{bundle.path}: not a text-generation bundle")
         self.bundle, self.spec, self.name = bundle, spec, bundle.manifest.name
@@ -77,8 +77,8 @@ class GenerationModel:
         self.chat_template = None
         if spec.chat_template:
             self.chat_template = ChatTemplate((bundle.path / spec.chat_template).read_text(),
-                                              token(spec.bos_id) if spec.bos_id is not None else "",
-                                              token(spec.eos_ids[0]) if spec.eos_ids else "")
+                                              (token(spec.bos_id) or "") if spec.bos_id is not None else "",
+                                              (token(spec.eos_ids[0]) or "") if spec.eos_ids else "")
         self.metrics = GenerationMetrics(metrics_registry, self.name, bundle.manifest.num_exits)
         self.scheduler = Scheduler(self.decoder, self.metrics, max_running=max_running, queue_limit=queue_limit,
                                    model=self.name)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from llm_support import TINY, tiny_model
 from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 from exitserve.models.llm.llama import LayerSpan, load_llama
-from tests.models.llm_support import TINY, tiny_model
 
 
 def _hf_twin(model) -> LlamaForCausalLM:

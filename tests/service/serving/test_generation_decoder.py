@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
-from tests.models.llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
 
 NEW_TOKENS = 20
 

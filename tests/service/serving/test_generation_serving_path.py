@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from llm_support import write_tiny_generation_bundle
 
 from exitserve.models.bundle import BundleError, load_bundle
-from tests.models.llm_support import write_tiny_generation_bundle
 
 
 @pytest.fixture(scope="module")

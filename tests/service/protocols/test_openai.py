@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+from llm_support import write_tiny_generation_bundle
 
 from tests.conftest import running_server
-from tests.models.llm_support import write_tiny_generation_bundle
 
 PROMPTS = ["hello", "The quick brown fox", "0123", "abc abc abc", "Zebra!", "~", "a b c d e f", "What is it?"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from llm_support import TINY, tiny_model
 
 from exitserve.calibration import decide_all
 from exitserve.models.llm.head_training import HeadTrainConfig, agreement_report, head_logits, train_head
@@ -17,7 +18,6 @@ from exitserve.models.llm.heads import (
 from exitserve.models.llm.hidden_cache import cache_hidden
 from exitserve.service.serving.generation.build import select_exits
 from exitserve.service.serving.generation.calibrate import fit_token_calibration
-from tests.models.llm_support import TINY, tiny_model
 
 
 def test_vocabulary_choice_and_columns():
@@ -64,8 +64,9 @@ def test_training_raises_agreement_and_tables_count_it():
 
 
 def test_cost_measurement_runs_the_decoder_and_returns_layer_equivalents():
+    from llm_support import tiny_calibration, tiny_heads
+
     from exitserve.service.serving.generation.build import measure_costs
-    from tests.models.llm_support import tiny_calibration, tiny_heads
 
     model = tiny_model()
     heads = tiny_heads(model)
