@@ -82,3 +82,19 @@ def test_the_serving_path_imports_no_offline_code() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_serving_the_default_bundle_loads_no_torch() -> None:
+    """Building the app (bundles loaded and verified, both repositories) as `exitserve serve` does: the CPU
+    image and the README's first command have no torch."""
+    code = (
+        "import sys\n"
+        "from exitserve.service.app import create_app\n"
+        "from exitserve.service.settings import Settings\n"
+        "create_app(Settings())\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx', 'tqdm'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -38,7 +38,13 @@ class GenerationRepository:
         self.models: dict = {}
 
     def load(self, paths: list[Path]) -> None:
-        import torch
+        if not paths:  # classifiers only: the serving path stays free of torch
+            return
+        try:
+            import torch
+        except ModuleNotFoundError:
+            raise BundleError(f"{paths[0]}: serving a generation bundle needs the `llm` extra: "
+                              "pip install 'exitserve[llm]'") from None
 
         from exitserve.service.serving.generation.model import load_generation_model  # torch from here on
 
