@@ -45,11 +45,6 @@ def _route(path: str) -> tuple[str, str] | None:
     return None
 
 
-def route_model(path: str) -> str | None:
-    route = _route(path)
-    return route[1] if route else None
-
-
 def _is_json(content_type: bytes) -> bool:
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -92,8 +87,10 @@ class EdgeMiddleware:
             supplied = auth[7:] if auth[:7].lower() == b"bearer " else b""
         return supplied
 
-    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], protocol: str | None, id_problem: str | None) -> object:
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
+                 id_problem: str | None) -> object:
         """The response refusing this request at the edge, or None to let it through."""
+        protocol = route[0] if route else None
         if self.allowed_hosts:
             host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
             if host not in self.allowed_hosts:
@@ -112,9 +109,9 @@ class EdgeMiddleware:
         limit = scope["state"]["body_limit"]
         if length is not None and length.isdigit() and int(length) > limit:
             return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
-        if protocol in ("v1", "v2"):
+        if route is not None and protocol in ("v1", "v2"):
             try:
-                RESERVATION.set(self._reserve(route_model(scope["path"]), headers, scope))
+                RESERVATION.set(self._reserve(route[1], headers, scope))
             except Overloaded as exc:
                 return error_response(str(exc), exc.status, exc.headers)
         if scope["method"] == "POST" and protocol is not None:
@@ -155,7 +152,7 @@ class EdgeMiddleware:
         gone: asyncio.Future = asyncio.get_running_loop().create_future()
         CLIENT_GONE.set(gone)
         watcher: list[asyncio.Task] = []
-        response = self._refusal(scope, headers, protocol, id_problem)
+        response = self._refusal(scope, headers, route, id_problem)
         try:
             if response is not None:
                 await response(scope, receive, send_with_id)  # type: ignore[operator]
@@ -191,13 +188,13 @@ class EdgeMiddleware:
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
 
-    def _reserve(self, model: str | None, headers: dict[bytes, bytes], scope: Scope) -> Reservation | None:
+    def _reserve(self, model: str, headers: dict[bytes, bytes], scope: Scope) -> Reservation | None:
         """Room in the model's queue for this request, estimated from its Content-Length as raw samples
         (exact for base64 tensors, generous for JSON): refused with 503 on the headers, before the body
         is read or parsed, so a burst costs the server next to nothing. Only on kept-alive connections:
         uvicorn then reads and drops the unread body, whereas closing a socket with unread data would
         reset it and the client could lose the 503."""
-        served = self.repository.models.get(model) if model else None
+        served = self.repository.models.get(model)
         length = headers.get(b"content-length", b"")
         if served is None or not served.ready or served.tokenizer is not None or not length.isdigit():
             return None

@@ -140,7 +140,7 @@ class BatchObserver(Protocol):
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         """Runs before the request's future is settled (the decision is on record when the client reads it)."""
 
-    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
         """After the whole batch, shadow rows included, has run; `offsets` are the items' first rows."""
 
 
@@ -151,7 +151,7 @@ class _NoObserver:
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         pass
 
-    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
         pass
 
 
@@ -343,10 +343,9 @@ class DynamicBatcher:
                     self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
         result = self._run_engine(x, deltas, policies, want, on_exit)
-        elapsed = time.perf_counter() - started
-        rate = len(x) / max(elapsed, 1e-6)
+        rate = len(x) / max(time.perf_counter() - started, 1e-6)
         self._throughput = rate if self._throughput is None else 0.8 * self._throughput + 0.2 * rate
-        self.observer.batch_done(items, offsets, result, time.perf_counter() - started)
+        self.observer.batch_done(items, offsets, result)
 
     def _run_engine(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want: np.ndarray | None,
                     on_exit: Callable[[np.ndarray, BatchResult], None]) -> BatchResult:
@@ -380,7 +379,7 @@ class DynamicBatcher:
             target_met=result.target_met[lo:hi].copy(),
             probabilities=None if result.probabilities is None else result.probabilities[lo:hi].copy(),
             queue_seconds=batch_started - item.enqueued_at,
-            confidence=None if result.confidence is None else result.confidence[lo:hi].copy(),
+            confidence=result.confidence[lo:hi].copy(),
             trace=None if result.trace is None else result.trace.rows(slice(lo, hi)),
         )
         self.observer.answered(item, value)

@@ -50,7 +50,7 @@ class ModelObserver:
             result.target_met, result.confidence, result.trace,
         )
 
-    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
         self._batch_size.observe(int(offsets[-1]))
         self.monitor.observe_shadows([item.record_slot for item in items], offsets, result.class_index,
                                      result.exit_index, result.shadow_prediction, result.confidence, result.trace)

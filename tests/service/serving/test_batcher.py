@@ -33,7 +33,7 @@ class RecordingObserver:
         # Called before the future is settled: the client never sees an answer that is not on record.
         self.answers.append((item.request_id, len(result.exit_index), item.future.done()))
 
-    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult, seconds: float) -> None:
+    def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
         self.batches.append(([len(i) for i in items], offsets.tolist()))
         assert len(result.exit_index) == offsets[-1]
 
