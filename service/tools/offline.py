@@ -126,25 +126,15 @@ class Fitted:
     labels: np.ndarray
 
 
-def calibrate_bundle(
-    bundle_dir: str | Path,
-    data_spec: str,
-    *,
-    provider: Provider = "cpu",
-    threads: int = 2,
-    batch_size: int = 256,
-    progress: bool = True,
-    use_labels: bool = True,
-    **fit_kwargs: Any,
-) -> Calibration:
+def calibrate_bundle(bundle_dir: str | Path, data_spec: str, **options: Any) -> Calibration:
     """Fit calibration.json for a bundle on `data_spec` (e.g. "cifar10:val" or a .npz) and re-sign it.
 
-    fit_kwargs go to `calibration.fit_calibration` (confidence, bins, binning, window, alpha,
-    delta_grid, fit_temperature). use_labels=False calibrates self-supervised (agreement with the
-    last exit). Returns the fitted Calibration; the bundle is verified again after writing.
+    `options` are `fit_bundle`'s: provider, threads, batch_size, progress, use_labels (False calibrates
+    self-supervised: agreement with the last exit), and what goes on to `calibration.fit_calibration`
+    (confidence, bins, binning, window, alpha, delta_grid, fit_temperature). Returns the fitted
+    Calibration; the bundle is verified again after writing.
     """
-    return fit_bundle(bundle_dir, data_spec, provider=provider, threads=threads, batch_size=batch_size,
-                      progress=progress, use_labels=use_labels, **fit_kwargs).calibration
+    return fit_bundle(bundle_dir, data_spec, **options).calibration
 
 
 def fit_bundle(
