@@ -150,6 +150,7 @@ class Calibration:
             "per-exit-threshold": self._guarded(self._threshold_rule, "per-exit-threshold"),
             "full": self._guarded(self._full_rule, "full"),
         }
+        self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
 
     # --- loading and saving -------------------------------------------------------------------
 
@@ -229,6 +230,46 @@ class Calibration:
         if not 0 <= exit_index < self.num_exits:
             raise ValueError(f"exit index {exit_index} out of range: the model has {self.num_exits} exits")
         return self._exits[exit_index]
+
+    # --- which exits can fire ------------------------------------------------------------------
+
+    def firing_exits(self, policy: str, deltas: np.ndarray | float) -> np.ndarray:
+        """[num_exits] bool: could exit k let at least one of these samples leave, whatever its logits?
+
+        False means `step(policy, k, …)` says exit_now = False for every row at these δ: the server
+        need not compute exit k's head, nor stop its hidden-state chain there (issue 16). The last
+        exit always fires. Exact for the table and tail rules (a bin's value must reach δ), conservative
+        for `confidence` (any exit may fire).
+        """
+        ceilings = self._ceilings.get(policy)
+        if ceilings is None:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        deltas = np.atleast_1d(np.asarray(deltas, dtype=np.float64))
+        fires = (deltas[None, :] <= ceilings[:, self.grid_index(deltas)]).any(axis=1)
+        fires[-1] = True
+        return fires
+
+    def _ceiling(self, policy: str) -> np.ndarray:
+        """[num_exits, G]: the largest δ at which exit k lets some bin leave, for requests on grid row g."""
+        grid = self.delta_grid.size
+        rows = []
+        for ex in self._exits:
+            if policy in TABLE_POLICIES:
+                ceiling = np.full(grid, ex.decide[TABLE_POLICIES[policy]].max())
+            elif policy in CONDITIONAL_KINDS or (policy == "pcee-lb-tail" and ex.tail_allowed is None):
+                kind = policy if policy in CONDITIONAL_KINDS else "pcee-lb-cond"
+                ceiling = np.where(ex.cond_allowed[kind], ex.cond_decide[kind], -np.inf).max(axis=1)
+            elif policy == "pcee-lb-tail":
+                assert ex.tail_allowed is not None
+                ceiling = np.where(ex.tail_allowed, ex.tail_guard[policy], -np.inf).max(axis=1)
+            elif policy == "per-exit-threshold":
+                ceiling = np.full(grid, ex.precision.max() if ex.precision.size else -np.inf)
+            elif policy == "full":
+                ceiling = np.full(grid, -np.inf)
+            else:  # confidence: any δ in [0, 1] may be reached by some logits
+                ceiling = np.full(grid, np.inf)
+            rows.append(ceiling)
+        return np.array(rows, dtype=np.float64)
 
     # --- the decision -------------------------------------------------------------------------
 
