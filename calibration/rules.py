@@ -245,7 +245,7 @@ class Calibration:
         if ceilings is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
         deltas = np.atleast_1d(np.asarray(deltas, dtype=np.float64))
-        fires = (deltas[None, :] <= ceilings[:, self.grid_index(deltas)]).any(axis=1)
+        fires: np.ndarray = np.any(deltas[None, :] <= ceilings[:, self.grid_index(deltas)], axis=1)
         fires[-1] = True
         return fires
 

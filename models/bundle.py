@@ -63,6 +63,15 @@ class SegmentSpec(_Strict):
         return [name for name in self.outputs if name != self.logits]
 
 
+class SpanSpec(_Strict):
+    """Segments first..last as one graph computing only segment `last`'s exit head (models.spans):
+    it takes segment `first`'s inputs and gives segment `last`'s outputs."""
+
+    first: int = Field(ge=0)
+    last: int = Field(ge=0)
+    file: str
+
+
 class ExitSpec(_Strict):
     index: int = Field(ge=0)
     after_segment: int = Field(ge=0)
@@ -107,6 +116,7 @@ class Manifest(_Strict):
     sha256: dict[str, str]
     created_by: Provenance
     generation: GenerationSpec | None = None
+    spans: list[SpanSpec] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -130,9 +140,16 @@ class Manifest(_Strict):
             passed = self.segments[k - 1].state_outputs
             if self.segments[k].inputs != passed:
                 raise ValueError(f"segment {k} inputs {self.segments[k].inputs} != segment {k - 1} outputs {passed}")
+        spans = self.spans or []
+        for span in spans:
+            if not span.first < span.last < len(self.segments):
+                raise ValueError(f"span {span.first}-{span.last}: needs first < last < {len(self.segments)} (the segments)")
+        if len({(span.first, span.last) for span in spans}) != len(spans):
+            raise ValueError("spans: the same span is listed twice")
         tokenizer = [self.input.text.tokenizer] if self.input.text else []
         generation = self._generation_files()
-        for file in [*self.sha256, *tokenizer, *generation, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
+        span_files = [span.file for span in spans]
+        for file in [*self.sha256, *tokenizer, *generation, *span_files, *(f for s in self.segments for f in (s.file, s.torchscript) if f)]:
             parts = PurePosixPath(file).parts
             if not parts or PurePosixPath(file).is_absolute() or ".." in parts or "\\" in file:
                 raise ValueError(f"file path {file!r} escapes the bundle directory (relative paths inside it only)")
@@ -224,6 +241,10 @@ class Bundle:
     def segment_path(self, index: int) -> Path:
         return self.path / self.manifest.segments[index].file
 
+    def span_paths(self) -> dict[tuple[int, int], Path]:
+        """(first, last) -> graph of every span the bundle carries (none for bundles built before spans)."""
+        return {(span.first, span.last): self.path / span.file for span in self.manifest.spans or []}
+
     def __repr__(self) -> str:
         m = self.manifest
         return f"Bundle({m.name!r} v{m.version}, {m.num_exits} exits, {self.path})"
@@ -256,6 +277,9 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
         for file in filter(None, (segment.file, segment.torchscript)):
             if file not in listed:
                 raise BundleError(f"{directory / file}: segment file has no checksum in the manifest")
+    for span in manifest.spans or []:
+        if span.file not in listed:
+            raise BundleError(f"{directory / span.file}: span file has no checksum in the manifest")
     generation_files = manifest._generation_files()
     for file in generation_files:
         if file not in listed:

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from exitserve import __version__
-from exitserve.models.bundle import Manifest, write_manifest
+from exitserve.models.bundle import Manifest, load_bundle, write_manifest
 from exitserve.models.flops import segment_flops
 from exitserve.models.net import MultiExitNet, SegmentWithHead, as_tuple
 
@@ -151,6 +151,7 @@ def export_bundle(
     torchscript: bool = False,
     text: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
+    spans: bool = True,
 ) -> tuple[Manifest, list[float]]:
     """Write a verified bundle directory; returns the manifest and the max parity error per segment.
 
@@ -159,6 +160,7 @@ def export_bundle(
     TorchScript twin of every segment (`segments/NN.pt`) for the torch runner. `text` (the fields
     of `models.bundle.TextSpec`) marks a text model: token-id input, sequence axes left dynamic;
     `extra_files` (bundle-relative name -> source) are copied in and signed, e.g. the tokenizer.
+    `spans` adds the fused span graphs the server runs between exits that can fire (models.spans).
     """
     inputs = as_tuple(example_inputs)
     if inputs[0].shape[0] < max(PARITY_BATCHES):
@@ -213,4 +215,9 @@ def export_bundle(
         },
     })
     worst = verify_parity(net, out, manifest, inputs)
+    if spans and len(segments) > 1:
+        from exitserve.models.spans import add_spans
+
+        add_spans(out)
+        manifest = load_bundle(out).manifest
     return manifest, worst

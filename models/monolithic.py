@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 import onnx.compose
 import onnx.utils
 
-from exitserve.models.bundle import MANIFEST_FILE, load_bundle, write_manifest
+from exitserve.models.bundle import MANIFEST_FILE, SegmentSpec, load_bundle, write_manifest
 from exitserve.models.export import MAX_IR_VERSION
 
 
@@ -26,13 +27,21 @@ def merge_segments(bundle_dir: str | Path, every_exit: bool = False) -> onnx.Mod
     `every_exit` each exit's logits as an output (the pure cost of cutting, for benchmarks)."""
     bundle = load_bundle(bundle_dir)
     segments = bundle.manifest.segments
-    last = len(segments) - 1
+    models = [onnx.load(str(bundle.segment_path(k))) for k in range(len(segments))]
+    return merge_span(segments, models, 0, len(segments) - 1, every_exit=every_exit)
+
+
+def merge_span(segments: Sequence[SegmentSpec], models: Sequence[onnx.ModelProto], first: int, last: int,
+               every_exit: bool = False) -> onnx.ModelProto:
+    """Segments first..last (their graphs `models`) as one graph taking segment `first`'s inputs and
+    giving segment `last`'s outputs (its state, then its exit logits); the inner exit heads are
+    pruned, or with `every_exit` kept as outputs."""
+    final = len(segments) - 1
     merged: onnx.ModelProto | None = None
-    for k in range(len(segments)):
-        model = onnx.load(str(bundle.segment_path(k)))
-        # Unique names per segment (exporters reuse initializer names), but keep the model's input
-        # and final logits names as they are.
-        model = onnx.compose.add_prefix(model, f"s{k}/", rename_inputs=k > 0, rename_outputs=k < last)
+    for k in range(first, last + 1):
+        # Unique names per segment (exporters reuse initializer names), but keep the span's inputs
+        # and outputs named as the segments name them.
+        model = onnx.compose.add_prefix(models[k], f"s{k}/", rename_inputs=k > first, rename_outputs=k < last)
         if merged is None:
             merged = model
             continue
@@ -40,25 +49,26 @@ def merge_segments(bundle_dir: str | Path, every_exit: bool = False) -> onnx.Mod
         io_map = [(f"s{k - 1}/{name}", f"s{k}/{name}") for name in previous.state_outputs]
         keep = [o.name for o in model.graph.output]
         if every_exit:  # the earlier exits' logits stay outputs of the merged graph
-            early = {f"s{j}/{segments[j].logits}" for j in range(k)}
+            early = {f"s{j}/{segments[j].logits}" for j in range(first, k)}
             keep = [o.name for o in merged.graph.output if o.name in early] + keep
         merged = onnx.compose.merge_models(merged, model, io_map=io_map, outputs=keep)
     assert merged is not None
     merged.ir_version = min(merged.ir_version, MAX_IR_VERSION)
     if every_exit:
-        exits = [s.logits if k == last else f"s{k}/{s.logits}" for k, s in enumerate(segments)]
+        exits = [s.logits if k == last else f"s{k}/{s.logits}" for k, s in enumerate(segments) if first <= k <= last]
         kept = {o.name for o in merged.graph.output}
         missing = [name for name in exits if name not in kept]
         assert not missing, missing
         del merged.graph.output[:]
         merged.graph.output.extend(_value_infos(merged, exits))
         return merged
+    outputs = segments[last].outputs if last < final else [segments[last].logits]
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "merged.onnx"
         onnx.save(merged, str(whole))
         pruned = Path(tmp) / "pruned.onnx"
-        # Keep only what feeds the final logits: the early exit heads drop out.
-        onnx.utils.extract_model(str(whole), str(pruned), [bundle.manifest.input.name], [segments[-1].logits])
+        # Keep only what feeds the span's outputs: the inner exit heads drop out.
+        onnx.utils.extract_model(str(whole), str(pruned), list(segments[first].inputs), list(outputs))
         return onnx.load(str(pruned))
 
 
@@ -79,6 +89,7 @@ def monolithic_bundle(bundle_dir: str | Path, out_dir: str | Path, name: str | N
     raw["segments"] = [{"file": "segments/00.onnx", "inputs": [source.manifest.input.name], "outputs": [final["logits"]],
                         "logits": final["logits"], "flops": source.manifest.full_flops}]
     raw["exits"] = [{"index": 0, "after_segment": 0, "cumulative_flops": source.manifest.full_flops}]
+    raw.pop("spans", None)  # one segment: nothing to fuse
     raw["created_by"]["extra"] = {**raw["created_by"]["extra"], "monolithic_of": f"{source.manifest.name} v{source.manifest.version}"}
     write_manifest(out, raw)
     return out

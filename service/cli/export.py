@@ -115,6 +115,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return export_factory(args)
 
 
+def _cmd_spans(args: argparse.Namespace) -> int:
+    from exitserve.models.spans import add_spans
+
+    for first, last, difference in add_spans(Path(args.bundle)):
+        print(f"span {first}-{last}: max |logit difference| vs the chained segments {difference:.2e}")
+    print(f"{args.bundle}: spans written, weights shared in one file, manifest re-signed")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "export", "export a trained checkpoint, or your own network (--model), as a verified bundle "
                                   "of per-segment ONNX graphs")
@@ -129,3 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="1", help="bundle version")
     p.add_argument("--torchscript", action="store_true", help="also write TorchScript twins for the torch runner")
     p.set_defaults(func=_cmd_export)
+    p = add_parser(sub, "spans", "add fused span graphs to a bundle exported before they existed: the server then "
+                                 "skips exit heads that cannot fire and runs the plain model when none can")
+    p.add_argument("bundle", help="bundle directory (rewritten in place: spans, one shared weights file, new checksums)")
+    p.set_defaults(func=_cmd_spans)

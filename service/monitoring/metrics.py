@@ -138,8 +138,13 @@ class Metrics:
                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_duration = Histogram("exitserve_queue_duration_seconds", "Time a request waited for a batch",
                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.segment_duration = Histogram("exitserve_segment_duration_seconds", "Time to run one segment on one batch",
+        # `segment` is "k", or "first-last" for a fused span run in one go (no exit in between could fire).
+        self.segment_duration = Histogram("exitserve_segment_duration_seconds",
+                                          "Time to run one segment (or fused span of segments) on one batch",
                                           ["model", "segment"], buckets=LATENCY_BUCKETS, registry=r)
+        self.segment_occupancy = Histogram("exitserve_segment_occupancy",
+                                           "Rows of a segment run over the engine batch size (1 = a full batch)",
+                                           ["model", "segment"], buckets=FRACTION_BUCKETS, registry=r)
         self.batch_size = Histogram("exitserve_batch_size", "Samples per engine batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.exits = Counter("exitserve_exits", "Samples answered, by exit index", ["model", "exit"], registry=r)

@@ -97,6 +97,13 @@ class ChainRunner:
     def select(self, state: dict, rows: np.ndarray) -> dict:
         raise NotImplementedError
 
+    def run_span(self, first: int, last: int, state: dict) -> tuple[dict, np.ndarray]:
+        """Segments first..last; only segment `last`'s exit logits come back. Runners with fused span
+        graphs skip the inner heads; this chain computes them and drops them."""
+        for k in range(first, last + 1):
+            state, logits = self.run_segment(k, state)
+        return state, logits
+
     def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
         """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
         chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
@@ -153,6 +160,20 @@ class OnnxRunner(ChainRunner):
                     f"({spec.inputs} / {spec.outputs})"
                 )
             self.sessions.append(session)
+        # Fused spans (models.spans): a span takes segment first's inputs and gives segment last's outputs.
+        self.span_sessions: dict[tuple[int, int], ort.InferenceSession] = {}
+        for (first, last), path in bundle.span_paths().items():
+            try:
+                session = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as exc:
+                raise BundleError(f"{path}: ONNX Runtime cannot load this span ({exc})") from exc
+            inputs, outputs = bundle.manifest.segments[first].inputs, bundle.manifest.segments[last].outputs
+            names_in = [i.name for i in session.get_inputs()]
+            names_out = [o.name for o in session.get_outputs()]
+            if names_in != inputs or sorted(names_out) != sorted(outputs):
+                raise BundleError(f"{path}: span inputs {names_in} / outputs {names_out} do not match segments "
+                                  f"{first} and {last} ({inputs} / {outputs})")
+            self.span_sessions[first, last] = session
         self._gather_sessions: dict[tuple[str, int], ort.InferenceSession] = {}
         self._gather_lock = threading.Lock()
         self._state_types = {
@@ -170,16 +191,27 @@ class OnnxRunner(ChainRunner):
     def run_segment(self, k: int, state: State) -> tuple[State, np.ndarray]:
         """Run segment k; return the state for segment k+1 (device OrtValues) and the exit logits (host)."""
         spec = self.bundle.manifest.segments[k]
-        session = self.sessions[k]
+        return self._run_graph(self.sessions[k], spec.inputs, spec.outputs, spec.logits, state)
+
+    def run_span(self, first: int, last: int, state: State) -> tuple[State, np.ndarray]:
+        session = self.span_sessions.get((first, last))
+        if session is None:
+            return super().run_span(first, last, state)
+        segments = self.bundle.manifest.segments
+        return self._run_graph(session, segments[first].inputs, segments[last].outputs, segments[last].logits, state)
+
+    def _run_graph(self, session: ort.InferenceSession, inputs: list[str], outputs: list[str], logits_name: str,
+                   state: State) -> tuple[State, np.ndarray]:
         binding = session.io_binding()
-        for name in spec.inputs:
+        for name in inputs:
             binding.bind_ortvalue_input(name, state[name])
-        for name in spec.outputs:
+        for name in outputs:
             # Logits go to the host (the only copy); the hidden state stays on the device.
-            binding.bind_output(name, "cpu" if name == spec.logits else self.device, self.device_id if name != spec.logits else 0)
+            on_host = name == logits_name
+            binding.bind_output(name, "cpu" if on_host else self.device, 0 if on_host else self.device_id)
         session.run_with_iobinding(binding)
-        values = dict(zip(spec.outputs, binding.get_outputs(), strict=True))
-        logits = values.pop(spec.logits).numpy()
+        values = dict(zip(outputs, binding.get_outputs(), strict=True))
+        logits = values.pop(logits_name).numpy()
         return values, logits
 
     def select(self, state: State, rows: np.ndarray) -> State:

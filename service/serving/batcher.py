@@ -135,7 +135,8 @@ def _copy_rows(full: BatchResult, part: BatchResult, rows: np.ndarray, offset: i
 class BatchObserver(Protocol):
     """What the batcher reports, on engine threads (metrics and monitoring hang here)."""
 
-    def segment_done(self, segment: int, seconds: float) -> None: ...
+    def segment_done(self, first: int, last: int, rows: int, seconds: float) -> None:
+        """Segments first..last ran (as one fused span when first < last) on `rows` samples."""
 
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         """Runs before the request's future is settled (the decision is on record when the client reads it)."""
@@ -145,7 +146,7 @@ class BatchObserver(Protocol):
 
 
 class _NoObserver:
-    def segment_done(self, segment: int, seconds: float) -> None:
+    def segment_done(self, first: int, last: int, rows: int, seconds: float) -> None:
         pass
 
     def answered(self, item: WorkItem, result: ItemResult) -> None:

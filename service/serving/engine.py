@@ -40,7 +40,7 @@ class BatchResult:
 
 
 ExitCallback = Callable[[np.ndarray, BatchResult], None]
-SegmentTimer = Callable[[int, float], None]
+SegmentTimer = Callable[[int, int, int, float], None]  # (first segment, last segment, rows, seconds) of one run
 
 
 class ExitEngine:
@@ -99,6 +99,18 @@ class ExitEngine:
             self._run_rows(chunk, rows, result, deltas, policies, policy_names, want_probabilities, on_exit, segment_timer)
         return result
 
+    def _next_stop(self, position: int, policies: np.ndarray, deltas: np.ndarray) -> int:
+        """The first exit at or after `position` where a sample running under `policies`/`deltas` may leave."""
+        last = self.runner.num_exits - 1
+        if self.trace or position == last:
+            return position  # tracing records every exit's logits
+        fires = np.zeros(self.runner.num_exits, bool)
+        for name in np.unique(policies) if len(policies) > 1 else policies:
+            rows = policies == name
+            fires |= self.calibration.firing_exits(str(name), deltas[rows])
+        fires[last] = True
+        return position + int(np.argmax(fires[position:]))
+
     def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(original rows, input) pieces of a batch. Token-id batches above the token budget run as
         length-sorted pieces, each padded only to its own longest sequence: one long text in a
@@ -129,11 +141,17 @@ class ExitEngine:
         active = rows  # original row of each row still running
         shadow = np.zeros(len(rows), bool)  # per running row: answered already, running on only to be compared
         state = self.runner.start(x)
-        for k in range(self.runner.num_exits):
+        position = 0  # the next segment to run
+        while True:
+            # Run on to the next exit that can let one of the running samples leave (issue 16): the
+            # heads in between are not computed and the segments run as one fused span where the
+            # bundle has it. With no exit able to fire the batch runs the plain model.
+            k = self._next_stop(position, policies[active[~shadow]], deltas[active[~shadow]])
             started = time.perf_counter()
-            state, logits = self.runner.run_segment(k, state)
+            state, logits = self.runner.run_span(position, k, state)
             if segment_timer:
-                segment_timer(k, time.perf_counter() - started)
+                segment_timer(position, k, len(active), time.perf_counter() - started)
+            position = k + 1
             if result.trace is not None:
                 self._record_trace(result.trace, k, active, logits)
             any_shadow = bool(shadow.any())

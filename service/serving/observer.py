@@ -15,11 +15,17 @@ from exitserve.service.serving.engine import BatchResult
 
 
 class ModelObserver:
-    def __init__(self, name: str, compute_fractions: np.ndarray, metrics: Metrics, monitor: ModelMonitor):
+    def __init__(self, name: str, compute_fractions: np.ndarray, metrics: Metrics, monitor: ModelMonitor,
+                 max_batch_size: int):
         num_exits = len(compute_fractions)
         self.compute_fractions = compute_fractions
         self.monitor = monitor
-        self._segment_histograms = [metrics.segment_duration.labels(name, str(k)) for k in range(num_exits)]
+        self.max_batch_size = max_batch_size
+        self._segment_histograms = {
+            (first, last): (metrics.segment_duration.labels(name, label), metrics.segment_occupancy.labels(name, label))
+            for first in range(num_exits) for last in range(first, num_exits)
+            for label in [str(first) if first == last else f"{first}-{last}"]
+        }
         self._exit_counters = [metrics.exits.labels(name, str(k)) for k in range(num_exits)]
         self._queue_duration = metrics.queue_duration.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
@@ -29,8 +35,10 @@ class ModelObserver:
         self._requested_delta = metrics.requested_delta.labels(name)
         self._target_missed = metrics.target_missed.labels(name)  # exists at 0 before the first miss
 
-    def segment_done(self, segment: int, seconds: float) -> None:
-        self._segment_histograms[segment].observe(seconds)
+    def segment_done(self, first: int, last: int, rows: int, seconds: float) -> None:
+        duration, occupancy = self._segment_histograms[first, last]
+        duration.observe(seconds)
+        occupancy.observe(min(rows / self.max_batch_size, 1.0))
 
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         self._queue_duration.observe(max(result.queue_seconds, 0.0))

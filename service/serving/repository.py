@@ -84,7 +84,7 @@ class ServedModel:
             queue_limit=settings.queue_limit,
             workers=settings.workers,
             name=self.name,
-            observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor),
+            observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor, settings.max_batch_size),
             queue_samples=settings.queued_samples_limit(),
             deadline_s=settings.request_timeout_s,
         )

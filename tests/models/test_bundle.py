@@ -15,7 +15,9 @@ def test_loads_and_verifies(digits_bundle_uncalibrated: Path) -> None:
     assert m.labels == [str(d) for d in range(10)]
     assert [e.cumulative_flops for e in m.exits] == sorted(e.cumulative_flops for e in m.exits)
     assert m.compute_fractions()[-1] == 1.0
-    assert set(m.sha256) == {s.file for s in m.segments}
+    spans = {span.file for span in m.spans or []}
+    assert len(spans) == 3  # every span first < last of 3 segments, sharing one weights file
+    assert set(m.sha256) == {s.file for s in m.segments} | spans | {"segments/weights.bin"}
 
 
 def test_tampered_byte_names_the_file(bundle_copy: Path) -> None:

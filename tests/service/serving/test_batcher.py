@@ -25,9 +25,9 @@ class RecordingObserver:
         self.answers: list[tuple[str | None, int, bool]] = []
         self.batches: list[tuple[list[int], list[int]]] = []
 
-    def segment_done(self, segment: int, seconds: float) -> None:
-        assert seconds >= 0
-        self.segments.append(segment)
+    def segment_done(self, first: int, last: int, rows: int, seconds: float) -> None:
+        assert seconds >= 0 and rows > 0 and first <= last
+        self.segments.extend(range(first, last + 1))
 
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         # Called before the future is settled: the client never sees an answer that is not on record.

@@ -106,3 +106,46 @@ def test_full_queue_rejects_at_once(setup) -> None:
             batcher.submit(make())
 
     asyncio.run(overfill())
+
+
+class SpanLog(OnnxRunner):
+    """The real runner, remembering which spans the engine asked it for."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.spans: list[tuple[int, int]] = []
+
+    def run_span(self, first: int, last: int, state: dict) -> tuple[dict, np.ndarray]:
+        self.spans.append((first, last))
+        return super().run_span(first, last, state)
+
+
+def test_exits_that_cannot_fire_are_skipped(setup, digits_bundle: Path) -> None:
+    """Issue 16: the engine runs from one exit that can fire to the next; with none, the plain model."""
+    _, calibration, x, logits = setup
+    runner = SpanLog(load_bundle(digits_bundle))
+    engine = ExitEngine(runner, calibration)
+    last = runner.num_exits - 1
+    engine.run(x, np.full(len(x), 0.9), np.full(len(x), "full", dtype=object))
+    assert runner.spans == [(0, last)]
+    for policy in ("pcee-lb-tail", "pcee", "pcee-lb-cond"):
+        for delta in (0.6, 0.9, 0.99, 1.0):
+            runner.spans.clear()
+            deltas = np.full(len(x), delta)
+            got = engine.run(x, deltas, np.full(len(x), policy, dtype=object))
+            fires = np.flatnonzero(calibration.firing_exits(policy, delta))
+            stops = [last for _, last in runner.spans]
+            assert set(stops) <= set(fires.tolist()), (policy, delta)
+            assert [first for first, _ in runner.spans] == [0] + [k + 1 for k in stops[:-1]]
+            want = decide_all(calibration, policy, logits, deltas)
+            assert np.array_equal(got.exit_index, want.exit_index), (policy, delta)
+            assert np.array_equal(got.class_index, want.prediction), (policy, delta)
+
+
+def test_tracing_stops_at_every_exit(setup, digits_bundle: Path) -> None:
+    _, calibration, x, _ = setup
+    runner = SpanLog(load_bundle(digits_bundle))
+    engine = ExitEngine(runner, calibration, trace=True)
+    result = engine.run(x, np.full(len(x), 0.99), np.full(len(x), "full", dtype=object))
+    assert runner.spans == [(k, k) for k in range(runner.num_exits)]
+    assert result.trace is not None and np.isfinite(result.trace.confidence).all()
