@@ -273,8 +273,12 @@ class Calibration:
 
     # --- the decision -------------------------------------------------------------------------
 
-    def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: np.ndarray | float) -> StepDecision:
-        """Decide for the n samples still running at exit `exit_index` (logits [n, C], deltas [n] or one δ)."""
+    def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: np.ndarray | float,
+             normalised: bool = False) -> StepDecision:
+        """Decide for the n samples still running at exit `exit_index` (logits [n, C], deltas [n] or one δ).
+
+        `normalised`: the caller passes float64 deltas [n] that went through `normalise_deltas` already
+        (the engine, whose dataplane checked every request's δ), so they are not checked again."""
         rule = self._rules.get(policy)
         if rule is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -283,7 +287,9 @@ class Calibration:
         if logits.ndim != 2:
             raise ValueError(f"logits must be [n, classes], got shape {logits.shape}")
         n = logits.shape[0]
-        deltas = normalise_deltas(deltas, n, where="deltas")
+        if not normalised:
+            deltas = normalise_deltas(deltas, n, where="deltas")
+        assert isinstance(deltas, np.ndarray)
         probs = softmax(logits, ex.temperature)
         conf = confidence_from_probs(probs, self.measure)
         last = exit_index == self.num_exits - 1

@@ -18,6 +18,7 @@ from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols import admin, docs, feedback, openai, v1, v2
 from exitserve.service.protocols.edge import EdgeMiddleware
 from exitserve.service.protocols.errors import error_response, install_error_handlers
+from exitserve.service.protocols.hot_routes import HotRoutes
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.generation.repository import GenerationRepository, split_bundles
 from exitserve.service.serving.repository import ModelRepository
@@ -82,8 +83,9 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.state.generation = generation
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.include_router(v1.build_router(dataplane))
-    app.include_router(v2.build_router(dataplane))
+    inference = [v1.build_router(dataplane), v2.build_router(dataplane)]
+    for router in inference:
+        app.include_router(router)
     app.include_router(admin.build_router(repository))
     app.include_router(feedback.build_router(repository))
     app.include_router(openai.build_router(generation, settings.default_delta, settings.default_policy))
@@ -119,5 +121,6 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         ]}), media_type="application/json")
 
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
+    app.add_middleware(HotRoutes, routes=[route for router in inference for route in router.routes])  # inside the edge: ids, limits and metrics still apply
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, repository=repository)
     return app

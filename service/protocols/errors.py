@@ -20,13 +20,28 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers)
 
 
+def response_for(exc: Exception, request_id: str | None) -> Response:
+    """The response for an error raised while answering a request (every route, every protocol)."""
+    if isinstance(exc, ExitserveError):
+        if isinstance(exc, ClientGone):
+            log.info("client disconnected before sending its whole body", extra={"request_id": request_id})
+        return error_response(str(exc), exc.status, exc.headers or None)
+    if isinstance(exc, ClientDisconnect):
+        # The client hung up mid-body: no one to answer and not a server fault, so neither an ERROR
+        # log nor a 5xx in the request metrics.
+        log.info("client disconnected before sending its whole body", extra={"request_id": request_id})
+        return error_response("client closed the request", ClientGone.status)
+    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+    return error_response("internal server error", 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    def request_id(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
     @app.exception_handler(ExitserveError)
     async def exitserve_error(request: Request, exc: ExitserveError) -> Response:
-        if isinstance(exc, ClientGone):
-            log.info("client disconnected before sending its whole body",
-                     extra={"request_id": getattr(request.state, "request_id", None)})
-        return error_response(str(exc), exc.status, exc.headers or None)
+        return response_for(exc, request_id(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -39,14 +54,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
-        # The client hung up mid-body: no one to answer and not a server fault, so neither an ERROR
-        # log nor a 5xx in the request metrics.
-        log.info("client disconnected before sending its whole body",
-                 extra={"request_id": getattr(request.state, "request_id", None)})
-        return error_response("client closed the request", ClientGone.status)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        return response_for(exc, request_id(request))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
-        return error_response("internal server error", 500)
+        return response_for(exc, request_id(request))

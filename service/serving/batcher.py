@@ -326,22 +326,31 @@ class DynamicBatcher:
         started = time.perf_counter()
         sizes = np.array([len(i) for i in items])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        owner = np.repeat(np.arange(len(items)), sizes)
         remaining = sizes.copy()
-        x = stack_inputs([i.x for i in items])
-        deltas = np.concatenate([i.deltas for i in items])
-        policies = np.concatenate([i.policies for i in items])
-        want = None
-        if any(i.want_probabilities is not None for i in items):
-            want = np.concatenate([
-                i.want_probabilities if i.want_probabilities is not None else np.zeros(len(i), bool) for i in items
-            ])
+        if len(items) == 1:  # a lone request: its own arrays, nothing to stack or to attribute
+            item = items[0]
+            x, deltas, policies, want = item.x, item.deltas, item.policies, item.want_probabilities
 
-        def on_exit(rows: np.ndarray, result: BatchResult) -> None:
-            for index, count in zip(*np.unique(owner[rows], return_counts=True), strict=True):
-                remaining[index] -= count
-                if remaining[index] == 0:
-                    self._answer(items[index], result, offsets[index], offsets[index + 1], started)
+            def on_exit(rows: np.ndarray, result: BatchResult) -> None:
+                remaining[0] -= len(rows)
+                if remaining[0] == 0:
+                    self._answer(item, result, 0, len(item), started)
+        else:
+            owner = np.repeat(np.arange(len(items)), sizes)
+            x = stack_inputs([i.x for i in items])
+            deltas = np.concatenate([i.deltas for i in items])
+            policies = np.concatenate([i.policies for i in items])
+            want = None
+            if any(i.want_probabilities is not None for i in items):
+                want = np.concatenate([
+                    i.want_probabilities if i.want_probabilities is not None else np.zeros(len(i), bool) for i in items
+                ])
+
+            def on_exit(rows: np.ndarray, result: BatchResult) -> None:
+                for index, count in zip(*np.unique(owner[rows], return_counts=True), strict=True):
+                    remaining[index] -= count
+                    if remaining[index] == 0:
+                        self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
         result = self._run_engine(x, deltas, policies, want, on_exit)
         rate = len(x) / max(time.perf_counter() - started, 1e-6)
@@ -373,6 +382,13 @@ class DynamicBatcher:
         return full
 
     def _answer(self, item: WorkItem, result: BatchResult, lo: int, hi: int, batch_started: float) -> None:
+        if lo == 0 and hi == len(result.class_index) <= self.max_batch_size and result.shadow_prediction is None:
+            # One engine run that is all this request's, with no shadow rows: nothing writes to it any more.
+            value = ItemResult(result.class_index, result.exit_index, result.estimate, result.target_met,
+                               result.probabilities, batch_started - item.enqueued_at, result.confidence, result.trace)
+            self.observer.answered(item, value)
+            item.loop.call_soon_threadsafe(_settle, item.future, value, None)
+            return
         value = ItemResult(
             class_index=result.class_index[lo:hi].copy(),
             exit_index=result.exit_index[lo:hi].copy(),

@@ -39,6 +39,17 @@ class BatchResult:
     trace: Trace | None = None
 
 
+_FIRING_CACHE = 4096
+
+
+def _names(policies: np.ndarray) -> list[str]:
+    """The distinct policy names of a batch (np.unique on an object array sorts Python strings: slow)."""
+    first = policies[0]
+    if len(policies) == 1 or bool((policies == first).all()):
+        return [str(first)]
+    return [str(name) for name in np.unique(policies)]
+
+
 ExitCallback = Callable[[np.ndarray, BatchResult], None]
 SegmentTimer = Callable[[int, int, int, float], None]  # (first segment, last segment, rows, seconds) of one run
 
@@ -59,6 +70,7 @@ class ExitEngine:
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
+        self._firing: dict[tuple[str, float], np.ndarray] = {}  # (policy, δ) -> Calibration.firing_exits
 
     def _rng(self) -> np.random.Generator:
         rng = getattr(self._local, "rng", None)
@@ -94,7 +106,7 @@ class ExitEngine:
             shadow_prediction=np.full(n, -1, np.int64) if fraction > 0 else None,
             trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
-        policy_names = [str(name) for name in np.unique(policies)]
+        policy_names = _names(policies)
         for rows, chunk in self._chunks(x):
             self._run_rows(chunk, rows, result, deltas, policies, policy_names, want_probabilities, on_exit, segment_timer)
         return result
@@ -102,14 +114,21 @@ class ExitEngine:
     def _next_stop(self, position: int, policies: np.ndarray, deltas: np.ndarray) -> int:
         """The first exit at or after `position` where a sample running under `policies`/`deltas` may leave."""
         last = self.runner.num_exits - 1
-        if self.trace or position == last:
-            return position  # tracing records every exit's logits
-        fires = np.zeros(self.runner.num_exits, bool)
-        for name in np.unique(policies) if len(policies) > 1 else policies:
-            rows = policies == name
-            fires |= self.calibration.firing_exits(str(name), deltas[rows])
-        fires[last] = True
-        return position + int(np.argmax(fires[position:]))
+        if self.trace or position == last or not len(policies):
+            return position if self.trace or position == last else last  # tracing records every exit's logits
+        names = _names(policies)
+        if len(names) == 1 and deltas.min() == deltas.max():  # one target for the whole batch: the usual case
+            key = (names[0], float(deltas[0]))
+            fires = self._firing.get(key)
+            if fires is None:
+                if len(self._firing) >= _FIRING_CACHE:  # δ comes from clients: keep the cache bounded
+                    self._firing.clear()
+                fires = self._firing[key] = self.calibration.firing_exits(names[0], deltas[:1])
+        else:
+            fires = np.zeros(self.runner.num_exits, bool)
+            for name in names:
+                fires |= self.calibration.firing_exits(name, deltas[policies == name])
+        return position + int(np.argmax(fires[position:]))  # the last exit always fires
 
     def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(original rows, input) pieces of a batch. Token-id batches above the token budget run as
@@ -166,7 +185,7 @@ class ExitEngine:
                     rows = np.flatnonzero((active_policies == name) & ~shadow)
                 if not len(rows):
                     continue
-                step = self.calibration.step(name, k, logits[rows], deltas[active[rows]])
+                step = self.calibration.step(name, k, logits[rows], deltas[active[rows]], normalised=True)
                 out_rows = rows[step.exit_now]
                 if not len(out_rows):
                     continue
