@@ -30,7 +30,7 @@ V2_INFER_VERSION = "/v2/models/{model}/versions/{version}/infer"
 def _endpoint(routes: list[BaseRoute], path: str) -> Endpoint:
     for route in routes:
         if isinstance(route, Route) and route.path == path and route.methods and "POST" in route.methods:
-            return route.endpoint  # type: ignore[return-value]  # the async endpoints of v1.py and v2.py
+            return route.endpoint  # the async endpoints of v1.py and v2.py
     raise LookupError(f"no POST route {path} to serve directly")
 
 
