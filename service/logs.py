@@ -26,6 +26,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
+    # Our lines carry no file, line or process fields: skip the stack walk and lookups logging does
+    # for them on every record (the Logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

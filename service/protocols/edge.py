@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +78,7 @@ class EdgeMiddleware:
         self.api_key = settings.api_key.encode() if settings.api_key else None
         self.admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
         self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     @staticmethod
     def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
@@ -181,12 +183,23 @@ class EdgeMiddleware:
             model = route[1]
             label = model if model in self.repository.models else "unknown"
             status = int(status_holder["status"])
-            self.metrics.requests.labels(label, protocol, str(status)).inc()
+            counter, duration = self._request_metrics(label, route[0], status)
+            counter.inc()
             if status < 400 and protocol in ("v1", "v2"):
-                self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+                duration.observe(time.perf_counter() - started)
             level = logging.INFO if status < 500 else logging.ERROR
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
+
+    def _request_metrics(self, model: str, protocol: str, status: int) -> tuple[Any, Any]:
+        """The request counter and duration children of these labels (a `labels()` lookup takes a lock).
+        Bounded: models are served names or "unknown", protocols and statuses are few."""
+        key = (model, protocol, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.metrics.requests.labels(model, protocol, str(status)),
+                                              self.metrics.request_duration.labels(model))
+        return children
 
     def _reserve(self, model: str, headers: dict[bytes, bytes], scope: Scope) -> Reservation | None:
         """Room in the model's queue for this request, estimated from its Content-Length as raw samples
