@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider")
     device_id: int = Field(0, description="GPU index for the cuda provider")
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads")
+    large_batch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads for batches of at least large_batch_rows (default: threads); "
+                                "a second set of sessions, so the weights twice in memory")
+    large_batch_rows: int = Field(32, ge=1, description="batch rows from which large_batch_threads applies")
     thread_pool: Literal["global", "per-session"] = Field(
         "per-session", description="ONNX Runtime thread pools: one per segment session or one shared")
     spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (lower latency, busy CPUs)")

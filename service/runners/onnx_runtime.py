@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -43,6 +44,10 @@ class RunnerOptions:
     threads: int = 1
     spinning: bool = False
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # Batches of at least `large_batch_rows` rows run on a second set of sessions with this many
+    # intra-op threads (None: `threads` for every batch). Memory: the weights twice.
+    large_batch_threads: int | None = None
+    large_batch_rows: int = 32
 
 
 def _ensure_global_pool(threads: int) -> None:
@@ -137,6 +142,8 @@ class OnnxRunner(ChainRunner):
     def __init__(self, bundle: Bundle, provider: Provider = "cpu", threads: int = 1, options: RunnerOptions | None = None):
         self.bundle = bundle
         self.options = options or RunnerOptions(provider=provider, threads=threads)
+        if self.options.large_batch_threads not in (None, self.options.threads) and self.options.thread_pool == "global":
+            raise ValueError("large_batch_threads needs per-session thread pools (a global pool has one size)")
         self.device = "cuda" if self.options.provider == "cuda" else "cpu"
         self.device_id = self.options.device_id if self.device == "cuda" else 0
         providers: list[str | tuple[str, dict[str, int]]] = [_ORT_PROVIDERS[self.options.provider]]
@@ -144,42 +151,48 @@ class OnnxRunner(ChainRunner):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider")
             providers = [("CUDAExecutionProvider", {"device_id": self.device_id}), "CPUExecutionProvider"]
-        so = session_options(self.options)
-        self.sessions: list[ort.InferenceSession] = []
-        for k, spec in enumerate(bundle.manifest.segments):
-            path = bundle.segment_path(k)
-            try:
-                session = ort.InferenceSession(str(path), so, providers=providers)
-            except Exception as exc:  # ORT raises several exception types for bad graphs
-                raise BundleError(f"{path}: ONNX Runtime cannot load this segment ({exc})") from exc
-            names_in = [i.name for i in session.get_inputs()]
-            names_out = [o.name for o in session.get_outputs()]
-            if names_in != spec.inputs or sorted(names_out) != sorted(spec.outputs):
-                raise BundleError(
-                    f"{path}: graph inputs {names_in} / outputs {names_out} do not match the manifest "
-                    f"({spec.inputs} / {spec.outputs})"
-                )
-            self.sessions.append(session)
-        # Fused spans (models.spans): a span takes segment first's inputs and gives segment last's outputs.
-        self.span_sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        for (first, last), path in bundle.span_paths().items():
-            try:
-                session = ort.InferenceSession(str(path), so, providers=providers)
-            except Exception as exc:
-                raise BundleError(f"{path}: ONNX Runtime cannot load this span ({exc})") from exc
-            inputs, outputs = bundle.manifest.segments[first].inputs, bundle.manifest.segments[last].outputs
-            names_in = [i.name for i in session.get_inputs()]
-            names_out = [o.name for o in session.get_outputs()]
-            if names_in != inputs or sorted(names_out) != sorted(outputs):
-                raise BundleError(f"{path}: span inputs {names_in} / outputs {names_out} do not match segments "
-                                  f"{first} and {last} ({inputs} / {outputs})")
-            self.span_sessions[first, last] = session
+        self._providers = providers
+        self.sessions, self.span_sessions = self._open_graphs(session_options(self.options))
+        # Large batches on their own sessions with more intra-op threads (RunnerOptions.large_batch_threads).
+        self._large_sessions: tuple[list[ort.InferenceSession], dict[tuple[int, int], ort.InferenceSession]] | None = None
+        large = self.options.large_batch_threads
+        if large is not None and large != self.options.threads and self.options.provider == "cpu":
+            self._large_sessions = self._open_graphs(session_options(replace(self.options, threads=large)))
         self._gather_sessions: dict[tuple[str, int], ort.InferenceSession] = {}
         self._gather_lock = threading.Lock()
         self._state_types = {
             o.name: (o.type, len(o.shape)) for s in self.sessions for o in s.get_outputs()
         }
         self._input_type = self.sessions[0].get_inputs()[0]
+
+    def _open_graphs(self, so: ort.SessionOptions) -> tuple[list[ort.InferenceSession], dict[tuple[int, int], ort.InferenceSession]]:
+        """Sessions for every segment and every fused span (models.spans), their inputs and outputs checked."""
+        segments = self.bundle.manifest.segments
+        sessions = [self._open(self.bundle.segment_path(k), spec.inputs, spec.outputs, so, "segment")
+                    for k, spec in enumerate(segments)]
+        # A span takes segment first's inputs and gives segment last's outputs.
+        spans = {(first, last): self._open(path, segments[first].inputs, segments[last].outputs, so, f"span {first}-{last}")
+                 for (first, last), path in self.bundle.span_paths().items()}
+        return sessions, spans
+
+    def _open(self, path: Path, inputs: list[str], outputs: list[str], so: ort.SessionOptions, what: str) -> ort.InferenceSession:
+        try:
+            session = ort.InferenceSession(str(path), so, providers=self._providers)
+        except Exception as exc:  # ORT raises several exception types for bad graphs
+            raise BundleError(f"{path}: ONNX Runtime cannot load this {what} ({exc})") from exc
+        names_in = [i.name for i in session.get_inputs()]
+        names_out = [o.name for o in session.get_outputs()]
+        if names_in != inputs or sorted(names_out) != sorted(outputs):
+            raise BundleError(f"{path}: {what} inputs {names_in} / outputs {names_out} do not match the manifest "
+                              f"({inputs} / {outputs})")
+        return session
+
+    def _sessions_for(self, state: State) -> tuple[list[ort.InferenceSession], dict[tuple[int, int], ort.InferenceSession]]:
+        if self._large_sessions is not None:
+            rows = next(iter(state.values())).shape()[0]
+            if rows >= self.options.large_batch_rows:
+                return self._large_sessions
+        return self.sessions, self.span_sessions
 
     # --- the three steps the engine composes ----------------------------------------------------
 
@@ -191,10 +204,10 @@ class OnnxRunner(ChainRunner):
     def run_segment(self, k: int, state: State) -> tuple[State, np.ndarray]:
         """Run segment k; return the state for segment k+1 (device OrtValues) and the exit logits (host)."""
         spec = self.bundle.manifest.segments[k]
-        return self._run_graph(self.sessions[k], spec.inputs, spec.outputs, spec.logits, state)
+        return self._run_graph(self._sessions_for(state)[0][k], spec.inputs, spec.outputs, spec.logits, state)
 
     def run_span(self, first: int, last: int, state: State) -> tuple[State, np.ndarray]:
-        session = self.span_sessions.get((first, last))
+        session = self._sessions_for(state)[1].get((first, last))
         if session is None:
             return super().run_span(first, last, state)
         segments = self.bundle.manifest.segments

@@ -53,6 +53,7 @@ class ServedModel:
         options = RunnerOptions(
             provider=settings.provider, device_id=settings.device_id, thread_pool=settings.thread_pool,
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
+            large_batch_threads=settings.large_batch_threads, large_batch_rows=settings.large_batch_rows,
         )
         if settings.runner == "torch":
             from exitserve.service.runners.torch_runner import TorchRunner  # torch only when asked for

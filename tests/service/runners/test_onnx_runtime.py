@@ -5,8 +5,9 @@ import onnxruntime as ort
 import pytest
 
 from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_gather import build
-from exitserve.service.runners.onnx_runtime import OnnxRunner
+from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
 
 
 @pytest.mark.parametrize(("elem_type", "dtype", "rank"), [(1, np.float32, 4), (1, np.float32, 2), (7, np.int64, 3), (9, np.bool_, 2)])
@@ -41,3 +42,18 @@ def test_onnx_that_does_not_load_fails_loudly(bundle_copy: Path) -> None:
     refresh_checksums(bundle_copy)
     with pytest.raises(BundleError, match=r"01\.onnx: ONNX Runtime cannot load"):
         OnnxRunner(load_bundle(bundle_copy))
+
+
+def test_large_batches_run_on_their_own_sessions_with_the_same_answers(digits_bundle: Path) -> None:
+    """Issue 16: batches from `large_batch_rows` rows may use more intra-op threads; same logits either way."""
+    bundle = load_bundle(digits_bundle)
+    small = OnnxRunner(bundle, options=RunnerOptions(threads=1))
+    both = OnnxRunner(bundle, options=RunnerOptions(threads=1, large_batch_threads=2, large_batch_rows=8))
+    assert both._large_sessions is not None and small._large_sessions is None
+    x = load_dataset("digits:test").x[:16]
+    for rows in (4, 16):  # below and above the threshold
+        want = small.run_span(0, 2, small.start(x[:rows]))[1]
+        got = both.run_span(0, 2, both.start(x[:rows]))[1]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="per-session thread pools"):
+        OnnxRunner(bundle, options=RunnerOptions(threads=1, large_batch_threads=2, thread_pool="global"))
