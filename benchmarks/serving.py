@@ -72,8 +72,12 @@ def cost_of_cutting(bundle_dir: Path, mono_dir: Path, x: np.ndarray, rounds: int
             for k in range(runner.num_exits):
                 state, _ = runner.run_segment(k, state)
 
+        def span(batch: np.ndarray, runner: OnnxRunner = runner) -> None:
+            runner.run_span(0, runner.num_exits - 1, runner.start(batch))
+
         variants = {
             "chained segments (IOBinding)": chain,
+            "fused span, no exit can fire (the server at full depth)": span,
             "monolithic, every exit": lambda b, s=all_exits: s.run(None, {"input": b}),
             "monolithic, last exit only": lambda b, s=last_exit: s.run(None, {"input": b}),
         }
@@ -93,6 +97,8 @@ def cost_of_cutting(bundle_dir: Path, mono_dir: Path, x: np.ndarray, rounds: int
             chained = row["chained segments (IOBinding)"]["p50_ms"]
             row["ratio chained / monolithic every exit"] = chained / row["monolithic, every exit"]["p50_ms"]
             row["ratio chained / monolithic last exit"] = chained / row["monolithic, last exit only"]["p50_ms"]
+            row["ratio fused span / monolithic last exit"] = (row["fused span, no exit can fire (the server at full depth)"]["p50_ms"]
+                                                              / row["monolithic, last exit only"]["p50_ms"])
             out.setdefault(config_name, {})[f"batch {batch_size}"] = row
     return out
 
@@ -248,6 +254,84 @@ def http_overhead(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int,
     return out
 
 
+# --- 5. segment-level continuous batching against the simple loop (issue 16) -------------------------
+
+
+def _occupancy_sums(port: int, name: str) -> tuple[float, float]:
+    """(sum, count) of exitserve_segment_occupancy over every segment label, from /metrics."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("exitserve_segment_occupancy_") and f'model="{name}"' in line:
+            metric, value = line.rsplit(" ", 1)
+            if metric.startswith("exitserve_segment_occupancy_sum"):
+                total += float(value)
+            elif metric.startswith("exitserve_segment_occupancy_count"):
+                count += float(value)
+    return total, count
+
+
+CONTINUOUS_LOADS = ((1, 8), (1, 64), (64, 8))  # (images per request, clients)
+
+
+def continuous(bundle_dir: Path, x: np.ndarray, seconds: int, threads: int, delta: float) -> dict:
+    """Requests at δ under load: the simple loop against segment-level continuous batching, each its own
+    server; throughput, latency, server CPU and segment occupancy (rows per segment run over the engine
+    batch, from /metrics, over the measured run only)."""
+    import base64
+
+    name = load_bundle(bundle_dir).manifest.name
+
+    def body(batch: np.ndarray) -> bytes:
+        return json.dumps({"inputs": {"b64": base64.b64encode(np.ascontiguousarray(batch).tobytes()).decode(),
+                                      "dtype": "float32", "shape": list(batch.shape)}, "delta": delta}).encode()
+
+    headers = {"Content-Type": "application/json"}
+    out: dict = {}
+    for mode, flag in (("simple loop", "--no-continuous-batching"), ("continuous batching", "--continuous-batching")):
+        port = free_port()
+        proc = _start([sys.executable, "-m", "exitserve.service.cli", "serve", str(bundle_dir), "--port", str(port), flag],
+                      {"EXITSERVE_THREADS": str(threads)})
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz")
+            url = f"http://127.0.0.1:{port}/v1/models/{name}/predict"
+            with tempfile.TemporaryDirectory() as tmp:
+                for images, connections in CONTINUOUS_LOADS:
+                    bodies = [body(x[i : i + images]) for i in range(0, min(len(x), 256 * images), images)][:256]
+                    _wrk(url, bodies, headers, connections, 1, Path(tmp))  # warm-up
+                    sum_before, count_before = _occupancy_sums(port, name)
+                    cpu_before = _cpu_seconds_tree(proc.pid)
+                    result = _wrk(url, bodies, headers, connections, seconds, Path(tmp))
+                    cpu = _cpu_seconds_tree(proc.pid) - cpu_before
+                    sum_after, count_after = _occupancy_sums(port, name)
+                    result["p50_ms"] = result.pop("p50_us") / 1000
+                    result["p99_ms"] = result.pop("p99_us") / 1000
+                    result["images_per_s"] = result["req_per_s"] * images
+                    result["server_cpu_ms_per_request"] = 1000 * cpu / max(result["requests"], 1)
+                    result["occupancy"] = (sum_after - sum_before) / max(count_after - count_before, 1)
+                    out[f"{images} image(s), {connections} clients, {mode}"] = result
+        finally:
+            _stop(proc)
+    return out
+
+
+def continuous_table(results: dict) -> list[str]:
+    lines = ["**Segment-level continuous batching** (default policy; occupancy = mean rows per segment run over the "
+             "engine batch of 64, during the run)", "",
+             "| images/request | clients | mode | images/s | p50 ms | p99 ms | server CPU ms/request | occupancy "
+             "| throughput vs simple loop |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = results["continuous"]
+    for key, row in rows.items():
+        images, clients, mode = key.split(", ", 2)
+        simple = rows[f"{images}, {clients}, simple loop"]["images_per_s"]
+        lines.append(f"| {images.split()[0]} | {clients.split()[0]} | {mode} | {row['images_per_s']:.0f} | {row['p50_ms']:.2f} "
+                     f"| {row['p99_ms']:.2f} | {row['server_cpu_ms_per_request']:.2f} | {row['occupancy']:.2f} "
+                     f"| {row['images_per_s'] / simple:.2f} |")
+    return lines
+
+
 # --- 4. exitserve against its peers at 1, 8 and 64 clients (issue 6, part 3) -----------------------
 
 PEER_DELTAS = (0.99, 0.95, 0.90, 0.80)
@@ -386,19 +470,25 @@ def markdown(results: dict) -> str:
         lines += http_table(results)
     if "peers" in results:
         lines += peers_table(results)
+    if "continuous" in results:
+        lines += ["", *continuous_table(results)]
     return "\n".join(lines)
 
 
 def cutting_table(results: dict) -> list[str]:
     lines = ["**Cost of cutting** (p50 / p99 ms per batch; ratios of p50)", "",
-              "| threads | batch | chained | monolithic every exit | monolithic last exit | chained / every exit | chained / last exit |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| threads | batch | chained | fused span (full depth) | monolithic every exit | monolithic last exit "
+              "| chained / every exit | chained / last exit | fused span / last exit |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    span_name = "fused span, no exit can fire (the server at full depth)"
     for config, batches in results["cost_of_cutting"].items():
         for batch, row in batches.items():
-            c, a, last = (row[k] for k in ("chained segments (IOBinding)", "monolithic, every exit", "monolithic, last exit only"))
-            lines.append(f"| {config} | {batch.split()[1]} | {c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {a['p50_ms']:.3f} / {a['p99_ms']:.3f} "
+            c, f, a, last = (row[k] for k in ("chained segments (IOBinding)", span_name, "monolithic, every exit",
+                                              "monolithic, last exit only"))
+            lines.append(f"| {config} | {batch.split()[1]} | {c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {f['p50_ms']:.3f} / {f['p99_ms']:.3f} "
+                         f"| {a['p50_ms']:.3f} / {a['p99_ms']:.3f} "
                          f"| {last['p50_ms']:.3f} / {last['p99_ms']:.3f} | {row['ratio chained / monolithic every exit']:.3f} "
-                         f"| {row['ratio chained / monolithic last exit']:.3f} |")
+                         f"| {row['ratio chained / monolithic last exit']:.3f} | {row['ratio fused span / monolithic last exit']:.3f} |")
     return lines
 
 
@@ -431,7 +521,9 @@ def main() -> None:
     parser.add_argument("--deltas", default="0.8,0.85,0.9")
     parser.add_argument("--http-seconds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for every variant")
-    parser.add_argument("--parts", default="cutting,early,http", help="comma-separated: cutting, early, http, peers")
+    parser.add_argument("--parts", default="cutting,early,http",
+                        help="comma-separated: cutting, early, http, peers, continuous")
+    parser.add_argument("--continuous-delta", type=float, default=0.9)
     parser.add_argument("--clients", default="1,8,64", help="peers: concurrent clients")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = parser.parse_args()
@@ -454,6 +546,8 @@ def main() -> None:
     if "peers" in parts:
         results["peers"] = peers(Path(args.bundle), Path(args.monolithic), x, args.http_seconds, args.threads,
                                  tuple(int(c) for c in args.clients.split(",")))
+    if "continuous" in parts:
+        results["continuous"] = continuous(Path(args.bundle), x, args.http_seconds, args.threads, args.continuous_delta)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

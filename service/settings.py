@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")
     workers: int = Field(1, ge=1, description="engine threads per model")
+    continuous_batching: bool = Field(
+        False, description="segment-level continuous batching: a batch's survivors run on together with the next "
+                           "batches' samples at every segment (fuller segment batches; pays on a GPU)")
     warmup_batch_sizes: list[int] | None = Field(
         None, description="batch sizes run once before /readyz (default: powers of two up to max_batch_size)")
     api_key: str | None = Field(None, description="require this key (X-Api-Key or Bearer) on every route but health, metrics, docs")

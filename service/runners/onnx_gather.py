@@ -38,6 +38,23 @@ def _value_info(name: str, elem_type: int, dims: list[str]) -> bytes:
     return _field_bytes(1, name) + _field_bytes(2, _field_bytes(1, tensor))
 
 
+def build_concat(elem_type: int, rank: int, parts: int) -> bytes:
+    """Serialized ModelProto: out = Concat(part0, ..., part{parts-1}, axis=0) of rank-`rank` tensors."""
+    dims = [f"d{i}" for i in range(rank)]
+    names = [f"part{i}" for i in range(parts)]
+    axis = _field_bytes(1, "axis") + _field_varint(3, 0) + _field_varint(20, 2)  # AttributeProto: name, i, type INT
+    node = b"".join(_field_bytes(1, name) for name in names) + _field_bytes(2, "out") + _field_bytes(3, "concat") \
+        + _field_bytes(4, "Concat") + _field_bytes(5, axis)
+    graph = (
+        _field_bytes(1, node)
+        + _field_bytes(2, "concat_rows")
+        + b"".join(_field_bytes(11, _value_info(name, elem_type, [f"n{i}", *dims[1:]])) for i, name in enumerate(names))
+        + _field_bytes(12, _value_info("out", elem_type, ["n", *dims[1:]]))
+    )
+    opset = _field_bytes(1, "") + _field_varint(2, OPSET)
+    return _field_varint(1, IR_VERSION) + _field_bytes(2, "exitserve") + _field_bytes(7, graph) + _field_bytes(8, opset)
+
+
 def build(elem_type: int, rank: int) -> bytes:
     """Serialized ModelProto gathering rows (axis 0) of a rank-`rank` tensor of ONNX type `elem_type`."""
     dims = [f"d{i}" for i in range(rank)]

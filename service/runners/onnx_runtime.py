@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exitserve.models.bundle import Bundle, BundleError
+from exitserve.service.runners import onnx_gather
 
 Provider = Literal["cpu", "cuda"]
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -74,13 +75,6 @@ def session_options(options: RunnerOptions) -> ort.SessionOptions:
     return so
 
 
-def _gather_model_bytes(elem_type: int, rank: int) -> bytes:
-    """A one-node ONNX graph: out = data[indices] along axis 0 (built by hand: no onnx package at serving time)."""
-    from exitserve.service.runners import onnx_gather
-
-    return onnx_gather.build(elem_type, rank)
-
-
 State = dict[str, ort.OrtValue]
 
 
@@ -100,6 +94,14 @@ class ChainRunner:
         raise NotImplementedError
 
     def select(self, state: dict, rows: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def concat(self, states: list[dict]) -> dict:
+        """Several batches' states as one, rows in order (segment-level continuous batching)."""
+        raise NotImplementedError
+
+    def sample_shapes(self, state: dict) -> tuple:
+        """The state's tensor shapes beyond the batch axis: states concatenate only when these agree."""
         raise NotImplementedError
 
     def run_span(self, first: int, last: int, state: dict) -> tuple[dict, np.ndarray]:
@@ -160,8 +162,10 @@ class OnnxRunner(ChainRunner):
             self._large_sessions = self._open_graphs(session_options(replace(self.options, threads=large)))
         self._gather_sessions: dict[tuple[str, int], ort.InferenceSession] = {}
         self._gather_lock = threading.Lock()
+        # Every tensor a state can hold: the model's inputs (flights that have not run yet merge too) and
+        # the segments' outputs.
         self._state_types = {
-            o.name: (o.type, len(o.shape)) for s in self.sessions for o in s.get_outputs()
+            o.name: (o.type, len(o.shape)) for s in self.sessions for o in [*s.get_inputs(), *s.get_outputs()]
         }
         self._input_type = self.sessions[0].get_inputs()[0]
 
@@ -241,6 +245,36 @@ class OnnxRunner(ChainRunner):
             out[name] = binding.get_outputs()[0]
         return out
 
+    def concat(self, states: list[State]) -> State:
+        """On the device: one hand-built Concat graph per tensor type, rank and count (CPU runs the same path)."""
+        out = {}
+        for name in states[0]:
+            session = self._concat_session(name, len(states))
+            binding = session.io_binding()
+            for i, state in enumerate(states):
+                binding.bind_ortvalue_input(f"part{i}", state[name])
+            binding.bind_output("out", self.device, self.device_id)
+            session.run_with_iobinding(binding)
+            out[name] = binding.get_outputs()[0]
+        return out
+
+    def sample_shapes(self, state: State) -> tuple:
+        return tuple((name, tuple(value.shape()[1:])) for name, value in state.items())
+
+    def _concat_session(self, state_name: str, parts: int) -> ort.InferenceSession:
+        onnx_type, rank = self._state_types[state_name]
+        key = (f"concat:{onnx_type}", rank * 1000 + parts)
+        session = self._gather_sessions.get(key)
+        if session is None:
+            with self._gather_lock:
+                session = self._gather_sessions.get(key)
+                if session is None:
+                    model = onnx_gather.build_concat(_ONNX_ELEMENT_TYPES[onnx_type], rank, parts)
+                    session = ort.InferenceSession(model, session_options(self.options),
+                                                   providers=[_ORT_PROVIDERS[self.options.provider]])
+                    self._gather_sessions[key] = session
+        return session
+
     def _gather_session(self, state_name: str) -> ort.InferenceSession:
         onnx_type, rank = self._state_types[state_name]
         key = (onnx_type, rank)
@@ -249,7 +283,7 @@ class OnnxRunner(ChainRunner):
             with self._gather_lock:
                 session = self._gather_sessions.get(key)
                 if session is None:
-                    model = _gather_model_bytes(_ONNX_ELEMENT_TYPES[onnx_type], rank)
+                    model = onnx_gather.build(_ONNX_ELEMENT_TYPES[onnx_type], rank)
                     providers = [_ORT_PROVIDERS[self.options.provider]]
                     session = ort.InferenceSession(model, session_options(self.options), providers=providers)
                     self._gather_sessions[key] = session

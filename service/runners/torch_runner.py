@@ -51,3 +51,9 @@ class TorchRunner(ChainRunner):
     def select(self, state: State, rows: np.ndarray) -> State:
         index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)
         return {name: value.index_select(0, index) for name, value in state.items()}
+
+    def concat(self, states: list[State]) -> State:
+        return {name: torch.cat([state[name] for state in states]) for name in states[0]}
+
+    def sample_shapes(self, state: State) -> tuple:
+        return tuple((name, tuple(value.shape[1:])) for name, value in state.items())

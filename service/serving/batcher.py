@@ -28,7 +28,7 @@ import numpy as np
 
 from exitserve.errors import Overloaded
 from exitserve.service.monitoring.trace import Trace
-from exitserve.service.serving.engine import BatchResult, ExitEngine
+from exitserve.service.serving.engine import BatchResult, ExitEngine, Flight
 
 log = logging.getLogger("exitserve.batcher")
 
@@ -132,6 +132,26 @@ def _copy_rows(full: BatchResult, part: BatchResult, rows: np.ndarray, offset: i
             target[rows + offset] = source[rows]
 
 
+@dataclass(eq=False)  # compared by identity: its fields hold arrays
+class _Run:
+    """A batch of requests on its way through the engine."""
+
+    items: list[WorkItem]
+    offsets: np.ndarray
+    started: float
+    x: np.ndarray
+    deltas: np.ndarray
+    policies: np.ndarray
+    want: np.ndarray | None
+    on_exit: Callable[[np.ndarray, BatchResult], None]
+    result: BatchResult | None = None
+    flights: list[Flight] | None = None  # None: above one engine batch, run in pieces
+    requests: int = 0  # queued requests it accounts for (cancelled ones included)
+
+    def pending(self) -> list[Flight]:
+        return [flight for flight in self.flights or [] if not flight.done]
+
+
 class BatchObserver(Protocol):
     """What the batcher reports, on engine threads (metrics and monitoring hang here)."""
 
@@ -168,14 +188,17 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         queue_samples: int | None = None,
         deadline_s: float | None = None,
+        continuous: bool = False,
     ):
         self.engine = engine
+        self.continuous = continuous  # segment-level continuous batching (see _work_continuous)
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.queue: queue.Queue[WorkItem | None] = queue.Queue(maxsize=queue_limit)
         self.name = name
         self.observer: BatchObserver = observer or _NoObserver()
-        self._threads = [threading.Thread(target=self._work, name=f"exitserve-{name}-{i}", daemon=True) for i in range(workers)]
+        work = self._work_continuous if continuous else self._work
+        self._threads = [threading.Thread(target=work, name=f"exitserve-{name}-{i}", daemon=True) for i in range(workers)]
         self._in_flight = 0
         self._idle = threading.Condition()
         self._closing = False
@@ -323,6 +346,18 @@ class DynamicBatcher:
                     self._idle.notify_all()
 
     def _run(self, items: list[WorkItem]) -> None:
+        run = self._start(items)
+        if run.flights is None:  # a request above the engine batch: engine-sized pieces
+            run.result = self._run_pieces(run.x, run.deltas, run.policies, run.want, run.on_exit)
+        else:
+            for flight in run.flights:
+                while not flight.done:
+                    self.engine.advance([flight], self.observer.segment_done)
+        self._finish(run)
+
+    def _start(self, items: list[WorkItem]) -> _Run:
+        """One batch of requests, ready to advance: its result fills as samples leave, and each
+        request is answered the moment its last sample has."""
         started = time.perf_counter()
         sizes = np.array([len(i) for i in items])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -352,18 +387,142 @@ class DynamicBatcher:
                     if remaining[index] == 0:
                         self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
-        result = self._run_engine(x, deltas, policies, want, on_exit)
-        rate = len(x) / max(time.perf_counter() - started, 1e-6)
-        self._throughput = rate if self._throughput is None else 0.8 * self._throughput + 0.2 * rate
-        self.observer.batch_done(items, offsets, result)
+        run = _Run(items, offsets, started, x, deltas, policies, want, on_exit)
+        if len(x) <= self.max_batch_size:
+            run.result, run.flights = self.engine.start(x, deltas, policies, want, on_exit)
+        return run
 
-    def _run_engine(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want: np.ndarray | None,
+    def _finish(self, run: _Run) -> None:
+        rate = len(run.x) / max(time.perf_counter() - run.started, 1e-6)
+        self._throughput = rate if self._throughput is None else 0.8 * self._throughput + 0.2 * rate
+        assert run.result is not None
+        self.observer.batch_done(run.items, run.offsets, run.result)
+
+    # --- segment-level continuous batching ------------------------------------------------------
+
+    def _work_continuous(self) -> None:
+        """Batches advance segment by segment, and flights of different batches that wait at the same
+        segment run together: the survivors of one batch fill up with the next batch's samples, so each
+        segment runs batches as full as the queue allows (on a GPU a shrunken batch wastes the device).
+
+        Each step runs the segment where most rows wait (ties: the deepest, to finish old work first),
+        at most one engine batch of them; new requests are taken only while no more than an engine
+        batch waits at the input, so a burst cannot starve the rows already inside the network."""
+        runs: list[_Run] = []
+        carry: WorkItem | None = None
+        while True:
+            if not runs:
+                batch, carry = self._next_batch(carry)
+                if batch is None:
+                    return
+                self._launch(batch, runs)
+            else:
+                waiting_at_input = sum(len(f.active) for run in runs for f in run.pending() if f.position == 0)
+                if waiting_at_input < self.max_batch_size:
+                    batch, carry, stop = self._take_queued(carry, self.max_batch_size - waiting_at_input)
+                    if batch:
+                        self._launch(batch, runs)
+                    if stop:  # shutting down: finish what is inside, then stop
+                        self._drain(runs)
+                        return
+            if runs:
+                try:
+                    self._step(runs)
+                except Exception as exc:  # a bug must not kill the worker and strand every request inside
+                    for run in runs:
+                        self._fail(run.items, exc)
+                        self._done(run.requests)
+                    runs.clear()
+
+    def _take_queued(self, carry: WorkItem | None, room: int) -> tuple[list[WorkItem], WorkItem | None, bool]:
+        """Requests already queued, up to `room` samples, without waiting: (batch, carry, stop seen)."""
+        batch: list[WorkItem] = []
+        size = 0
+        while size < room:
+            if carry is not None:
+                item, carry = carry, None
+            else:
+                try:
+                    queued = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    return batch, None, True
+                item = queued
+                self._uncount(item)
+            if batch and size + len(item) > room:
+                return batch, item, False
+            batch.append(item)
+            size += len(item)
+        return batch, carry, False
+
+    def _launch(self, batch: list[WorkItem], runs: list[_Run]) -> None:
+        now = time.perf_counter()
+        for item in batch:  # past its deadline: the client has been answered 504 already, or soon will be
+            if self.deadline_s is not None and now - item.enqueued_at > self.deadline_s:
+                item.cancelled = True
+        live = [item for item in batch if not item.cancelled]
+        try:
+            run = self._start(live) if live else None
+            if run is not None and run.flights is None:  # above one engine batch: alone, in pieces
+                run.result = self._run_pieces(run.x, run.deltas, run.policies, run.want, run.on_exit)
+                self._finish(run)
+                run = None
+        except Exception as exc:
+            self._fail(live, exc)
+            run = None
+        if run is None:
+            self._done(len(batch))
+        else:
+            run.requests = len(batch)
+            runs.append(run)
+
+    def _step(self, runs: list[_Run]) -> None:
+        groups: dict[tuple, list[Flight]] = {}
+        for run in runs:
+            for flight in run.pending():
+                groups.setdefault((flight.position, flight.shape_key()), []).append(flight)
+        fullest = max(groups, key=lambda key: (sum(len(f.active) for f in groups[key]), key[0]))
+        chosen: list[Flight] = []
+        rows = 0
+        for flight in groups[fullest]:
+            if chosen and rows + len(flight.active) > self.max_batch_size:
+                break
+            chosen.append(flight)
+            rows += len(flight.active)
+        try:
+            self.engine.advance(chosen, self.observer.segment_done)
+        except Exception as exc:  # the runs of the failed step answer with the error, the others go on
+            failed = [run for run in runs if any(f in chosen for f in run.flights or [])]
+            for run in failed:
+                runs.remove(run)
+                self._fail(run.items, exc)
+                self._done(run.requests)
+            return
+        for run in [run for run in runs if not run.pending()]:
+            runs.remove(run)
+            self._finish(run)
+            self._done(run.requests)
+
+    def _drain(self, runs: list[_Run]) -> None:
+        while runs:
+            self._step(runs)
+
+    def _fail(self, items: list[WorkItem], exc: Exception) -> None:
+        log.exception("batch failed on model %s", self.name, exc_info=exc)
+        for item in items:
+            item.loop.call_soon_threadsafe(_settle, item.future, None, exc)
+
+    def _done(self, requests: int) -> None:
+        with self._idle:
+            self._in_flight -= requests
+            self._idle.notify_all()
+
+    def _run_pieces(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want: np.ndarray | None,
                     on_exit: Callable[[np.ndarray, BatchResult], None]) -> BatchResult:
-        """One engine run, or (for a request above the engine batch) engine-sized pieces whose answers
-        are gathered into one result; memory is that of one piece."""
+        """A request above the engine batch as engine-sized pieces whose answers are gathered into one
+        result; memory is that of one piece."""
         n, step = len(x), self.max_batch_size
-        if n <= step:
-            return self.engine.run(x, deltas, policies, want, on_exit=on_exit, segment_timer=self.observer.segment_done)
         full: BatchResult | None = None
         for lo in range(0, n, step):
             hi = min(n, lo + step)

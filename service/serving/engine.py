@@ -94,8 +94,17 @@ class ExitEngine:
         segment_timer: SegmentTimer | None = None,
     ) -> BatchResult:
         """Decide every sample of `x`; `policies` is an array of policy names, one per sample."""
+        result, flights = self.start(x, deltas, policies, want_probabilities, on_exit)
+        for flight in flights:
+            while not flight.done:
+                self.advance([flight], segment_timer)
+        return result
+
+    def start(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: np.ndarray | None = None,
+              on_exit: ExitCallback | None = None) -> tuple[BatchResult, list[Flight]]:
+        """A batch's result (filled as its samples leave) and its flights, for a caller that advances
+        them itself, possibly together with other batches' flights (segment-level continuous batching)."""
         n = len(x)
-        fraction = self.shadow_fraction
         result = BatchResult(
             class_index=np.zeros(n, np.int64),
             exit_index=np.zeros(n, np.int64),
@@ -103,13 +112,41 @@ class ExitEngine:
             target_met=np.zeros(n, bool),
             probabilities=np.zeros((n, self.num_classes), np.float32) if want_probabilities is not None and want_probabilities.any() else None,
             confidence=np.zeros(n, np.float64),
-            shadow_prediction=np.full(n, -1, np.int64) if fraction > 0 else None,
+            shadow_prediction=np.full(n, -1, np.int64) if self.shadow_fraction > 0 else None,
             trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
-        policy_names = _names(policies)
-        for rows, chunk in self._chunks(x):
-            self._run_rows(chunk, rows, result, deltas, policies, policy_names, want_probabilities, on_exit, segment_timer)
-        return result
+        batch = _Batch(result, deltas, policies, _names(policies), want_probabilities, on_exit)
+        return result, self.flights(x, batch)
+
+    def flights(self, x: np.ndarray, batch: _Batch) -> list[Flight]:
+        return [Flight(self, batch, rows, self.runner.start(chunk)) for rows, chunk in self._chunks(x)]
+
+    def advance(self, flights: list[Flight], segment_timer: SegmentTimer | None = None) -> None:
+        """Run flights that wait at the same segment, as one batch, on to the first exit where one of
+        their samples may leave; each then decides for its own rows (a flight that cannot exit there
+        just moves on). Flights of a text model merge only when their tensors have the same shape."""
+        position = flights[0].position
+        stops = [flight.next_stop() for flight in flights]
+        stop = min(stops)
+        if len(flights) == 1:
+            state = flights[0].state
+        else:
+            state = self.runner.concat([flight.state for flight in flights])
+        rows = sum(len(flight.active) for flight in flights)
+        started = time.perf_counter()
+        state, logits = self.runner.run_span(position, stop, state)
+        if segment_timer:
+            segment_timer(position, stop, rows, time.perf_counter() - started)
+        offset = 0
+        for flight, own_stop in zip(flights, stops, strict=True):
+            n = len(flight.active)
+            keep = flight.decide(stop, logits[offset : offset + n], can_leave=own_stop == stop)
+            if keep is not None:
+                if len(flights) > 1:
+                    flight.state = self.runner.select(state, keep + offset)
+                else:
+                    flight.state = state if len(keep) == n else self.runner.select(state, keep)
+            offset += n
 
     def _next_stop(self, position: int, policies: np.ndarray, deltas: np.ndarray) -> int:
         """The first exit at or after `position` where a sample running under `policies`/`deltas` may leave."""
@@ -142,77 +179,95 @@ class ExitEngine:
         return [(rows, np.ascontiguousarray(x[rows, : max(int(lengths[rows].max()), 1)]))
                 for rows in length_batches(lengths, self.token_budget)]
 
-    def _run_rows(
-        self,
-        x: np.ndarray,
-        rows: np.ndarray,
-        result: BatchResult,
-        deltas: np.ndarray,
-        policies: np.ndarray,
-        policy_names: list[str],
-        want_probabilities: np.ndarray | None,
-        on_exit: ExitCallback | None,
-        segment_timer: SegmentTimer | None,
-    ) -> None:
-        """The segment loop for the batch rows `rows` (their inputs `x`), writing into `result`."""
-        last_exit = self.runner.num_exits - 1
-        fraction = self.shadow_fraction
-        active = rows  # original row of each row still running
-        shadow = np.zeros(len(rows), bool)  # per running row: answered already, running on only to be compared
-        state = self.runner.start(x)
-        position = 0  # the next segment to run
-        while True:
-            # Run on to the next exit that can let one of the running samples leave (issue 16): the
-            # heads in between are not computed and the segments run as one fused span where the
-            # bundle has it. With no exit able to fire the batch runs the plain model.
-            k = self._next_stop(position, policies[active[~shadow]], deltas[active[~shadow]])
-            started = time.perf_counter()
-            state, logits = self.runner.run_span(position, k, state)
-            if segment_timer:
-                segment_timer(position, k, len(active), time.perf_counter() - started)
-            position = k + 1
-            if result.trace is not None:
-                self._record_trace(result.trace, k, active, logits)
-            any_shadow = bool(shadow.any())
-            if any_shadow and k == last_exit and result.shadow_prediction is not None:
-                result.shadow_prediction[active[shadow]] = logits[shadow].argmax(axis=1)
-            leave = np.zeros(len(active), bool)
-            active_policies = policies[active]
-            for name in policy_names:
-                if len(policy_names) == 1 and not any_shadow:
-                    rows = np.arange(len(active))
-                else:
-                    rows = np.flatnonzero((active_policies == name) & ~shadow)
-                if not len(rows):
-                    continue
-                step = self.calibration.step(name, k, logits[rows], deltas[active[rows]], normalised=True)
-                out_rows = rows[step.exit_now]
-                if not len(out_rows):
-                    continue
-                leave[out_rows] = True
-                original = active[out_rows]
-                result.class_index[original] = logits[out_rows].argmax(axis=1)
-                result.exit_index[original] = k
-                result.estimate[original] = step.estimate[step.exit_now]
-                result.target_met[original] = step.target_met[step.exit_now]
-                result.confidence[original] = step.confidence[step.exit_now]
-                if result.probabilities is not None and want_probabilities is not None:
-                    wanted = want_probabilities[original]
-                    if wanted.any():
-                        probs = self.calibration.probabilities(k, logits[out_rows[wanted]])
-                        result.probabilities[original[wanted]] = probs
-            if fraction > 0 and k < last_exit and leave.any():
-                # Answered now (on_exit below) but kept running: leave stays True for the callback.
-                leaving = np.flatnonzero(leave)
-                shadow[leaving[self._rng().random(len(leaving)) < fraction]] = True
-            left = active[leave]
-            if on_exit is not None and len(left):
-                on_exit(left, result)
-            keep = np.flatnonzero(~leave | shadow)
-            if not len(keep) or k == last_exit:
-                return
-            if len(keep) < len(active):
-                state = self.runner.select(state, keep)
-            active = active[keep]
-            shadow = shadow[keep]
 
+@dataclass
+class _Batch:
+    """What every flight of one engine batch shares: where decisions go and what each row asked for."""
+
+    result: BatchResult
+    deltas: np.ndarray
+    policies: np.ndarray
+    policy_names: list[str]
+    want_probabilities: np.ndarray | None
+    on_exit: ExitCallback | None
+
+
+class Flight:
+    """Rows of one batch (a length-sorted piece of it, for text) on their way through the network:
+    `position` is the next segment to run, `state` the runner's tensors at its input, `active` the
+    batch row of each row still running."""
+
+    def __init__(self, engine: ExitEngine, batch: _Batch, rows: np.ndarray, state: dict):
+        self.engine = engine
+        self.batch = batch
+        self.state = state
+        self.position = 0
+        self.active = rows
+        self.shadow = np.zeros(len(rows), bool)  # answered already, running on only to be compared
+        self.done = False
+
+    def shape_key(self) -> tuple:
+        """Flights merge only when their tensors agree beyond the batch axis (text pieces differ in length)."""
+        return self.engine.runner.sample_shapes(self.state)
+
+    def next_stop(self) -> int:
+        """Run on to the next exit that can let one of the running samples leave (issue 16): the heads
+        in between are not computed and the segments run as one fused span where the bundle has it.
+        With no exit able to fire the batch runs the plain model."""
+        running = self.active[~self.shadow]
+        return self.engine._next_stop(self.position, self.batch.policies[running], self.batch.deltas[running])
+
+    def decide(self, k: int, logits: np.ndarray, can_leave: bool = True) -> np.ndarray | None:
+        """Exit k's logits for the running rows: answer who leaves; the rows that run on (None when done).
+        `can_leave` False: merged into a run that stops where none of these rows may leave."""
+        engine, batch, result = self.engine, self.batch, self.batch.result
+        last_exit = engine.runner.num_exits - 1
+        self.position = k + 1
+        active, shadow = self.active, self.shadow
+        if not can_leave:
+            return np.arange(len(active))
+        if result.trace is not None:
+            engine._record_trace(result.trace, k, active, logits)
+        any_shadow = bool(shadow.any())
+        if any_shadow and k == last_exit and result.shadow_prediction is not None:
+            result.shadow_prediction[active[shadow]] = logits[shadow].argmax(axis=1)
+        leave = np.zeros(len(active), bool)
+        active_policies = batch.policies[active]
+        names = batch.policy_names
+        for name in names:
+            if len(names) == 1 and not any_shadow:
+                rows = np.arange(len(active))
+            else:
+                rows = np.flatnonzero((active_policies == name) & ~shadow)
+            if not len(rows):
+                continue
+            step = engine.calibration.step(name, k, logits[rows], batch.deltas[active[rows]], normalised=True)
+            out_rows = rows[step.exit_now]
+            if not len(out_rows):
+                continue
+            leave[out_rows] = True
+            original = active[out_rows]
+            result.class_index[original] = logits[out_rows].argmax(axis=1)
+            result.exit_index[original] = k
+            result.estimate[original] = step.estimate[step.exit_now]
+            result.target_met[original] = step.target_met[step.exit_now]
+            result.confidence[original] = step.confidence[step.exit_now]
+            if result.probabilities is not None and batch.want_probabilities is not None:
+                wanted = batch.want_probabilities[original]
+                if wanted.any():
+                    probs = engine.calibration.probabilities(k, logits[out_rows[wanted]])
+                    result.probabilities[original[wanted]] = probs
+        if engine.shadow_fraction > 0 and k < last_exit and leave.any():
+            # Answered now (on_exit below) but kept running: leave stays True for the callback.
+            leaving = np.flatnonzero(leave)
+            shadow[leaving[engine._rng().random(len(leaving)) < engine.shadow_fraction]] = True
+        left = active[leave]
+        if batch.on_exit is not None and len(left):
+            batch.on_exit(left, result)
+        keep = np.flatnonzero(~leave | shadow)
+        if not len(keep) or k == last_exit:
+            self.done = True
+            return None
+        self.active = active[keep]
+        self.shadow = shadow[keep]
+        return keep

@@ -88,6 +88,7 @@ class ServedModel:
             observer=ModelObserver(self.name, self.compute_fractions, metrics, self.monitor, settings.max_batch_size),
             queue_samples=settings.queued_samples_limit(),
             deadline_s=settings.request_timeout_s,
+            continuous=settings.continuous_batching,
         )
 
     def start(self, warmup_sizes: list[int]) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from exitserve.models.bundle import BundleError, load_bundle
 from exitserve.models.data import load_dataset
-from exitserve.service.runners.onnx_gather import build
+from exitserve.service.runners.onnx_gather import build, build_concat
 from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
 
 
@@ -57,3 +57,13 @@ def test_large_batches_run_on_their_own_sessions_with_the_same_answers(digits_bu
         np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="per-session thread pools"):
         OnnxRunner(bundle, options=RunnerOptions(threads=1, large_batch_threads=2, thread_pool="global"))
+
+
+@pytest.mark.parametrize(("elem_type", "dtype", "rank", "parts"), [(1, np.float32, 4, 2), (1, np.float32, 2, 3), (7, np.int64, 3, 2)])
+def test_hand_built_concat_graph(elem_type: int, dtype, rank: int, parts: int) -> None:
+    """Issue 16: continuous batching concatenates flights' states on the device with this graph."""
+    session = ort.InferenceSession(build_concat(elem_type, rank, parts), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    arrays = [(rng.random((n,) + (3,) * (rank - 1)) * 10).astype(dtype) for n in range(1, parts + 1)]
+    got = session.run(None, {f"part{i}": a for i, a in enumerate(arrays)})[0]
+    assert np.array_equal(got, np.concatenate(arrays))

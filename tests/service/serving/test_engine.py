@@ -65,13 +65,15 @@ def test_exits_are_reported_as_they_happen(setup) -> None:
         assert (result.exit_index[reported] == k).all()
 
 
-def test_batcher_results_do_not_depend_on_batch_mates(setup) -> None:
+@pytest.mark.parametrize("continuous", [False, True])
+def test_batcher_results_do_not_depend_on_batch_mates(setup, continuous: bool) -> None:
     engine, calibration, x, logits = setup
     rng = np.random.default_rng(1)
     deltas = rng.choice([0.6, 0.9, 0.99], size=len(x))
     policy = "pcee-cond"
     want = decide_all(calibration, policy, logits, deltas)
-    batcher = DynamicBatcher(engine, max_batch_size=16, max_queue_delay_s=0.005, queue_limit=100, workers=2)
+    batcher = DynamicBatcher(engine, max_batch_size=16, max_queue_delay_s=0.005, queue_limit=100, workers=2,
+                             continuous=continuous)
     batcher.start()
 
     async def send_all():
@@ -149,3 +151,47 @@ def test_tracing_stops_at_every_exit(setup, digits_bundle: Path) -> None:
     result = engine.run(x, np.full(len(x), 0.99), np.full(len(x), "full", dtype=object))
     assert runner.spans == [(k, k) for k in range(runner.num_exits)]
     assert result.trace is not None and np.isfinite(result.trace.confidence).all()
+
+
+class MergeLog(ExitEngine):
+    """The real engine, remembering how many flights (batches) each step ran together."""
+
+    merged: list[int]
+
+    def advance(self, flights, segment_timer=None) -> None:
+        self.merged.append(len(flights))
+        super().advance(flights, segment_timer)
+
+
+@pytest.mark.parametrize("policies", [["pcee-lb-tail"], ["pcee", "confidence", "full"]])
+def test_continuous_batching_merges_batches_and_keeps_every_decision(setup, policies: list[str]) -> None:
+    """Issue 16: survivors of one batch run together with the next batches' samples, each sample
+    still getting the offline decision."""
+    _, calibration, x, logits = setup
+    engine = MergeLog(setup[0].runner, calibration)
+    engine.merged = []
+    rng = np.random.default_rng(2)
+    deltas = rng.choice([0.6, 0.8, 0.9], size=len(x))
+    chosen = np.array([policies[i % len(policies)] for i in range(len(x))], dtype=object)
+    batcher = DynamicBatcher(engine, max_batch_size=8, max_queue_delay_s=0.0, queue_limit=100, continuous=True)
+    batcher.start()
+
+    async def send_all():
+        loop = asyncio.get_running_loop()
+        items = []
+        for i in range(len(x)):  # single-sample requests, all queued at once: batches of 8 enter one after another
+            item = WorkItem(x[i : i + 1], deltas[i : i + 1], chosen[i : i + 1], None, loop, loop.create_future())
+            batcher.submit(item)
+            items.append(item)
+        return [await item.future for item in items]
+
+    try:
+        results = asyncio.run(send_all())
+    finally:
+        assert batcher.close(timeout=5)
+    for policy in policies:
+        rows = np.flatnonzero(chosen == policy)
+        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows])
+        assert [int(results[i].exit_index[0]) for i in rows] == want.exit_index.tolist(), policy
+        assert [int(results[i].class_index[0]) for i in rows] == want.prediction.tolist(), policy
+    assert max(engine.merged) > 1  # some step ran flights of several batches as one
