@@ -328,22 +328,23 @@ class DynamicBatcher:
             batch, carry = self._next_batch(carry)
             if batch is None:
                 return
-            now = time.perf_counter()
-            for item in batch:  # past its deadline: the client has been answered 504 already, or soon will be
-                if self.deadline_s is not None and now - item.enqueued_at > self.deadline_s:
-                    item.cancelled = True
-            live = [item for item in batch if not item.cancelled]
+            live = self._live(batch)
             try:
                 if live:
                     self._run(live)
             except Exception as exc:  # a failed batch answers its requests with the error, the thread lives on
-                log.exception("batch failed on model %s", self.name)
-                for item in live:
-                    item.loop.call_soon_threadsafe(_settle, item.future, None, exc)
+                self._fail(live, exc)
             finally:
-                with self._idle:
-                    self._in_flight -= len(batch)
-                    self._idle.notify_all()
+                self._done(len(batch))
+
+    def _live(self, batch: list[WorkItem]) -> list[WorkItem]:
+        """The requests of a batch still worth computing: the client is there and the deadline not passed
+        (a request past it has been answered 504 already, or soon will be)."""
+        now = time.perf_counter()
+        for item in batch:
+            if self.deadline_s is not None and now - item.enqueued_at > self.deadline_s:
+                item.cancelled = True
+        return [item for item in batch if not item.cancelled]
 
     def _run(self, items: list[WorkItem]) -> None:
         run = self._start(items)
@@ -457,11 +458,7 @@ class DynamicBatcher:
         return batch, carry, False
 
     def _launch(self, batch: list[WorkItem], runs: list[_Run]) -> None:
-        now = time.perf_counter()
-        for item in batch:  # past its deadline: the client has been answered 504 already, or soon will be
-            if self.deadline_s is not None and now - item.enqueued_at > self.deadline_s:
-                item.cancelled = True
-        live = [item for item in batch if not item.cancelled]
+        live = self._live(batch)
         try:
             run = self._start(live) if live else None
             if run is not None and run.flights is None:  # above one engine batch: alone, in pieces
