@@ -63,19 +63,26 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ e
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def char_tokenizer():
-    """Printable ASCII, one token per character (ids 0..94), plus <|end|> (95): the tiny model's vocabulary."""
+def char_tokenizer(end_of_text: int | None = None):
+    """Printable ASCII, one token per character (ids 0..94), plus <|end|> (95): the tiny model's vocabulary.
+
+    `end_of_text`: that id is `<|endoftext|>` instead of its character (a token that is no eos id)."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {chr(c): c - 32 for c in range(32, 127)}
+    vocab = {chr(c): c - 32 for c in range(32, 127) if c - 32 != end_of_text}
     vocab["<|end|>"] = END_ID
+    special = ["<|end|>"]
+    if end_of_text is not None:
+        vocab["<|endoftext|>"] = end_of_text
+        special.append("<|endoftext|>")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.add_special_tokens(["<|end|>"])
+    tokenizer.add_special_tokens(special)
     tokenizer.decoder = decoders.Fuse()
     return tokenizer
 
 
-def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256):
+def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256,
+                                 end_of_text: int | None = None):
     """A complete generation bundle of the tiny model: weights, tokenizer, chat template, heads, tables."""
     import json
     from pathlib import Path
@@ -91,7 +98,7 @@ def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_cont
     (directory / "config.json").write_text(json.dumps(TINY.to_json()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(directory / "model.safetensors"))
-    char_tokenizer().save(str(directory / "tokenizer.json"))
+    char_tokenizer(end_of_text).save(str(directory / "tokenizer.json"))
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     write_generation_manifest(directory, name="tiny-llm", exit_layers=[TINY.num_layers - 1], bos_id=None,
                               eos_ids=[END_ID], max_context=max_context, command="tests")

@@ -37,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "train-llm-heads", "train exit heads and label-free tables into a generation bundle")
     p.add_argument("bundle", help="a generation bundle made by convert-llm")
     p.add_argument("--data", default="../shared/data/text/wikitext-2", help="folder with valid.txt (and test.txt)")
-    p.add_argument("--train-tokens", type=int, default=32768, help="tokens of hidden states the heads train on")
-    p.add_argument("--calibration-tokens", type=int, default=6144, help="held-out tokens the tables are counted on")
+    p.add_argument("--extra-text", default="../shared/data/text/agnews/dev.tsv",
+                   help="more training text after WikiText-2 valid (comma-separated; .tsv: first column)")
+    p.add_argument("--train-tokens", type=int, default=500_000, help="tokens of hidden states the heads train on")
+    p.add_argument("--calibration-tokens", type=int, default=8192,
+                   help="held-out tokens the tables are counted on (the end of WikiText-2 valid)")
     p.add_argument("--candidates", default="7,11,15,19,23", help="layers to measure exits at")
     p.add_argument("--exits", type=int, default=4, help="early exits to keep (chosen by measurement)")
     p.add_argument("--exit-layers", help="skip the choice: these layers (comma-separated)")
