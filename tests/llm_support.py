@@ -27,24 +27,28 @@ def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> LlamaModel:
     return model.eval().requires_grad_(False)
 
 
-def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1) -> ExitHeads:
+def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1,
+               exit_layers: list[int] = EXIT_LAYERS) -> ExitHeads:
+    """Random residual heads; a head after the final layer stays the model's own norm + LM-head rows."""
     torch.manual_seed(seed)
     heads = ExitHeads(model.config.hidden_size, 32, model.config.rms_norm_eps, torch.arange(vocab_size),
-                      len(EXIT_LAYERS) - 1).init_from(model)
+                      len(exit_layers) - 1).init_from(model)
     with torch.no_grad():
-        for head in heads.heads:
-            head.down.weight.normal_(0.0, 0.05)
+        for head, layer in zip(heads.heads, exit_layers, strict=False):
+            if layer < model.config.num_layers - 1:
+                head.down.weight.normal_(0.0, 0.05)
     return heads.eval().requires_grad_(False)
 
 
-def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, seed: int = 2) -> Calibration:
+def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, seed: int = 2,
+                     exit_layers: list[int] = EXIT_LAYERS) -> Calibration:
     """Tables counted on random token streams, teacher-forced (what the real pipeline does on WikiText)."""
     generator = torch.Generator().manual_seed(seed)
-    per_exit: list[list[np.ndarray]] = [[] for _ in EXIT_LAYERS[:-1]]
+    per_exit: list[list[np.ndarray]] = [[] for _ in exit_layers[:-1]]
     full = []
     for _ in range(tokens // 100):
         ids = torch.randint(model.config.vocab_size, (100,), generator=generator)
-        logits, hidden = model(ids, hidden_layers=EXIT_LAYERS[:-1])
+        logits, hidden = model(ids, hidden_layers=exit_layers[:-1])
         with torch.no_grad():
             for k, h in enumerate(hidden):
                 per_exit[k].append(heads.logits(k, h).numpy())
