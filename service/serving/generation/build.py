@@ -157,9 +157,10 @@ def _calibration_space(head_logits: list[np.ndarray], vocab: np.ndarray, full_ar
 
 def _cached(model: LlamaModel, cache_dir: Path, key: str, layers: list[int], make_ids) -> HiddenCache:
     """The hidden states of the text `key` names, from the cache if any cache of it holds every wanted layer."""
+    last = model.config.num_layers - 1  # every cache holds the last layer
     path = cache_dir / f"{key}-{'_'.join(map(str, layers))}.pt"
     for existing in sorted(cache_dir.glob(f"{key}-*.pt")):
-        if set(layers) <= set(int(x) for x in existing.stem[len(key) + 1:].split("_")):
+        if set(layers) - {last} <= set(int(x) for x in existing.stem[len(key) + 1:].split("_")):
             return HiddenCache.load(existing)
     ids = make_ids()
     print(f"caching hidden states: {key} ({ids.size} tokens) at layers {layers}", flush=True)
@@ -212,6 +213,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
         heads.bind(model)
     else:
         for index, layer in enumerate(layers):
+            if layer == last:
+                continue  # after the final layer the head stays the model's own norm + LM-head rows (exact there)
             train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
         save_heads(heads, trained)
     reports, cal_logits = {}, {}
