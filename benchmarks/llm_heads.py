@@ -2,7 +2,7 @@
 restricted-vocabulary size, measured on held-out text (the end of WikiText-2 `valid`).
 
     python benchmarks/llm_heads.py runs/bundles/smollm2 --layers 15,23 --steps 1500 --batch-size 256 \
-        --variants ce:4096,kl1:4096,kl2:4096,ce:8192 --threads 1
+        --variants ce:4096,kl1:4096,kl2:4096,none:8192,none:16384 --threads 1
 
 Needs the hidden-state caches `exitserve train-llm-heads` writes (same `--train-tokens`,
 `--calibration-tokens`, `--extra-text`). Per variant and layer: top-1 agreement with the full
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--cache-layers", default="7,11,15,19,23,26", help="the layers the caches were made with")
     parser.add_argument("--layers", default="15,23")
     parser.add_argument("--variants", default="ce:4096,kl1:4096,kl2:4096,ce:8192",
-                        help="loss:vocab; loss is ce, or klT (KL at temperature T)")
+                        help="loss:vocab; loss is ce, klT (KL at temperature T), or none (the final layer only)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--head-hidden", type=int, default=512)
@@ -82,7 +82,7 @@ def main() -> None:
         rows.append({"variant": variant, "layer": last, "trained": False, "vocab_coverage": coverage, **final})
         print(f"{variant}: vocabulary covers {coverage:.3f} of held-out full-model tokens; final layer, "
               f"restricted rows: {final}", flush=True)
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(layers if loss != "none" else []):
             start = time.perf_counter()
             train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
             report = agreement_report(head_logits(heads, index, cal.hidden[layer]), vocab, full_cal)

@@ -203,8 +203,10 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     print(f"head vocabulary: {vocab.size} tokens cover {coverage:.3f} of the held-out full-model predictions")
     heads = ExitHeads(model.config.hidden_size, int(args["head_hidden"]), model.config.rms_norm_eps,
                       torch.from_numpy(vocab), len(layers)).init_from(model)
-    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128))
-    trained = cache_dir / (f"{bundle.manifest.name}-heads-{config.loss}-{config.steps}-{config.batch_size}-{vocab.size}-"
+    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128),
+                             temperature=float(args.get("temperature") or 1.0))
+    loss_tag = config.loss + (f"{config.temperature:g}" if config.loss == "kl" else "")
+    trained = cache_dir / (f"{bundle.manifest.name}-heads-{loss_tag}-{config.steps}-{config.batch_size}-{vocab.size}-"
                            f"{heads.hidden}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
     if trained.is_file():  # heads trained earlier with the same settings on the same text
         from safetensors.torch import load_file
@@ -240,7 +242,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
                                         model.config.vocab_size, data_fingerprint=cal.fingerprint)
     write_exits(bundle_dir, final, calibration, [*chosen, last], command="exitserve train-llm-heads",
                 data_fingerprint=cal.fingerprint,
-                extra={"head_training": {"loss": config.loss, "steps": config.steps, "train_tokens": train_tokens,
+                extra={"head_training": {"loss": config.loss, "temperature": config.temperature, "steps": config.steps,
+                                         "batch_size": config.batch_size, "train_tokens": train_tokens,
                                          "calibration_tokens": cal_tokens,
                                          "check_cost_layers": check_cost, "lm_head_cost_layers": lm_head_cost,
                                          "candidates": {str(k): v for k, v in reports.items()},
