@@ -143,15 +143,17 @@ def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, kv: str = 
 
 
 def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bool, hf_early_exit: int = 0,
-          hf_early_exit_prompts: int = 0, calm: bool = False) -> dict:
-    """Configurations interleaved per prompt, so that load changes on a shared machine hit all alike."""
+          hf_early_exit_prompts: int = 0, calm: bool = False, budget_s: float = 0.0) -> dict:
+    """Configurations interleaved per prompt, so that load changes on a shared machine hit all alike;
+    with `budget_s`, no new prompt starts after that many seconds (the prompts run are recorded)."""
+    began = time.perf_counter()
     configs: dict[str, dict] = {"full": {"mode": "full"}}
     for delta in DELTAS:
         configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": SPEED_POLICY}
     if calm:
         configs["early δ=0.9, CALM copy KV"] = {"mode": "early", "delta": 0.9, "policy": SPEED_POLICY, "kv": "copy"}
     for draft in EXACT_DRAFT_DELTAS:
-        configs[f"exact (draft δ={draft})"] = {"mode": "exact", "delta": draft, "policy": "pcee", "max_draft": 6}
+        configs[f"exact (draft δ={draft})"] = {"mode": "exact", "delta": draft, "policy": "pcee", "max_draft": 8}
     names = list(configs)
     hf_model = _hf_model() if hf or hf_early_exit else None
     if hf_model is not None and hf:
@@ -163,6 +165,9 @@ def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bo
                     "prompts": 0} for name in names}
     generate(gm, prompts[0], 4, mode="full")  # warm
     for i, prompt in enumerate(prompts):
+        if budget_s and time.perf_counter() - began > budget_s:
+            print(f"  time budget spent: {i} of {len(prompts)} prompts run", flush=True)
+            break
         full_tokens: list[int] = []
         full_rate = 0.0
         for name, options in configs.items():
@@ -296,6 +301,7 @@ def main() -> None:
     parser.add_argument("--hf-early-exit-prompts", type=int, default=8, help="prompts for the (slow) row above")
     parser.add_argument("--calm", action="store_true", help="also the CALM copy-KV strategy at δ 0.9")
     parser.add_argument("--concurrency-tokens", type=int, default=32, help="new tokens per stream there")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="speed: start no prompt after this (0: all)")
     parser.add_argument("--concurrency", action="store_true")
     parser.add_argument("--test-tokens", type=int, default=8192)
     parser.add_argument("--prompts", type=int, default=16)
@@ -310,7 +316,13 @@ def main() -> None:
     gm = GenerationModel(load_bundle(args.bundle), CollectorRegistry())
     assert isinstance(gm.calibration, Calibration)
     result: dict = {"bundle": gm.name, "exit_layers": gm.spec.exit_layers, "threads": args.threads,
-                    "check_costs": check_costs(gm)}
+                    "args": vars(args), "check_costs": check_costs(gm)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part: a run stopped by its time limit keeps what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     print(f"exit layers {gm.spec.exit_layers}; exit check costs {result['check_costs']}", flush=True)
     if args.quality:
         result["quality"] = quality(gm, Path(args.data), args.test_tokens, Path(args.cache))
@@ -321,23 +333,25 @@ def main() -> None:
             print(f"| {r['policy']} | {r['delta']} | {r['promised_agreement']:.3f} | {r['early_agreement']:.3f} | "
                   f"{r['coverage_early']:.3f} | {r['mean_layers']:.1f} | {r['full_head_share']:.3f} | "
                   f"{r['perplexity']:.2f} ({r['perplexity_full']:.2f}) |")
+        save()
     if args.speed:
         prompts = wikitext_prompts(gm, Path(args.data), args.prompts)
         result["speed"] = speed(gm, prompts, args.new_tokens, args.hf, args.hf_early_exit, args.hf_early_exit_prompts,
-                                args.calm)
+                                args.calm, args.budget_s)
+        save()
     if args.concurrency:
         prompts = wikitext_prompts(gm, Path(args.data), 16)
         gm.scheduler.start()
         result["concurrency"] = []
         for n in (1, 4, 16):
             for options in ({"mode": "full"}, {"mode": "early", "delta": 0.9, "policy": SPEED_POLICY},
-                            {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 6}):
+                            {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 8}):
                 row = concurrency(gm, prompts, args.concurrency_tokens, n, options)
                 result["concurrency"].append(row)
                 print(f"  concurrency: {row}", flush=True)
+                save()
         gm.scheduler.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save()
 
 
 if __name__ == "__main__":
