@@ -161,8 +161,11 @@ class Manifest(_Strict):
             layers = self.generation.exit_layers
             if len(layers) != len(self.exits):
                 raise ValueError(f"{len(layers)} exit layers for {len(self.exits)} exits")
-            if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
-                raise ValueError("exit_layers must be strictly increasing")
+            # strictly increasing, except that an early exit may sit after the final layer too (a
+            # restricted-vocabulary head that answers without the full LM head), just before the last exit
+            if any(b <= a for a, b in zip(layers[:-1], layers[1:-1], strict=False)) or (
+                    len(layers) > 1 and layers[-1] < layers[-2]):
+                raise ValueError("exit_layers must be strictly increasing (the final layer may repeat once, last)")
         elif len(set(self.labels)) != len(self.labels) or not self.labels:
             raise ValueError("labels must be non-empty and unique")
         return self

@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         repository = ModelRepository(settings, metrics)
         repository.load(classifier_paths)
     generation = GenerationRepository(settings, metrics.registry, max_running=min(settings.max_batch_size, 64),
-                                      queue_limit=settings.queue_limit)
+                                      queue_limit=settings.queue_limit, ready_gauge=metrics.model_ready)
     generation.load(generation_paths)
     dataplane = Dataplane(repository, settings)
     warmup: dict[str, asyncio.Task | None] = {"task": None}

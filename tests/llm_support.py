@@ -27,24 +27,28 @@ def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> LlamaModel:
     return model.eval().requires_grad_(False)
 
 
-def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1) -> ExitHeads:
+def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1,
+               exit_layers: list[int] = EXIT_LAYERS) -> ExitHeads:
+    """Random residual heads; a head after the final layer stays the model's own norm + LM-head rows."""
     torch.manual_seed(seed)
     heads = ExitHeads(model.config.hidden_size, 32, model.config.rms_norm_eps, torch.arange(vocab_size),
-                      len(EXIT_LAYERS) - 1).init_from(model)
+                      len(exit_layers) - 1).init_from(model)
     with torch.no_grad():
-        for head in heads.heads:
-            head.down.weight.normal_(0.0, 0.05)
+        for head, layer in zip(heads.heads, exit_layers, strict=False):
+            if layer < model.config.num_layers - 1:
+                head.down.weight.normal_(0.0, 0.05)
     return heads.eval().requires_grad_(False)
 
 
-def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, seed: int = 2) -> Calibration:
+def tiny_calibration(model: LlamaModel, heads: ExitHeads, tokens: int = 3000, seed: int = 2,
+                     exit_layers: list[int] = EXIT_LAYERS) -> Calibration:
     """Tables counted on random token streams, teacher-forced (what the real pipeline does on WikiText)."""
     generator = torch.Generator().manual_seed(seed)
-    per_exit: list[list[np.ndarray]] = [[] for _ in EXIT_LAYERS[:-1]]
+    per_exit: list[list[np.ndarray]] = [[] for _ in exit_layers[:-1]]
     full = []
     for _ in range(tokens // 100):
         ids = torch.randint(model.config.vocab_size, (100,), generator=generator)
-        logits, hidden = model(ids, hidden_layers=EXIT_LAYERS[:-1])
+        logits, hidden = model(ids, hidden_layers=exit_layers[:-1])
         with torch.no_grad():
             for k, h in enumerate(hidden):
                 per_exit[k].append(heads.logits(k, h).numpy())
@@ -63,19 +67,26 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ e
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def char_tokenizer():
-    """Printable ASCII, one token per character (ids 0..94), plus <|end|> (95): the tiny model's vocabulary."""
+def char_tokenizer(end_of_text: int | None = None):
+    """Printable ASCII, one token per character (ids 0..94), plus <|end|> (95): the tiny model's vocabulary.
+
+    `end_of_text`: that id is `<|endoftext|>` instead of its character (a token that is no eos id)."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {chr(c): c - 32 for c in range(32, 127)}
+    vocab = {chr(c): c - 32 for c in range(32, 127) if c - 32 != end_of_text}
     vocab["<|end|>"] = END_ID
+    special = ["<|end|>"]
+    if end_of_text is not None:
+        vocab["<|endoftext|>"] = end_of_text
+        special.append("<|endoftext|>")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.add_special_tokens(["<|end|>"])
+    tokenizer.add_special_tokens(special)
     tokenizer.decoder = decoders.Fuse()
     return tokenizer
 
 
-def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256):
+def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256,
+                                 end_of_text: int | None = None):
     """A complete generation bundle of the tiny model: weights, tokenizer, chat template, heads, tables."""
     import json
     from pathlib import Path
@@ -91,7 +102,7 @@ def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_cont
     (directory / "config.json").write_text(json.dumps(TINY.to_json()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(directory / "model.safetensors"))
-    char_tokenizer().save(str(directory / "tokenizer.json"))
+    char_tokenizer(end_of_text).save(str(directory / "tokenizer.json"))
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     write_generation_manifest(directory, name="tiny-llm", exit_layers=[TINY.num_layers - 1], bos_id=None,
                               eos_ids=[END_ID], max_context=max_context, command="tests")

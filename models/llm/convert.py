@@ -78,10 +78,13 @@ def convert(out: Path, *, gguf: Path | None = None, name: str = "smollm2-135m-in
     tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
     if tokenizer.chat_template:
         (out / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template)
-    eos = {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id})
+    # the chat turn's end and the plain end of text both end a generation
+    ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()}
+    eos = {tokenizer.eos_token_id} | (ends - {None, tokenizer.unk_token_id})
     write_generation_manifest(
         out, name=name, exit_layers=[config.num_layers - 1], bos_id=tokenizer.bos_token_id,
-        eos_ids=sorted(i for i in eos if i is not None), max_context=min(max_context, config.max_positions),
+        # the tokenizer's own eos first: the chat template's `eos_token` is eos_ids[0]
+        eos_ids=[tokenizer.eos_token_id, *sorted(i for i in eos - {tokenizer.eos_token_id} if i is not None)], max_context=min(max_context, config.max_positions),
         command=command, extra={"source": gguf.name},
     )
     return out

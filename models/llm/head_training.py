@@ -2,7 +2,8 @@
 
 Two losses, chosen by measurement (BENCHMARKS.md): `ce` is the seed paper's CE(head, full argmax)
 - lambda * entropy; `kl` is KL(full || head) over the head vocabulary (the full distribution
-renormalised to it). Tokens whose full prediction lies outside the head vocabulary take part in
+renormalised to it), at a temperature T (both distributions softened by T, the loss scaled by T²
+as in distillation). Tokens whose full prediction lies outside the head vocabulary take part in
 `kl` (their mass is spread over the vocabulary as the full model spreads it) and are skipped by `ce`.
 """
 
@@ -26,6 +27,7 @@ class HeadTrainConfig:
     batch_size: int = 256
     lr: float = 2e-3
     entropy_weight: float = 0.1
+    temperature: float = 1.0  # kl only
     seed: int = 0
 
 
@@ -51,9 +53,10 @@ def train_head(model: LlamaModel, heads: ExitHeads, index: int, hidden: torch.Te
         batch = usable[torch.randint(usable.numel(), (config.batch_size,), generator=generator)]
         logits = head.features(hidden[batch].float()) @ heads.bound_rows().T
         if config.loss == "kl":
+            t = config.temperature
             with torch.no_grad():
-                target = F.log_softmax(full_head_logits(model, heads, last_hidden[batch]), dim=-1)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+                target = F.log_softmax(full_head_logits(model, heads, last_hidden[batch]) / t, dim=-1)
+            loss = F.kl_div(F.log_softmax(logits / t, dim=-1), target, log_target=True, reduction="batchmean") * t * t
         elif config.loss == "ce":
             log_p = F.log_softmax(logits, dim=-1)
             entropy = -(log_p.exp() * log_p).sum(-1).mean()

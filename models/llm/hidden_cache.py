@@ -41,13 +41,38 @@ class HiddenCache:
         return cls(raw["layers"], {int(k): v for k, v in raw["hidden"].items()}, raw["full_argmax"], raw["fingerprint"])
 
 
-def text_tokens(tokenizer: Tokenizer, path: Path, *, skip: int = 0, limit: int) -> np.ndarray:
-    """Token ids of a text file (paragraphs joined by newlines), tokens [skip, skip + limit)."""
+def read_text(path: Path) -> str:
+    """A text file's paragraphs; for a .tsv (AG News, SST-2), the first column of each row."""
     text = path.read_text(encoding="utf-8")
-    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    if ids.size < skip + limit:
-        raise ValueError(f"{path}: {ids.size} tokens, need {skip + limit}")
-    return ids[skip: skip + limit]
+    if path.suffix == ".tsv":
+        return "\n".join(line.split("\t", 1)[0] for line in text.splitlines() if line.strip())
+    return text
+
+
+def text_tokens(tokenizer: Tokenizer, path: Path, *, skip: int = 0, limit: int | None = None) -> np.ndarray:
+    """Token ids of a text file (paragraphs joined by newlines), tokens [skip, skip + limit) (to the end: None);
+    a negative `skip` counts from the end."""
+    ids = np.asarray(tokenizer.encode(read_text(path), add_special_tokens=False).ids, dtype=np.int64)
+    start = ids.size + skip if skip < 0 else skip
+    end = ids.size if limit is None else start + limit
+    if start < 0 or ids.size < end:
+        raise ValueError(f"{path}: {ids.size} tokens, need [{start}, {end})")
+    return ids[start:end]
+
+
+def corpus_tokens(tokenizer: Tokenizer, files: list[Path], limit: int, *, hold_out: int = 0) -> np.ndarray:
+    """Up to `limit` training tokens from several files in order; the first file's last `hold_out` tokens
+    stay out (they are the held-out calibration text)."""
+    parts, total = [], 0
+    for n, path in enumerate(files):
+        ids = text_tokens(tokenizer, path)
+        if n == 0 and hold_out:
+            ids = ids[:-hold_out]
+        parts.append(ids[: limit - total])
+        total += parts[-1].size
+        if total >= limit:
+            break
+    return np.concatenate(parts)
 
 
 @torch.inference_mode()
@@ -55,17 +80,18 @@ def cache_hidden(model: LlamaModel, ids: np.ndarray, layers: list[int], *, conte
                  progress: bool = True) -> HiddenCache:
     last = model.config.num_layers - 1
     wanted = sorted(set(layers) | {last})
-    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
-    argmax = []
+    # preallocated float16 (no list + cat: that would hold the cache twice at its largest)
+    hidden = {layer: torch.empty(ids.size, model.config.hidden_size, dtype=torch.float16) for layer in wanted}
+    argmax = torch.empty(ids.size, dtype=torch.int64)
     start = time.perf_counter()
-    chunks = [ids[i: i + context] for i in range(0, ids.size, context)]
-    for n, chunk in enumerate(chunks):
+    for n, first in enumerate(range(0, ids.size, context)):
+        chunk = ids[first: first + context]
         logits, kept = model(torch.from_numpy(chunk), hidden_layers=wanted)
         for layer, h in zip(wanted, kept, strict=True):
-            hidden[layer].append(h.to(torch.float16))
-        argmax.append(logits.argmax(-1))
-        if progress and (n % 8 == 0 or n == len(chunks) - 1):
-            done = sum(c.size for c in chunks[: n + 1])
+            hidden[layer][first: first + chunk.size] = h
+        argmax[first: first + chunk.size] = logits.argmax(-1)
+        if progress and n % 32 == 0:
+            done = first + chunk.size
             print(f"  cached {done}/{ids.size} tokens, {done / (time.perf_counter() - start):.0f} tokens/s", flush=True)
     fingerprint = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
-    return HiddenCache(wanted, {k: torch.cat(v) for k, v in hidden.items()}, torch.cat(argmax), fingerprint)
+    return HiddenCache(wanted, hidden, argmax, fingerprint)

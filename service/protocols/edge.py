@@ -1,7 +1,7 @@
 """The edge of every HTTP request (pure ASGI, cheaper than BaseHTTPMiddleware): allowed hosts, request
 id, API keys, content type, body limit, client-gone watch, request metrics and the request log line.
 
-Every response of a model route (inference, feedback, admin) is counted in
+Every response of a model route (inference, feedback, admin, OpenAI generation) is counted in
 `exitserve_requests_total` and logged, whatever its status, a 500 from a bug included.
 """
 
@@ -27,6 +27,9 @@ from exitserve.service.serving.repository import ModelRepository, trim_heap
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
+# The OpenAI routes name their model in the body: the route handler puts it in the scope's state.
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
+SERVED_MODEL = "served_model"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 # Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
 SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
@@ -34,7 +37,9 @@ BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back 
 
 
 def _route(path: str) -> tuple[str, str] | None:
-    """(protocol, model) for model routes (v1, v2, feedback, admin), else None."""
+    """(protocol, model) for model routes (v1, v2, feedback, admin, openai: model "" until known), else None."""
+    if path.rstrip("/") in OPENAI_PATHS:
+        return "openai", ""
     parts = path.strip("/").split("/")
     if len(parts) >= 4 and parts[1] == "models":
         if parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
@@ -180,8 +185,9 @@ class EdgeMiddleware:
         if length.isdigit() and int(length) >= BIG_BODY_BYTES:
             trim_heap()  # what a big request parsed and decoded is freed now: give it back to the OS
         if route is not None:
-            model = route[1]
-            label = model if model in self.repository.models else "unknown"
+            model = route[1] or scope["state"].get(SERVED_MODEL, "")
+            known = model in self.repository.models or (protocol == "openai" and SERVED_MODEL in scope["state"])
+            label = model if known else "unknown"
             status = int(status_holder["status"])
             counter, duration = self._request_metrics(label, route[0], status)
             counter.inc()

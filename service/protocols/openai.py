@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from exitserve.calibration import POLICIES
 from exitserve.errors import ExitserveError, InvalidInput, NotFound, Overloaded
 from exitserve.service.protocols.bodies import Schema, parse_body
+from exitserve.service.protocols.edge import SERVED_MODEL
 from exitserve.service.serving.generation.repository import GenerationRepository
 from exitserve.service.serving.generation.stream import (
     GenerationParams,
@@ -128,7 +129,7 @@ class _Generation:
         self.prompt_ids = prompt_ids
         self.params = GenerationParams(
             prompt=prompt_ids, max_tokens=max_tokens, mode=cast(Mode, mode), delta=draft_delta, policy=self.policy,
-            temperature=body.temperature, seed=body.seed, stop_ids=frozenset(model.spec.eos_ids),
+            temperature=body.temperature, seed=body.seed, stop_ids=model.stop_ids,
         )
         self.ids: list[int] = []
         self.exits: list[int] = []
@@ -148,7 +149,7 @@ class _Generation:
 
     def absorb(self, event: TokenEvent) -> str:
         """Take an event's tokens; return the new text that may be sent (held back at a stop string's prefix)."""
-        eos = self.model.spec.eos_ids
+        eos = self.model.stop_ids
         for t in event.tokens:
             if t.token in eos:
                 continue
@@ -299,7 +300,7 @@ def build_router(repository: GenerationRepository, default_delta: float, default
             return openai_error(str(exc), exc.status, exc.headers or None)
 
     async def _completions(request: Request, body: CompletionRequest) -> Response:
-        model = _model_for(repository, body)
+        model = _model_for(repository, body, request)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -315,7 +316,7 @@ def build_router(repository: GenerationRepository, default_delta: float, default
         return await run(request, body, ids, chat=False)
 
     async def _chat(request: Request, body: ChatRequest) -> Response:
-        model = _model_for(repository, body)
+        model = _model_for(repository, body, request)
         if model.chat_template is None:
             raise InvalidInput(f"model {model.name!r} has no chat template; use /v1/completions")
         text = model.chat_template.render([m.model_dump(exclude_none=True) for m in body.messages])
@@ -329,9 +330,10 @@ def _body_schema(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def _model_for(repository: GenerationRepository, body: _Body):
+def _model_for(repository: GenerationRepository, body: _Body, request: Request):
     name = body.model or repository.default_name()
     model = repository.models.get(name)
     if model is None:
         raise NotFound(f"unknown model {name!r}; served: {', '.join(repository.models) or 'none'}")
+    setattr(request.state, SERVED_MODEL, model.name)  # the edge counts the request under this model
     return model

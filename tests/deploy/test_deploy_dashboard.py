@@ -94,6 +94,14 @@ REQUIRED_PANELS = {
     # issue 8: promise vs reality side by side, and the label-free check against its calibration reference
     "labelled accuracy vs promised": r"exitserve_feedback_total\{[^}]*correct(.|\n)*exitserve_feedback_estimate_sum",
     "shadow agreement vs calibration": r"by \(exit\) \(increase\(exitserve_shadow_total(.|\n)*exitserve_shadow_expected_agreement_sum",
+    # issue 18: token generation
+    "generated tokens per second": r"rate\(exitserve_generated_tokens_total",
+    "time to first token p50/p99": r"histogram_quantile\(0\.5,.*time_to_first_token.*\n.*0\.99.*time_to_first_token",
+    "inter-token latency p50/p99": r"histogram_quantile\(0\.5,.*inter_token_latency.*\n.*0\.99.*inter_token_latency",
+    "token exits and compute fraction": r"by \(exit\) \(rate\(exitserve_token_exits_total(.|\n)*"
+                                        r"exitserve_token_compute_fraction_sum.*/.*exitserve_token_compute_fraction_count",
+    "draft acceptance": r"exitserve_draft_tokens_total\{[^}]*outcome=\"accepted\"[^}]*\}.*/.*exitserve_draft_tokens_total",
+    "running and waiting sequences": r"exitserve_running_sequences(.|\n)*exitserve_waiting_sequences",
 }
 
 

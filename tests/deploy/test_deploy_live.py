@@ -33,6 +33,7 @@ from deploy_helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "digits"
+LLM = "tiny-llm"  # a generation bundle served beside it: the dashboard's language-model row
 PROMETHEUS = shutil.which("prometheus")
 # Skipped only outside CI: .ci/run installs Debian's prometheus, so there a missing binary must fail loudly.
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"),
@@ -65,9 +66,39 @@ def drive_traffic(url: str, bundle: Path, rounds: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
+def llm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llm_support import write_tiny_generation_bundle
+
+    return write_tiny_generation_bundle(tmp_path_factory.mktemp("llm") / LLM)
+
+
+@pytest.fixture(scope="module")
+def server(digits_bundle: Path, llm_bundle: Path) -> Iterator:
+    from tests.conftest import running_server
+
+    with running_server([digits_bundle, llm_bundle], ["--max-batch-size", "16", "--max-queue-delay-ms", "2"]) as proc:
+        yield proc
+
+
+def drive_generation(url: str) -> None:
+    """Generation requests that touch every generation metric: full depth, early exit, exact mode
+    (a low draft threshold, so drafts are verified), a stream, a chat, and one bad request."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for extra in ({"policy": "full"}, {"delta": 0.5, "policy": "confidence"}, {"policy": "exact", "delta": 0.2},
+                      {"delta": 0.7, "stream": True}):
+            body = {"model": LLM, "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, **extra}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+        chat = {"model": LLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        assert client.post("/v1/completions", json={"model": LLM, "prompt": "x", "max_tokens": 10**6}).status_code == 400
+
+
+@pytest.fixture(scope="module")
 def exposed(server, digits_bundle: Path) -> set[str]:
     """Sample names on /metrics after traffic (histogram families show only _bucket/_sum/_count)."""
     drive_traffic(server.url, digits_bundle)
+    drive_generation(server.url)
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
@@ -87,9 +118,11 @@ def prometheus(server, digits_bundle: Path, tmp_path_factory: pytest.TempPathFac
     try:
         prom.wait("prometheus not ready", lambda: httpx.get(f"{prom.url}/-/ready", timeout=1).status_code == 200)
         drive_traffic(server.url, digits_bundle)
+        drive_generation(server.url)
         prom.wait("no exitserve_requests_total series", lambda: prom.query("exitserve_requests_total"))
         # more traffic after the first scrape, so rates over the window are not zero
         drive_traffic(server.url, digits_bundle)
+        drive_generation(server.url)
         time.sleep(2.5)
         yield prom
     finally:
@@ -106,8 +139,9 @@ def test_prometheus_scrapes_exitserve_series(prometheus: Prometheus) -> None:
 
 @needs_prometheus
 def test_every_dashboard_query_returns_data(prometheus: Prometheus) -> None:
+    # the model picker's "All": the classifier panels read digits, the language-model row tiny-llm
     empty = {where: expr for where, expr in dashboard_exprs().items()
-             if not prometheus.query(grafana_to_promql(expr, MODEL))}
+             if not prometheus.query(grafana_to_promql(expr, f"{MODEL}|{LLM}"))}
     assert empty == {}, "dashboard queries with no data"
 
 
@@ -115,7 +149,7 @@ def test_every_dashboard_query_returns_data(prometheus: Prometheus) -> None:
 def test_model_variable_lists_the_served_model(prometheus: Prometheus) -> None:
     query = template_queries()["model"]  # label_values(METRIC, model)
     metric = query[query.index("(") + 1:query.index(",")]
-    assert prometheus.api("label/model/values", **{"match[]": metric}) == [MODEL]
+    assert prometheus.api("label/model/values", **{"match[]": metric}) == sorted([MODEL, LLM])
 
 
 @needs_prometheus

@@ -23,7 +23,7 @@ from exitserve.calibration.io import save_calibration
 from exitserve.models.bundle import load_bundle
 from exitserve.models.llm.head_training import HeadTrainConfig, agreement_report, head_logits, train_head
 from exitserve.models.llm.heads import ExitHeads, choose_vocab
-from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, text_tokens
+from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, corpus_tokens, text_tokens
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, load_llama
 from exitserve.models.llm.manifest import HEADS_FILE, write_generation_manifest
 from exitserve.service.serving.generation.calibrate import fit_token_calibration
@@ -155,18 +155,24 @@ def _calibration_space(head_logits: list[np.ndarray], vocab: np.ndarray, full_ar
                                                                           vocab.size)]
 
 
-def _cached(model: LlamaModel, tokenizer, file: Path, skip: int, limit: int, layers: list[int], cache_dir: Path,
-            tag: str) -> HiddenCache:
-    path = cache_dir / f"{tag}-{file.stem}-{skip}-{limit}-{'_'.join(map(str, layers))}.pt"
-    for existing in sorted(cache_dir.glob(f"{tag}-{file.stem}-{skip}-{limit}-*.pt")):
-        cache = HiddenCache.load(existing)  # any cache of the same text that holds every wanted layer
-        if set(layers) <= set(cache.layers):
-            return cache
-    print(f"caching hidden states: {file.name} tokens [{skip}, {skip + limit}) at layers {layers}")
-    cache = cache_hidden(model, text_tokens(tokenizer, file, skip=skip, limit=limit), layers)
+def _cached(model: LlamaModel, cache_dir: Path, key: str, layers: list[int], make_ids) -> HiddenCache:
+    """The hidden states of the text `key` names, from the cache if any cache of it holds every wanted layer."""
+    last = model.config.num_layers - 1  # every cache holds the last layer
+    path = cache_dir / f"{key}-{'_'.join(map(str, layers))}.pt"
+    for existing in sorted(cache_dir.glob(f"{key}-*.pt")):
+        if set(layers) - {last} <= set(int(x) for x in existing.stem[len(key) + 1:].split("_")):
+            return HiddenCache.load(existing)
+    ids = make_ids()
+    print(f"caching hidden states: {key} ({ids.size} tokens) at layers {layers}", flush=True)
+    cache = cache_hidden(model, ids, layers)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache
+
+
+def training_files(data: Path, extra: str | None) -> list[Path]:
+    """WikiText-2 `valid` first (its tail is the held-out calibration text), then `--extra-text` files."""
+    return [data / "valid.txt", *(Path(f) for f in (extra or "").split(",") if f)]
 
 
 def add_exits(bundle_dir: Path, args: dict) -> None:
@@ -183,16 +189,24 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     fixed = [int(x) for x in args["exit_layers"].split(",")] if args.get("exit_layers") else None
     layers = fixed or candidates
     train_tokens, cal_tokens = int(args["train_tokens"]), int(args["calibration_tokens"])
-    train = _cached(model, tokenizer, data / "valid.txt", 0, train_tokens, layers, cache_dir, bundle.manifest.name)
-    cal = _cached(model, tokenizer, data / "valid.txt", train_tokens, cal_tokens, layers, cache_dir, bundle.manifest.name)
+    files = training_files(data, args.get("extra_text"))
+    name = bundle.manifest.name
+    # calibration: the last `cal_tokens` of WikiText-2 valid; training: everything before them, then the extra text
+    cal = _cached(model, cache_dir, f"{name}-valid-tail-{cal_tokens}", layers,
+                  lambda: text_tokens(tokenizer, files[0], skip=-cal_tokens))
+    train = _cached(model, cache_dir, f"{name}-train-{'+'.join(f.stem for f in files)}-{train_tokens}-{cal_tokens}",
+                    layers, lambda: corpus_tokens(tokenizer, files, train_tokens, hold_out=cal_tokens))
+    train_tokens = train.size
     last = model.config.num_layers - 1
     vocab = choose_vocab(train.full_argmax.numpy(), int(args["head_vocab"]), always=spec.eos_ids)
     coverage = float(np.isin(cal.full_argmax.numpy(), vocab).mean())
     print(f"head vocabulary: {vocab.size} tokens cover {coverage:.3f} of the held-out full-model predictions")
     heads = ExitHeads(model.config.hidden_size, int(args["head_hidden"]), model.config.rms_norm_eps,
                       torch.from_numpy(vocab), len(layers)).init_from(model)
-    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128))
-    trained = cache_dir / (f"{bundle.manifest.name}-heads-{config.loss}-{config.steps}-{config.batch_size}-{vocab.size}-"
+    config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128),
+                             temperature=float(args.get("temperature") or 1.0))
+    loss_tag = config.loss + (f"{config.temperature:g}" if config.loss == "kl" else "")
+    trained = cache_dir / (f"{bundle.manifest.name}-heads-{loss_tag}-{config.steps}-{config.batch_size}-{vocab.size}-"
                            f"{heads.hidden}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
     if trained.is_file():  # heads trained earlier with the same settings on the same text
         from safetensors.torch import load_file
@@ -201,6 +215,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
         heads.bind(model)
     else:
         for index, layer in enumerate(layers):
+            if layer == last:
+                continue  # after the final layer the head stays the model's own norm + LM-head rows (exact there)
             train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
         save_heads(heads, trained)
     reports, cal_logits = {}, {}
@@ -212,7 +228,7 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     if not fixed:
         everything = fit_token_calibration([cal_logits[layer] for layer in layers], vocab, cal.full_argmax.numpy(),
                                            model.config.vocab_size)
-        prompt = text_tokens(tokenizer, data / "valid.txt", skip=train_tokens, limit=24).tolist()
+        prompt = text_tokens(tokenizer, files[0], skip=-cal_tokens, limit=24).tolist()
         check_cost, lm_head_cost = measure_costs(model, heads, layers, everything, prompt)
         chosen = select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
                               model.config.num_layers, check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
@@ -226,7 +242,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
                                         model.config.vocab_size, data_fingerprint=cal.fingerprint)
     write_exits(bundle_dir, final, calibration, [*chosen, last], command="exitserve train-llm-heads",
                 data_fingerprint=cal.fingerprint,
-                extra={"head_training": {"loss": config.loss, "steps": config.steps, "train_tokens": train_tokens,
+                extra={"head_training": {"loss": config.loss, "temperature": config.temperature, "steps": config.steps,
+                                         "batch_size": config.batch_size, "train_tokens": train_tokens,
                                          "calibration_tokens": cal_tokens,
                                          "check_cost_layers": check_cost, "lm_head_cost_layers": lm_head_cost,
                                          "candidates": {str(k): v for k, v in reports.items()},

@@ -13,6 +13,11 @@ Skipped layers' KV (`kv_strategy`):
   that position are computed from it right away (norm + K/V projections only). Cheaper per exit,
   but the deep KV is an approximation that later tokens attend to.
 
+An early exit may also sit after the final layer: its restricted-vocabulary head answers a sure
+token without the full LM head (at batch 1 that head costs as much as ~11 layers). Such a token's
+KV is complete; in exact mode its draft is verified from its stored final hidden state, in the
+same LM-head pass as the other drafts.
+
 Modes per sequence: `full` (every layer), `early` (leave at the first exit whose calibrated
 agreement estimate reaches δ, decided by `Calibration.step`), `exact` (self-speculative: the same
 rule drafts tokens; a token that goes to the last layer verifies every pending draft in that pass;
@@ -225,7 +230,18 @@ class MultiExitDecoder:
                 xs: list[torch.Tensor], out: list[list[TokenOut]]) -> None:
         last_exit = len(self.exit_layers) - 1
         verify = [batch[i].mode == "exact" and len(batch[i].tokens) > batch[i].verified for i in active]
-        rows = [xs[i] if v else xs[i][-1:] for i, v in zip(active, verify, strict=True)]
+        rows = []
+        for i, v in zip(active, verify, strict=True):
+            if not v:
+                rows.append(xs[i][-1:])
+                continue
+            # drafts that left after the final layer have complete KV and are not re-run: their rows
+            # are the final hidden states stored when they left
+            first = min(batch[i].verified - 1, starts[i])
+            if first < starts[i]:
+                xs[i] = torch.cat([batch[i].h_last[first:starts[i]], xs[i]])
+                starts[i] = first
+            rows.append(xs[i])
         logits = self.model.logits(torch.cat(rows))
         offset = 0
         for i, v, r in zip(active, verify, rows, strict=True):

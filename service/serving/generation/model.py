@@ -48,6 +48,9 @@ class ChatTemplate:
                                     eos_token=self.eos_token)
 
 
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
+
+
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32):
@@ -73,6 +76,10 @@ class GenerationModel:
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
                                         compute_fractions=self.compute_fractions)
         self.tokenizer = Tokenizer.from_file(str(bundle.path / spec.tokenizer))
+        # Tokens that end a generation: the bundle's eos ids, and the tokenizer's end-of-text token
+        # (a base-model habit: SmolLM2-Instruct ends with <|im_end|> but emits <|endoftext|> off-template).
+        end_of_text = {self.tokenizer.token_to_id(t) for t in END_OF_TEXT_TOKENS} - {None}
+        self.stop_ids: frozenset[int] = frozenset(spec.eos_ids) | frozenset(i for i in end_of_text if i is not None)
         token = self.tokenizer.id_to_token
         self.chat_template = None
         if spec.chat_template:

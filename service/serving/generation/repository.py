@@ -28,8 +28,9 @@ def split_bundles(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 
 class GenerationRepository:
     def __init__(self, settings: Settings, registry, *, kv_strategy: str = "recompute", max_running: int = 16,
-                 queue_limit: int = 64, max_tokens_limit: int = 1024):
+                 queue_limit: int = 64, max_tokens_limit: int = 1024, ready_gauge=None):
         self.settings = settings
+        self.ready_gauge = ready_gauge  # exitserve_model_ready, shared with the classifiers (the dashboard's model list)
         self.registry = registry
         self.kv_strategy = kv_strategy
         self.max_running = max_running
@@ -69,8 +70,13 @@ class GenerationRepository:
     def start(self) -> None:
         for model in self.models.values():
             model.start()
+            if self.ready_gauge is not None:
+                self.ready_gauge.labels(model.name).set(1)
 
     def stop(self, timeout: float) -> bool:
+        if self.ready_gauge is not None:
+            for name in self.models:
+                self.ready_gauge.labels(name).set(0)
         return all([model.stop(timeout) for model in self.models.values()])
 
     @property

@@ -166,3 +166,60 @@ def test_full_queue_answers_503_with_retry_after(llm_bundle):
         assert codes.count(200) >= 2 and 503 in codes, codes
         refused = next(r for r in responses if r.status_code == 503)
         assert refused.headers["retry-after"] == "1" and "overloaded" in refused.json()["error"]["message"]
+
+
+def _requests(url: str, **labels: str) -> float:
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+               if line.startswith("exitserve_requests_total{") and all(w in line for w in wanted))
+
+
+def test_openai_routes_count_in_requests_total(llm_server, client):
+    url = llm_server.url
+    ok = {"model": "tiny-llm", "protocol": "openai", "status": "200"}
+    before_ok, before_400 = _requests(url, **ok), _requests(url, model="tiny-llm", protocol="openai", status="400")
+    before_404 = _requests(url, model="unknown", protocol="openai", status="404")
+    complete(client, "hello", max_tokens=3, temperature=0, extra_body={"policy": "full"})
+    list(client.completions.create(model="tiny-llm", prompt="hi", max_tokens=3, temperature=0, stream=True))
+    client.chat.completions.create(model="tiny-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        complete(client, "hello", max_tokens=5000)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="hello", max_tokens=3)
+    assert _requests(url, **ok) == before_ok + 3
+    assert _requests(url, model="tiny-llm", protocol="openai", status="400") == before_400 + 1
+    # an unknown model name is not a label value (clients cannot grow the series without bound)
+    assert _requests(url, model="unknown", protocol="openai", status="404") == before_404 + 1
+    assert _requests(url, model="no-such-model") == 0
+
+
+def test_eos_ids_and_endoftext_end_a_generation(tmp_path):
+    """The bundle's eos id and the tokenizer's <|endoftext|> (no eos id) both end a generation with "stop"."""
+    from llm_support import END_ID, tiny_model
+
+    from exitserve.service.serving.generation.decoder import MultiExitDecoder
+
+    model = tiny_model()
+    decoder = MultiExitDecoder(model, None, [model.config.num_layers - 1], None)
+    prompt = [ord(c) - 32 for c in "The quick brown fox"]
+    seq = decoder.new_sequence(prompt, capacity=64, mode="full")
+    greedy: list[int] = []
+    while len(greedy) < 12:
+        greedy.extend(t.token for t in decoder.step([seq])[0])
+    # the first greedy token that is not the eos id and has not been generated before: it becomes <|endoftext|>
+    at = next(i for i, t in enumerate(greedy) if i >= 2 and t != END_ID and t not in greedy[:i])
+    assert END_ID not in greedy[:at]
+    bundle = write_tiny_generation_bundle(tmp_path / "eot", end_of_text=greedy[at])
+    with running_server([bundle]) as proc:
+        own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        r = own.completions.create(model="tiny-llm", prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                   extra_body={"policy": "full"})
+        assert r.choices[0].finish_reason == "stop"
+        assert r.choices[0].text == "".join(chr(t + 32) for t in greedy[:at])
+        assert r.usage.completion_tokens == at + 1  # the end token counts, but is not text
+        streamed = own.completions.create(model="tiny-llm", prompt="The quick brown fox", max_tokens=12, temperature=0, stream=True,
+                                          extra_body={"policy": "full"})
+        chunks = list(streamed)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text

@@ -126,3 +126,51 @@ def test_sampling_is_reproducible_with_a_seed(parts):
     runs = [generate(dec, prompt, mode="full", temperature=1.0, generator=torch.Generator().manual_seed(s))[0][0]
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+# --- an early exit after the final layer: a restricted-vocabulary head instead of the full LM head ---
+
+FINAL_EXIT_LAYERS = [1, 5, 5]
+
+
+@pytest.fixture(scope="module")
+def final_exit_parts():
+    model = tiny_model()
+    heads = tiny_heads(model, exit_layers=FINAL_EXIT_LAYERS)
+    return model, heads, tiny_calibration(model, heads, exit_layers=FINAL_EXIT_LAYERS)
+
+
+def test_final_layer_exit_answers_the_full_models_token_within_its_vocabulary(final_exit_parts):
+    model, heads, calibration = final_exit_parts
+    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration)
+    prompts = random_prompts(12, seed=21)
+    tokens, seqs, exits = generate(dec, prompts, mode="early", delta=0.2, policy="confidence")
+    answered = 0
+    for prompt, got, where in zip(prompts, tokens, exits, strict=True):
+        ids = list(prompt)
+        for token, e in zip(got, where, strict=True):
+            logits, _ = model(torch.tensor(ids))
+            if e == 1:  # the final-layer exit: the full model's best token among the head's 64
+                assert token == int(logits[-1][: heads.vocab_size].argmax())
+                answered += 1
+            ids.append(token)
+    assert answered > 10, answered
+    assert all(s.pending == 0 or s.filled[-1] <= s.fed for s in seqs)
+
+
+def test_exact_mode_with_a_final_layer_exit_equals_full_greedy(final_exit_parts):
+    model, heads, calibration = final_exit_parts
+    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration)
+    prompts = random_prompts(30, seed=13)
+    full, _, _ = generate(dec, prompts, mode="full")
+    exact, seqs, exact_exits = generate(dec, prompts, mode="exact", delta=0.15, policy="confidence", max_draft=6)
+    assert exact == full
+    # accepted drafts from the final-layer exit (verified from their stored final hidden states)
+    assert sum(e == 1 for row in exact_exits for e in row) >= 5
+    for prompt, expected in zip(prompts[:5], full[:5], strict=True):
+        assert expected == reference_greedy(model, prompt)
+    drafted = sum(s.drafted for s in seqs)
+    accepted = sum(s.accepted for s in seqs)
+    assert drafted > 50 and 0 < accepted < drafted, (drafted, accepted)
+    batched, _, _ = generate(dec, prompts[:6], mode="exact", delta=0.15, policy="confidence")
+    assert batched == full[:6]

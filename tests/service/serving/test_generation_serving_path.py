@@ -63,3 +63,17 @@ def test_generation_section_is_required_for_the_task(bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="text-generation and the `generation` section go together"):
         load_bundle(copy)
+
+
+@pytest.mark.parametrize("layers, ok", [([1, 5, 5], True), ([1, 3, 5], True), ([3, 3, 5], False), ([1, 5, 3], False)])
+def test_exit_layers_increase_and_only_the_final_layer_may_repeat(bundle, layers, ok):
+    """An early exit after the final layer (restricted head instead of the full LM head) is allowed, once, last."""
+    from exitserve.models.bundle import Manifest
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["generation"]["exit_layers"] = layers
+    if ok:
+        Manifest.model_validate(manifest)
+    else:
+        with pytest.raises(ValueError, match="strictly increasing"):
+            Manifest.model_validate(manifest)
