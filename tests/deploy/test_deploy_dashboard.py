@@ -90,6 +90,8 @@ REQUIRED_PANELS = {
     "requested delta vs estimated accuracy": r"exitserve_requested_delta(.|\n)*exitserve_estimated_accuracy",
     "target-missed rate": r"exitserve_target_missed_total",
     "per-segment time": r"by \(segment[^)]*\) \(rate\(exitserve_segment_duration_seconds",
+    # issue 16: how full segment batches run (continuous batching refills them)
+    "segment batch occupancy": r"exitserve_segment_occupancy_sum.*/.*exitserve_segment_occupancy_count",
     "model readiness": r"exitserve_model_ready",
     # issue 8: promise vs reality side by side, and the label-free check against its calibration reference
     "labelled accuracy vs promised": r"exitserve_feedback_total\{[^}]*correct(.|\n)*exitserve_feedback_estimate_sum",
