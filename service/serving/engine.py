@@ -4,6 +4,12 @@ Each sample carries its own delta and policy. After segment k the calibration pa
 `Calibration.step` (the same function `exitserve evaluate` uses offline) decides who leaves; those
 samples are reported at once through `on_exit`, and only the survivors' rows go on.
 
+Exits that cannot fire are skipped (issue 16): a batch runs from one *stop* (an exit where
+`Calibration.firing_exits` says one of its samples may leave, or the last exit) to the next, as one
+fused span graph where the bundle has it, so the heads in between are never computed. A batch's rows
+travel as `Flight`s; `advance` may run flights of several batches that wait at the same segment as one
+(segment-level continuous batching, driven by the batcher).
+
 Shadow checks (issue 8): with `shadow_fraction` > 0, that share of the samples that leave at an
 early exit is answered as usual (reported through `on_exit`, so the response is not delayed) but
 their rows stay in the batch, undecided, until the last exit; its prediction lands in
@@ -116,9 +122,9 @@ class ExitEngine:
             trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
         batch = _Batch(result, deltas, policies, _names(policies), want_probabilities, on_exit)
-        return result, self.flights(x, batch)
+        return result, self._flights(x, batch)
 
-    def flights(self, x: np.ndarray, batch: _Batch) -> list[Flight]:
+    def _flights(self, x: np.ndarray, batch: _Batch) -> list[Flight]:
         return [Flight(self, batch, rows, self.runner.start(chunk)) for rows, chunk in self._chunks(x)]
 
     def advance(self, flights: list[Flight], segment_timer: SegmentTimer | None = None) -> None:
