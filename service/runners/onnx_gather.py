@@ -51,8 +51,7 @@ def build_concat(elem_type: int, rank: int, parts: int) -> bytes:
         + b"".join(_field_bytes(11, _value_info(name, elem_type, [f"n{i}", *dims[1:]])) for i, name in enumerate(names))
         + _field_bytes(12, _value_info("out", elem_type, ["n", *dims[1:]]))
     )
-    opset = _field_bytes(1, "") + _field_varint(2, OPSET)
-    return _field_varint(1, IR_VERSION) + _field_bytes(2, "exitserve") + _field_bytes(7, graph) + _field_bytes(8, opset)
+    return _model(graph)
 
 
 def build(elem_type: int, rank: int) -> bytes:
@@ -66,5 +65,10 @@ def build(elem_type: int, rank: int) -> bytes:
         + _field_bytes(11, _value_info("indices", INT64, ["n"]))
         + _field_bytes(12, _value_info("out", elem_type, ["n", *dims[1:]]))
     )
+    return _model(graph)
+
+
+def _model(graph: bytes) -> bytes:
+    """ModelProto around a serialized GraphProto: IR version, producer, default-domain opset."""
     opset = _field_bytes(1, "") + _field_varint(2, OPSET)
     return _field_varint(1, IR_VERSION) + _field_bytes(2, "exitserve") + _field_bytes(7, graph) + _field_bytes(8, opset)

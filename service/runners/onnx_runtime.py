@@ -9,7 +9,7 @@ path, which is how CI covers it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -160,7 +160,7 @@ class OnnxRunner(ChainRunner):
         large = self.options.large_batch_threads
         if large is not None and large != self.options.threads and self.options.provider == "cpu":
             self._large_sessions = self._open_graphs(session_options(replace(self.options, threads=large)))
-        self._gather_sessions: dict[tuple[str, int], ort.InferenceSession] = {}
+        self._gather_sessions: dict[tuple[str, str, int, int], ort.InferenceSession] = {}
         self._gather_lock = threading.Lock()
         # Every tensor a state can hold: the model's inputs (flights that have not run yet merge too) and
         # the segments' outputs.
@@ -168,6 +168,21 @@ class OnnxRunner(ChainRunner):
             o.name: (o.type, len(o.shape)) for s in self.sessions for o in [*s.get_inputs(), *s.get_outputs()]
         }
         self._input_type = self.sessions[0].get_inputs()[0]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """The segments and gathers (ChainRunner.warmup), then every span at every batch size: the
+        engine runs spans, and a graph's first run at a new size pays for its memory plans."""
+        super().warmup(batch_sizes)
+        if not self.span_sessions:
+            return
+        shape = [d if d > 0 else 1 for d in self.bundle.manifest.input.shape[1:]]
+        dtype = np.dtype(self.bundle.manifest.input.dtype)
+        for n in batch_sizes:
+            states = [self.start(np.zeros([n, *shape], dtype=dtype))]  # the state at each segment's input
+            for k in range(self.num_exits - 1):
+                states.append(self.run_segment(k, states[-1])[0])
+            for first, last in self.span_sessions:
+                self.run_span(first, last, states[first])
 
     def _open_graphs(self, so: ort.SessionOptions) -> tuple[list[ort.InferenceSession], dict[tuple[int, int], ort.InferenceSession]]:
         """Sessions for every segment and every fused span (models.spans), their inputs and outputs checked."""
@@ -263,28 +278,22 @@ class OnnxRunner(ChainRunner):
 
     def _concat_session(self, state_name: str, parts: int) -> ort.InferenceSession:
         onnx_type, rank = self._state_types[state_name]
-        key = (f"concat:{onnx_type}", rank * 1000 + parts)
-        session = self._gather_sessions.get(key)
-        if session is None:
-            with self._gather_lock:
-                session = self._gather_sessions.get(key)
-                if session is None:
-                    model = onnx_gather.build_concat(_ONNX_ELEMENT_TYPES[onnx_type], rank, parts)
-                    session = ort.InferenceSession(model, session_options(self.options),
-                                                   providers=[_ORT_PROVIDERS[self.options.provider]])
-                    self._gather_sessions[key] = session
-        return session
+        return self._helper_session(("concat", onnx_type, rank, parts),
+                                    lambda: onnx_gather.build_concat(_ONNX_ELEMENT_TYPES[onnx_type], rank, parts))
 
     def _gather_session(self, state_name: str) -> ort.InferenceSession:
         onnx_type, rank = self._state_types[state_name]
-        key = (onnx_type, rank)
+        return self._helper_session(("gather", onnx_type, rank, 1),
+                                    lambda: onnx_gather.build(_ONNX_ELEMENT_TYPES[onnx_type], rank))
+
+    def _helper_session(self, key: tuple[str, str, int, int], build: Callable[[], bytes]) -> ort.InferenceSession:
+        """A session of one hand-built graph (gather, concat), made once per key on first use."""
         session = self._gather_sessions.get(key)
         if session is None:
             with self._gather_lock:
                 session = self._gather_sessions.get(key)
                 if session is None:
-                    model = onnx_gather.build(_ONNX_ELEMENT_TYPES[onnx_type], rank)
-                    providers = [_ORT_PROVIDERS[self.options.provider]]
-                    session = ort.InferenceSession(model, session_options(self.options), providers=providers)
+                    session = ort.InferenceSession(build(), session_options(self.options),
+                                                   providers=[_ORT_PROVIDERS[self.options.provider]])
                     self._gather_sessions[key] = session
         return session

@@ -538,22 +538,23 @@ class DynamicBatcher:
         return full
 
     def _answer(self, item: WorkItem, result: BatchResult, lo: int, hi: int, batch_started: float) -> None:
-        if lo == 0 and hi == len(result.class_index) <= self.max_batch_size and result.shadow_prediction is None:
-            # One engine run that is all this request's, with no shadow rows: nothing writes to it any more.
-            value = ItemResult(result.class_index, result.exit_index, result.estimate, result.target_met,
-                               result.probabilities, batch_started - item.enqueued_at, result.confidence, result.trace)
-            self.observer.answered(item, value)
-            item.loop.call_soon_threadsafe(_settle, item.future, value, None)
-            return
+        # One engine run that is all this request's, with no shadow rows: nothing writes to it any more,
+        # so the answer takes its arrays as they are; otherwise its own copies of its rows.
+        whole = lo == 0 and hi == len(result.class_index) <= self.max_batch_size and result.shadow_prediction is None
+
+        def rows(a: np.ndarray) -> np.ndarray:
+            return a if whole else a[lo:hi].copy()
+
+        trace = result.trace
         value = ItemResult(
-            class_index=result.class_index[lo:hi].copy(),
-            exit_index=result.exit_index[lo:hi].copy(),
-            estimate=result.estimate[lo:hi].copy(),
-            target_met=result.target_met[lo:hi].copy(),
-            probabilities=None if result.probabilities is None else result.probabilities[lo:hi].copy(),
+            class_index=rows(result.class_index),
+            exit_index=rows(result.exit_index),
+            estimate=rows(result.estimate),
+            target_met=rows(result.target_met),
+            probabilities=None if result.probabilities is None else rows(result.probabilities),
             queue_seconds=batch_started - item.enqueued_at,
-            confidence=result.confidence[lo:hi].copy(),
-            trace=None if result.trace is None else result.trace.rows(slice(lo, hi)),
+            confidence=rows(result.confidence),
+            trace=trace if trace is None or whole else trace.rows(slice(lo, hi)),
         )
         self.observer.answered(item, value)
         item.loop.call_soon_threadsafe(_settle, item.future, value, None)

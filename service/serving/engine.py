@@ -157,8 +157,10 @@ class ExitEngine:
     def _next_stop(self, position: int, policies: np.ndarray, deltas: np.ndarray) -> int:
         """The first exit at or after `position` where a sample running under `policies`/`deltas` may leave."""
         last = self.runner.num_exits - 1
-        if self.trace or position == last or not len(policies):
-            return position if self.trace or position == last else last  # tracing records every exit's logits
+        if self.trace or position == last:
+            return position  # tracing records every exit's logits
+        if not len(policies):
+            return last  # only shadow rows run on: they need the last exit alone
         names = _names(policies)
         if len(names) == 1 and deltas.min() == deltas.max():  # one target for the whole batch: the usual case
             key = (names[0], float(deltas[0]))
