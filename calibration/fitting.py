@@ -23,7 +23,7 @@ from exitserve.calibration.document import (
 )
 from exitserve.calibration.observations import Observations, observe_logits
 from exitserve.calibration.rules import Calibration
-from exitserve.calibration.tables import conditional_counts, exit_allowed, table_values
+from exitserve.calibration.tables import borrow_empty_rows, conditional_counts, exit_allowed, table_values
 from exitserve.calibration.tails import DEFAULT_TAIL_BINS, tail_values
 from exitserve.calibration.temperature import fit_temperature as fit_exit_temperature
 from exitserve.calibration.threshold import margin_records
@@ -209,7 +209,7 @@ def tables_document(
     for policy, kind in CONDITIONAL_KINDS.items():
         values = partial(table_values, kind, window=window, alpha=alpha, prior=prior)
         def allowed(c: np.ndarray, h: np.ndarray, values: partial[np.ndarray] = values) -> np.ndarray:
-            return exit_allowed(values(c, h), grid, c.sum(axis=1) == 0)
+            return exit_allowed(values(*borrow_empty_rows(c, h)), grid)
 
         reach_counts, reach_hits = conditional_counts(allowed, bins_per_exit, correct_per_exit, num_bins, grid)
         for k in range(num_exits):

@@ -16,8 +16,10 @@ Policies
                             a grid value counts as it; below the grid: its bottom, more cautious than
                             asked; above the grid top: the top). An early exit also needs the table
                             value >= the request's own δ. A bin lets samples leave at grid δ only if
-                            it also does at every smaller grid δ whose reach set is not empty
-                            (tables.exit_allowed), so raising δ never moves a sample to an earlier exit.
+                            it also does at every smaller grid δ (tables.exit_allowed); a grid δ that
+                            no validation sample reached the exit under borrows the table of the next
+                            δ above (tables.borrow_empty_rows), so raising δ never moves a sample to an
+                            earlier exit.
   pcee-lb-tail              (the default) per exit and grid δ, the lowest confidence threshold whose
                             Clopper–Pearson bound on the samples reaching that exit with at least
                             that confidence still reaches δ, thresholds tested from the top down
@@ -62,7 +64,7 @@ from exitserve.calibration.document import (
     normalise_deltas,
     parse_document,
 )
-from exitserve.calibration.tables import TABLE_KINDS, exit_allowed, table_values
+from exitserve.calibration.tables import TABLE_KINDS, borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import bin_estimates, tail_values
 
 POLICIES: tuple[str, ...] = (
@@ -482,8 +484,10 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
     cond_decide, cond_report, cond_allowed = {}, {}, {}
     for policy, kind in CONDITIONAL_KINDS.items():
         rows_counts, rows_correct = _grid_rows(raw.conditional.of(policy), m, grid, f"{where}: conditional {policy}")
+        if not strict:
+            rows_counts, rows_correct = borrow_empty_rows(rows_counts, rows_correct)
         cond_values = values_of(kind, rows_counts, rows_correct)
-        allowed = exit_allowed(cond_values, grid, None if strict else rows_counts.sum(axis=1) == 0)
+        allowed = exit_allowed(cond_values, grid)
         cond_decide[policy] = _with_sentinel(cond_values, -np.inf)
         cond_report[policy] = _with_sentinel(np.maximum(cond_values, 0.0), 0.0)
         cond_allowed[policy] = _allowed(allowed)

@@ -61,21 +61,37 @@ def table_values(
     return np.where(empty, EMPTY, values)
 
 
-def exit_allowed(values: np.ndarray, grid: np.ndarray, vacuous: np.ndarray | None = None) -> np.ndarray:
+def exit_allowed(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """For conditional tables [G, M]: may a sample in bin b leave at this exit under grid δ_g?
 
     Bin b passes at δ_g when its table value reaches δ_g. Passing is then made monotone in δ: a
     bin may let samples leave at δ_g only if it also passes at every smaller grid δ. Without this,
     a table built on a larger reach set (higher δ) could let a sample leave *earlier* for a higher
-    target. It only removes exits, so every exit still has table value >= δ_g.
-
-    `vacuous` [G] marks grid δ whose reach set is empty (nobody gets here, so no sample can be
-    moved earlier): they constrain nothing. Without it one δ whose samples all left earlier would
-    shut the exit for every higher δ (it shut whole exits of the default bundle).
+    target. It only removes exits, so every exit still has table value >= δ_g. Rows whose reach
+    set was empty should borrow a table first (`borrow_empty_rows`), or they shut the exit above.
     """
     passes = values >= grid[:, None]
-    constraint = passes if vacuous is None else passes | np.asarray(vacuous, dtype=bool)[:, None]
-    return np.logical_and.accumulate(constraint, axis=0) & passes
+    return np.logical_and.accumulate(passes, axis=0)
+
+
+def borrow_empty_rows(counts: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Conditional rows [G, M] whose reach set is empty take the nearest non-empty row at a higher δ.
+
+    No validation sample reached this exit under such a δ, but a new sample can, and it needs a
+    table. Borrowing from above keeps the monotonicity of `exit_allowed` without shutting the exit:
+    the borrowed values pass wherever their own row passes (its δ is higher), so the accumulate
+    never blocks a higher δ on a row without evidence, and raising δ still never moves a sample
+    to an earlier exit. (Ignoring empty rows instead let a sample leave earlier at a higher δ.)
+    Empty rows with no non-empty row above stay empty and let nobody leave.
+    """
+    counts, correct = np.array(counts, dtype=np.int64), np.array(correct, dtype=np.int64)
+    source = len(counts)
+    for g in range(len(counts) - 1, -1, -1):
+        if counts[g].sum() > 0:
+            source = g
+        elif source < len(counts):
+            counts[g], correct[g] = counts[source], correct[source]
+    return counts, correct
 
 
 def conditional_counts(

@@ -145,16 +145,20 @@ def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: n
             elif policy.endswith("-cond"):
                 cond = ex["conditional"][policy]
 
-                def cond_value(gi, cond=cond, b=b, base=base):
-                    row = cond["grid_rows"][gi]
-                    return _value(_KIND[base], cond["counts"][row], cond["correct"][row], b, window, alpha, prior)
-
                 def reached(gi, cond=cond):
                     return sum(cond["counts"][cond["grid_rows"][gi]]) > 0
 
+                def source(gi):
+                    # a grid δ nobody reached borrows the nearest reached row above it
+                    return next((j for j in range(gi, len(grid)) if reached(j)), gi)
+
+                def cond_value(gi, cond=cond, b=b, base=base):
+                    row = cond["grid_rows"][source(gi)]
+                    return _value(_KIND[base], cond["counts"][row], cond["correct"][row], b, window, alpha, prior)
+
                 value = cond_value(g)
-                # monotone in δ: every smaller grid δ whose reach set is not empty must pass too
-                leave = all(cond_value(j) >= grid[j] or not reached(j) for j in range(g + 1)) and value >= grid[g]
+                # monotone in δ: every smaller grid δ must pass too
+                leave = all(cond_value(j) >= grid[j] for j in range(g + 1))
                 leave = leave and value >= delta
             elif policy == "pcee-lb-tail":
                 value = tail_value(policy)

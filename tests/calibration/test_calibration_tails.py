@@ -10,7 +10,7 @@ from calibration_reference import _tail_value, make_logits
 
 from exitserve.calibration import Calibration, decide_all, fit_calibration, normalise_deltas
 from exitserve.calibration.document import TAIL_POLICIES
-from exitserve.calibration.tables import exit_allowed, table_values
+from exitserve.calibration.tables import borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import minimum_tail, tail_values
 
 
@@ -100,13 +100,19 @@ def test_prior_keeps_one_lucky_sample_from_promising():
     np.testing.assert_allclose(smoothed, [1 / 2, -np.inf, 199 / 201])  # bins 0-1 pooled: 1 of 1, plus the prior
 
 
-def test_monotonicity_ignores_only_grid_deltas_whose_reach_set_is_empty():
+def test_a_grid_delta_nobody_reached_borrows_the_table_above_and_shuts_nothing():
     grid = np.array([0.5, 0.6, 0.7])
     values = np.array([[0.0, 0.8], [0.9, 0.9], [0.9, 0.9]])  # bin 0 fails at 0.5, passes above
     np.testing.assert_array_equal(exit_allowed(values, grid), [[False, True], [False, True], [False, True]])
-    # nobody reached this exit at δ 0.5: that row constrains nothing
-    np.testing.assert_array_equal(exit_allowed(values, grid, np.array([True, False, False])),
-                                  [[False, True], [True, True], [True, True]])
+    # nobody reached this exit at δ 0.5 (row 0 empty): it borrows δ 0.6's row, so it neither shuts
+    # bin 0 above nor lets a new sample stay at δ 0.5 where it would leave at δ 0.6
+    counts = np.array([[0, 0], [10, 10], [0, 0]])
+    correct = np.array([[0, 0], [9, 9], [0, 0]])
+    borrowed_counts, borrowed_correct = borrow_empty_rows(counts, correct)
+    np.testing.assert_array_equal(borrowed_counts, [[10, 10], [10, 10], [0, 0]])  # nothing above row 2 to borrow
+    np.testing.assert_array_equal(borrowed_correct, [[9, 9], [9, 9], [0, 0]])
+    borrowed = table_values("accuracy", borrowed_counts, borrowed_correct)
+    np.testing.assert_array_equal(exit_allowed(borrowed, grid), [[True, True], [True, True], [False, False]])
 
 
 def test_normalise_deltas():
