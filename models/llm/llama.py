@@ -118,30 +118,47 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def run(self, x: torch.Tensor, spans: list[LayerSpan], rotary: Rotary) -> torch.Tensor:
+        q, k, v = self.project(x, span_positions(spans), rotary)
+        return self.finish(x, attend(q, k, v, spans))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated) and values [rows, heads, head_dim] of hidden states [rows, width]."""
         attn = self.self_attn
         normed = self.input_layernorm(x)
         rows = x.shape[0]
         q = attn.q_proj(normed).view(rows, attn.num_heads, attn.head_dim)
-        k = attn.k_proj(normed).view(rows, attn.num_kv_heads, attn.head_dim)
-        v = attn.v_proj(normed).view(rows, attn.num_kv_heads, attn.head_dim)
-        positions = torch.cat([s.positions for s in spans]) if len(spans) > 1 else spans[0].positions
-        q = rotary.apply(q, positions)
-        k = rotary.apply(k, positions)
-        out = torch.empty_like(q)
-        for span in spans:
-            a, b = span.rows
-            first, last = int(span.positions[0]), int(span.positions[-1])
-            span.keys[:, first:last + 1] = k[a:b].transpose(0, 1)
-            span.values[:, first:last + 1] = v[a:b].transpose(0, 1)
-            keys, values = span.keys[:, : last + 1], span.values[:, : last + 1]
-            query = q[a:b].transpose(0, 1)  # [heads, r, d]
-            mask = None
-            if b - a > 1:  # causal among the new rows; every earlier position is visible
-                mask = torch.arange(last + 1, device=x.device)[None, :] <= span.positions[:, None]
-            y = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
-            out[a:b] = y[0].transpose(0, 1)
-        x = x + attn.o_proj(out.reshape(rows, -1))
+        k, v = attn.key_value(normed, positions, rotary)
+        return rotary.apply(q, positions), k, v
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention: output projection, residual, MLP."""
+        x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def span_positions(spans: list[LayerSpan]) -> torch.Tensor:
+    return torch.cat([s.positions for s in spans]) if len(spans) > 1 else spans[0].positions
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
+    """Write each span's keys and values into its cache, attend over the cache; -> [rows, heads * head_dim].
+
+    q [rows, heads, d], k and v [rows, kv_heads, d]; attention runs per sequence (each has its own
+    cache length), causal among a span's new rows, every earlier cached position visible."""
+    out = torch.empty_like(q)
+    for span in spans:
+        a, b = span.rows
+        first, last = int(span.positions[0]), int(span.positions[-1])
+        span.keys[:, first:last + 1] = k[a:b].transpose(0, 1)
+        span.values[:, first:last + 1] = v[a:b].transpose(0, 1)
+        keys, values = span.keys[:, : last + 1], span.values[:, : last + 1]
+        query = q[a:b].transpose(0, 1)  # [heads, r, d]
+        mask = None
+        if b - a > 1:
+            mask = torch.arange(last + 1, device=q.device)[None, :] <= span.positions[:, None]
+        y = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
+        out[a:b] = y[0].transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch
 from exitserve.calibration import Calibration
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
+from exitserve.service.serving.generation.runners import RunnerName, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
@@ -72,7 +73,7 @@ class MultiExitDecoder:
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
-                 compute_fractions: list[float] | None = None):
+                 compute_fractions: list[float] | None = None, runner: RunnerName = "torch", threads: int = 1):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -88,7 +89,7 @@ class MultiExitDecoder:
         self.max_pending = max_pending
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
-        self.rotary = model.rotary()
+        self.runner = make_runner(runner, model, self.heads, threads=threads)
         # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
         self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
 
@@ -125,7 +126,7 @@ class MultiExitDecoder:
         checks = [self._checks_exits(s) for s in batch]
         xs = [self.model.embed(torch.tensor(s.tokens[s.fed:], dtype=torch.int64, device=self.device)) for s in batch]
         active = list(range(len(batch)))
-        for layer_index, layer in enumerate(self.model.layers):
+        for layer_index in range(self.num_layers):
             if not active:
                 break
             for i in active:
@@ -134,7 +135,7 @@ class MultiExitDecoder:
                 if first < starts[i]:  # pending positions join with the hidden state they exited with
                     xs[i] = torch.cat([seq.h_last[first:starts[i]], xs[i]])
                     starts[i] = first
-            xs = self._run_layer(layer_index, layer, batch, active, starts, ends, xs)
+            xs = self._run_layer(layer_index, batch, active, starts, ends, xs)
             exit_index = self.exit_at.get(layer_index)
             if exit_index is None:
                 continue
@@ -158,7 +159,7 @@ class MultiExitDecoder:
             return len(seq.tokens) - seq.verified < seq.max_draft
         return seq.pending < self.max_pending
 
-    def _run_layer(self, layer_index: int, layer, batch: list[Sequence], active: list[int], starts: list[int],
+    def _run_layer(self, layer_index: int, batch: list[Sequence], active: list[int], starts: list[int],
                    ends: list[int], xs: list[torch.Tensor]) -> list[torch.Tensor]:
         spans, row = [], 0
         for i in active:
@@ -168,7 +169,7 @@ class MultiExitDecoder:
             spans.append(LayerSpan((row, row + n), positions, keys, values))
             row += n
         x = torch.cat([xs[i] for i in active]) if len(active) > 1 else xs[active[0]]
-        y = layer.run(x, spans, self.rotary)
+        y = self.runner.layer(layer_index, x, spans)
         for i, span in zip(active, spans, strict=True):
             xs[i] = y[span.rows[0]:span.rows[1]]
             batch[i].filled[layer_index] = ends[i]
@@ -177,7 +178,7 @@ class MultiExitDecoder:
     def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]) -> list[int | None]:
         """Token for each sequence that leaves at this exit, None for those that go on."""
         heads, calibration = self._exit_tables()
-        logits = heads.logits(exit_index, torch.stack(last_rows))
+        logits = self.runner.head_logits(exit_index, torch.stack(last_rows))
         scores = calibration_logits(logits.float().cpu().numpy())
         leaving: list[int | None] = [None] * len(seqs)
         for policy in {s.policy for s in seqs}:
@@ -219,8 +220,7 @@ class MultiExitDecoder:
         """CALM: deeper layers' keys and values for these positions from the exited hidden state."""
         positions = torch.arange(start, end, device=self.device)
         for deeper in range(layer_index + 1, self.num_layers):
-            layer = self.model.layers[deeper]
-            k, v = layer.self_attn.key_value(layer.input_layernorm(x), positions, self.rotary)
+            k, v = self.runner.key_value(deeper, x, positions)
             keys, values = seq.cache[deeper]
             keys[:, start:end] = k.transpose(0, 1)
             values[:, start:end] = v.transpose(0, 1)
@@ -242,7 +242,7 @@ class MultiExitDecoder:
                 xs[i] = torch.cat([batch[i].h_last[first:starts[i]], xs[i]])
                 starts[i] = first
             rows.append(xs[i])
-        logits = self.model.logits(torch.cat(rows))
+        logits = self.runner.lm_logits(torch.cat(rows))
         offset = 0
         for i, v, r in zip(active, verify, rows, strict=True):
             seq, seq_logits = batch[i], logits[offset: offset + r.shape[0]]

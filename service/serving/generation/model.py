@@ -1,8 +1,9 @@
 """A served generation bundle: decoder weights, exit heads, tables, tokenizer, chat template, scheduler.
 
-Loaded with torch (the `llm` extra), never with transformers. `device` is the CUDA switch: every
-tensor of the decoder and its caches lives there; the exit decisions run on the host on one row
-of head logits per sequence.
+Loaded with torch (the `llm` extra), never with transformers; `runner` says what computes the
+layers and heads (ONNX Runtime sessions over the same weights by default, or the torch modules).
+`device` is the CUDA switch: every tensor of the decoder and its caches lives there; the exit
+decisions run on the host on one row of head logits per sequence.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.metrics import GenerationMetrics
+from exitserve.service.serving.generation.runners import RunnerName
 from exitserve.service.serving.generation.scheduler import Scheduler
 
 
@@ -53,7 +55,8 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
-                 max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32):
+                 max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
+                 runner: RunnerName = "onnxruntime", threads: int = 1):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BundleError(f"{bundle.path}: not a text-generation bundle")
@@ -74,7 +77,7 @@ class GenerationModel:
         self.calibration = calibration
         self.compute_fractions = bundle.manifest.compute_fractions()
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
-                                        compute_fractions=self.compute_fractions)
+                                        compute_fractions=self.compute_fractions, runner=runner, threads=threads)
         self.tokenizer = Tokenizer.from_file(str(bundle.path / spec.tokenizer))
         # Tokens that end a generation: the bundle's eos ids, and the tokenizer's end-of-text token
         # (a base-model habit: SmolLM2-Instruct ends with <|im_end|> but emits <|endoftext|> off-template).

@@ -57,7 +57,8 @@ class GenerationRepository:
         for path in paths:
             try:
                 model = load_generation_model(Path(path), self.registry, device=device, kv_strategy=self.kv_strategy,
-                                              max_running=self.max_running, queue_limit=self.queue_limit)
+                                              max_running=self.max_running, queue_limit=self.queue_limit,
+                                              runner=self.settings.generation_runner, threads=self.settings.threads)
             except BundleError:
                 raise
             except Exception as exc:

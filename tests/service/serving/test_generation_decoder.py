@@ -7,6 +7,7 @@ import torch
 from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
+from exitserve.service.serving.generation.runners import RUNNERS
 
 NEW_TOKENS = 20
 
@@ -18,9 +19,15 @@ def parts():
     return model, heads, tiny_calibration(model, heads)
 
 
-def decoder(parts, kv_strategy: str = "recompute") -> MultiExitDecoder:
+@pytest.fixture(params=RUNNERS)
+def runner(request) -> str:
+    """Every decoder test runs on both runners: the torch modules and ONNX Runtime over the same weights."""
+    return request.param
+
+
+def decoder(parts, runner: str, kv_strategy: str = "recompute") -> MultiExitDecoder:
     model, heads, calibration = parts
-    return MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, kv_strategy=kv_strategy)
+    return MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, kv_strategy=kv_strategy, runner=runner)
 
 
 def generate(dec: MultiExitDecoder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **options) -> tuple[list[list[int]], list[Sequence], list[list[int]]]:
@@ -47,16 +54,16 @@ def reference_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> 
     return ids[len(prompt):]
 
 
-def test_full_depth_equals_cacheless_greedy(parts):
+def test_full_depth_equals_cacheless_greedy(parts, runner):
     prompts = random_prompts(6)
-    tokens, _, exits = generate(decoder(parts), prompts, mode="full")
+    tokens, _, exits = generate(decoder(parts, runner), prompts, mode="full")
     for prompt, got in zip(prompts, tokens, strict=True):
         assert got == reference_greedy(parts[0], prompt)
     assert all(e == len(EXIT_LAYERS) - 1 for row in exits for e in row)
 
 
-def test_exact_mode_output_identical_to_full_greedy_on_many_prompts(parts):
-    dec = decoder(parts)
+def test_exact_mode_output_identical_to_full_greedy_on_many_prompts(parts, runner):
+    dec = decoder(parts, runner)
     prompts = random_prompts(30, seed=11)
     full, _, _ = generate(dec, prompts, mode="full")
     # a low δ with the `confidence` policy drafts often, so both accepted and rejected drafts occur
@@ -67,19 +74,19 @@ def test_exact_mode_output_identical_to_full_greedy_on_many_prompts(parts):
     assert drafted > 50 and 0 < accepted < drafted, (drafted, accepted)
 
 
-def test_exact_mode_batched_equals_one_at_a_time(parts):
-    dec = decoder(parts)
+def test_exact_mode_batched_equals_one_at_a_time(parts, runner):
+    dec = decoder(parts, runner)
     prompts = random_prompts(4, seed=5)
     together, _, _ = generate(dec, prompts, mode="exact", delta=0.15, policy="confidence")
     alone = [generate(dec, [p], mode="exact", delta=0.15, policy="confidence")[0][0] for p in prompts]
     assert together == alone
 
 
-def test_recompute_strategy_leaves_exact_kv_for_the_emitted_tokens(parts):
+def test_recompute_strategy_leaves_exact_kv_for_the_emitted_tokens(parts, runner):
     """Early mode emits early-exit tokens; the deep KV the next deep token computes for them equals
     what a full teacher-forced pass over the emitted sequence computes."""
     model = parts[0]
-    dec = decoder(parts, "recompute")
+    dec = decoder(parts, runner, "recompute")
     prompt = random_prompts(1, seed=7)[0]
     tokens, (seq,), exits = generate(dec, [prompt], mode="early", delta=0.15, policy="confidence")
     assert any(e < len(EXIT_LAYERS) - 1 for e in exits[0]), "no token exited early"
@@ -99,8 +106,8 @@ def test_recompute_strategy_leaves_exact_kv_for_the_emitted_tokens(parts):
         assert torch.allclose(got_keys, keys, atol=1e-4), f"layer {index}"
 
 
-def test_copy_strategy_fills_every_layer_at_once(parts):
-    dec = decoder(parts, "copy")
+def test_copy_strategy_fills_every_layer_at_once(parts, runner):
+    dec = decoder(parts, runner, "copy")
     prompt = random_prompts(1, seed=7)[0]
     seqs = [dec.new_sequence(prompt, capacity=64, mode="early", delta=0.15, policy="confidence")]
     early = 0
@@ -111,8 +118,8 @@ def test_copy_strategy_fills_every_layer_at_once(parts):
     assert early > 0
 
 
-def test_delta_one_never_exits_early(parts):
-    dec = decoder(parts)
+def test_delta_one_never_exits_early(parts, runner):
+    dec = decoder(parts, runner)
     prompts = random_prompts(4, seed=9)
     tokens, _, exits = generate(dec, prompts, mode="early", delta=1.0, policy="pcee")
     full, _, _ = generate(dec, prompts, mode="full")
@@ -120,8 +127,8 @@ def test_delta_one_never_exits_early(parts):
     assert all(e == len(EXIT_LAYERS) - 1 for row in exits for e in row)
 
 
-def test_sampling_is_reproducible_with_a_seed(parts):
-    dec = decoder(parts)
+def test_sampling_is_reproducible_with_a_seed(parts, runner):
+    dec = decoder(parts, runner)
     prompt = random_prompts(1, seed=4)
     runs = [generate(dec, prompt, mode="full", temperature=1.0, generator=torch.Generator().manual_seed(s))[0][0]
             for s in (1, 1, 2)]
@@ -140,9 +147,9 @@ def final_exit_parts():
     return model, heads, tiny_calibration(model, heads, exit_layers=FINAL_EXIT_LAYERS)
 
 
-def test_final_layer_exit_answers_the_full_models_token_within_its_vocabulary(final_exit_parts):
+def test_final_layer_exit_answers_the_full_models_token_within_its_vocabulary(final_exit_parts, runner):
     model, heads, calibration = final_exit_parts
-    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration)
+    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration, runner=runner)
     prompts = random_prompts(12, seed=21)
     tokens, seqs, exits = generate(dec, prompts, mode="early", delta=0.2, policy="confidence")
     answered = 0
@@ -158,9 +165,9 @@ def test_final_layer_exit_answers_the_full_models_token_within_its_vocabulary(fi
     assert all(s.pending == 0 or s.filled[-1] <= s.fed for s in seqs)
 
 
-def test_exact_mode_with_a_final_layer_exit_equals_full_greedy(final_exit_parts):
+def test_exact_mode_with_a_final_layer_exit_equals_full_greedy(final_exit_parts, runner):
     model, heads, calibration = final_exit_parts
-    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration)
+    dec = MultiExitDecoder(model, heads, FINAL_EXIT_LAYERS, calibration, runner=runner)
     prompts = random_prompts(30, seed=13)
     full, _, _ = generate(dec, prompts, mode="full")
     exact, seqs, exact_exits = generate(dec, prompts, mode="exact", delta=0.15, policy="confidence", max_draft=6)

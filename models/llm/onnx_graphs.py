@@ -1,0 +1,189 @@
+"""ONNX graphs of a Llama decoder's dense parts, built in memory from the loaded weights.
+
+Decoding one token is memory-bound: every step reads every weight once. On the 2-core CPU ONNX
+Runtime's prepacked GEMV streams a cold weight at ~19 GB/s against torch's ~11 GB/s (BENCHMARKS.md,
+"Language models"), so the dense parts run there. Attention stays outside the graphs (each
+sequence has its own cache length; `llama.attend` does it in place in the KV cache), so per layer
+there are two graphs:
+
+  project_l   x [rows, width], cos/sin [rows, 1, head_dim] -> q [rows, heads, d], k, v [rows, kv_heads, d]
+  finish_l    x, attended [rows, heads * d] -> x' (output projection, residual, MLP)
+
+plus one per exit head (`head_k`: x -> logits over the head vocabulary) and the LM head (`lm_head`).
+Weights are not serialised into the graphs: every initializer is declared as external data and
+handed to ONNX Runtime as an array (`Graph.weights`, `SessionOptions.add_external_initializers`),
+so building 60 sessions takes seconds. Q/K/V and gate/up projections are concatenated into one
+matrix each (one GEMV instead of three or two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from exitserve.models.llm.heads import ExitHead, ExitHeads
+from exitserve.models.llm.llama import DecoderLayer, LlamaModel, RMSNorm
+
+OPSET = 17
+IR_VERSION = 8  # ONNX Runtime rejects IR 14; 8 is what opset 17 needs
+
+
+@dataclass
+class Graph:
+    """A graph and the arrays of its external initializers (kept alive as long as a session uses them)."""
+
+    name: str
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _Builder:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.weights: dict[str, np.ndarray] = {}
+        self.constants: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def input(self, name: str, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        return name
+
+    def output(self, value: str, name: str, shape: list) -> None:
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+    def weight(self, name: str, value: torch.Tensor | np.ndarray) -> str:
+        array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        self.weights[name] = np.ascontiguousarray(array, dtype=np.float32)
+        return name
+
+    def constant(self, value: np.ndarray) -> str:
+        name = f"const_{len(self.constants)}"
+        self.constants.append(helper.make_tensor(name, _onnx_type(value), value.shape, value.flatten().tolist()))
+        return name
+
+    def op(self, kind: str, inputs: list[str], outputs: int = 1, **attributes) -> list[str]:
+        names = [f"{kind.lower()}_{self._count}_{i}" for i in range(outputs)]
+        self._count += 1
+        self.nodes.append(helper.make_node(kind, inputs, names, **attributes))
+        return names
+
+    def one(self, kind: str, inputs: list[str], **attributes) -> str:
+        return self.op(kind, inputs, **attributes)[0]
+
+    def linear(self, x: str, weight: str) -> str:
+        """x [rows, in] @ weight [out, in].T (torch's Linear layout; Gemm transposes without a copy)."""
+        return self.one("Gemm", [x, weight], transB=1)
+
+    def rms_norm(self, x: str, norm: RMSNorm, name: str) -> str:
+        # the pattern ONNX Runtime fuses into SimplifiedLayerNormalization
+        squared = self.one("Pow", [x, self.constant(np.array(2.0, dtype=np.float32))])
+        mean = self.one("ReduceMean", [squared], axes=[-1], keepdims=1)
+        root = self.one("Sqrt", [self.one("Add", [mean, self.constant(np.array(norm.eps, dtype=np.float32))])])
+        return self.one("Mul", [self.one("Div", [x, root]), self.weight(name, norm.weight)])
+
+    def silu(self, x: str) -> str:
+        return self.one("Mul", [x, self.one("Sigmoid", [x])])
+
+    def rotate(self, x: str, cos: str, sin: str, head_dim: int) -> str:
+        """Rotary embedding of x [rows, heads, d]: x * cos + rotate_half(x) * sin."""
+        half = self.constant(np.array([head_dim // 2, head_dim // 2], dtype=np.int64))
+        first, second = self.op("Split", [x, half], outputs=2, axis=-1)
+        rotated = self.one("Concat", [self.one("Neg", [second]), first], axis=-1)
+        return self.one("Add", [self.one("Mul", [x, cos]), self.one("Mul", [rotated, sin])])
+
+    def build(self) -> Graph:
+        externals = [_external(name, array) for name, array in self.weights.items()]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, externals + self.constants)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = IR_VERSION
+        return Graph(self.name, model, self.weights)
+
+
+def _onnx_type(value: np.ndarray) -> int:
+    return helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
+def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """A float initializer declared as external data; its bytes come from the session options."""
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape),
+                         data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", f"{name}.bin"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def project_graph(layer: DecoderLayer, index: int) -> Graph:
+    attn = layer.self_attn
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    b = _Builder(f"project_{index}")
+    x = b.input("x", ["rows", attn.q_proj.in_features])
+    cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
+    qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    qkv = b.linear(b.rms_norm(x, layer.input_layernorm, "input_norm"), b.weight("qkv", qkv_weight))
+    sizes = b.constant(np.array([h * d, kvh * d, kvh * d], dtype=np.int64))
+    q, k, v = b.op("Split", [qkv, sizes], outputs=3, axis=1)
+    heads_shape = b.constant(np.array([0, h, d], dtype=np.int64))
+    kv_shape = b.constant(np.array([0, kvh, d], dtype=np.int64))
+    q = b.rotate(b.one("Reshape", [q, heads_shape]), cos, sin, d)
+    k = b.rotate(b.one("Reshape", [k, kv_shape]), cos, sin, d)
+    b.output(q, "q", ["rows", h, d])
+    b.output(k, "k", ["rows", kvh, d])
+    b.output(b.one("Reshape", [v, kv_shape]), "v", ["rows", kvh, d])
+    return b.build()
+
+
+def finish_graph(layer: DecoderLayer, index: int) -> Graph:
+    attn, mlp = layer.self_attn, layer.mlp
+    width, intermediate = attn.o_proj.out_features, mlp.gate_proj.out_features
+    b = _Builder(f"finish_{index}")
+    x = b.input("x", ["rows", width])
+    attended = b.input("attended", ["rows", attn.num_heads * attn.head_dim])
+    x = b.one("Add", [x, b.linear(attended, b.weight("o_proj", attn.o_proj.weight))])
+    normed = b.rms_norm(x, layer.post_attention_layernorm, "post_attention_norm")
+    gate_up = b.linear(normed, b.weight("gate_up", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+    gate, up = b.op("Split", [gate_up, b.constant(np.array([intermediate, intermediate], dtype=np.int64))],
+                    outputs=2, axis=1)
+    down = b.linear(b.one("Mul", [b.silu(gate), up]), b.weight("down_proj", mlp.down_proj.weight))
+    b.output(b.one("Add", [x, down]), "y", ["rows", width])
+    return b.build()
+
+
+def exit_head_graph(head: ExitHead, rows: torch.Tensor, index: int) -> Graph:
+    """`ExitHead.features` then the head vocabulary's rows: hidden [n, width] -> logits [n, K]."""
+    b = _Builder(f"head_{index}")
+    x = b.input("x", ["rows", head.up.in_features])
+    inner = b.linear(b.silu(b.linear(b.rms_norm(x, head.norm_in, "norm_in"), b.weight("up", head.up.weight))),
+                     b.weight("down", head.down.weight))
+    features = b.rms_norm(b.one("Add", [x, inner]), head.norm_out, "norm_out")
+    b.output(b.linear(features, b.weight("vocab_rows", rows)), "logits", ["rows", int(rows.shape[0])])
+    return b.build()
+
+
+def lm_head_graph(model: LlamaModel) -> Graph:
+    b = _Builder("lm_head")
+    x = b.input("x", ["rows", model.config.hidden_size])
+    normed = b.rms_norm(x, model.model.norm, "norm")
+    b.output(b.linear(normed, b.weight("lm_head", model.lm_head.weight)), "logits", ["rows", model.config.vocab_size])
+    return b.build()
+
+
+def decoder_graphs(model: LlamaModel, heads: ExitHeads | None) -> dict[str, Graph]:
+    """Every graph the ONNX Runtime decoder runner needs, by name."""
+    graphs = {}
+    for index, layer in enumerate(model.layers):
+        graphs[f"project_{index}"] = project_graph(layer, index)
+        graphs[f"finish_{index}"] = finish_graph(layer, index)
+    if heads is not None:
+        for index, head in enumerate(heads.exit_heads):
+            graphs[f"head_{index}"] = exit_head_graph(head, heads.bound_rows(), index)
+    graphs["lm_head"] = lm_head_graph(model)
+    return graphs

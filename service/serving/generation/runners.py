@@ -1,0 +1,144 @@
+"""What runs a decoder's layers and heads: torch modules, or ONNX Runtime sessions over the same weights.
+
+The decoder (`decoder.MultiExitDecoder`) decides, the runner computes. Both runners keep the KV
+cache in torch tensors and share `llama.attend` (per-sequence attention, written in place into the
+cache), so they differ only in the dense parts. Chosen by measurement (BENCHMARKS.md, "Language
+models"): ONNX Runtime on CPU, where its prepacked GEMV reads weights about twice as fast as torch's.
+
+CUDA is a provider switch for both: the torch runner moves the modules, the ONNX Runtime runner
+opens its sessions with the CUDA provider on torch's current stream and binds torch's device
+tensors as inputs and outputs (I/O binding by pointer: no host copies of hidden states).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from exitserve.models.llm.heads import ExitHeads
+from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, span_positions
+
+RunnerName = Literal["onnxruntime", "torch"]
+RUNNERS: tuple[RunnerName, ...] = ("onnxruntime", "torch")
+
+
+class DecoderRunner(Protocol):
+    def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
+        """Decoder layer `index` over rows of one or more sequences; writes their keys and values."""
+        ...
+
+    def key_value(self, index: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values [rows, kv_heads, d] for hidden states x (CALM's copy-up)."""
+        ...
+
+    def head_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit head `exit_index` on hidden states [n, width] -> logits over the head vocabulary [n, K]."""
+        ...
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's final norm and LM head: [n, width] -> [n, vocabulary]."""
+        ...
+
+
+class TorchRunner:
+    def __init__(self, model: LlamaModel, heads: ExitHeads | None):
+        self.model, self.heads = model, heads
+        self.rotary = model.rotary()
+
+    def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
+        return self.model.layers[index].run(x, spans, self.rotary)
+
+    def key_value(self, index: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.model.layers[index]
+        return layer.self_attn.key_value(layer.input_layernorm(x), positions, self.rotary)
+
+    def head_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.heads is None:
+            raise RuntimeError("this bundle has no exit heads")
+        return self.heads.logits(exit_index, hidden)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
+
+
+class OnnxRuntimeRunner:
+    """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
+
+    def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0):
+        import onnxruntime as ort
+
+        from exitserve.models.llm.onnx_graphs import decoder_graphs
+
+        weight = model.model.embed_tokens.weight
+        if weight.dtype != torch.float32:
+            raise ValueError(f"the onnxruntime runner runs float32 weights, not {weight.dtype}: use the torch runner")
+        self.device = weight.device
+        self.config = model.config
+        self.rotary = model.rotary()
+        self.vocab_size = heads.vocab_size if heads is not None else 0
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            providers: list = [("CUDAExecutionProvider", {"device_id": self.device.index or device_id,
+                                                          "user_compute_stream": str(stream)})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name, graph in decoder_graphs(model, heads).items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            names = list(graph.weights)
+            values = [ort.OrtValue.ortvalue_from_numpy(graph.weights[n]) for n in names]
+            options.add_external_initializers(names, values)
+            session = ort.InferenceSession(graph.model.SerializeToString(), options, providers=providers)
+            self.sessions[name] = (session, values, graph.weights)  # the arrays must outlive the session
+
+    def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> list[torch.Tensor]:
+        session = self.sessions[name][0]
+        binding = session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        keep = []
+        for key, tensor in inputs.items():
+            tensor = tensor.contiguous()
+            keep.append(tensor)
+            binding.bind_input(key, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        results = []
+        for key, shape in outputs.items():
+            out = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(key, kind, index, np.float32, shape, out.data_ptr())
+            results.append(out)
+        session.run_with_iobinding(binding)
+        return results
+
+    def _project(self, index: int, x: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        c, rows = self.config, x.shape[0]
+        cos, sin = self.rotary.cos[positions][:, None, :], self.rotary.sin[positions][:, None, :]
+        return self._run(f"project_{index}", {"x": x, "cos": cos, "sin": sin},
+                         {"q": (rows, c.num_heads, c.head_dim), "k": (rows, c.num_kv_heads, c.head_dim),
+                          "v": (rows, c.num_kv_heads, c.head_dim)})
+
+    def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
+        q, k, v = self._project(index, x, span_positions(spans))
+        attended = attend(q, k, v, spans)
+        return self._run(f"finish_{index}", {"x": x, "attended": attended}, {"y": tuple(x.shape)})[0]
+
+    def key_value(self, index: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, k, v = self._project(index, x, positions)
+        return k, v
+
+    def head_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self._run(f"head_{exit_index}", {"x": hidden}, {"logits": (hidden.shape[0], self.vocab_size)})[0]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._run("lm_head", {"x": hidden}, {"logits": (hidden.shape[0], self.config.vocab_size)})[0]
+
+
+def make_runner(name: RunnerName, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1) -> DecoderRunner:
+    if name == "torch":
+        return TorchRunner(model, heads)
+    if name == "onnxruntime":
+        return OnnxRuntimeRunner(model, heads, threads=threads)
+    raise ValueError(f"unknown decoder runner {name!r}; choose from {', '.join(RUNNERS)}")
