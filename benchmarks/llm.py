@@ -30,7 +30,9 @@ from exitserve.models.bundle import load_bundle
 from exitserve.models.llm.head_training import head_logits
 from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
 from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, text_tokens
+from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.model import GenerationModel
+from exitserve.service.serving.generation.runners import RUNNERS
 
 DELTAS = (0.7, 0.8, 0.9, 0.95)
 POLICIES = ("pcee", "pcee-lb", "pcee-lb-cond", "per-exit-threshold")
@@ -126,28 +128,33 @@ def wikitext_prompts(gm: GenerationModel, data: Path, count: int, length: int = 
 
 
 def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, kv: str = "recompute",
-             **options) -> tuple[list[int], list[int], float, object]:
-    """(tokens, exits, decoding tokens/s with the prefill excluded, sequence state)."""
-    gm.decoder.kv_strategy = kv
-    seq = gm.decoder.new_sequence(prompt, capacity=len(prompt) + new_tokens + 16, **options)
-    first = gm.decoder.step([seq])[0]  # the prefill yields the first token
+             decoder: MultiExitDecoder | None = None, **options) -> tuple[list[int], list[int], float, object]:
+    """(tokens, exits, decoding tokens/s with the prefill excluded, sequence state); the served
+    decoder unless another (the other runner over the same weights) is given."""
+    decoder = decoder or gm.decoder
+    decoder.kv_strategy = kv
+    seq = decoder.new_sequence(prompt, capacity=len(prompt) + new_tokens + 16, **options)
+    first = decoder.step([seq])[0]  # the prefill yields the first token
     tokens, exits = [t.token for t in first], [t.exit for t in first]
     start = time.perf_counter()
     while len(tokens) < new_tokens:
-        for t in gm.decoder.step([seq])[0]:
+        for t in decoder.step([seq])[0]:
             tokens.append(t.token)
             exits.append(t.exit)
     rate = (len(tokens) - len(first)) / (time.perf_counter() - start)
-    gm.decoder.kv_strategy = "recompute"
+    decoder.kv_strategy = "recompute"
     return tokens[:new_tokens], exits[:new_tokens], rate, seq
 
 
 def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bool, hf_early_exit: int = 0,
-          hf_early_exit_prompts: int = 0, calm: bool = False, budget_s: float = 0.0) -> dict:
+          hf_early_exit_prompts: int = 0, calm: bool = False, budget_s: float = 0.0,
+          other_runner: MultiExitDecoder | None = None) -> dict:
     """Configurations interleaved per prompt, so that load changes on a shared machine hit all alike;
     with `budget_s`, no new prompt starts after that many seconds (the prompts run are recorded)."""
     began = time.perf_counter()
     configs: dict[str, dict] = {"full": {"mode": "full"}}
+    if other_runner is not None:
+        configs["full, other runner"] = {"mode": "full", "decoder": other_runner}
     for delta in DELTAS:
         configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": SPEED_POLICY}
     if calm:
@@ -269,9 +276,11 @@ def concurrency(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, 
 
 @torch.inference_mode()
 def check_costs(gm: GenerationModel, reps: int = 50) -> dict:
+    """Batch-1 costs through the served runner, each call repeated (its weights warm in cache: a
+    decoding step reads every weight once, so there a layer costs more, see llm_runner.py)."""
     from exitserve.models.llm.llama import LayerSpan
 
-    model, heads = gm.model, gm.decoder.heads
+    model, runner = gm.model, gm.decoder.runner
     x = torch.randn(1, model.config.hidden_size)
     cache = model.new_cache(64)
 
@@ -284,10 +293,9 @@ def check_costs(gm: GenerationModel, reps: int = 50) -> dict:
             times.append(time.perf_counter() - t)
         return 1000 * float(np.median(times))
 
-    return {"layer_ms": med(lambda: model.layers[5].run(x, [LayerSpan((0, 1), torch.tensor([10]), *cache[5])],
-                                                       model.rotary())),
-            "full_lm_head_ms": med(lambda: model.logits(x)),
-            "restricted_head_ms": med(lambda: heads.logits(0, x)) if heads is not None else None}
+    return {"layer_ms": med(lambda: runner.layer(5, x, [LayerSpan((0, 1), torch.tensor([10]), *cache[5])])),
+            "full_lm_head_ms": med(lambda: runner.lm_logits(x)),
+            "restricted_head_ms": med(lambda: runner.head_logits(0, x)) if gm.decoder.heads is not None else None}
 
 
 def main() -> None:
@@ -306,16 +314,24 @@ def main() -> None:
     parser.add_argument("--test-tokens", type=int, default=8192)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runner", choices=RUNNERS, default="onnxruntime", help="the served decoder's runner")
+    parser.add_argument("--compare-runner", action="store_true",
+                        help="speed: also full depth on the other runner over the same weights")
     parser.add_argument("--cache", default="runs/cache/llm-hidden")
     parser.add_argument("--out", default=str(RESULTS / "llm.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from prometheus_client import CollectorRegistry
 
-    gm = GenerationModel(load_bundle(args.bundle), CollectorRegistry())
+    gm = GenerationModel(load_bundle(args.bundle), CollectorRegistry(), runner=args.runner, threads=args.threads)
     assert isinstance(gm.calibration, Calibration)
+    other = None
+    if args.compare_runner:
+        other = MultiExitDecoder(gm.model, gm.decoder.heads, gm.spec.exit_layers, gm.calibration,
+                                 runner=next(r for r in RUNNERS if r != args.runner), threads=args.threads)
     result: dict = {"bundle": gm.name, "exit_layers": gm.spec.exit_layers, "threads": args.threads,
+                    "runner": args.runner,
                     "args": vars(args), "check_costs": check_costs(gm)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +353,7 @@ def main() -> None:
     if args.speed:
         prompts = wikitext_prompts(gm, Path(args.data), args.prompts)
         result["speed"] = speed(gm, prompts, args.new_tokens, args.hf, args.hf_early_exit, args.hf_early_exit_prompts,
-                                args.calm, args.budget_s)
+                                args.calm, args.budget_s, other)
         save()
     if args.concurrency:
         prompts = wikitext_prompts(gm, Path(args.data), 16)

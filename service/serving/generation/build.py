@@ -27,6 +27,7 @@ from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, corpus_
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, load_llama
 from exitserve.models.llm.manifest import HEADS_FILE, write_generation_manifest
 from exitserve.service.serving.generation.calibrate import fit_token_calibration
+from exitserve.service.serving.generation.runners import RunnerName
 
 SELECTION_DELTA = 0.9
 SELECTION_POLICY = "pcee"
@@ -61,8 +62,10 @@ def write_exits(directory: Path, heads: ExitHeads | None, calibration: Calibrati
 
 @torch.inference_mode()
 def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibration: Calibration,
-                  prompt: list[int], tokens: int = 12, rounds: int = 3) -> tuple[float, float]:
-    """(one exit check, the full LM head) in decoder-layer equivalents, measured in the decoder itself.
+                  prompt: list[int], tokens: int = 12, rounds: int = 3,
+                  runner: RunnerName = "onnxruntime") -> tuple[float, float]:
+    """(one exit check, the full LM head) in decoder-layer equivalents, measured in the decoder itself
+    on the runner the server uses (relative costs differ between runners: BENCHMARKS.md).
 
     Full-depth steps against steps that run every candidate check and never exit (policy
     `confidence` at δ 1), interleaved, medians of per-step times: the check cost includes the head
@@ -72,7 +75,7 @@ def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibr
     from exitserve.service.serving.generation.decoder import MultiExitDecoder
 
     last = model.config.num_layers - 1
-    decoder = MultiExitDecoder(model, heads, [*layers, last], calibration)
+    decoder = MultiExitDecoder(model, heads, [*layers, last], calibration, runner=runner)
     times: dict[str, list[float]] = {"full": [], "checks": []}
     for _ in range(rounds):
         for mode, options in (("full", {"mode": "full"}), ("checks", {"mode": "early", "policy": "confidence", "delta": 1.0})):
@@ -95,8 +98,8 @@ def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibr
             samples.append(time.perf_counter() - start)
         return float(np.median(samples))
 
-    layer = median(lambda: model.layers[0].run(x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])], model.rotary()))
-    lm_head_layers = median(lambda: model.logits(x)) / layer
+    layer = median(lambda: decoder.runner.layer(0, x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])]))
+    lm_head_layers = median(lambda: decoder.runner.lm_logits(x)) / layer
     per_layer = full / (model.config.num_layers + lm_head_layers)
     check = max(checked - full, 0.0) / len(layers) / per_layer
     return check, lm_head_layers
