@@ -23,6 +23,9 @@ agreement estimate reaches δ, decided by `Calibration.step`), `exact` (self-spe
 rule drafts tokens; a token that goes to the last layer verifies every pending draft in that pass;
 the verified prefix is kept and the first mismatch replaced by the full model's token, so the
 output equals full greedy decoding). Exact mode always uses the `recompute` strategy.
+
+The decoder decides and keeps the caches; a runner (`runners.py`: ONNX Runtime graphs over the
+weights, or the torch modules) computes layers and heads.
 """
 
 from __future__ import annotations
