@@ -67,7 +67,11 @@ class OnnxRuntimeRunner:
     """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError:
+            raise ValueError("the onnxruntime runner needs ONNX Runtime (the cpu or gpu extra); "
+                             "or serve with --generation-runner torch") from None
 
         from exitserve.models.llm.onnx_graphs import decoder_graphs
 
@@ -79,6 +83,9 @@ class OnnxRuntimeRunner:
         self.rotary = model.rotary()
         self.vocab_size = heads.vocab_size if heads is not None else 0
         if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("the model is on a GPU but this ONNX Runtime has no CUDA provider: install the gpu "
+                                 "extra (onnxruntime-gpu), or serve with --generation-runner torch")
             stream = torch.cuda.current_stream(self.device).cuda_stream
             providers: list = [("CUDAExecutionProvider", {"device_id": self.device.index or device_id,
                                                           "user_compute_stream": str(stream)})]
