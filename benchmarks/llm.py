@@ -35,9 +35,9 @@ from exitserve.service.serving.generation.model import GenerationModel
 from exitserve.service.serving.generation.runners import RUNNERS
 
 DELTAS = (0.7, 0.8, 0.9, 0.95)
-POLICIES = ("pcee", "pcee-lb", "pcee-lb-cond", "per-exit-threshold")
+POLICIES = ("pcee", "pcee-lb", "pcee-lb-cond", "pcee-lb-tail", "per-exit-threshold")
 EXACT_DRAFT_DELTAS = (0.5, 0.8)
-SPEED_POLICY = "pcee-lb-cond"  # the server's default policy
+SPEED_POLICY = "pcee-lb-cond"  # the early-exit rows' policy unless --policy says another (reports up to now)
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "wikitext-2"
 
@@ -148,7 +148,7 @@ def generate(gm: GenerationModel, prompt: list[int], new_tokens: int, kv: str = 
 
 def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bool, hf_early_exit: int = 0,
           hf_early_exit_prompts: int = 0, calm: bool = False, budget_s: float = 0.0,
-          other_runner: MultiExitDecoder | None = None) -> dict:
+          other_runner: MultiExitDecoder | None = None, policy: str = SPEED_POLICY) -> dict:
     """Configurations interleaved per prompt, so that load changes on a shared machine hit all alike;
     with `budget_s`, no new prompt starts after that many seconds (the prompts run are recorded)."""
     began = time.perf_counter()
@@ -156,9 +156,9 @@ def speed(gm: GenerationModel, prompts: list[list[int]], new_tokens: int, hf: bo
     if other_runner is not None:
         configs["full, other runner"] = {"mode": "full", "decoder": other_runner}
     for delta in DELTAS:
-        configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": SPEED_POLICY}
+        configs[f"early δ={delta}"] = {"mode": "early", "delta": delta, "policy": policy}
     if calm:
-        configs["early δ=0.9, CALM copy KV"] = {"mode": "early", "delta": 0.9, "policy": SPEED_POLICY, "kv": "copy"}
+        configs["early δ=0.9, CALM copy KV"] = {"mode": "early", "delta": 0.9, "policy": policy, "kv": "copy"}
     for draft in EXACT_DRAFT_DELTAS:
         configs[f"exact (draft δ={draft})"] = {"mode": "exact", "delta": draft, "policy": "pcee", "max_draft": 8}
     names = list(configs)
@@ -316,6 +316,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runner", choices=RUNNERS, default="onnxruntime", help="the served decoder's runner")
+    parser.add_argument("--policy", default=SPEED_POLICY,
+                        help="early-exit policy of the speed and concurrency rows (the server's default is pcee-lb-tail)")
     parser.add_argument("--compare-runner", action="store_true",
                         help="speed: also full depth on the other runner over the same weights")
     parser.add_argument("--cache", default="runs/cache/llm-hidden")
@@ -353,14 +355,14 @@ def main() -> None:
     if args.speed:
         prompts = wikitext_prompts(gm, Path(args.data), args.prompts)
         result["speed"] = speed(gm, prompts, args.new_tokens, args.hf, args.hf_early_exit, args.hf_early_exit_prompts,
-                                args.calm, args.budget_s, other)
+                                args.calm, args.budget_s, other, args.policy)
         save()
     if args.concurrency:
         prompts = wikitext_prompts(gm, Path(args.data), 16)
         gm.scheduler.start()
         result["concurrency"] = []
         for n in (1, 4, 16):
-            for options in ({"mode": "full"}, {"mode": "early", "delta": 0.9, "policy": SPEED_POLICY},
+            for options in ({"mode": "full"}, {"mode": "early", "delta": 0.9, "policy": args.policy},
                             {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 8}):
                 row = concurrency(gm, prompts, args.concurrency_tokens, n, options)
                 result["concurrency"].append(row)
