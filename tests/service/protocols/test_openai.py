@@ -223,3 +223,15 @@ def test_eos_ids_and_endoftext_end_a_generation(tmp_path):
         chunks = list(streamed)
         assert chunks[-1].choices[0].finish_reason == "stop"
         assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+def test_the_torch_runner_serves_the_same_greedy_text(client, llm_bundle):
+    """`--generation-runner torch` (the modules themselves) and the default ONNX Runtime runner answer
+    the same full-depth and exact-mode text."""
+    with running_server([llm_bundle], ["--generation-runner", "torch"]) as proc:
+        other = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        for prompt in PROMPTS[:4]:
+            for extra in ({"policy": "full"}, {"delta": 1}):
+                ours = complete(client, prompt, max_tokens=16, temperature=0, extra_body=extra).choices[0].text
+                theirs = complete(other, prompt, max_tokens=16, temperature=0, extra_body=extra).choices[0].text
+                assert theirs == ours, (prompt, extra)
