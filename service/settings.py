@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")
     workers: int = Field(1, ge=1, description="engine threads per model")
-    # Measured (BENCHMARKS.md, "Language models"): ONNX Runtime reads a decoder's weights ~1.6x faster.
+    # Measured (BENCHMARKS.md, "Language models"): a decoding step runs 1.56x faster on ONNX Runtime.
     generation_runner: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime", description="what runs a generation bundle's layers and heads (the KV cache and "
                                    "attention are torch's either way)")
