@@ -56,10 +56,11 @@ class Settings(BaseSettings):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level")
     workers: int = Field(1, ge=1, description="engine threads per model")
-    # Measured (BENCHMARKS.md, "Language models"): a decoding step runs 1.56x faster on ONNX Runtime.
-    generation_runner: Literal["onnxruntime", "torch"] = Field(
-        "onnxruntime", description="what runs a generation bundle's layers and heads (the KV cache and "
-                                   "attention are torch's either way)")
+    # Measured (BENCHMARKS.md, "Language models"): on CPU a decoding step runs 1.56x faster on ONNX Runtime.
+    # On CUDA, auto keeps torch: the ONNX Runtime CUDA path is written but has not run on a GPU yet.
+    generation_runner: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="what runs a generation bundle's layers and heads: auto = onnxruntime on cpu, torch "
+                            "on cuda (the KV cache and attention are torch's either way)")
     continuous_batching: bool = Field(
         False, description="segment-level continuous batching: a batch's survivors run on together with the next "
                            "batches' samples at every segment (fuller segment batches; pays on a GPU)")

@@ -26,6 +26,14 @@ def split_bundles(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return [p for p in paths if p not in generation], generation
 
 
+def choose_runner(setting: str, device: str) -> str:
+    """`auto`: ONNX Runtime on CPU (measured faster there), torch on CUDA (ONNX Runtime's CUDA path has
+    not run on a GPU yet); an explicit choice stands."""
+    if setting != "auto":
+        return setting
+    return "torch" if device == "cuda" else "onnxruntime"
+
+
 class GenerationRepository:
     def __init__(self, settings: Settings, registry, *, kv_strategy: str = "recompute", max_running: int = 16,
                  queue_limit: int = 64, max_tokens_limit: int = 1024, ready_gauge=None):
@@ -54,11 +62,12 @@ class GenerationRepository:
         torch.set_num_threads(self.settings.threads)
 
         device = "cuda" if self.settings.provider == "cuda" else "cpu"
+        runner = choose_runner(self.settings.generation_runner, device)
         for path in paths:
             try:
                 model = load_generation_model(Path(path), self.registry, device=device, kv_strategy=self.kv_strategy,
                                               max_running=self.max_running, queue_limit=self.queue_limit,
-                                              runner=self.settings.generation_runner, threads=self.settings.threads)
+                                              runner=runner, threads=self.settings.threads)
             except BundleError:
                 raise
             except Exception as exc:

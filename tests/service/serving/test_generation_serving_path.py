@@ -77,3 +77,12 @@ def test_exit_layers_increase_and_only_the_final_layer_may_repeat(bundle, layers
     else:
         with pytest.raises(ValueError, match="strictly increasing"):
             Manifest.model_validate(manifest)
+
+
+def test_auto_runner_is_onnxruntime_on_cpu_and_torch_on_cuda_and_a_choice_stands():
+    from exitserve.service.serving.generation.repository import choose_runner
+
+    assert choose_runner("auto", "cpu") == "onnxruntime"
+    assert choose_runner("auto", "cuda") == "torch"
+    assert choose_runner("onnxruntime", "cuda") == "onnxruntime"
+    assert choose_runner("torch", "cpu") == "torch"
