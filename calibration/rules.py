@@ -122,6 +122,8 @@ class _ExitTables:
     tail_allowed: np.ndarray | None  # pcee-lb-tail: [G, M' + 1] may the bin leave at grid δ
 
 
+FIRING_CACHE = 4096  # (policy, δ) pairs whose firing exits a Calibration remembers
+
 Rule = Callable[["_ExitTables", bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                 tuple["np.ndarray | None", np.ndarray, "np.ndarray | None"]]
 
@@ -153,6 +155,7 @@ class Calibration:
             "full": self._guarded(self._full_rule, "full"),
         }
         self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
+        self._firing: dict[tuple[str, float], np.ndarray] = {}  # (policy, δ) -> firing_exits, see firing_exits_at
 
     # --- loading and saving -------------------------------------------------------------------
 
@@ -249,6 +252,19 @@ class Calibration:
         deltas = np.atleast_1d(np.asarray(deltas, dtype=np.float64))
         fires: np.ndarray = np.any(deltas[None, :] <= ceilings[:, self.grid_index(deltas)], axis=1)
         fires[-1] = True
+        return fires
+
+    def firing_exits_at(self, policy: str, delta: float) -> np.ndarray:
+        """`firing_exits` for one δ, remembered: the servers ask it per batch or decoding step. Bounded,
+        because δ comes from clients; read-only (the array is shared)."""
+        key = (policy, float(delta))
+        fires = self._firing.get(key)
+        if fires is None:
+            if len(self._firing) >= FIRING_CACHE:
+                self._firing.clear()
+            fires = self.firing_exits(policy, delta)
+            fires.flags.writeable = False
+            self._firing[key] = fires
         return fires
 
     def _ceiling(self, policy: str) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""A one-node ONNX Gather graph encoded by hand, so serving needs no `onnx` package.
+"""One-node ONNX graphs encoded by hand, so serving needs no `onnx` package.
 
-The protobuf wire format is simple enough for one fixed graph: `out = Gather(data, indices, axis=0)`.
+The protobuf wire format is simple enough for two fixed graphs: `out = Gather(data, indices, axis=0)`
+(survivors' rows) and `out = Concat(part0, ..., axis=0)` (flights merged by continuous batching).
 Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, ValueInfoProto, TypeProto).
 """
 

@@ -160,8 +160,8 @@ class OnnxRunner(ChainRunner):
         large = self.options.large_batch_threads
         if large is not None and large != self.options.threads and self.options.provider == "cpu":
             self._large_sessions = self._open_graphs(session_options(replace(self.options, threads=large)))
-        self._gather_sessions: dict[tuple[str, str, int, int], ort.InferenceSession] = {}
-        self._gather_lock = threading.Lock()
+        self._helper_sessions: dict[tuple[str, str, int, int], ort.InferenceSession] = {}
+        self._helper_lock = threading.Lock()
         # Every tensor a state can hold: the model's inputs (flights that have not run yet merge too) and
         # the segments' outputs.
         self._state_types = {
@@ -288,12 +288,12 @@ class OnnxRunner(ChainRunner):
 
     def _helper_session(self, key: tuple[str, str, int, int], build: Callable[[], bytes]) -> ort.InferenceSession:
         """A session of one hand-built graph (gather, concat), made once per key on first use."""
-        session = self._gather_sessions.get(key)
+        session = self._helper_sessions.get(key)
         if session is None:
-            with self._gather_lock:
-                session = self._gather_sessions.get(key)
+            with self._helper_lock:
+                session = self._helper_sessions.get(key)
                 if session is None:
-                    session = ort.InferenceSession(build(), session_options(self.options),
-                                                   providers=[_ORT_PROVIDERS[self.options.provider]])
-                    self._gather_sessions[key] = session
+                    # the model's providers: on CUDA the same device_id as the states it gathers
+                    session = ort.InferenceSession(build(), session_options(self.options), providers=self._providers)
+                    self._helper_sessions[key] = session
         return session

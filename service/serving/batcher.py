@@ -348,12 +348,12 @@ class DynamicBatcher:
 
     def _run(self, items: list[WorkItem]) -> None:
         run = self._start(items)
-        if run.flights is None:  # a request above the engine batch: engine-sized pieces
-            run.result = self._run_pieces(run.x, run.deltas, run.policies, run.want, run.on_exit)
-        else:
-            for flight in run.flights:
-                while not flight.done:
-                    self.engine.advance([flight], self.observer.segment_done)
+        if run.flights is None:
+            self._run_pieces(run)
+            return
+        for flight in run.flights:
+            while not flight.done:
+                self.engine.advance([flight], self.observer.segment_done)
         self._finish(run)
 
     def _start(self, items: list[WorkItem]) -> _Run:
@@ -462,8 +462,7 @@ class DynamicBatcher:
         try:
             run = self._start(live) if live else None
             if run is not None and run.flights is None:  # above one engine batch: alone, in pieces
-                run.result = self._run_pieces(run.x, run.deltas, run.policies, run.want, run.on_exit)
-                self._finish(run)
+                self._run_pieces(run)
                 run = None
         except Exception as exc:
             self._fail(live, exc)
@@ -515,10 +514,10 @@ class DynamicBatcher:
             self._in_flight -= requests
             self._idle.notify_all()
 
-    def _run_pieces(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want: np.ndarray | None,
-                    on_exit: Callable[[np.ndarray, BatchResult], None]) -> BatchResult:
-        """A request above the engine batch as engine-sized pieces whose answers are gathered into one
-        result; memory is that of one piece."""
+    def _run_pieces(self, run: _Run) -> None:
+        """A request above the engine batch, start to finish, as engine-sized pieces whose answers are
+        gathered into one result; memory is that of one piece."""
+        x, deltas, policies, want, on_exit = run.x, run.deltas, run.policies, run.want, run.on_exit
         n, step = len(x), self.max_batch_size
         full: BatchResult | None = None
         for lo in range(0, n, step):
@@ -535,7 +534,8 @@ class DynamicBatcher:
             full = full if full is not None else _empty_like(part, n)
             _copy_rows(full, part, np.arange(hi - lo), lo)  # shadow rows finish after their answer
         assert full is not None
-        return full
+        run.result = full
+        self._finish(run)
 
     def _answer(self, item: WorkItem, result: BatchResult, lo: int, hi: int, batch_started: float) -> None:
         # One engine run that is all this request's, with no shadow rows: nothing writes to it any more,

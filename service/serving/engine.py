@@ -45,9 +45,6 @@ class BatchResult:
     trace: Trace | None = None
 
 
-_FIRING_CACHE = 4096
-
-
 def _names(policies: np.ndarray) -> list[str]:
     """The distinct policy names of a batch (np.unique on an object array sorts Python strings: slow)."""
     first = policies[0]
@@ -76,7 +73,6 @@ class ExitEngine:
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
-        self._firing: dict[tuple[str, float], np.ndarray] = {}  # (policy, δ) -> Calibration.firing_exits
 
     def _rng(self) -> np.random.Generator:
         rng = getattr(self._local, "rng", None)
@@ -163,12 +159,7 @@ class ExitEngine:
             return last  # only shadow rows run on: they need the last exit alone
         names = _names(policies)
         if len(names) == 1 and deltas.min() == deltas.max():  # one target for the whole batch: the usual case
-            key = (names[0], float(deltas[0]))
-            fires = self._firing.get(key)
-            if fires is None:
-                if len(self._firing) >= _FIRING_CACHE:  # δ comes from clients: keep the cache bounded
-                    self._firing.clear()
-                fires = self._firing[key] = self.calibration.firing_exits(names[0], deltas[:1])
+            fires = self.calibration.firing_exits_at(names[0], float(deltas[0]))
         else:
             fires = np.zeros(self.runner.num_exits, bool)
             for name in names:

@@ -42,7 +42,6 @@ from exitserve.service.serving.generation.runners import RunnerName, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
-TABLE_KIND = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
 
 
 @dataclass
@@ -111,11 +110,11 @@ class MultiExitDecoder:
         return seq
 
     def can_fire(self, seq: Sequence, exit_index: int) -> bool:
-        """Whether exit `exit_index` can let this sequence leave at all (tables that never reach δ are skipped)."""
-        kind = TABLE_KIND.get(seq.policy)
-        if kind is None or self.calibration is None:
-            return seq.policy not in ("full",)
-        return bool(np.max(self.calibration.table(kind, exit_index)) >= seq.delta)
+        """Whether exit `exit_index` can let this sequence leave at all (`Calibration.firing_exits`, as
+        the classifiers' engine asks it): a head whose tables never reach δ is not computed."""
+        if self.calibration is None:  # new_sequence sends such bundles full depth
+            return False
+        return bool(self.calibration.firing_exits_at(seq.policy, seq.delta)[exit_index])
 
     # --- one iteration --------------------------------------------------------------------------
 
