@@ -293,7 +293,7 @@ def check_costs(gm: GenerationModel, reps: int = 50) -> dict:
             times.append(time.perf_counter() - t)
         return 1000 * float(np.median(times))
 
-    return {"layer_ms": med(lambda: runner.layer(5, x, [LayerSpan((0, 1), torch.tensor([10]), *cache[5])])),
+    return {"layer_ms": med(lambda: runner.layer(5, x, [LayerSpan.starting_at((0, 1), 10, *cache[5])])),
             "full_lm_head_ms": med(lambda: runner.lm_logits(x)),
             "restricted_head_ms": med(lambda: runner.head_logits(0, x)) if gm.decoder.heads is not None else None}
 

@@ -69,15 +69,14 @@ def main() -> None:
     for keys, values in cache:
         keys.normal_()
         values.normal_()
-    position = torch.tensor([p])
 
     def one_layer(runner: DecoderRunner):
-        return runner.layer(args.layer, x, [LayerSpan((0, 1), position, *cache[args.layer])])
+        return runner.layer(args.layer, x, [LayerSpan.starting_at((0, 1), p, *cache[args.layer])])
 
     def every_layer(runner: DecoderRunner):
         y = x
         for index in range(config.num_layers):
-            y = runner.layer(index, y, [LayerSpan((0, 1), position, *cache[index])])
+            y = runner.layer(index, y, [LayerSpan.starting_at((0, 1), p, *cache[index])])
         return y
 
     parts = {"one layer, warm weights": one_layer, f"{config.num_layers} layers in turn": every_layer,

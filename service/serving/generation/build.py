@@ -98,7 +98,7 @@ def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibr
             samples.append(time.perf_counter() - start)
         return float(np.median(samples))
 
-    layer = median(lambda: decoder.runner.layer(0, x, [LayerSpan((0, 1), torch.tensor([32]), *cache[0])]))
+    layer = median(lambda: decoder.runner.layer(0, x, [LayerSpan.starting_at((0, 1), 32, *cache[0])]))
     lm_head_layers = median(lambda: decoder.runner.lm_logits(x)) / layer
     per_layer = full / (model.config.num_layers + lm_head_layers)
     check = max(checked - full, 0.0) / len(layers) / per_layer

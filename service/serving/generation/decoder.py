@@ -167,8 +167,7 @@ class MultiExitDecoder:
         for i in active:
             n = ends[i] - starts[i]
             keys, values = batch[i].cache[layer_index]
-            positions = torch.arange(starts[i], ends[i], device=self.device)
-            spans.append(LayerSpan((row, row + n), positions, keys, values))
+            spans.append(LayerSpan.starting_at((row, row + n), starts[i], keys, values))
             row += n
         x = torch.cat([xs[i] for i in active]) if len(active) > 1 else xs[active[0]]
         y = self.runner.layer(layer_index, x, spans)
@@ -181,7 +180,8 @@ class MultiExitDecoder:
         """Token for each sequence that leaves at this exit, None for those that go on."""
         heads, calibration = self._exit_tables()
         logits = self.runner.head_logits(exit_index, torch.stack(last_rows))
-        scores = calibration_logits(logits.float().cpu().numpy())
+        host = logits.float().cpu().numpy()
+        scores = calibration_logits(host)
         leaving: list[int | None] = [None] * len(seqs)
         for policy in {s.policy for s in seqs}:
             rows = [j for j, s in enumerate(seqs) if s.policy == policy]
@@ -189,7 +189,8 @@ class MultiExitDecoder:
             decision = calibration.step(policy, exit_index, scores[rows], deltas)
             for j, leave in zip(rows, decision.exit_now, strict=True):
                 if leave:
-                    column = self._pick(seqs[j], logits[j])
+                    seq = seqs[j]
+                    column = int(host[j].argmax()) if seq.temperature <= 0.0 else self._sample(seq, logits[j])
                     leaving[j] = int(heads.vocab[column])
         return leaving
 
@@ -198,9 +199,7 @@ class MultiExitDecoder:
             raise RuntimeError("this bundle has no exit heads")
         return self.heads, self.calibration
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
-        if seq.temperature <= 0.0:
-            return int(torch.argmax(logits))
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         probs = torch.softmax(logits.float() / seq.temperature, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
 
@@ -245,14 +244,16 @@ class MultiExitDecoder:
                 starts[i] = first
             rows.append(xs[i])
         logits = self.runner.lm_logits(torch.cat(rows))
+        greedy = logits.argmax(-1).tolist()  # one read for the whole batch: on a GPU each read waits for the device
         offset = 0
         for i, v, r in zip(active, verify, rows, strict=True):
-            seq, seq_logits = batch[i], logits[offset: offset + r.shape[0]]
-            offset += r.shape[0]
+            seq, end = batch[i], offset + r.shape[0]
             if v:
-                self._verify(seq, starts[i], ends[i], seq_logits.argmax(-1).tolist(), out[i], last_exit)
+                self._verify(seq, starts[i], ends[i], greedy[offset:end], out[i], last_exit)
+                offset = end
                 continue
-            token = self._pick(seq, seq_logits[-1])
+            token = greedy[end - 1] if seq.temperature <= 0.0 else self._sample(seq, logits[end - 1])
+            offset = end
             seq.fed = ends[i]
             seq.tokens.append(token)
             seq.verified = len(seq.tokens)

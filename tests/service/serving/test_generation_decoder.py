@@ -101,7 +101,7 @@ def test_recompute_strategy_leaves_exact_kv_for_the_emitted_tokens(parts, runner
     x, rotary = model.embed(ids), model.rotary()
     for index, layer in enumerate(model.layers):
         keys, values = cache[index]
-        x = layer.run(x, [LayerSpan((0, ids.shape[0]), torch.arange(ids.shape[0]), keys, values)], rotary)
+        x = layer.run(x, [LayerSpan.starting_at((0, ids.shape[0]), 0, keys, values)], rotary)
         got_keys = seq.cache[index][0][:, : ids.shape[0]]
         assert torch.allclose(got_keys, keys, atol=1e-4), f"layer {index}"
 

@@ -24,7 +24,7 @@ def spans_for(model, layer: int, starts: list[int], lengths: list[int]):
         keys, values = model.new_cache(64)[layer]
         keys[:, :start].normal_()
         values[:, :start].normal_()
-        spans.append(LayerSpan((row, row + n), torch.arange(start, start + n), keys, values))
+        spans.append(LayerSpan.starting_at((row, row + n), start, keys, values))
         row += n
     return spans
 
@@ -35,7 +35,7 @@ def test_every_layer_equals_torch_and_writes_the_same_cache(runners):
     for index in range(model.config.num_layers):
         x = torch.randn(5, model.config.hidden_size)
         mine = spans_for(model, index, [7, 3], [2, 3])  # a pending position joins one sequence: 2 rows
-        theirs = [LayerSpan(s.rows, s.positions, s.keys.clone(), s.values.clone()) for s in mine]
+        theirs = [LayerSpan(s.rows, s.start, s.keys.clone(), s.values.clone(), s.positions) for s in mine]
         got = onnx_runner.layer(index, x, mine)
         want = torch_runner.layer(index, x, theirs)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
