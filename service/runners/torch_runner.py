@@ -41,12 +41,23 @@ class TorchRunner(ChainRunner):
 
     @torch.inference_mode()
     def run_segment(self, k: int, state: State) -> tuple[State, np.ndarray]:
+        state, logits = self._segment(k, state)
+        return state, logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def run_span(self, first: int, last: int, state: State) -> tuple[State, np.ndarray]:
+        """Segments first..last with one read of the last exit's logits: on a GPU every read waits for
+        the device, so reading each inner head's would cost a synchronisation per segment."""
+        for k in range(first, last + 1):
+            state, logits = self._segment(k, state)
+        return state, logits.float().cpu().numpy()
+
+    def _segment(self, k: int, state: State) -> tuple[State, torch.Tensor]:
         spec = self.bundle.manifest.segments[k]
         outputs = self.modules[k](*(state[name] for name in spec.inputs))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         values = dict(zip(spec.outputs, outputs, strict=True))
-        logits = values.pop(spec.logits).float().cpu().numpy()
-        return values, logits
+        return values, values.pop(spec.logits)
 
     def select(self, state: State, rows: np.ndarray) -> State:
         index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)

@@ -53,6 +53,30 @@ def test_torch_and_onnx_runners_agree(twin_bundle: Path) -> None:
     assert np.array_equal(got.exit_index, want.exit_index) and np.array_equal(got.class_index, want.prediction)
 
 
+def test_a_span_reads_only_its_last_exit_and_equals_the_chain(twin_bundle: Path) -> None:
+    runner = TorchRunner(load_bundle(twin_bundle))
+    x = load_dataset("digits:test").x[:9]
+    chained = runner.start(x)
+    for k in range(3):
+        chained, chain_logits = runner.run_segment(k, chained)
+    state, logits = runner.run_span(0, 2, runner.start(x))
+    np.testing.assert_array_equal(logits, chain_logits)
+    assert state.keys() == chained.keys()
+    reads = []
+    original = torch.Tensor.cpu
+
+    def counting_cpu(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        reads.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    torch.Tensor.cpu = counting_cpu  # type: ignore[method-assign]
+    try:
+        runner.run_span(0, 2, runner.start(x))
+    finally:
+        torch.Tensor.cpu = original  # type: ignore[method-assign]
+    assert reads == [(9, 10)]  # the last exit's logits, nothing of the inner heads or hidden states
+
+
 def test_bundle_without_twins_is_refused_by_the_torch_runner(digits_bundle: Path) -> None:
     with pytest.raises(BundleError, match="no TorchScript twin"):
         TorchRunner(load_bundle(digits_bundle))
