@@ -8,6 +8,7 @@ BUNDLE is a CIFAR-10 classifier bundle exported with --torchscript. What runs:
   bundle's ONNX graphs under ONNX Runtime on the CPU, on test images; device-to-host copies per
   batch counted by the profiler (only exit logits should cross, never hidden states); batch 1
   and 64 latency at full depth and δ 0.8 against the plain chain of the same TorchScript modules.
+- the same with CUDA graphs (one per span and batch-size bucket), against the whole model as one graph.
 - classifier, ONNX Runtime's CUDA provider: the same, when this ONNX Runtime build has it.
 - language model, decoder on the GPU: a tiny random decoder's greedy tokens equal the CPU's,
   exact mode equals full greedy; a SmolLM2-135M-shaped random decoder's tokens/s at full depth
@@ -98,8 +99,9 @@ def classifier(bundle_path: Path, images: int, policy: str, provider: str) -> di
     calibration = Calibration.from_dict(bundle.calibration, num_exits=bundle.manifest.num_exits)
     x = load_dataset("cifar10:test").x[:images].astype(np.float32)
     cpu_engine = ExitEngine(OnnxRunner(bundle, options=RunnerOptions(provider="cpu", threads=4)), calibration)
-    if provider == "torch":
-        runner = TorchRunner(bundle, device=DEVICE)
+    if provider in ("torch", "torch-graphs"):
+        graphs = [1, 4, 16, 64] if provider == "torch-graphs" else None
+        runner = TorchRunner(bundle, device=DEVICE, cuda_graph_buckets=graphs)
     else:
         runner = OnnxRunner(bundle, options=RunnerOptions(provider=DEVICE))
     gpu_engine = ExitEngine(runner, calibration)
@@ -123,7 +125,13 @@ def classifier(bundle_path: Path, images: int, policy: str, provider: str) -> di
         if isinstance(runner, TorchRunner):
             row["plain_chain"] = timed(lambda p=part: plain_chain(runner, p), reps)
             row["full_over_plain"] = row["plain_chain"]["median_ms"] / row["engine_full"]["median_ms"]
+            if runner.graphs is not None:  # the whole model as one replayed graph: a plain endpoint with graphs
+                last = bundle.manifest.num_exits - 1
+                row["plain_graphed"] = timed(lambda p=part, n=last: runner.run_span(0, n, runner.start(p)), reps)
+                row["full_over_plain_graphed"] = row["plain_graphed"]["median_ms"] / row["engine_full"]["median_ms"]
         out[f"batch_{batch}"] = row
+    if isinstance(runner, TorchRunner) and runner.graphs is not None:
+        out["graphs_captured"] = len(runner.graphs)
     return out
 
 
@@ -211,6 +219,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: try the script without a GPU")
     parser.add_argument("--streams", default="1,16", help="decoder speed: concurrent streams per row")
+    parser.add_argument("--parts", help="comma-separated part names to run (default: all)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -222,12 +231,17 @@ def main() -> None:
         ("decoder_torch_cuda", lambda: decoder_checks("torch")),
         ("decoder_speed_torch_cuda", lambda: decoder_speed("torch", streams)),
     ]
+    if DEVICE == "cuda":
+        parts.insert(1, ("classifier_torch_cuda_graphs", lambda: classifier(args.bundle, args.images, args.policy, "torch-graphs")))
     if cuda_provider:
         parts += [("classifier_onnxruntime_cuda", lambda: classifier(args.bundle, args.images, args.policy, "onnxruntime")),
                   ("decoder_onnxruntime_cuda", lambda: decoder_checks("onnxruntime")),
                   ("decoder_speed_onnxruntime_cuda", lambda: decoder_speed("onnxruntime", streams))]
     else:
         result["onnxruntime_cuda"] = "not run: this ONNX Runtime build has no CUDAExecutionProvider"
+    if args.parts:
+        wanted = set(args.parts.split(","))
+        parts = [(name, part) for name, part in parts if name in wanted]
     for name, part in parts:
         began = time.perf_counter()
         try:

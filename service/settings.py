@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from exitserve.calibration import POLICIES
@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     generation_runner: Literal["auto", "onnxruntime", "torch"] = Field(
         "auto", description="what runs a generation bundle's layers and heads: auto = onnxruntime on cpu, torch "
                             "on cuda (the KV cache and attention are torch's either way)")
+    cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "
+                                                "CUDA graph per batch-size bucket (one launch instead of hundreds)")
+    cuda_graph_buckets: list[PositiveInt] = Field(
+        [1, 4, 16, 64], min_length=1, description="batch sizes captured as CUDA graphs: a batch runs in the smallest "
+                                                  "that holds it, above the largest without a graph")
     continuous_batching: bool = Field(
         False, description="segment-level continuous batching: a batch's survivors run on together with the next "
                            "batches' samples at every segment (fuller segment batches; pays on a GPU)")

@@ -12,15 +12,20 @@ import numpy as np
 import torch
 
 from exitserve.models.bundle import Bundle, BundleError
+from exitserve.service.runners.cuda_graphs import SpanGraphs
 from exitserve.service.runners.onnx_runtime import ChainRunner
 
 State = dict[str, torch.Tensor]
 
 
 class TorchRunner(ChainRunner):
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
+                 cuda_graph_buckets: list[int] | None = None):
         self.bundle = bundle
         self.device = torch.device(device)
+        if cuda_graph_buckets and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a GPU; this torch runner runs on {self.device}")
+        self.graphs = SpanGraphs(self._span, tuple(cuda_graph_buckets)) if cuda_graph_buckets else None
         if threads:
             torch.set_num_threads(threads)
         self.modules: list[torch.jit.ScriptModule] = []
@@ -47,10 +52,16 @@ class TorchRunner(ChainRunner):
     @torch.inference_mode()
     def run_span(self, first: int, last: int, state: State) -> tuple[State, np.ndarray]:
         """Segments first..last with one read of the last exit's logits: on a GPU every read waits for
-        the device, so reading each inner head's would cost a synchronisation per segment."""
+        the device, so reading each inner head's would cost a synchronisation per segment. With CUDA
+        graphs the span replays as one launch where a bucket holds the batch."""
+        replayed = self.graphs.run(first, last, state) if self.graphs is not None else None
+        state, logits = replayed if replayed is not None else self._span(first, last, state)
+        return state, logits.float().cpu().numpy()
+
+    def _span(self, first: int, last: int, state: State) -> tuple[State, torch.Tensor]:
         for k in range(first, last + 1):
             state, logits = self._segment(k, state)
-        return state, logits.float().cpu().numpy()
+        return state, logits
 
     def _segment(self, k: int, state: State) -> tuple[State, torch.Tensor]:
         spec = self.bundle.manifest.segments[k]

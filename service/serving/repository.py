@@ -58,8 +58,11 @@ class ServedModel:
         if settings.runner == "torch":
             from exitserve.service.runners.torch_runner import TorchRunner  # torch only when asked for
 
-            self.runner: ChainRunner = TorchRunner(bundle, device="cuda" if settings.provider == "cuda" else "cpu",
-                                                   threads=settings.threads)
+            on_gpu = settings.provider == "cuda"
+            self.runner: ChainRunner = TorchRunner(bundle, device=f"cuda:{settings.device_id}" if on_gpu else "cpu",
+                                                   threads=settings.threads,
+                                                   cuda_graph_buckets=settings.cuda_graph_buckets
+                                                   if on_gpu and settings.cuda_graphs else None)
         else:
             onnx_runner = OnnxRunner(bundle, options=options)
             _check_logits_width(onnx_runner, bundle)

@@ -15,6 +15,7 @@ from exitserve.models.architectures import build_architecture
 from exitserve.models.bundle import BundleError, load_bundle, refresh_checksums
 from exitserve.models.data import load_dataset
 from exitserve.models.export import export_bundle
+from exitserve.service.runners.cuda_graphs import SpanGraphs
 from exitserve.service.runners.onnx_runtime import OnnxRunner
 from exitserve.service.runners.torch_runner import TorchRunner
 from exitserve.service.serving.engine import ExitEngine
@@ -75,6 +76,18 @@ def test_a_span_reads_only_its_last_exit_and_equals_the_chain(twin_bundle: Path)
     finally:
         torch.Tensor.cpu = original  # type: ignore[method-assign]
     assert reads == [(9, 10)]  # the last exit's logits, nothing of the inner heads or hidden states
+
+
+def test_cuda_graphs_need_a_gpu(twin_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a GPU"):
+        TorchRunner(load_bundle(twin_bundle), device="cpu", cuda_graph_buckets=[1, 4])
+
+
+def test_a_batch_replays_in_the_smallest_bucket_that_holds_it() -> None:
+    graphs = SpanGraphs(lambda first, last, state: (state, torch.zeros(1)), (16, 1, 4))
+    assert [graphs.bucket(n) for n in (1, 2, 4, 5, 16, 17)] == [1, 4, 4, 16, 16, None]
+    with pytest.raises(ValueError, match="positive batch sizes"):
+        SpanGraphs(lambda first, last, state: (state, torch.zeros(1)), (0, 4))
 
 
 def test_bundle_without_twins_is_refused_by_the_torch_runner(digits_bundle: Path) -> None:
