@@ -86,6 +86,9 @@ class Dataplane:
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
         """One target per sample, through the calibration package's one δ normaliser (numbers only:
         numpy would happily parse "0.9", b"0.9" or True into a target)."""
+        value = self.settings.default_delta if delta is None else delta
+        if type(value) is float and 0.0 < value <= 1.0:  # the usual case, one valid number: what normalise_deltas returns
+            return np.full(n, value)
         try:
             return normalise_deltas(delta, n, default=self.settings.default_delta, where=where)
         except ValueError as exc:
