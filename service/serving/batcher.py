@@ -400,18 +400,20 @@ class DynamicBatcher:
         """One batch of requests, ready to advance: its result fills as samples leave, and each
         request is answered the moment its last sample has."""
         started = time.perf_counter()
-        sizes = np.array([len(i) for i in items])
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        remaining = sizes.copy()
         if len(items) == 1:  # a lone request: its own arrays, nothing to stack or to attribute
             item = items[0]
             x, deltas, policies, want = item.x, item.deltas, item.policies, item.want_probabilities
+            offsets = np.array([0, len(item)])
+            left = [len(item)]
 
             def on_exit(rows: np.ndarray, result: BatchResult) -> None:
-                remaining[0] -= len(rows)
-                if remaining[0] == 0:
+                left[0] -= len(rows)
+                if left[0] == 0:
                     self._answer(item, result, 0, len(item), started)
         else:
+            sizes = np.array([len(i) for i in items])
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            remaining = sizes.copy()
             owner = np.repeat(np.arange(len(items)), sizes)
             x = stack_inputs([i.x for i in items])
             deltas = np.concatenate([i.deltas for i in items])
