@@ -44,6 +44,7 @@ decision value is -inf, so it never lets anyone exit).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from collections.abc import Callable
@@ -64,6 +65,7 @@ from exitserve.calibration.document import (
     normalise_deltas,
     parse_document,
 )
+from exitserve.calibration.one_row import OneDecision, decide_one, exit_lists
 from exitserve.calibration.tables import TABLE_KINDS, borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import bin_estimates, tail_values
 
@@ -156,6 +158,8 @@ class Calibration:
         }
         self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
         self._firing: dict[tuple[str, float], np.ndarray] = {}  # (policy, δ) -> firing_exits, see firing_exits_at
+        self._lists = [exit_lists(ex) for ex in exits]  # step_one's bisect needs Python lists
+        self._grid_list: list[float] = grid.tolist()
 
     # --- loading and saving -------------------------------------------------------------------
 
@@ -317,6 +321,21 @@ class Calibration:
         if target_met is None:
             target_met = estimate >= deltas if last else exit_now.copy()
         return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf)
+
+    def step_one(self, policy: str, exit_index: int, logits: np.ndarray, delta: float) -> OneDecision:
+        """`step` for one sample: logits [1, C], δ a float that went through `normalise_deltas` (the engine's).
+
+        The same decision, bit for bit, as Python scalars: a lone request's batch of one row would pay
+        numpy's per-call dispatch ~25 times for one value (calibration/one_row.py)."""
+        if policy not in self._rules:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        ex = self._exit(exit_index)
+        if logits.ndim != 2 or logits.shape[0] != 1:
+            raise ValueError(f"step_one takes the logits of one sample, [1, classes], got shape {logits.shape}")
+        # grid_index for one δ: bisect_left on the same floats is np.searchsorted(side="left").
+        g = min(bisect.bisect_left(self._grid_list, delta - GRID_TOLERANCE), len(self._grid_list) - 1)
+        return decide_one(ex, self._lists[exit_index], self.measure, policy, exit_index == self.num_exits - 1, g,
+                        logits, delta)
 
     @staticmethod
     def _table_rule(kind: str) -> Rule:

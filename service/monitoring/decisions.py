@@ -110,6 +110,16 @@ class DecisionStore:
         if not self.enabled or n == 0 or n > self.capacity:
             return None
         now = time.monotonic()
+        if n == 1 and trace is None:
+            return self._record_one(request_id, policies, deltas, class_index, exit_index, estimate, target_met,
+                                    confidence, calibration, now)
+        return self._record_many(request_id, policies, deltas, class_index, exit_index, estimate, target_met,
+                                 confidence, trace, calibration, now)
+
+    def _record_many(self, request_id: str, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
+                     exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray,
+                     confidence: np.ndarray | None, trace: Trace | None, calibration: str, now: float) -> int:
+        n = len(class_index)
         with self._lock:
             start = self._head
             slots = (start + np.arange(n)) % self.capacity
@@ -139,6 +149,36 @@ class DecisionStore:
             self._req_at[first] = now
             self._req_cal[first] = self._calibration_code(calibration)
             self._req_id[first] = request_id
+        return start
+
+    def _record_one(self, request_id: str, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
+                    exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
+                    calibration: str, now: float) -> int:
+        """`record` for one untraced sample (a lone request): item assignments, no index arrays (issue 16)."""
+        with self._lock:
+            start = self._head
+            slot = start % self.capacity
+            if self._req_size[slot] > 0:
+                self._evict_overwritten(np.array([slot]), start)
+            self._exit[slot] = exit_index[0]
+            self._prediction[slot] = class_index[0]
+            self._estimate[slot] = estimate[0]
+            self._delta[slot] = deltas[0]
+            self._confidence[slot] = 0.0 if confidence is None else confidence[0]
+            self._policy[slot] = _POLICY_CODE.get(str(policies[0]), 0)
+            self._target_met[slot] = target_met[0]
+            self._labelled[slot] = False
+            self._shadow[slot] = SHADOW_NONE
+            if self._trace is not None:
+                self._trace.confidence[slot] = np.nan
+                self._trace.margin[slot] = np.nan
+                self._trace.prediction[slot] = -1
+            self._head = start + 1
+            self._starts[request_id] = start
+            self._req_size[slot] = 1
+            self._req_at[slot] = now
+            self._req_cal[slot] = self._calibration_code(calibration)
+            self._req_id[slot] = request_id
         return start
 
     def _calibration_code(self, calibration: str) -> int:

@@ -84,7 +84,10 @@ class SampleHistogramChild:
             self._sum += float(values.sum())
 
     def observe(self, value: float) -> None:
-        self.observe_many(np.array([value]))
+        """One value (a lone request's sample): a bisect, no arrays; the same bucket as `observe_many`."""
+        with self._lock:
+            self._counts[bisect.bisect_left(self._bound_list, value)] += 1
+            self._sum += value
 
     def snapshot(self) -> tuple[np.ndarray, float]:
         with self._lock:

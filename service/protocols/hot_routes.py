@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -32,6 +32,22 @@ def _endpoint(routes: list[BaseRoute], path: str) -> Endpoint:
         if isinstance(route, Route) and route.path == path and route.methods and "POST" in route.methods:
             return route.endpoint  # the async endpoints of v1.py and v2.py
     raise LookupError(f"no POST route {path} to serve directly")
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, as Starlette's `Request.body()` reads it (ClientDisconnect when the client
+    leaves first) without its async generator: a single-image body is one message."""
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                request._stream_consumed = True
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            request._is_disconnected = True
+            raise ClientDisconnect()
 
 
 class HotRoutes:
@@ -62,6 +78,7 @@ class HotRoutes:
         endpoint, params = match
         request = Request(scope, receive)
         try:
+            request._body = await read_body(request)  # the endpoints' `await request.body()` returns it
             response = await endpoint(request=request, **params)
         except Exception as exc:
             response = response_for(exc, scope.get("state", {}).get("request_id"))

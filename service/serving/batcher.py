@@ -152,6 +152,47 @@ class _Run:
         return [flight for flight in self.flights or [] if not flight.done]
 
 
+class WorkQueue:
+    """The batcher's bounded FIFO: `queue.Queue`'s put_nowait / get / qsize on a C `SimpleQueue`, whose
+    put and blocking get take no Python-level lock or condition (issue 16: a lone request pays the
+    hand-off to the engine thread, not the machinery). Stop sentinels (None) go in past the bound."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._items: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self._size = 0  # put and not yet taken, sentinels included
+        self._lock = threading.Lock()
+
+    def put_nowait(self, item: WorkItem) -> None:
+        """queue.Full when `maxsize` items wait."""
+        with self._lock:
+            if self._size >= self.maxsize:
+                raise queue.Full
+            self._size += 1
+        self._items.put(item)
+
+    def put_stop(self) -> None:
+        with self._lock:
+            self._size += 1
+        self._items.put(None)
+
+    def get(self, timeout: float | None = None) -> WorkItem | None:
+        """The next item, waiting up to `timeout` (None: for ever); queue.Empty when none came."""
+        item = self._items.get(timeout=timeout)
+        with self._lock:
+            self._size -= 1
+        return item
+
+    def get_nowait(self) -> WorkItem | None:
+        item = self._items.get_nowait()
+        with self._lock:
+            self._size -= 1
+        return item
+
+    def qsize(self) -> int:
+        return self._size
+
+
 class BatchObserver(Protocol):
     """What the batcher reports, on engine threads (metrics and monitoring hang here)."""
 
@@ -194,7 +235,7 @@ class DynamicBatcher:
         self.continuous = continuous  # segment-level continuous batching (see _work_continuous)
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
-        self.queue: queue.Queue[WorkItem | None] = queue.Queue(maxsize=queue_limit)
+        self.queue = WorkQueue(queue_limit)
         self.name = name
         self.observer: BatchObserver = observer or _NoObserver()
         work = self._work_continuous if continuous else self._work
@@ -286,10 +327,7 @@ class DynamicBatcher:
         with self._idle:
             drained = self._idle.wait_for(lambda: self._in_flight == 0, timeout=max(0.0, deadline - time.monotonic()))
         for _ in self._threads:
-            try:
-                self.queue.put(None, timeout=1.0)
-            except queue.Full:
-                break
+            self.queue.put_stop()
         for thread in self._threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic()))
         return drained
@@ -307,12 +345,14 @@ class DynamicBatcher:
         deadline = first.enqueued_at + self.max_queue_delay_s
         while size < self.max_batch_size:
             remaining = deadline - time.perf_counter()
+            if remaining <= 0 and not self.queue.qsize():
+                break  # nothing to wait for (a lone request, no queue delay): no exception raised and caught
             try:
                 item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
-                self.queue.put(None)  # let the sentinel stop this thread after the batch
+                self.queue.put_stop()  # let the sentinel stop this thread after the batch
                 break
             self._uncount(item)
             if size + len(item) > self.max_batch_size:
@@ -360,18 +400,20 @@ class DynamicBatcher:
         """One batch of requests, ready to advance: its result fills as samples leave, and each
         request is answered the moment its last sample has."""
         started = time.perf_counter()
-        sizes = np.array([len(i) for i in items])
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        remaining = sizes.copy()
         if len(items) == 1:  # a lone request: its own arrays, nothing to stack or to attribute
             item = items[0]
             x, deltas, policies, want = item.x, item.deltas, item.policies, item.want_probabilities
+            offsets = np.array([0, len(item)])
+            left = [len(item)]
 
             def on_exit(rows: np.ndarray, result: BatchResult) -> None:
-                remaining[0] -= len(rows)
-                if remaining[0] == 0:
+                left[0] -= len(rows)
+                if left[0] == 0:
                     self._answer(item, result, 0, len(item), started)
         else:
+            sizes = np.array([len(i) for i in items])
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            remaining = sizes.copy()
             owner = np.repeat(np.arange(len(items)), sizes)
             x = stack_inputs([i.x for i in items])
             deltas = np.concatenate([i.deltas for i in items])

@@ -86,6 +86,9 @@ class Dataplane:
     def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
         """One target per sample, through the calibration package's one δ normaliser (numbers only:
         numpy would happily parse "0.9", b"0.9" or True into a target)."""
+        value = self.settings.default_delta if delta is None else delta
+        if type(value) is float and 0.0 < value <= 1.0:  # the usual case, one valid number: what normalise_deltas returns
+            return np.full(n, value)
         try:
             return normalise_deltas(delta, n, default=self.settings.default_delta, where=where)
         except ValueError as exc:
@@ -120,12 +123,19 @@ class Dataplane:
         model.submit(item)  # a model retired by a reload hands the request on; QueueFull is a 503
         # A timer handle is much cheaper than asyncio.wait_for, which wraps the future in a task.
         timer = loop.call_later(self.settings.request_timeout_s, self._expire, model, item)
+
+        def client_left(future: asyncio.Future) -> None:
+            if not future.cancelled():
+                self._abandon(model, item)
+
         if gone is not None:
-            gone.add_done_callback(lambda f: None if f.cancelled() else self._abandon(model, item))
+            gone.add_done_callback(client_left)
         try:
             result = await item.future
         finally:
             timer.cancel()
+            if gone is not None:
+                gone.remove_done_callback(client_left)  # answered: the edge's cancel of `gone` schedules nothing
         return Prediction(model, result)
 
     def _abandon(self, model: ServedModel, item: WorkItem) -> None:

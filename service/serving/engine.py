@@ -53,6 +53,10 @@ def _names(policies: np.ndarray) -> list[str]:
     return [str(name) for name in np.unique(policies)]
 
 
+_ONE_ROW = np.zeros(1, np.int64)  # `keep` of a one-row flight that runs on
+_ONE_ROW.flags.writeable = False
+STOPS_CACHE = 4096  # (policy, δ) pairs whose stops an engine remembers (δ comes from clients)
+
 ExitCallback = Callable[[np.ndarray, BatchResult], None]
 SegmentTimer = Callable[[int, int, int, float], None]  # (first segment, last segment, rows, seconds) of one run
 
@@ -73,6 +77,7 @@ class ExitEngine:
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
+        self._stops: dict[tuple[str, float], tuple[int, ...]] = {}  # (policy, δ) -> next stop from each segment
 
     def _rng(self) -> np.random.Generator:
         rng = getattr(self._local, "rng", None)
@@ -166,6 +171,20 @@ class ExitEngine:
                 fires |= self.calibration.firing_exits(name, deltas[policies == name])
         return position + int(np.argmax(fires[position:]))  # the last exit always fires
 
+    def _next_stop_one(self, position: int, policy: str, delta: float) -> int:
+        """`_next_stop` for one running sample: a lookup in its (policy, δ)'s remembered stops."""
+        if self.trace:
+            return position
+        key = (policy, delta)
+        stops = self._stops.get(key)
+        if stops is None:
+            fires = self.calibration.firing_exits_at(policy, delta).tolist()  # the last exit always fires
+            stops = tuple(next(k for k in range(start, len(fires)) if fires[k]) for start in range(len(fires)))
+            if len(self._stops) >= STOPS_CACHE:
+                self._stops.clear()
+            self._stops[key] = stops
+        return stops[position]
+
     def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(original rows, input) pieces of a batch. Token-id batches above the token budget run as
         length-sorted pieces, each padded only to its own longest sequence: one long text in a
@@ -213,6 +232,9 @@ class Flight:
         """Run on to the next exit that can let one of the running samples leave (issue 16): the heads
         in between are not computed and the segments run as one fused span where the bundle has it.
         With no exit able to fire the batch runs the plain model."""
+        if len(self.active) == 1 and not self.shadow[0]:  # a lone sample: no arrays to filter
+            row = int(self.active[0])
+            return self.engine._next_stop_one(self.position, str(self.batch.policies[row]), float(self.batch.deltas[row]))
         running = self.active[~self.shadow]
         return self.engine._next_stop(self.position, self.batch.policies[running], self.batch.deltas[running])
 
@@ -225,6 +247,8 @@ class Flight:
         active, shadow = self.active, self.shadow
         if not can_leave:
             return np.arange(len(active))
+        if len(active) == 1 and result.trace is None and not shadow[0]:
+            return self._decide_one(k, logits, last_exit)
         if result.trace is not None:
             engine._record_trace(result.trace, k, active, logits)
         any_shadow = bool(shadow.any())
@@ -270,3 +294,29 @@ class Flight:
         self.active = active[keep]
         self.shadow = shadow[keep]
         return keep
+
+    def _decide_one(self, k: int, logits: np.ndarray, last_exit: int) -> np.ndarray | None:
+        """`decide` for a flight of one running sample (a lone request, or the last survivor of a batch):
+        the same decision through `Calibration.step_one`, written as scalars (issue 16)."""
+        engine, batch, result = self.engine, self.batch, self.batch.result
+        row = int(self.active[0])
+        step = engine.calibration.step_one(str(batch.policies[row]), k, logits, float(batch.deltas[row]))
+        if not step.exit_now:
+            return _ONE_ROW
+        result.class_index[row] = int(logits[0].argmax())
+        result.exit_index[row] = k
+        result.estimate[row] = step.estimate
+        result.target_met[row] = step.target_met
+        result.confidence[row] = step.confidence
+        if result.probabilities is not None and batch.want_probabilities is not None and batch.want_probabilities[row]:
+            result.probabilities[row] = engine.calibration.probabilities(k, logits)[0]
+        # Answered now; a shadowed sample runs on to the last exit to be compared (as in `decide`).
+        shadowed = engine.shadow_fraction > 0 and k < last_exit and engine._rng().random(1)[0] < engine.shadow_fraction
+        if shadowed:
+            self.shadow[0] = True
+        if batch.on_exit is not None:
+            batch.on_exit(self.active, result)
+        if not shadowed or k == last_exit:
+            self.done = True
+            return None
+        return _ONE_ROW

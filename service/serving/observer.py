@@ -19,6 +19,7 @@ class ModelObserver:
                  max_batch_size: int):
         num_exits = len(compute_fractions)
         self.compute_fractions = compute_fractions
+        self._fraction_list: list[float] = compute_fractions.tolist()
         self.monitor = monitor
         self.max_batch_size = max_batch_size
         self._segment_histograms = {
@@ -42,6 +43,12 @@ class ModelObserver:
 
     def answered(self, item: WorkItem, result: ItemResult) -> None:
         self._queue_duration.observe(max(result.queue_seconds, 0.0))
+        if len(result.exit_index) == 1:
+            self._answered_one(item, result)
+        else:
+            self._answered_many(item, result)
+
+    def _answered_many(self, item: WorkItem, result: ItemResult) -> None:
         counts = np.bincount(result.exit_index, minlength=len(self._exit_counters))
         for counter, count in zip(self._exit_counters, counts.tolist(), strict=True):
             if count:
@@ -62,3 +69,18 @@ class ModelObserver:
         self._batch_size.observe(int(offsets[-1]))
         self.monitor.observe_shadows([item.record_slot for item in items], offsets, result.class_index,
                                      result.exit_index, result.shadow_prediction, result.confidence, result.trace)
+
+    def _answered_one(self, item: WorkItem, result: ItemResult) -> None:
+        """`answered` for a request of one sample: the same figures and record, from scalars (issue 16)."""
+        k = int(result.exit_index[0])
+        self._exit_counters[k].inc(1)
+        self._exit_depth.observe(k)
+        self._compute_fraction.observe(self._fraction_list[k])
+        self._estimated_accuracy.observe(float(result.estimate[0]))
+        self._requested_delta.observe(float(item.deltas[0]))
+        if not result.target_met[0]:
+            self._target_missed.inc(1)
+        item.record_slot = self.monitor.record(
+            item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
+            result.target_met, result.confidence, result.trace,
+        )

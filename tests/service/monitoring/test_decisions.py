@@ -103,3 +103,30 @@ def test_a_single_sample_request_costs_about_150_bytes_in_the_record() -> None:
     print(f"\ndecision record: {per_sample:.0f} bytes per single-sample request (id excluded)")
     assert len(store) == n
     assert per_sample < 200  # was ~330 with an object per request in an OrderedDict
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_one_sample_requests_are_stored_as_the_general_path_stores_them(traced: bool) -> None:
+    """`record` of a one-sample request takes a scalar path: every column, the eviction of overwritten
+    requests (a small ring wraps many times) and what feedback then finds equal the general path's."""
+    rng = np.random.default_rng(7)
+    fast, general = DecisionStore(9, 60.0, 3, trace=traced), DecisionStore(9, 60.0, 3, trace=traced)
+    ids = []
+    for i in range(60):
+        n = 1 if rng.random() < 0.7 else int(rng.integers(2, 5))
+        request_id = f"r{int(rng.integers(0, 25))}"  # ids get reused: the newest request wins
+        ids.append(request_id)
+        args = (request_id, rng.choice(np.array(["pcee", "full", "confidence"], dtype=object), n),
+                rng.uniform(0.5, 1.0, n), rng.integers(0, 10, n), rng.integers(0, 3, n), rng.uniform(0, 1, n),
+                rng.random(n) < 0.5, rng.uniform(0, 1, n), None, f"cal{i % 2}")
+        assert fast.record(*args) == general._record_many(*args[:-1], args[-1], time.monotonic())
+    for column in ("_exit", "_prediction", "_estimate", "_delta", "_confidence", "_policy", "_target_met",
+                   "_labelled", "_shadow", "_req_size", "_req_cal", "_req_id"):
+        assert np.array_equal(getattr(fast, column), getattr(general, column)), column
+    if traced:
+        assert fast._trace is not None and general._trace is not None
+        assert np.array_equal(fast._trace.prediction, general._trace.prediction)
+        assert np.array_equal(fast._trace.confidence, general._trace.confidence, equal_nan=True)
+    assert fast._starts == general._starts and fast._head == general._head
+    wanted = [(request_id, 0) for request_id in sorted(set(ids))]
+    assert fast.claim(wanted) == general.claim(wanted)

@@ -18,6 +18,9 @@ def test_sample_histogram_exposes_what_a_prometheus_histogram_would() -> None:
     sample.labels("m").observe_many(values[6:8])  # the small-batch path
     hist = Histogram("a_metric", "doc", ["model"], buckets=buckets, registry=theirs)
     sample.labels("m").observe_many(values[8:])  # the same child again: values accumulate
+    for v in values[:3].tolist():  # one value at a time (a lone request's path)
+        sample.labels("m").observe(v)
+    values = np.concatenate([values, values[:3]])
     for v in values:
         hist.labels("m").observe(v)
     assert _series(generate_latest(ours).decode(), "a_metric") == _series(generate_latest(theirs).decode(), "a_metric")

@@ -63,3 +63,51 @@ def test_allowed_hosts() -> None:
         assert client.post("/v1/models/m/predict", json={}).status_code == 200
         r = client.post("/v1/models/m/predict", json={}, headers={"Host": "evil.example"})
         assert r.status_code == 400 and "Host" in r.json()["error"]
+
+
+def test_a_client_that_hangs_up_while_queued_is_dropped_not_computed(digits_bundle) -> None:
+    """The client-gone watch starts WATCH_AFTER_S after the body (issue 16: a lone request answered
+    sooner never pays for it) and still catches a client that leaves while its request waits: the
+    answer is a 499 long before the batch would close, and the engine never computes the request."""
+    import asyncio
+    import time
+
+    import numpy as np
+    import orjson
+
+    from exitserve.service.app import create_app
+    from exitserve.service.protocols.edge import WATCH_AFTER_S
+
+    app = create_app(Settings(bundles=[digits_bundle], max_queue_delay_ms=400, threads=1))
+    name = "digits"
+    body = orjson.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()})
+    sent: list[dict] = []
+
+    async def run() -> float:
+        async with app.router.lifespan_context(app):
+            while not app.state.repository.models[name].ready:
+                await asyncio.sleep(0.05)
+            messages = [{"type": "http.disconnect"}, {"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict:
+                return messages.pop()  # the body, then at once the client is gone
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "path": f"/v1/models/{name}/predict", "raw_path": b"", "query_string": b"", "root_path": "",
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                     "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http"}
+            started = time.perf_counter()
+            await app(scope, receive, send)
+            seconds = time.perf_counter() - started
+            await asyncio.sleep(0.6)  # past the batch deadline: had it been computed, its exit would be counted
+            return seconds
+
+    seconds = asyncio.run(run())
+    assert sent[0]["status"] == 499
+    assert WATCH_AFTER_S <= seconds < 0.3
+    registry = app.state.metrics.registry
+    assert not any(s.value for m in registry.collect() if m.name == "exitserve_exits" for s in m.samples
+                   if s.name == "exitserve_exits_total")

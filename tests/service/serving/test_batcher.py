@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import queue as stdlib_queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,14 @@ from exitserve.errors import Overloaded
 from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_runtime import OnnxRunner
-from exitserve.service.serving.batcher import DynamicBatcher, ItemResult, QueueFull, ShuttingDown, WorkItem
+from exitserve.service.serving.batcher import (
+    DynamicBatcher,
+    ItemResult,
+    QueueFull,
+    ShuttingDown,
+    WorkItem,
+    WorkQueue,
+)
 from exitserve.service.serving.engine import BatchResult, ExitEngine
 
 
@@ -92,3 +101,23 @@ def test_a_full_queue_and_a_closed_batcher_are_503s(engine: ExitEngine, images: 
         assert closed.value.status == 503 and closed.value.headers["Retry-After"] == "5"
 
     asyncio.run(main())
+
+
+def test_work_queue_is_a_bounded_fifo_whose_stop_sentinels_always_fit() -> None:
+    work = WorkQueue(2)
+    first, second = object(), object()
+    work.put_nowait(first)  # type: ignore[arg-type]
+    work.put_nowait(second)  # type: ignore[arg-type]
+    with pytest.raises(stdlib_queue.Full):
+        work.put_nowait(object())  # type: ignore[arg-type]
+    work.put_stop()  # shutting down must not block or fail on a full queue
+    assert work.qsize() == 3
+    assert work.get() is first and work.get_nowait() is second and work.get() is None
+    assert work.qsize() == 0
+    with pytest.raises(stdlib_queue.Empty):
+        work.get_nowait()
+    with pytest.raises(stdlib_queue.Empty):
+        work.get(timeout=0.01)
+    later = object()
+    threading.Timer(0.05, work.put_nowait, [later]).start()
+    assert work.get(timeout=5) is later  # a blocked get wakes for a put from another thread

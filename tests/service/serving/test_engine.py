@@ -195,3 +195,23 @@ def test_continuous_batching_merges_batches_and_keeps_every_decision(setup, poli
         assert [int(results[i].exit_index[0]) for i in rows] == want.exit_index.tolist(), policy
         assert [int(results[i].class_index[0]) for i in rows] == want.prediction.tolist(), policy
     assert max(engine.merged) > 1  # some step ran flights of several batches as one
+
+
+def test_a_lone_sample_gets_the_offline_decision_bit_for_bit(setup) -> None:
+    """Batches of one row take the scalar path (`Flight._decide_one`, `Calibration.step_one`): every
+    field equals the vectorised engine's on the whole batch, and the offline replay's decision."""
+    engine, calibration, x, logits = setup
+    rng = np.random.default_rng(3)
+    grid = calibration.delta_grid
+    for policy in [*POLICIES, "pcee-lb-tail", "pcee-ws", "pcee-ws-cond", "pcee-lb-cond"]:
+        deltas = rng.choice(np.r_[grid, grid - 0.003, [0.5, 0.7, 1.0]].clip(0.01, 1.0), size=len(x))
+        policies = np.full(len(x), policy, dtype=object)
+        want = np.ones(len(x), bool)
+        whole = engine.run(x, deltas, policies, want_probabilities=want)
+        offline = decide_all(calibration, policy, logits, deltas)
+        for i in range(len(x)):
+            alone = engine.run(x[i : i + 1], deltas[i : i + 1], policies[i : i + 1], want_probabilities=want[:1])
+            for field in ("class_index", "exit_index", "estimate", "target_met", "confidence", "probabilities"):
+                assert np.array_equal(getattr(alone, field)[0], getattr(whole, field)[i]), (policy, i, field)
+            assert alone.exit_index[0] == offline.exit_index[i] and alone.estimate[0] == offline.estimate[i], (policy, i)
+        assert len(set(whole.exit_index.tolist())) > 1 or policy == "full", policy  # early exits happened

@@ -53,6 +53,23 @@ def test_full_shadowing_changes_no_answer_and_delays_none(setup) -> None:
     assert (shadowed.shadow_prediction[~early] == -1).all()
 
 
+def test_a_lone_sample_is_shadowed_like_a_batch_row(setup) -> None:
+    """One-row flights (the scalar path of issue 16): fully shadowed, each sample is answered once, at
+    its own exit, with the unshadowed answer, and ends with the last exit's prediction."""
+    runner, calibration, x, logits = setup
+    plain, _ = run(ExitEngine(runner, calibration), x)
+    engine = ExitEngine(runner, calibration, shadow_fraction=1.0)
+    last = len(logits) - 1
+    for i in range(len(x)):
+        alone, reported = run(engine, x[i : i + 1])
+        assert [(k, r.tolist()) for k, r in reported] == [(int(plain.exit_index[i]), [0])]
+        for field in ("class_index", "exit_index", "estimate", "target_met", "confidence"):
+            assert getattr(alone, field)[0] == getattr(plain, field)[i], (i, field)
+        want = logits[last][i].argmax() if plain.exit_index[i] < last else -1
+        assert alone.shadow_prediction is not None and alone.shadow_prediction[0] == want, i
+    assert (plain.exit_index < last).any()
+
+
 def test_a_fraction_of_early_exits_is_shadowed(setup) -> None:
     runner, calibration, x, _ = setup
     engine = ExitEngine(runner, calibration, shadow_fraction=0.3)

@@ -1,0 +1,129 @@
+"""`Calibration.step` for one sample, in scalar Python (issue 16).
+
+A lone request reaches the exit rule as a batch of one row, where `step`'s ~25 numpy calls (each a
+microsecond or more of dispatch for a single value) cost more than the decision itself. Here the same
+rule runs on Python floats: bins and grid rows by `bisect` on the same edges (same comparisons as
+`np.searchsorted`, NaN included), table cells read by integer index. The softmax and the entropy stay
+the numpy functions `step` calls, on the same [1, C] row, so every value is bit-identical;
+tests/calibration/test_step_one.py checks that against `step` over random problems, policies and δ.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from exitserve.calibration.confidence import confidence_from_probs, softmax
+
+if TYPE_CHECKING:
+    from exitserve.calibration.rules import _ExitTables
+
+_TABLE_KINDS = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
+_CONDITIONAL = ("pcee-cond", "pcee-ws-cond", "pcee-lb-cond")
+_GUARDED = ("confidence", "per-exit-threshold", "full")
+
+
+class OneDecision(NamedTuple):
+    """`StepDecision` of one sample, as Python scalars."""
+
+    exit_now: bool
+    estimate: float
+    target_met: bool
+    confidence: float
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """One exit's edges and per-exit-threshold records as Python lists (for bisect)."""
+
+    edges: list[float]
+    tail_edges: list[float] | None
+    precision: list[float]
+    thresholds: list[float]
+
+
+def exit_lists(ex: _ExitTables) -> _Lists:
+    return _Lists(ex.edges.tolist(), None if ex.tail_edges is None else ex.tail_edges.tolist(),
+                  ex.precision.tolist(), ex.thresholds.tolist())
+
+
+def _bin(edges: list[float], conf: float) -> int:
+    """`binning.bin_index` for one value: NaN lands on the sentinel M (bisect puts it past every edge)."""
+    if conf >= 1.0:
+        return len(edges) - 2
+    return max(bisect_right(edges, conf) - 1, 0)
+
+
+def _top2_margin(probs: list[float]) -> float:
+    if len(probs) < 2:
+        return 1.0
+    second, first = sorted(probs)[-2:]
+    return first - second
+
+
+def _confidence(measure: str, probs: np.ndarray, row: list[float]) -> float:
+    if measure == "max-softmax":
+        return max(row)  # a row is all NaN or has none: max is NaN exactly when np.max is
+    if measure == "margin":
+        return _top2_margin(row)
+    return float(confidence_from_probs(probs, measure)[0])
+
+
+def decide_one(ex: _ExitTables, lists: _Lists, measure: str, policy: str, last: bool, grid_row: int,
+             logits: np.ndarray, delta: float) -> OneDecision:
+    """The decision of `Calibration.step(policy, k, logits, [delta])` for one row of logits [1, C]."""
+    probs = softmax(logits, ex.temperature)
+    row = probs[0].tolist()
+    conf = _confidence(measure, probs, row)
+    g = grid_row
+    if policy in _TABLE_KINDS:
+        kind = _TABLE_KINDS[policy]
+        b = _bin(lists.edges, conf)
+        estimate = float(ex.report[kind][b])
+        if last:
+            return OneDecision(True, estimate, estimate >= delta, conf)
+        leaves = float(ex.decide[kind][b]) >= delta
+        return OneDecision(leaves, estimate, leaves, conf)
+    if policy in _CONDITIONAL or (policy == "pcee-lb-tail" and (ex.tail_edges is None or ex.tail_allowed is None)):
+        name = policy if policy in _CONDITIONAL else "pcee-lb-cond"
+        b = _bin(lists.edges, conf)
+        estimate = float(ex.cond_report[name][g, b])
+        if last:
+            return OneDecision(True, estimate, estimate >= delta, conf)
+        leaves = bool(ex.cond_allowed[name][g, b]) and float(ex.cond_decide[name][g, b]) >= delta
+        return OneDecision(leaves, estimate, leaves, conf)
+    if policy == "pcee-lb-tail":
+        assert lists.tail_edges is not None and ex.tail_allowed is not None
+        b = _bin(lists.tail_edges, conf)
+        promised = float(ex.tail_guard[policy][g, b]) >= delta
+        estimate = float(ex.tail_estimate[policy][g, b])
+        if last:
+            return OneDecision(True, estimate, promised, conf)
+        leaves = bool(ex.tail_allowed[g, b]) and promised
+        return OneDecision(leaves, estimate, leaves, conf)
+    if policy not in _GUARDED:
+        raise ValueError(f"unknown policy {policy!r}")
+    leaves, estimate = _baseline(ex, lists, policy, last, row, conf, delta)
+    if lists.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
+        return OneDecision(leaves, estimate, estimate >= delta if last else leaves, conf)
+    b = _bin(lists.tail_edges, conf)
+    promised = float(ex.tail_guard[policy][g, b]) >= delta
+    return OneDecision(leaves, float(ex.tail_estimate[policy][g, b]), promised if last else leaves and promised, conf)
+
+
+def _baseline(ex: _ExitTables, lists: _Lists, policy: str, last: bool, row: list[float], conf: float,
+              delta: float) -> tuple[bool, float]:
+    """A baseline's own exit rule (rules.py `_confidence_rule`, `_threshold_rule`, `_full_rule`): (leaves, estimate)."""
+    if policy == "confidence":
+        return last or conf >= delta, conf
+    if policy == "full" or last:  # per-exit-threshold at the last exit reports the bin accuracy, as full does
+        return last, float(ex.report["accuracy"][_bin(lists.edges, conf)])
+    if not lists.precision:
+        return False, 0.0
+    j = bisect_left(lists.precision, delta)
+    if j >= len(lists.precision):  # no record reaches δ: the threshold is +inf, which no margin reaches
+        return False, 0.0
+    return _top2_margin(row) >= lists.thresholds[j], lists.precision[j]
