@@ -157,7 +157,7 @@ class Calibration:
             "full": self._guarded(self._full_rule, "full"),
         }
         self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
-        self._firing: dict[tuple[str, float], np.ndarray] = {}  # (policy, δ) -> firing_exits, see firing_exits_at
+        self._firing: dict[tuple[str, float], tuple[np.ndarray, tuple[int, ...]]] = {}  # see _firing_at
         self._lists = [exit_lists(ex) for ex in exits]  # step_one's bisect needs Python lists
         self._grid_list: list[float] = grid.tolist()
 
@@ -261,15 +261,25 @@ class Calibration:
     def firing_exits_at(self, policy: str, delta: float) -> np.ndarray:
         """`firing_exits` for one δ, remembered: the servers ask it per batch or decoding step. Bounded,
         because δ comes from clients; read-only (the array is shared)."""
+        return self._firing_at(policy, delta)[0]
+
+    def next_firing_exits_at(self, policy: str, delta: float) -> tuple[int, ...]:
+        """For each exit k, the first exit at or after k that can let a sample leave at δ (the last
+        always can): where a lone sample's next stop is, remembered with `firing_exits_at`."""
+        return self._firing_at(policy, delta)[1]
+
+    def _firing_at(self, policy: str, delta: float) -> tuple[np.ndarray, tuple[int, ...]]:
         key = (policy, float(delta))
-        fires = self._firing.get(key)
-        if fires is None:
+        entry = self._firing.get(key)
+        if entry is None:
             if len(self._firing) >= FIRING_CACHE:
                 self._firing.clear()
             fires = self.firing_exits(policy, delta)
             fires.flags.writeable = False
-            self._firing[key] = fires
-        return fires
+            flags = fires.tolist()
+            stops = tuple(next(j for j in range(k, len(flags)) if flags[j]) for k in range(len(flags)))
+            entry = self._firing[key] = (fires, stops)
+        return entry
 
     def _ceiling(self, policy: str) -> np.ndarray:
         """[num_exits, G]: the largest δ at which exit k lets some bin leave, for requests on grid row g."""

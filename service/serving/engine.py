@@ -55,7 +55,6 @@ def _names(policies: np.ndarray) -> list[str]:
 
 _ONE_ROW = np.zeros(1, np.int64)  # `keep` of a one-row flight that runs on
 _ONE_ROW.flags.writeable = False
-STOPS_CACHE = 4096  # (policy, δ) pairs whose stops an engine remembers (δ comes from clients)
 
 ExitCallback = Callable[[np.ndarray, BatchResult], None]
 SegmentTimer = Callable[[int, int, int, float], None]  # (first segment, last segment, rows, seconds) of one run
@@ -77,7 +76,6 @@ class ExitEngine:
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
-        self._stops: dict[tuple[str, float], tuple[int, ...]] = {}  # (policy, δ) -> next stop from each segment
 
     def _rng(self) -> np.random.Generator:
         rng = getattr(self._local, "rng", None)
@@ -175,15 +173,7 @@ class ExitEngine:
         """`_next_stop` for one running sample: a lookup in its (policy, δ)'s remembered stops."""
         if self.trace:
             return position
-        key = (policy, delta)
-        stops = self._stops.get(key)
-        if stops is None:
-            fires = self.calibration.firing_exits_at(policy, delta).tolist()  # the last exit always fires
-            stops = tuple(next(k for k in range(start, len(fires)) if fires[k]) for start in range(len(fires)))
-            if len(self._stops) >= STOPS_CACHE:
-                self._stops.clear()
-            self._stops[key] = stops
-        return stops[position]
+        return self.calibration.next_firing_exits_at(policy, delta)[position]
 
     def _chunks(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """(original rows, input) pieces of a batch. Token-id batches above the token budget run as

@@ -71,3 +71,13 @@ def test_full_fires_only_the_last_exit_and_high_targets_skip_exits(calibration):
 def test_unknown_policy_is_refused(calibration):
     with pytest.raises(ValueError, match="unknown policy"):
         calibration.firing_exits("nope", 0.9)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_next_firing_exit_is_the_first_firing_exit_at_or_after_each_position(calibration, policy):
+    for delta in DELTAS:
+        fires = calibration.firing_exits_at(policy, delta)
+        stops = calibration.next_firing_exits_at(policy, delta)
+        assert len(stops) == calibration.num_exits and stops[-1] == calibration.num_exits - 1
+        for k, stop in enumerate(stops):
+            assert stop >= k and fires[stop] and not fires[k:stop].any()
