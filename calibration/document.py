@@ -25,6 +25,8 @@ SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2)
 DOCUMENT_KIND = "exitserve-calibration"
 # 0.50, 0.51, ..., 0.99 and 1.00: every δ in (0.99, 1] maps to 1.00, below 0.50 to 0.50.
 DEFAULT_DELTA_GRID: np.ndarray = np.round(np.linspace(0.50, 1.00, 51), 2)
+# The per-bin table policies and the table kind each one reads.
+TABLE_POLICIES: dict[str, str] = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
 CONDITIONAL_KINDS: dict[str, str] = {"pcee-cond": "accuracy", "pcee-ws-cond": "smoothed", "pcee-lb-cond": "lower"}
 # Policies with a guarded tail table per exit: the tail rule itself, and the baselines whose promise it guards.
 TAIL_POLICIES: tuple[str, ...] = ("pcee-lb-tail", "confidence", "per-exit-threshold", "full")

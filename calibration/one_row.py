@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from exitserve.calibration.confidence import confidence_from_probs, softmax
+from exitserve.calibration.document import CONDITIONAL_KINDS, TABLE_POLICIES, TAIL_POLICIES
 
 if TYPE_CHECKING:
     from exitserve.calibration.rules import _ExitTables
 
-_TABLE_KINDS = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
-_CONDITIONAL = ("pcee-cond", "pcee-ws-cond", "pcee-lb-cond")
-_GUARDED = ("confidence", "per-exit-threshold", "full")
+_GUARDED = tuple(p for p in TAIL_POLICIES if p != "pcee-lb-tail")  # the baselines: their own rule, the tail's promise
 
 
 class OneDecision(NamedTuple):
@@ -79,16 +78,16 @@ def decide_one(ex: _ExitTables, lists: _Lists, measure: str, policy: str, last: 
     row = probs[0].tolist()
     conf = _confidence(measure, probs, row)
     g = grid_row
-    if policy in _TABLE_KINDS:
-        kind = _TABLE_KINDS[policy]
+    if policy in TABLE_POLICIES:
+        kind = TABLE_POLICIES[policy]
         b = _bin(lists.edges, conf)
         estimate = float(ex.report[kind][b])
         if last:
             return OneDecision(True, estimate, estimate >= delta, conf)
         leaves = float(ex.decide[kind][b]) >= delta
         return OneDecision(leaves, estimate, leaves, conf)
-    if policy in _CONDITIONAL or (policy == "pcee-lb-tail" and (ex.tail_edges is None or ex.tail_allowed is None)):
-        name = policy if policy in _CONDITIONAL else "pcee-lb-cond"
+    if policy in CONDITIONAL_KINDS or (policy == "pcee-lb-tail" and (ex.tail_edges is None or ex.tail_allowed is None)):
+        name = policy if policy in CONDITIONAL_KINDS else "pcee-lb-cond"
         b = _bin(lists.edges, conf)
         estimate = float(ex.cond_report[name][g, b])
         if last:

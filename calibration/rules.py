@@ -58,6 +58,7 @@ from exitserve.calibration.confidence import confidence_from_probs, softmax, top
 from exitserve.calibration.document import (
     CONDITIONAL_KINDS,
     DOCUMENT_KIND,
+    TABLE_POLICIES,
     TAIL_POLICIES,
     ExitDocument,
     GridRows,
@@ -74,7 +75,6 @@ POLICIES: tuple[str, ...] = (
     "confidence", "per-exit-threshold", "full",
 )
 DEFAULT_POLICY = "pcee-lb-tail"
-TABLE_POLICIES: dict[str, str] = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
 GRID_TOLERANCE = 1e-9  # a δ this close above a grid value counts as that grid value
 _STORED_TABLES = {"accuracy": "accuracy", "smoothed": "smoothed_accuracy", "lower": "lower_bound"}
 _CONSISTENCY_TOLERANCE = 1e-6

@@ -74,8 +74,7 @@ class SampleHistogramChild:
         if values.size <= 4:  # numpy's per-call overhead beats a plain bisect only for larger batches
             with self._lock:
                 for value in values.tolist():
-                    self._counts[bisect.bisect_left(self._bound_list, value)] += 1
-                    self._sum += value
+                    self._add(value)
             return
         # Bucket i holds values with bounds[i-1] < v <= bounds[i], as Prometheus' `le` says.
         counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
@@ -86,8 +85,12 @@ class SampleHistogramChild:
     def observe(self, value: float) -> None:
         """One value (a lone request's sample): a bisect, no arrays; the same bucket as `observe_many`."""
         with self._lock:
-            self._counts[bisect.bisect_left(self._bound_list, value)] += 1
-            self._sum += value
+            self._add(value)
+
+    def _add(self, value: float) -> None:
+        """Count one value in the bucket `le` puts it in (the caller holds the lock)."""
+        self._counts[bisect.bisect_left(self._bound_list, value)] += 1
+        self._sum += value
 
     def snapshot(self) -> tuple[np.ndarray, float]:
         with self._lock:

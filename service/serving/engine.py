@@ -162,11 +162,10 @@ class ExitEngine:
             return last  # only shadow rows run on: they need the last exit alone
         names = _names(policies)
         if len(names) == 1 and deltas.min() == deltas.max():  # one target for the whole batch: the usual case
-            fires = self.calibration.firing_exits_at(names[0], float(deltas[0]))
-        else:
-            fires = np.zeros(self.runner.num_exits, bool)
-            for name in names:
-                fires |= self.calibration.firing_exits(name, deltas[policies == name])
+            return self.calibration.next_firing_exits_at(names[0], float(deltas[0]))[position]
+        fires = np.zeros(self.runner.num_exits, bool)
+        for name in names:
+            fires |= self.calibration.firing_exits(name, deltas[policies == name])
         return position + int(np.argmax(fires[position:]))  # the last exit always fires
 
     def _next_stop_one(self, position: int, policy: str, delta: float) -> int:

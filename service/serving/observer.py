@@ -60,10 +60,7 @@ class ModelObserver:
         missed = int(np.count_nonzero(~result.target_met))
         if missed:
             self._target_missed.inc(missed)
-        item.record_slot = self.monitor.record(
-            item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
-            result.target_met, result.confidence, result.trace,
-        )
+        self._record(item, result)
 
     def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
         self._batch_size.observe(int(offsets[-1]))
@@ -80,6 +77,9 @@ class ModelObserver:
         self._requested_delta.observe(float(item.deltas[0]))
         if not result.target_met[0]:
             self._target_missed.inc(1)
+        self._record(item, result)
+
+    def _record(self, item: WorkItem, result: ItemResult) -> None:
         item.record_slot = self.monitor.record(
             item.request_id, item.policies, item.deltas, result.class_index, result.exit_index, result.estimate,
             result.target_met, result.confidence, result.trace,

@@ -189,8 +189,7 @@ class MultiExitDecoder:
             decision = calibration.step(policy, exit_index, scores[rows], deltas)
             for j, leave in zip(rows, decision.exit_now, strict=True):
                 if leave:
-                    seq = seqs[j]
-                    column = int(host[j].argmax()) if seq.temperature <= 0.0 else self._sample(seq, logits[j])
+                    column = self._pick(seqs[j], int(host[j].argmax()), logits[j])
                     leaving[j] = int(heads.vocab[column])
         return leaving
 
@@ -199,7 +198,10 @@ class MultiExitDecoder:
             raise RuntimeError("this bundle has no exit heads")
         return self.heads, self.calibration
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+    def _pick(self, seq: Sequence, greedy: int, logits: torch.Tensor) -> int:
+        """The greedy token (already read back to the host) or, with a temperature, a sample from `logits`."""
+        if seq.temperature <= 0.0:
+            return greedy
         probs = torch.softmax(logits.float() / seq.temperature, dim=-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
 
@@ -252,7 +254,7 @@ class MultiExitDecoder:
                 self._verify(seq, starts[i], ends[i], greedy[offset:end], out[i], last_exit)
                 offset = end
                 continue
-            token = greedy[end - 1] if seq.temperature <= 0.0 else self._sample(seq, logits[end - 1])
+            token = self._pick(seq, greedy[end - 1], logits[end - 1])
             offset = end
             seq.fed = ends[i]
             seq.tokens.append(token)
