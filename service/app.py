@@ -83,9 +83,10 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     app.state.generation = generation
     app.state.metrics = metrics
     install_error_handlers(app)
-    inference = [v1.build_router(dataplane), v2.build_router(dataplane)]
-    for router in inference:
-        app.include_router(router)
+    v1_router, v1_predict = v1.build_router(dataplane)
+    v2_router, v2_infer = v2.build_router(dataplane)
+    app.include_router(v1_router)
+    app.include_router(v2_router)
     app.include_router(admin.build_router(repository))
     app.include_router(feedback.build_router(repository))
     app.include_router(openai.build_router(generation, settings.default_delta, settings.default_policy))
@@ -121,6 +122,6 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         ]}), media_type="application/json")
 
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(HotRoutes, routes=[route for router in inference for route in router.routes])  # inside the edge: ids, limits and metrics still apply
+    app.add_middleware(HotRoutes, v1_predict=v1_predict, v2_infer=v2_infer)  # inside the edge: ids, limits and metrics still apply
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, repository=repository)
     return app

@@ -4,9 +4,9 @@ FastAPI matches a request against the app's routes one by one and then solves th
 parameters; with the forty-odd routes of this app that is about a tenth of the server CPU of a
 single-image request (measured for issue 16, BENCHMARKS.md §3). The inference endpoints take
 `(model, request[, version])` and parse their own bodies, so nothing is lost by calling them
-directly: they are the very functions FastAPI registered (and documents in /openapi.json), called
-with a Starlette request, and their errors go through the one error map. Every other route still
-goes through FastAPI.
+directly: each protocol module hands over the handler its FastAPI route also calls (documented in
+/openapi.json), which takes the body already read, and errors go through the one error map. Every
+other route still goes through FastAPI.
 """
 
 from __future__ import annotations
@@ -16,47 +16,35 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exitserve.service.protocols.errors import response_for
 
-Endpoint = Callable[..., Awaitable[Response]]
-V1_PREDICT = "/v1/models/{model}/predict"
-V2_INFER = "/v2/models/{model}/infer"
-V2_INFER_VERSION = "/v2/models/{model}/versions/{version}/infer"
+# (request, body, **path parameters) -> response: what the v1 and v2 inference routes run.
+BodyEndpoint = Callable[..., Awaitable[Response]]
 
 
-def _endpoint(routes: list[BaseRoute], path: str) -> Endpoint:
-    for route in routes:
-        if isinstance(route, Route) and route.path == path and route.methods and "POST" in route.methods:
-            return route.endpoint  # the async endpoints of v1.py and v2.py
-    raise LookupError(f"no POST route {path} to serve directly")
-
-
-async def read_body(request: Request) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     """The whole body, as Starlette's `Request.body()` reads it (ClientDisconnect when the client
     leaves first) without its async generator: a single-image body is one message."""
     chunks = []
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.request":
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                request._stream_consumed = True
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         elif message["type"] == "http.disconnect":
-            request._is_disconnected = True
             raise ClientDisconnect()
 
 
 class HotRoutes:
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute]):
+    def __init__(self, app: ASGIApp, v1_predict: BodyEndpoint, v2_infer: BodyEndpoint):
         self.app = app
-        self.v1_predict = _endpoint(routes, V1_PREDICT)
-        self.v2_infer = _endpoint(routes, V2_INFER)
+        self.v1_predict = v1_predict
+        self.v2_infer = v2_infer
 
-    def _match(self, path: str) -> tuple[Endpoint, dict[str, Any]] | None:
+    def _match(self, path: str) -> tuple[BodyEndpoint, dict[str, Any]] | None:
         """The endpoint and path parameters of an inference path, as Starlette would match them."""
         parts = path.split("/")  # ['', 'v1', 'models', name, 'predict'] and the v2 forms
         if len(parts) not in (5, 7) or parts[2] != "models" or not parts[3]:
@@ -76,10 +64,8 @@ class HotRoutes:
             await self.app(scope, receive, send)
             return
         endpoint, params = match
-        request = Request(scope, receive)
         try:
-            request._body = await read_body(request)  # the endpoints' `await request.body()` returns it
-            response = await endpoint(request=request, **params)
+            response = await endpoint(Request(scope, receive), await read_body(receive), **params)
         except Exception as exc:
             response = response_for(exc, scope.get("state", {}).get("request_id"))
         await response(scope, receive, send)

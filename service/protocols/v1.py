@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from exitserve.errors import InvalidInput
 from exitserve.service.protocols.bodies import StrictBody, parse_body, parse_off_loop
+from exitserve.service.protocols.hot_routes import BodyEndpoint
 from exitserve.service.serving.dataplane import Dataplane, Prediction
 from exitserve.service.serving.repository import ServedModel
 
@@ -111,18 +112,12 @@ def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list
     return out
 
 
-def build_router(dataplane: Dataplane) -> APIRouter:
+def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
+    """The v1 routes, and the predict handler (request, body, model=) that HotRoutes calls directly."""
     router = APIRouter(tags=["v1"])
 
-    @router.post(
-        "/v1/models/{model}/predict",
-        response_model=PredictResponse,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
-        summary="Classify a batch; each sample stops at the first exit whose estimated accuracy reaches delta",
-    )
-    async def predict(model: str, request: Request) -> Response:
+    async def predict_body(request: Request, raw_body: bytes, model: str) -> Response:
         served = dataplane.model(model)
-        raw_body = await request.body()
         dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
         body = await parse_off_loop(len(raw_body), parse_body, PredictRequest, raw_body)
         if (body.inputs is None) == (body.texts is None):
@@ -140,4 +135,13 @@ def build_router(dataplane: Dataplane) -> APIRouter:
         response = {"model": served.name, "request_id": request.state.request_id, "predictions": encode_predictions(prediction, want)}
         return Response(orjson.dumps(response), media_type="application/json")
 
-    return router
+    @router.post(
+        "/v1/models/{model}/predict",
+        response_model=PredictResponse,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
+        summary="Classify a batch; each sample stops at the first exit whose estimated accuracy reaches delta",
+    )
+    async def predict(model: str, request: Request) -> Response:
+        return await predict_body(request, await request.body(), model=model)
+
+    return router, predict_body

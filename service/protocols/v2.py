@@ -15,6 +15,7 @@ from pydantic import Field
 from exitserve import __version__
 from exitserve.errors import InvalidInput, NotFound
 from exitserve.service.protocols.bodies import StrictBody, parse_off_loop, validate
+from exitserve.service.protocols.hot_routes import BodyEndpoint
 from exitserve.service.protocols.oip_codec import (
     decode_infer_request,
     encode_infer_response,
@@ -87,7 +88,8 @@ class InferParameters(StrictBody):
     binary_data_output: bool = Field(False, description="outputs as binary tensors by default")
 
 
-def build_router(dataplane: Dataplane) -> APIRouter:
+def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
+    """The v2 routes, and the infer handler (request, body, model=, version=) that HotRoutes calls directly."""
     router = APIRouter(tags=["v2 (Open Inference Protocol)"])
     settings = dataplane.settings
 
@@ -125,11 +127,8 @@ def build_router(dataplane: Dataplane) -> APIRouter:
     async def config(model: str) -> Response:
         return _json(model_config(_model(model, None), settings.max_batch_size, settings.max_queue_delay_ms))
 
-    @router.post("/v2/models/{model}/infer")
-    @router.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    async def infer_body(request: Request, body: bytes, model: str, version: str | None = None) -> Response:
         served = _model(model, version)
-        body = await request.body()
         dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
         decoded = await parse_off_loop(  # ProtocolError is an InvalidInput: a 400 naming the problem
             len(body), decode_infer_request, body, request.headers.get("inference-header-content-length"),
@@ -170,6 +169,11 @@ def build_router(dataplane: Dataplane) -> APIRouter:
         )
         return Response(body, headers=headers)
 
+    @router.post("/v2/models/{model}/infer")
+    @router.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None) -> Response:
+        return await infer_body(request, await request.body(), model=model, version=version)
+
     def _model_input(served: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The model's input tensor: as sent, or (text models) tokenised from the BYTES `text` input."""
         input_name = served.manifest.input.name
@@ -195,4 +199,4 @@ def build_router(dataplane: Dataplane) -> APIRouter:
             raise InvalidInput(f"{where}: element is not valid UTF-8 ({exc.reason})") from None
         return dataplane.check_texts(served, texts, where=where)
 
-    return router
+    return router, infer_body
