@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from bench_support import cpu_model, free_port, wait_ready
+from flops_spent import RouteFlops, graph_flops
 from monolithic import ensure_baselines
 
 from exitserve.calibration import Calibration
@@ -35,6 +36,7 @@ from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
 from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -111,10 +113,12 @@ def early_exit_efficiency(bundle_dir: Path, x: np.ndarray, deltas: list[float], 
     runner = OnnxRunner(bundle, options=RunnerOptions(threads=threads))
     engine = ExitEngine(runner, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits))
     fractions = np.asarray(bundle.manifest.compute_fractions())
+    route = RouteFlops(bundle, engine.calibration)
     batches = [x[i : i + 64] for i in range(0, len(x) - 63, 64)]
     settings = [("full", 1.0)] + [("pcee-cond", d) for d in deltas]
     times: dict[str, list[float]] = {f"{p} δ={d}": [] for p, d in settings}
     compute: dict[str, list[float]] = {k: [] for k in times}
+    flops: dict[str, list[float]] = {k: [] for k in times}
     for _ in range(rounds):
         for policy, delta in settings:
             key = f"{policy} δ={delta}"
@@ -123,6 +127,7 @@ def early_exit_efficiency(bundle_dir: Path, x: np.ndarray, deltas: list[float], 
                 result = engine.run(batch, np.full(len(batch), delta), np.full(len(batch), policy, dtype=object))
                 times[key].append(time.perf_counter() - t)
                 compute[key].append(float(fractions[result.exit_index].mean()))
+                flops[key].append(route.mean(policy, delta, result.exit_index))
     full_p50 = np.median(times["full δ=1.0"])
     out = {}
     for key in times:
@@ -130,8 +135,13 @@ def early_exit_efficiency(bundle_dir: Path, x: np.ndarray, deltas: list[float], 
         mean_fraction = float(np.mean(compute[key]))
         speedup = full_p50 / p50
         ideal = 1.0 / mean_fraction
+        # Against the graphs really run: full depth is the fused span (no inner heads), early exit
+        # pays the heads of the exits that can fire (flops_spent.py).
+        flops_ideal = route.full_depth() / float(np.mean(flops[key]))
         out[key] = {**stats(times[key]), "images_per_s": 64 / p50, "mean_compute_fraction": mean_fraction,
-                    "speedup_vs_full": speedup, "ideal_speedup": ideal, "share_of_ideal": speedup / ideal}
+                    "speedup_vs_full": speedup, "ideal_speedup": ideal, "share_of_ideal": speedup / ideal,
+                    "mflops_per_image": float(np.mean(flops[key])) / 1e6, "flops_ideal_speedup": flops_ideal,
+                    "share_of_flops_ideal": speedup / flops_ideal}
     return out
 
 
@@ -360,7 +370,10 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
 
     import httpx
 
-    name = load_bundle(bundle_dir).manifest.name
+    bundle = load_bundle(bundle_dir)
+    name = bundle.manifest.name
+    route = RouteFlops(bundle, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits))
+    default_policy = Settings().default_policy
 
     def raw_body(batch: np.ndarray, **extra: object) -> bytes:
         return json.dumps({"inputs": {"b64": base64.b64encode(batch.tobytes()).decode(), "dtype": "float32",
@@ -391,8 +404,10 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
                 if server == "exitserve":
                     path = f"/v1/models/{name}/predict"
                     variants["exitserve full depth"] = (path, [raw_body(b, policy="full") for b in batches], json_headers)
+                    routes = {"exitserve full depth": ("full", 1.0)}
                     for delta in PEER_DELTAS:
                         variants[f"exitserve δ={delta}"] = (path, [raw_body(b, delta=delta) for b in batches], json_headers)
+                        routes[f"exitserve δ={delta}"] = (default_policy, delta)
                 elif server == "plain":
                     variants["plain FastAPI (raw bytes)"] = ("/predict_raw", [b.tobytes() for b in batches],
                                                              {"x-shape": ",".join(map(str, batches[0].shape))})
@@ -402,9 +417,12 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
                     for variant, (path, bodies, headers) in variants.items():
                         url = f"http://127.0.0.1:{port}{path}"
                         fraction = None
+                        mflops = graph_flops(mono_dir / "last-exit.onnx") / 1e6
                         if server == "exitserve":
                             answered = [httpx.post(url, content=body, headers=headers, timeout=60).json() for body in bodies]
                             fraction = float(np.mean([p["compute_fraction"] for a in answered for p in a["predictions"]]))
+                            exits = np.array([p["exit"] for a in answered for p in a["predictions"]])
+                            mflops = route.mean(*routes[variant], exits) / 1e6
                         for connections in clients:
                             _wrk(url, bodies, headers, connections, 1, Path(tmp))  # warm-up
                             cpu_before = _cpu_seconds_tree(proc.pid)
@@ -415,6 +433,7 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
                             result["images_per_s"] = result["req_per_s"] * images
                             result["server_cpu_ms_per_request"] = 1000 * cpu / max(result["requests"], 1)
                             result["mean_compute_fraction"] = fraction
+                            result["mflops_per_image"] = mflops
                             out[f"{images} image(s), {connections} client(s), {variant}"] = result
         finally:
             _stop(proc)
@@ -439,10 +458,11 @@ def _cpu_seconds_tree(pid: int) -> float:
 
 def peers_table(results: dict) -> list[str]:
     lines = ["", "**exitserve against its peers** (wrk, 1 thread; raw float32 tensors; exitserve's δ rows use the "
-             "default policy; gain = exitserve images/s over the peer's, ideal = 1 / mean compute fraction)", "",
+             "default policy; gain = exitserve images/s over the peer's, ideal = 1 / mean compute fraction, FLOPs ideal = "
+             "the plain graph's FLOPs over those of the graphs exitserve ran, per image: benchmarks/flops_spent.py)", "",
              "| images/request | clients | variant | req/s | images/s | p50 ms | p99 ms | server CPU ms/request | errors | compute fraction "
-             "| gain vs plain | gain vs LitServe | ideal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| gain vs plain | gain vs LitServe | ideal | MFLOPs/image run | FLOPs ideal | gain / FLOPs ideal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = results["peers"]
     for key, row in rows.items():
         images, clients, variant = (part.strip() for part in key.split(",", 2))
@@ -453,8 +473,20 @@ def peers_table(results: dict) -> list[str]:
         gains = (f"{row['images_per_s'] / plain:.2f} | {row['images_per_s'] / lit:.2f}" if is_exitserve and plain and lit else "– | –")
         lines.append(f"| {images.split()[0]} | {clients.split()[0]} | {variant} | {row['req_per_s']:.0f} | {row['images_per_s']:.0f} "
                      f"| {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['server_cpu_ms_per_request']:.2f} "
-                     f"| {row['socket_errors'] + row['non_2xx']} | {'–' if fraction is None else f'{fraction:.3f}'} | {gains} | {'–' if not fraction else f'{1 / fraction:.2f}'} |")
+                     f"| {row['socket_errors'] + row['non_2xx']} | {'–' if fraction is None else f'{fraction:.3f}'} | {gains} | {'–' if not fraction else f'{1 / fraction:.2f}'} "
+                     f"| {_flops_columns(row, rows[f'{images}, {clients}, plain FastAPI (raw bytes)'], plain if is_exitserve else None)} |")
     return lines
+
+
+def _flops_columns(row: dict, plain_row: dict, plain_images_per_s: float | None) -> str:
+    """MFLOPs per image run, the FLOPs-ideal gain over the plain endpoint, and the share of it reached."""
+    mflops = row.get("mflops_per_image")
+    if mflops is None:  # results written before the FLOPs were counted
+        return "– | – | –"
+    if plain_images_per_s is None or not plain_images_per_s or "mflops_per_image" not in plain_row:
+        return f"{mflops:.1f} | – | –"
+    ideal = plain_row["mflops_per_image"] / mflops
+    return f"{mflops:.1f} | {ideal:.2f} | {row['images_per_s'] / plain_images_per_s / ideal:.2f}"
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -494,11 +526,13 @@ def cutting_table(results: dict) -> list[str]:
 
 def early_table(results: dict) -> list[str]:
     lines = ["", "**Early exit with 64-image batches** (in-process engine, pcee-cond)", "",
-              "| setting | p50 ms | p99 ms | images/s | mean compute fraction | speedup vs full | ideal (1/fraction) | share of ideal |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| setting | p50 ms | p99 ms | images/s | mean compute fraction | speedup vs full | ideal (1/fraction) | share of ideal "
+              "| MFLOPs/image run | FLOPs ideal | share of FLOPs ideal |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in results["early_exit"].items():
         lines.append(f"| {key} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['images_per_s']:.0f} | {row['mean_compute_fraction']:.3f} "
-                     f"| {row['speedup_vs_full']:.2f} | {row['ideal_speedup']:.2f} | {row['share_of_ideal']:.2f} |")
+                     f"| {row['speedup_vs_full']:.2f} | {row['ideal_speedup']:.2f} | {row['share_of_ideal']:.2f} "
+                     f"| {row['mflops_per_image']:.1f} | {row['flops_ideal_speedup']:.2f} | {row['share_of_flops_ideal']:.2f} |")
     return lines
 
 
