@@ -6,13 +6,13 @@ also documents the API in OpenAPI; the samples themselves go to numpy.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import orjson
+import pybase64
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
@@ -66,7 +66,7 @@ class PredictResponse(BaseModel):
 def decode_raw_tensor(raw: RawTensor, where: str = "inputs") -> np.ndarray:
     dtype, shape = raw.dtype, raw.shape
     try:
-        data = base64.b64decode(raw.b64, validate=True)
+        data = pybase64.b64decode(raw.b64, validate=True)  # the standard library's rules, SIMD speed
     except (binascii.Error, TypeError, ValueError):
         raise InvalidInput(f"{where}.b64: not valid base64") from None
     # math.prod on Python ints: np.prod wraps around at 2**64, so a huge shape could claim 0 bytes.
