@@ -24,11 +24,16 @@ from onnx import shape_inference
 
 from exitserve.calibration.rules import Calibration
 from exitserve.models.bundle import Bundle
+from exitserve.models.monolithic import merge_segments
 
 
-def graph_flops(path: Path) -> int:
-    """FLOPs of one sample through the graph at `path` (Conv, Gemm and MatMul; batch axis pinned to 1)."""
-    model = onnx.load(str(path), load_external_data=False)  # weight shapes are in the graph, values are not needed
+def graph_flops(graph: Path | onnx.ModelProto) -> int:
+    """FLOPs of one sample through a graph (Conv, Gemm and MatMul; batch axis pinned to 1)."""
+    if isinstance(graph, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(graph)
+    else:
+        model = onnx.load(str(graph), load_external_data=False)  # weight shapes are in the graph, values are not needed
     for value in model.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].dim_value:
@@ -74,10 +79,19 @@ class RouteFlops:
         self.calibration = calibration
         self._segments = [graph_flops(bundle.segment_path(k)) for k in range(self.num_exits)]
         self._spans = {key: graph_flops(path) for key, path in bundle.span_paths().items()}
+        # The plain model: the segments merged, inner heads pruned (what a fused full span holds).
+        last = self.num_exits - 1
+        if last == 0:
+            self._plain = self._segments[0]
+        elif (0, last) in self._spans:
+            self._plain = self._spans[(0, last)]
+        else:
+            self._plain = graph_flops(merge_segments(bundle.path))
 
     def full_depth(self) -> int:
-        """What one sample costs at full depth: the fused span with no inner head (the plain model)."""
-        return self._span(0, self.num_exits - 1)
+        """What one sample costs the plain model (segments merged, no inner head): exitserve's full depth
+        where the bundle has the fused span 0..last."""
+        return self._plain
 
     def _span(self, first: int, last: int) -> int:
         # The engine runs a fused span graph where the bundle has one, else the segments one by one.

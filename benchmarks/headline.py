@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_support import cpu_model
+from flops_spent import RouteFlops
 from logits_cache import DEFAULT_CACHE, split_logits
 
 from exitserve.calibration import Calibration, decide_all, fit_calibration
@@ -62,9 +63,12 @@ def overthinking(logits: list[np.ndarray], labels: np.ndarray) -> dict:
 def model_curves(
     bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray, policies: tuple[str, ...]
 ) -> dict:
-    """Per exit at full depth, and each headline policy over δ: test error and mean MFLOPs per sample."""
+    """Per exit at full depth, and each headline policy over δ: test error and mean MFLOPs per sample,
+    as the manifest adds them up (`mflops`: every exit head on the way) and as the server runs them
+    (`mflops_run`: the heads of exits that can fire at δ, fused spans between; flops_spent.py)."""
     manifest = bundle.manifest
     test = split_logits(bundle, "cifar10:test", cache)
+    route = RouteFlops(bundle, calibration)
     mflops = np.array([e.cumulative_flops for e in manifest.exits]) / 1e6
     fractions = np.asarray(manifest.compute_fractions())
     exits = []
@@ -79,37 +83,39 @@ def model_curves(
             d = decide_all(calibration, policy, test.logits, float(delta))
             row = policy_row(d, test.labels, float(delta), fractions, manifest.num_exits)
             row["mflops"] = float(mflops[d.exit_index].mean())
+            row["mflops_run"] = route.mean(policy, float(delta), d.exit_index) / 1e6
             row["error"] = 1.0 - row["accuracy"]
             rows.append(row)
         curves[policy] = rows
     return {
-        "bundle": manifest.name, "full_mflops": float(mflops[-1]), "test_n": int(test.labels.size),
+        "bundle": manifest.name, "full_mflops": float(mflops[-1]), "full_mflops_run": route.full_depth() / 1e6,
+        "test_n": int(test.labels.size),
         "calibration_fingerprint": calibration.data_fingerprint, "logits_seconds": test.seconds,
         "exits": exits, "policies": curves, "overthinking": overthinking(test.logits, test.labels),
     }
 
 
-def frontier(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+def frontier(rows: list[dict], key: str = "mflops") -> tuple[np.ndarray, np.ndarray]:
     """The δ-sweep as a piecewise-linear curve in (MFLOPs, error), sorted by cost; at equal cost the lower error."""
     points: dict[float, float] = {}
     for r in rows:
-        x = round(r["mflops"], 9)
+        x = round(r[key], 9)
         points[x] = min(points.get(x, np.inf), r["error"])
     xs = np.array(sorted(points))
     return xs, np.array([points[x] for x in xs])
 
 
-def error_at(rows: list[dict], mflops: float) -> float | None:
+def error_at(rows: list[dict], mflops: float, key: str = "mflops") -> float | None:
     """Error interpolated along the curve at this cost; None outside the costs the curve reaches."""
-    xs, ys = frontier(rows)
+    xs, ys = frontier(rows, key)
     if mflops < xs[0] or mflops > xs[-1]:
         return None
     return float(np.interp(mflops, xs, ys))
 
 
-def mflops_to_reach(rows: list[dict], error: float) -> float | None:
+def mflops_to_reach(rows: list[dict], error: float, key: str = "mflops") -> float | None:
     """Lowest cost at which the curve (linear between δ points) reaches this error or less; None if never."""
-    xs, ys = frontier(rows)
+    xs, ys = frontier(rows, key)
     if ys[0] <= error:
         return float(xs[0])
     for i in range(1, xs.size):
@@ -119,28 +125,30 @@ def mflops_to_reach(rows: list[dict], error: float) -> float | None:
     return None
 
 
-def below_small_curve(small_rows: list[dict], large_rows: list[dict], points: int = 200) -> dict:
+def below_small_curve(small_rows: list[dict], large_rows: list[dict], key: str = "mflops", points: int = 200) -> dict:
     """Large curve minus small curve (error) over the costs both reach; below everywhere if the max is < 0."""
-    sx, _ = frontier(small_rows)
-    lx, _ = frontier(large_rows)
+    sx, _ = frontier(small_rows, key)
+    lx, _ = frontier(large_rows, key)
     lo, hi = max(sx[0], lx[0]), min(sx[-1], lx[-1])
     if lo > hi:
         return {"shared_mflops": None, "max_gap": None, "share_below": None, "below_everywhere": False}
     grid = np.linspace(lo, hi, points)
-    gap = np.array([error_at(large_rows, g) - error_at(small_rows, g) for g in grid])
+    gap = np.array([error_at(large_rows, g, key) - error_at(small_rows, g, key) for g in grid])
     return {"shared_mflops": [float(lo), float(hi)], "max_gap": float(gap.max()), "min_gap": float(gap.min()),
             "share_below": float((gap < 0).mean()), "below_everywhere": bool((gap < 0).all())}
 
 
-def compare(small: dict, large: dict) -> dict:
-    small_mflops = small["full_mflops"]
+def compare(small: dict, large: dict, key: str = "mflops") -> dict:
+    """The headline at the small model's full cost, FLOPs as the manifest adds them (`mflops`) or as
+    the servers run them (`mflops_run`: the small model deployed plainly, no inner heads)."""
+    small_mflops = small["full_mflops" if key == "mflops" else "full_mflops_run"]
     small_error = small["exits"][-1]["error"]
     out = {}
     for policy in HEADLINE_POLICIES:
         rows = large["policies"][policy]
-        xs, ys = frontier(rows)
-        error = error_at(rows, small_mflops)
-        match = mflops_to_reach(rows, small_error)
+        xs, ys = frontier(rows, key)
+        error = error_at(rows, small_mflops, key)
+        match = mflops_to_reach(rows, small_error, key)
         ratio = None if error is None else error / small_error
         cheapest = int(np.argmin(xs))
         out[policy] = {
@@ -157,7 +165,7 @@ def compare(small: dict, large: dict) -> dict:
             "large_first_exit_mflops": large["exits"][0]["mflops"],
             "equal_cost_reachable": error is not None,
             "goal_met": ratio is not None and ratio <= PAPER_RATIO,
-            "vs_small_pcee_curve": below_small_curve(small["policies"]["pcee"], rows),
+            "vs_small_pcee_curve": below_small_curve(small["policies"]["pcee"], rows, key),
         }
     return out
 
@@ -223,7 +231,11 @@ def render(report: dict) -> str:
               f"ratio (paper 0.81) | {large_name} MFLOPs to match {small_name}'s error | "
               f"below {small_name} + pcee at every shared cost (max gap) | goal met |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for policy, h in report["comparison"].items():
+    comparisons = [("comparison", "manifest FLOPs")]
+    if "comparison_run_flops" in report:
+        comparisons.append(("comparison_run_flops", "FLOPs as served"))
+    for (section, what), policy in ((c, p) for c in comparisons for p in report[comparisons[0][0]]):
+        h = report[section][policy]
         match = h["large_mflops_to_match_small_error"]
         times = "" if match is None else f" ({match / h['small_full_mflops']:.2f}× {small_name})"
         below = h["vs_small_pcee_curve"]
@@ -231,7 +243,7 @@ def render(report: dict) -> str:
             f"{'yes' if below['below_everywhere'] else 'no'} ({100 * below['max_gap']:+.2f} pts; below on "
             f"{100 * below['share_below']:.0f} % of {below['shared_mflops'][0]:.1f}–{below['shared_mflops'][1]:.1f} MFLOPs)")
         lines.append(
-            f"| {policy} | {h['small_full_mflops']:.1f}, {100 * h['small_full_error']:.2f} % | "
+            f"| {policy} ({what}) | {h['small_full_mflops']:.1f}, {100 * h['small_full_error']:.2f} % | "
             f"{fmt(h['large_error_at_small_mflops'], '.2f', 100, 'out of reach')}"
             f"{'' if h['large_error_at_small_mflops'] is None else ' %'} | {fmt(h['error_ratio'], '.3f')} | "
             f"{fmt(match, '.1f')}{times} | {gap} | {'**yes**' if h['goal_met'] else '**no**'} |")
@@ -280,6 +292,7 @@ def main() -> None:
     small = model_curves(small_bundle, small_cal, args.cache, DEFAULT_EVAL_DELTAS, SMALL_POLICIES)
     large = model_curves(large_bundle, large_cal, args.cache, DEFAULT_EVAL_DELTAS, HEADLINE_POLICIES)
     comparison = compare(small, large)
+    served = compare(small, large, "mflops_run")
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{cpu_model()}, {platform.machine()}, no GPU",
@@ -290,6 +303,9 @@ def main() -> None:
         "large_name": args.large_name,
         "models": {"small": small, "large": large},
         "comparison": comparison,
+        # FLOPs as the servers run them: the small model plainly (no inner heads), the large one with
+        # only the heads of exits that can fire at δ (flops_spent.py)
+        "comparison_run_flops": served,
         "goal": "large with PCEE has lower error than the small model at the small model's full-depth FLOPs, "
                 f"error ratio <= {PAPER_RATIO:.3f}",
         "goal_met": comparison["pcee"]["goal_met"],
