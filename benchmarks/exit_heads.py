@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flops_spent import graph_flops
+from flops_spent import RouteFlops
+from headline import error_at
 from logits_cache import DEFAULT_CACHE
 
-from exitserve.calibration import decide_all, fit_calibration
+from exitserve.calibration import Calibration, decide_all, fit_calibration
 from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS
 from exitserve.models.bundle import Bundle, load_bundle
 from exitserve.models.data import load_dataset
@@ -89,20 +90,6 @@ def fit_linear_head(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -
     return apply
 
 
-def head_costs(bundle: Bundle) -> tuple[list[int], list[int]]:
-    """(body FLOPs of each segment, FLOPs of its conv head) from the graphs: head k = segment k + span
-    k+1..last − span k..last, since a span holds the bodies of its segments and only the last head."""
-    exits = bundle.manifest.num_exits
-    segments = [graph_flops(bundle.segment_path(k)) for k in range(exits)]
-    spans = {key: graph_flops(path) for key, path in bundle.span_paths().items()}
-
-    def span(first: int, last: int) -> int:
-        return segments[first] if first == last else spans[(first, last)]
-
-    heads = [segments[k] + span(k + 1, exits - 1) - span(k, exits - 1) for k in range(exits - 1)] + [0]
-    return [s - h for s, h in zip(segments, heads, strict=True)], heads
-
-
 def curve(logits: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], body: list[int], heads: list[int],
           policy: str) -> list[dict]:
     """Calibrated on val, decided on test over δ: error and mean MFLOPs as served (heads of firing exits only)."""
@@ -115,14 +102,6 @@ def curve(logits: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], bo
         rows.append({"delta": float(delta), "mflops": float(cost[decisions.exit_index].mean()) / 1e6,
                      "error": float((decisions.prediction != labels["test"]).mean())})
     return rows
-
-
-def error_at(rows: list[dict], mflops: float) -> float | None:
-    points: dict[float, float] = {}
-    for row in rows:
-        points[round(row["mflops"], 9)] = min(points.get(round(row["mflops"], 9), 1.0), row["error"])
-    xs = np.array(sorted(points))
-    return float(np.interp(mflops, xs, [points[x] for x in xs])) if xs[0] <= mflops <= xs[-1] else None
 
 
 def main() -> None:
@@ -142,7 +121,8 @@ def main() -> None:
     data = hidden_features(bundle, args.cache)
     labels = {s: data[f"{s}_labels"] for s in SPLITS}
     linear = [fit_linear_head(data[f"train_pooled{k}"], labels["train"], classes) for k in range(exits - 1)]
-    body, conv_heads = head_costs(bundle)
+    route = RouteFlops(bundle, Calibration.from_dict(bundle.calibration, exits))
+    body, conv_heads = route.bodies(), route.heads()
     linear_heads = [2 * data[f"train_pooled{k}"].shape[1] * classes for k in range(exits - 1)] + [0]
 
     def head_set(linear_from: int) -> dict[str, list[np.ndarray]]:

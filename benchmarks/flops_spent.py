@@ -93,6 +93,16 @@ class RouteFlops:
         where the bundle has the fused span 0..last."""
         return self._plain
 
+    def heads(self) -> list[int]:
+        """FLOPs of each exit's head: segment k + span k+1..last − span k..last, since a span holds the
+        bodies of its segments and only its last head (0 for the last exit, whose head every path pays)."""
+        last = self.num_exits - 1
+        return [self._segments[k] + self._span(k + 1, last) - self._span(k, last) for k in range(last)] + [0]
+
+    def bodies(self) -> list[int]:
+        """FLOPs of each segment without its exit head (the last keeps its own)."""
+        return [s - h for s, h in zip(self._segments, self.heads(), strict=True)]
+
     def _span(self, first: int, last: int) -> int:
         # The engine runs a fused span graph where the bundle has one, else the segments one by one.
         if first == last:

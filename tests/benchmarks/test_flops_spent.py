@@ -55,3 +55,11 @@ def test_a_route_pays_only_the_heads_of_exits_that_can_fire(route: flops_spent.R
     assert cost[-1] <= sum(s.flops for s in segments)  # never more than the chain with every head
     with pytest.raises(ValueError, match="cannot fire"):
         route.mean("pcee-lb-tail", 0.8, np.flatnonzero(~fires)[:1])
+
+
+def test_heads_and_bodies_split_each_segment(route: flops_spent.RouteFlops) -> None:
+    heads, bodies = route.heads(), route.bodies()
+    segments = load_bundle(BUNDLE).manifest.segments
+    assert [h + b for h, b in zip(heads, bodies, strict=True)] == [s.flops for s in segments]
+    assert all(h > 0 for h in heads[:-1]) and heads[-1] == 0
+    assert sum(bodies) == route.full_depth()  # the plain model is every body and the last head (inside the last body)
