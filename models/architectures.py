@@ -71,6 +71,7 @@ class ResNetPreset:
     width: int
     blocks: tuple[int, ...]
     exit_every_block: bool = False
+    conv_head_exits: int | None = None  # inner exits after these first ones get pool + linear heads
 
 
 RESNET_PRESETS = {
@@ -84,6 +85,10 @@ RESNET_PRESETS = {
     # The same with the extra depth in the last two stages: its first three exits are the small
     # preset's (11.5 / 20.0 / 28.5 MFLOPs), where exits after stage-1 blocks are weak for their cost.
     "deep-late": ResNetPreset(width=16, blocks=(1, 1, 3, 4), exit_every_block=True),
+    # The same with lean heads after the third exit: a 3x3-conv head is worth its cost on the early
+    # stages' features, a pool + linear head (the last exit's kind) loses under a point from exit 3
+    # on, where the conv heads cost 1.2-4.7 MFLOPs each (BENCHMARKS.md §4.1a, benchmarks/exit_heads.py).
+    "deep-late-lean": ResNetPreset(width=16, blocks=(1, 1, 3, 4), exit_every_block=True, conv_head_exits=3),
 }
 
 
@@ -95,11 +100,13 @@ def multi_exit_resnet(
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
     exit_every_block: bool = False,
+    conv_head_exits: int | None = None,
 ) -> MultiExitNet:
     """ResNet for 32x32 inputs, width doubling per stage; one exit per stage, or per block.
 
     Early heads down-sample with one strided conv until the map is 4x4 or smaller; the final head
-    is pooling plus a linear layer, as in a plain ResNet.
+    is pooling plus a linear layer, as in a plain ResNet, and so is every inner head from exit
+    `conv_head_exits` on (None: conv heads on every inner exit).
     """
     groups: list[tuple[list[nn.Module], int, int]] = []  # (layers, channels out, map size) per segment
     cin, size = width, 32
@@ -121,8 +128,8 @@ def multi_exit_resnet(
     segments, heads = [], []
     for k, (layers, channels, map_size) in enumerate(groups):
         segments.append(nn.Sequential(*layers))
-        is_last = k == len(groups) - 1
-        heads.append(ConvHead(channels, num_classes, stride=0 if is_last else (2 if map_size > 4 else 1)))
+        lean = k == len(groups) - 1 or (conv_head_exits is not None and k >= conv_head_exits)
+        heads.append(ConvHead(channels, num_classes, stride=0 if lean else (2 if map_size > 4 else 1)))
     return MultiExitNet(segments, heads)
 
 
@@ -130,7 +137,8 @@ def resnet_preset(name: str, num_classes: int = 10) -> MultiExitNet:
     if name not in RESNET_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(RESNET_PRESETS)}")
     preset = RESNET_PRESETS[name]
-    return multi_exit_resnet(preset.width, preset.blocks, num_classes, exit_every_block=preset.exit_every_block)
+    return multi_exit_resnet(preset.width, preset.blocks, num_classes, exit_every_block=preset.exit_every_block,
+                             conv_head_exits=preset.conv_head_exits)
 
 
 class _MLPHead(nn.Module):
@@ -160,6 +168,7 @@ ARCHITECTURES = {
     "resnet-large": lambda num_classes: resnet_preset("large", num_classes),
     "resnet-deep": lambda num_classes: resnet_preset("deep", num_classes),
     "resnet-deep-late": lambda num_classes: resnet_preset("deep-late", num_classes),
+    "resnet-deep-late-lean": lambda num_classes: resnet_preset("deep-late-lean", num_classes),
     "mnist-compact": lambda num_classes: compact_mnist_net(num_classes, image_size=28),
     "digits-compact": lambda num_classes: compact_mnist_net(num_classes, width=8, image_size=8),
 }

@@ -47,7 +47,7 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "train", "train a multi-exit network (needs the `train` extra)")
     p.add_argument("--arch", default="resnet-large",
-                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, mnist-compact, digits-compact")
+                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, resnet-deep-late-lean, mnist-compact, digits-compact")
     p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
     p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"],
                    help="joint: every exit on the labels; mixed: backbone first, then joint; "

@@ -40,3 +40,18 @@ def test_deep_late_starts_with_the_small_models_exits_and_reaches_past_its_cost(
         assert max(steps) < 15.0
         assert any(c < small[-1] for c in costs) and any(small[-1] < c < small[-1] + 15 for c in costs)
     assert deep[-1] > 3 * small[-1]
+
+
+def test_lean_heads_keep_the_backbone_and_the_first_conv_heads() -> None:
+    late, lean = build_architecture("resnet-deep-late", 10), build_architecture("resnet-deep-late-lean", 10)
+    assert [p.shape for s in late.segments for p in s.parameters()] == [p.shape for s in lean.segments for p in s.parameters()]
+    preset = RESNET_PRESETS["deep-late-lean"]
+    assert preset.conv_head_exits is not None
+    for k, (full, slim) in enumerate(zip(late.heads, lean.heads, strict=True)):
+        conv = k < preset.conv_head_exits and k < lean.num_exits - 1
+        assert isinstance(slim.features, torch.nn.Identity) != conv  # pool + linear from exit 3 on, as the last
+        assert (sum(p.numel() for p in slim.parameters()) == sum(p.numel() for p in full.parameters())) == (
+            conv or k == lean.num_exits - 1)
+    late_cost, lean_cost = _cumulative_mflops("resnet-deep-late"), _cumulative_mflops("resnet-deep-late-lean")
+    assert lean_cost[:3] == pytest.approx(late_cost[:3])
+    assert lean_cost[-1] < 0.85 * late_cost[-1]  # five conv heads fewer
