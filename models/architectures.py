@@ -85,9 +85,10 @@ RESNET_PRESETS = {
     # The same with the extra depth in the last two stages: its first three exits are the small
     # preset's (11.5 / 20.0 / 28.5 MFLOPs), where exits after stage-1 blocks are weak for their cost.
     "deep-late": ResNetPreset(width=16, blocks=(1, 1, 3, 4), exit_every_block=True),
-    # The same with lean heads after the third exit: a 3x3-conv head is worth its cost on the early
-    # stages' features, a pool + linear head (the last exit's kind) loses under a point from exit 3
-    # on, where the conv heads cost 1.2-4.7 MFLOPs each (BENCHMARKS.md §4.1a, benchmarks/exit_heads.py).
+    # The same with pool + linear heads (the last exit's kind) from exit 3 on, where conv heads cost
+    # 1.2-4.7 MFLOPs each. Fitted on a frozen deep-late backbone such heads lose under a point; trained
+    # jointly the lean model measured better at 12 epochs and worse at 24 (BENCHMARKS.md §4.1a): kept to
+    # repeat those runs, not a recommended recipe.
     "deep-late-lean": ResNetPreset(width=16, blocks=(1, 1, 3, 4), exit_every_block=True, conv_head_exits=3),
 }
 
