@@ -374,6 +374,7 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
     name = bundle.manifest.name
     route = RouteFlops(bundle, Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits))
     default_policy = Settings().default_policy
+    plain_mflops = graph_flops(mono_dir / "last-exit.onnx") / 1e6  # what the plain and LitServe servers run per image
 
     def raw_body(batch: np.ndarray, **extra: object) -> bytes:
         return json.dumps({"inputs": {"b64": base64.b64encode(batch.tobytes()).decode(), "dtype": "float32",
@@ -417,7 +418,7 @@ def peers(bundle_dir: Path, mono_dir: Path, x: np.ndarray, seconds: int, threads
                     for variant, (path, bodies, headers) in variants.items():
                         url = f"http://127.0.0.1:{port}{path}"
                         fraction = None
-                        mflops = graph_flops(mono_dir / "last-exit.onnx") / 1e6
+                        mflops = plain_mflops
                         if server == "exitserve":
                             answered = [httpx.post(url, content=body, headers=headers, timeout=60).json() for body in bodies]
                             fraction = float(np.mean([p["compute_fraction"] for a in answered for p in a["predictions"]]))
