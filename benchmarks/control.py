@@ -27,32 +27,39 @@ from logits_cache import DEFAULT_CACHE, split_logits
 
 from exitserve.calibration import POLICIES, decide_all, fit_calibration
 from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, KEY_DELTAS, policy_row
+from exitserve.calibration.fitting import InputFeatures
 from exitserve.calibration.plots import _STYLES  # the same colours as the evaluation plots
 from exitserve.models.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 # Policies the goal applies to (violation rate <= alpha); the rest are shown beside them.
-CONTROLLED = ("pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail")
+# Schema 3 guards every policy's promise the same way, so the goal applies to all of them.
+CONTROLLED = POLICIES
 FIT_KEYS = ("confidence", "binning", "bins", "window", "alpha", "prior", "tail_bins")
 # The coverage panel: the default, the previous default and the unguarded confidence rule.
-COVERAGE_POLICIES = ("pcee-lb-tail", "pcee-lb-cond", "confidence")
+COVERAGE_POLICIES = ("pcee-lb-global", "pcee-lb-tail", "pcee-lb-cond", "confidence")
 
 
 def run_splits(logits: list[np.ndarray], labels: np.ndarray, fractions: np.ndarray, fit_kwargs: dict,
-               splits: int, seed: int, deltas: np.ndarray) -> dict[str, list[list[dict]]]:
-    """rows[policy][split][δ index]: `policy_row` of each split's test half."""
+               splits: int, seed: int, deltas: np.ndarray, features: InputFeatures | None = None
+               ) -> dict[str, list[list[dict]]]:
+    """rows[policy][split][δ index]: `policy_row` of each split's test half. With `features` the input
+    guard is fitted on each calibration half and applied to its test half, as the server applies it."""
     n = labels.size
     half = n // 2
     rows: dict[str, list[list[dict]]] = {p: [] for p in POLICIES}
     for s in range(splits):
         order = np.random.default_rng([seed, s]).permutation(n)  # one seed per split: each reproducible alone
         cal, test = order[:half], order[half:2 * half]
-        calibration = fit_calibration([z[cal] for z in logits], labels[cal], **fit_kwargs)
+        guard = None if features is None else InputFeatures(features.name, features.values[cal], features.quantile)
+        calibration = fit_calibration([z[cal] for z in logits], labels[cal], features=guard, **fit_kwargs)
+        typical = None if features is None or calibration.input_guard is None else \
+            calibration.input_guard.in_distribution(features.values[test])
         test_logits = [z[test] for z in logits]
         for policy in POLICIES:
             rows[policy].append([
-                policy_row(decide_all(calibration, policy, test_logits, float(d)), labels[test], float(d),
+                policy_row(decide_all(calibration, policy, test_logits, float(d), typical), labels[test], float(d),
                            fractions, len(logits))
                 for d in deltas
             ])
@@ -209,7 +216,11 @@ def main() -> None:
     deltas = DEFAULT_EVAL_DELTAS
     logits_done = time.perf_counter()
 
-    rows = run_splits(logits, labels, fractions, fit_kwargs, args.splits, args.seed, deltas)
+    guard = bundle.calibration.get("input_guard")
+    features = None
+    if guard is not None and all(p.features is not None for p in parts):
+        features = InputFeatures(guard["features"], np.concatenate([p.features for p in parts]), guard["quantile"])
+    rows = run_splits(logits, labels, fractions, fit_kwargs, args.splits, args.seed, deltas, features)
     alpha = float(fit_kwargs["alpha"])
     policies = {}
     key = [j for j, d in enumerate(deltas) if round(float(d), 2) in KEY_DELTAS]
@@ -233,6 +244,7 @@ def main() -> None:
         "seed": args.seed,
         "split_seeds": f"numpy default_rng([{args.seed}, s]) for s in 0..{args.splits - 1}",
         "fit": fit_kwargs,
+        "input_guard": None if features is None else {"quantile": features.quantile, "fitted_per_split": True},
         "deltas": [float(d) for d in deltas],
         "key_deltas": list(KEY_DELTAS),
         "controlled_policies": list(CONTROLLED),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from exitserve.models.bundle import Bundle
-from exitserve.service.tools.offline import bundle_logits, load_bundle_data
+from exitserve.service.tools.offline import bundle_outputs, load_bundle_data
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO / "runs" / "cache" / "logits"
@@ -28,6 +28,7 @@ class SplitLogits:
     fingerprint: str
     seconds: float  # time to compute them (0 when read from the cache)
     cached: bool
+    features: np.ndarray | None = None  # the first segment's features tap (models.features), where the bundle has it
 
 
 def weights_digest(bundle: Bundle) -> str:
@@ -45,11 +46,13 @@ def split_logits(bundle: Bundle, data_spec: str, cache_dir: Path = DEFAULT_CACHE
         # The fingerprint check catches a changed split (seed, data files) behind the same name.
         if str(stored["fingerprint"]) == data.fingerprint and np.array_equal(stored["labels"], data.y):
             logits = [stored[f"exit_{k}"] for k in range(bundle.manifest.num_exits)]
-            return SplitLogits(logits, data.y, data.fingerprint, 0.0, True)
+            features = stored["features"] if "features" in stored.files else None
+            return SplitLogits(logits, data.y, data.fingerprint, 0.0, True, features)
     start = time.perf_counter()
-    logits = bundle_logits(bundle, data.x, threads=threads, progress=False)
+    logits, features = bundle_outputs(bundle, data.x, threads=threads, progress=False)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, labels=data.y, fingerprint=np.array(data.fingerprint),
+             **({"features": features} if features is not None else {}),
              **{f"exit_{k}": z for k, z in enumerate(logits)})
-    return SplitLogits(logits, data.y, data.fingerprint, seconds, False)
+    return SplitLogits(logits, data.y, data.fingerprint, seconds, False, features)

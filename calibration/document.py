@@ -1,9 +1,11 @@
 """calibration.json, the document: its schema (strict pydantic models, unknown keys refused) and constants.
 
-Schema 2 (this version) adds the Beta prior of the unbounded tables (`prior`), the fine tail bins
-(`tail_bins`, per exit `tail`) of `pcee-lb-tail` and of the baselines' guarded promise. Schema 1
-documents still load: their tables keep the rules they were fitted with (no prior, strict
-monotonicity, baselines' own estimates) and `pcee-lb-tail` is unavailable for them.
+Schema 2 adds the Beta prior of the unbounded tables (`prior`), the fine tail bins (`tail_bins`, per
+exit `tail`) of `pcee-lb-tail` and of the baselines' guarded promise. Schema 3 (this version) guards
+every policy the same way (per exit, a tail table of the samples the policy lets leave there, for
+every grid δ), adds `pcee-lb-global` (one guarded confidence threshold for every exit) and the
+optional `input_guard` (calibration.input_guard). Schema 1 and 2 documents still load and decide as
+they were fitted; their answers say which promises are unguarded (`rules.Calibration.guarded`).
 
 Structure and types are checked here; what needs the numbers (shapes against the bins, counts
 against the stored derived tables) is checked where the tables are built (`rules.Calibration`).
@@ -19,17 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from exitserve.calibration.binning import BINNINGS
 from exitserve.calibration.confidence import MEASURES
+from exitserve.calibration.input_guard import InputGuardDocument
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2, 3)
 DOCUMENT_KIND = "exitserve-calibration"
 # 0.50, 0.51, ..., 0.99 and 1.00: every δ in (0.99, 1] maps to 1.00, below 0.50 to 0.50.
 DEFAULT_DELTA_GRID: np.ndarray = np.round(np.linspace(0.50, 1.00, 51), 2)
 # The per-bin table policies and the table kind each one reads.
 TABLE_POLICIES: dict[str, str] = {"pcee": "accuracy", "pcee-ws": "smoothed", "pcee-lb": "lower"}
 CONDITIONAL_KINDS: dict[str, str] = {"pcee-cond": "accuracy", "pcee-ws-cond": "smoothed", "pcee-lb-cond": "lower"}
-# Policies with a guarded tail table per exit: the tail rule itself, and the baselines whose promise it guards.
-TAIL_POLICIES: tuple[str, ...] = ("pcee-lb-tail", "confidence", "per-exit-threshold", "full")
+# Policies with a guarded tail table per exit in schema 2: the tail rule itself, and the baselines whose promise it guards.
+TAIL_POLICIES_V2: tuple[str, ...] = ("pcee-lb-tail", "confidence", "per-exit-threshold", "full")
+# Schema 3 guards the per-bin policies too: their promise comes from a tail table of their leavers.
+PER_BIN_POLICIES: tuple[str, ...] = (*TABLE_POLICIES, *CONDITIONAL_KINDS)
+TAIL_POLICIES: tuple[str, ...] = (*TAIL_POLICIES_V2, *PER_BIN_POLICIES)
+GLOBAL_POLICY = "pcee-lb-global"  # one confidence threshold for every exit, guarded on the pooled answers
 DEFAULT_PRIOR: tuple[float, float] = (0.0, 1.0)  # one imagined wrong sample per bin: never raises a value
 
 
@@ -62,9 +69,26 @@ class TailTables(_Strict):
     confidence: GridRows
     per_exit_threshold: GridRows = Field(alias="per-exit-threshold")
     full: GridRows
+    # Schema 3: the per-bin policies' leavers.
+    pcee: GridRows | None = None
+    pcee_ws: GridRows | None = Field(None, alias="pcee-ws")
+    pcee_lb: GridRows | None = Field(None, alias="pcee-lb")
+    pcee_cond: GridRows | None = Field(None, alias="pcee-cond")
+    pcee_ws_cond: GridRows | None = Field(None, alias="pcee-ws-cond")
+    pcee_lb_cond: GridRows | None = Field(None, alias="pcee-lb-cond")
+    pcee_lb_global: GridRows | None = Field(None, alias="pcee-lb-global")
 
-    def of(self, policy: str) -> GridRows:
+    def of(self, policy: str) -> GridRows | None:
         return getattr(self, policy.replace("-", "_"))
+
+
+class GlobalThreshold(_Strict):
+    """`pcee-lb-global` per grid δ: the confidence threshold every exit uses (None: none passed the
+    test, nothing is promised) and the count and correct count of the pooled answers it was judged on."""
+
+    thresholds: list[float | None]
+    counts: list[int]
+    correct: list[int]
 
 
 class MarginThresholds(_Strict):
@@ -95,7 +119,7 @@ class ExitDocument(_Strict):
 
 class CalibrationDocument(_Strict):
     kind: Literal["exitserve-calibration"] = "exitserve-calibration"  # DOCUMENT_KIND
-    schema_version: Literal[1, 2]
+    schema_version: Literal[1, 2, 3]
     num_exits: int = Field(ge=1)
     confidence: Literal[MEASURES]  # type: ignore[valid-type]
     binning: Literal[BINNINGS]  # type: ignore[valid-type]
@@ -109,6 +133,8 @@ class CalibrationDocument(_Strict):
     data_fingerprint: str
     delta_grid: list[float]
     exits: list[ExitDocument] = Field(min_length=1)
+    global_threshold: GlobalThreshold | None = None
+    input_guard: InputGuardDocument | None = None
 
     @model_validator(mode="after")
     def _schema_parts(self) -> CalibrationDocument:
@@ -118,6 +144,14 @@ class CalibrationDocument(_Strict):
             missing = [k for k, e in enumerate(self.exits) if e.tail is None]
             if self.prior is None or self.tail_bins is None or missing:
                 raise ValueError("schema 2 needs prior, tail_bins and every exit's tail tables")
+        if self.schema_version >= 3:
+            unguarded = sorted({p for e in self.exits if e.tail is not None for p in (*PER_BIN_POLICIES, GLOBAL_POLICY)
+                                if e.tail.of(p) is None})
+            if unguarded or self.global_threshold is None:
+                raise ValueError("schema 3 needs every policy's tail tables (missing: "
+                                 f"{', '.join(unguarded) or 'none'}) and global_threshold")
+        elif self.global_threshold is not None or self.input_guard is not None:
+            raise ValueError("global_threshold and input_guard need schema_version 3")
         if self.prior is not None and (min(self.prior) < 0 or not all(np.isfinite(self.prior))):
             raise ValueError(f"prior must be two finite pseudo-counts >= 0, got {list(self.prior)}")
         return self

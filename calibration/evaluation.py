@@ -128,8 +128,11 @@ def evaluate_policies(
     *,
     policies: Sequence[str] = POLICIES,
     over_promise_deltas: Sequence[float] = KEY_DELTAS,
+    in_distribution: np.ndarray | None = None,
 ) -> dict:
-    """Sweep δ for every policy on labelled test logits; JSON-serialisable (evaluation.json)."""
+    """Sweep δ for every policy on labelled test logits; JSON-serialisable (evaluation.json).
+
+    `in_distribution`: the input guard's verdict per test sample, as the server applies it (None: no guard)."""
     num_exits = calibration.num_exits
     logits = [np.asarray(z) for z in test_logits_per_exit]
     labels = np.asarray(labels, dtype=np.int64)
@@ -149,7 +152,7 @@ def evaluate_policies(
 
     def decide(policy: str, delta: float) -> Decisions:
         if (policy, delta) not in decisions:
-            decisions[(policy, delta)] = decide_all(calibration, policy, logits, delta)
+            decisions[(policy, delta)] = decide_all(calibration, policy, logits, delta, in_distribution)
         return decisions[(policy, delta)]
 
     report_policies = {
@@ -170,6 +173,11 @@ def evaluate_policies(
             "labels_known": calibration.labels_known,
             "alpha": calibration.alpha,
             "window": calibration.window,
+            "schema_version": calibration.schema_version,
+            "input_guard": None if in_distribution is None else {
+                "quantile": calibration.input_guard.quantile if calibration.input_guard else None,
+                "withheld": float(1.0 - np.mean(in_distribution)),
+            },
         },
         "deltas": deltas,
         "exits": [exit_report(calibration, k, logits[k], labels, fractions[k]) for k in range(num_exits)],

@@ -7,6 +7,7 @@ one read back from disk are the same object. Nothing on the serving path imports
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -18,9 +19,13 @@ from exitserve.calibration.document import (
     DEFAULT_DELTA_GRID,
     DEFAULT_PRIOR,
     DOCUMENT_KIND,
+    GLOBAL_POLICY,
     SCHEMA_VERSION,
+    TABLE_POLICIES,
     check_grid,
 )
+from exitserve.calibration.global_threshold import fit_global_threshold
+from exitserve.calibration.input_guard import DEFAULT_QUANTILE, fit_input_guard
 from exitserve.calibration.observations import Observations, observe_logits
 from exitserve.calibration.rules import Calibration
 from exitserve.calibration.tables import borrow_empty_rows, conditional_counts, exit_allowed, table_values
@@ -88,7 +93,10 @@ def build_calibration_dict(
     data_fingerprint: str = "",
     prior: tuple[float, float] = DEFAULT_PRIOR,
     tail_bins: int = DEFAULT_TAIL_BINS,
+    features: InputFeatures | None = None,
 ) -> dict:
+    """The calibration.json document; `features` (the first segment's pooled statistics of the same
+    samples, and the bundle's name for them) adds the input guard."""
     arrays, labels = check_logits(logits_per_exit, labels)
     check_measure(confidence)
     grid = check_grid(delta_grid)
@@ -99,10 +107,24 @@ def build_calibration_dict(
     observations = observe_logits(arrays, temperatures, confidence)
     edges = [check_edges(make_edges(conf, bins, binning)) for conf in observations.confidence]
     tails = [check_edges(make_edges(conf, tail_bins, "equal-mass")) for conf in observations.confidence]
-    return tables_document(
+    document = tables_document(
         observations, labels, temperatures, edges, tails, confidence=confidence, bins=bins, binning=binning,
         window=window, alpha=alpha, grid=grid, data_fingerprint=data_fingerprint, prior=prior, tail_bins=tail_bins,
     )
+    if features is not None:
+        if len(features.values) != observations.size:
+            raise ValueError(f"input guard: features of {len(features.values)} samples for {observations.size} logits")
+        document["input_guard"] = fit_input_guard(features.values, features.name, features.quantile).to_document()
+    return document
+
+
+@dataclass(frozen=True)
+class InputFeatures:
+    """What the input guard is fitted on: the bundle's features output for the calibration samples."""
+
+    name: str
+    values: np.ndarray  # [n, D]
+    quantile: float = DEFAULT_QUANTILE
 
 
 def refit_document(base: dict, observations: Observations, labels: np.ndarray, *, data_fingerprint: str) -> dict:
@@ -128,13 +150,17 @@ def refit_document(base: dict, observations: Observations, labels: np.ndarray, *
         else check_edges(make_edges(np.asarray(observations.confidence[k], np.float64), tail_bins, "equal-mass"))
         for k, e in enumerate(exits)
     ]
-    return tables_document(
+    document = tables_document(
         observations, labels.astype(np.int64), [float(e["temperature"]) for e in exits],
         [check_edges(np.asarray(e["edges"], dtype=np.float64)) for e in exits], tails,
         confidence=base["confidence"], bins=int(base["bins"]), binning=base["binning"], window=int(base["window"]),
         alpha=float(base["alpha"]), grid=check_grid(base["delta_grid"]), data_fingerprint=data_fingerprint,
         prior=tuple(base.get("prior") or DEFAULT_PRIOR), tail_bins=tail_bins,
     )
+    # Served observations carry no features: the input guard stays the one fitted on the base's data.
+    if base.get("input_guard") is not None:
+        document["input_guard"] = base["input_guard"]
+    return document
 
 
 def _check_smoothing(window: int, alpha: float) -> None:
@@ -206,6 +232,7 @@ def tables_document(
         margins_per_exit.append(margins)
         records.append((thresholds, precision))
 
+    cond_leave: dict[str, list[np.ndarray]] = {policy: [] for policy in CONDITIONAL_KINDS}
     for policy, kind in CONDITIONAL_KINDS.items():
         values = partial(table_values, kind, window=window, alpha=alpha, prior=prior)
         def allowed(c: np.ndarray, h: np.ndarray, values: partial[np.ndarray] = values) -> np.ndarray:
@@ -214,6 +241,9 @@ def tables_document(
         reach_counts, reach_hits = conditional_counts(allowed, bins_per_exit, correct_per_exit, num_bins, grid)
         for k in range(num_exits):
             exits[k]["conditional"][policy] = _rows(reach_counts[k], reach_hits[k])
+            # Which bins leave at each grid δ, as rules.Calibration decides from these counts.
+            cond_values = values(*borrow_empty_rows(reach_counts[k], reach_hits[k]))
+            cond_leave[policy].append(_with_sentinel(exit_allowed(cond_values, grid) & (cond_values >= grid[:, None]), False))
 
     tail_sizes = [e.size - 1 for e in tail_edges_per_exit]
     tails = {"pcee-lb-tail": conditional_counts(
@@ -227,6 +257,21 @@ def tables_document(
         "per-exit-threshold": lambda k: margins_per_exit[k][None, :] >= _margin_thresholds(*records[k], grid)[:, None],
         "full": lambda k: np.zeros((grid.size, observations.size), dtype=bool),
     }
+    # Schema 3: the per-bin policies get the same guard, from their own leavers (rules.Calibration.step).
+    for policy, kind in TABLE_POLICIES.items():
+        def table_leave(k: int, kind: str = kind) -> np.ndarray:
+            value = table_values(kind, np.asarray(exits[k]["counts"]), np.asarray(exits[k]["correct"]),
+                                 window=window, alpha=alpha, prior=prior)
+            return _with_sentinel(value, -np.inf)[bins_per_exit[k]][None, :] >= grid[:, None]
+        leave_rules[policy] = table_leave
+    for policy in CONDITIONAL_KINDS:
+        def cond_rule(k: int, policy: str = policy) -> np.ndarray:
+            return cond_leave[policy][k][:, bins_per_exit[k]]
+        leave_rules[policy] = cond_rule
+    correct_at = [correct_per_exit[k] for k in range(num_exits)]
+    global_t, global_n, global_k = fit_global_threshold(confidences, correct_at, grid, alpha)
+    reached = np.where(np.isnan(global_t), np.inf, global_t)
+    leave_rules[GLOBAL_POLICY] = lambda k: confidences[k][None, :] >= reached[:, None]
     for policy, leave in leave_rules.items():
         tails[policy] = leaver_counts(leave, tail_bins_per_exit, correct_per_exit, tail_sizes, grid)
     for k in range(num_exits):
@@ -249,7 +294,13 @@ def tables_document(
         "data_fingerprint": str(data_fingerprint),
         "delta_grid": grid.tolist(),
         "exits": exits,
+        "global_threshold": {"thresholds": _nullable(global_t), "counts": global_n.tolist(), "correct": global_k.tolist()},
     }
+
+
+def _with_sentinel(values: np.ndarray, fill: float | bool) -> np.ndarray:
+    """values [..., M] with a column M for the unobserved samples' sentinel bin."""
+    return np.concatenate([values, np.full(values.shape[:-1] + (1,), fill, dtype=values.dtype)], axis=-1)
 
 
 def _margin_thresholds(thresholds: np.ndarray, precision: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -303,6 +354,7 @@ def fit_calibration(
     data_fingerprint: str = "",
     prior: tuple[float, float] = DEFAULT_PRIOR,
     tail_bins: int = DEFAULT_TAIL_BINS,
+    features: InputFeatures | None = None,
 ) -> Calibration:
     """Fit temperatures and every table on validation logits [n, C] per exit.
 
@@ -314,6 +366,6 @@ def fit_calibration(
     document = build_calibration_dict(
         logits_per_exit, labels, confidence=confidence, bins=bins, binning=binning, window=window,
         alpha=alpha, delta_grid=delta_grid, fit_temperature=fit_temperature, data_fingerprint=data_fingerprint,
-        prior=prior, tail_bins=tail_bins,
+        prior=prior, tail_bins=tail_bins, features=features,
     )
     return Calibration.from_dict(document)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from exitserve.calibration.confidence import confidence_from_probs, softmax
-from exitserve.calibration.document import CONDITIONAL_KINDS, TABLE_POLICIES, TAIL_POLICIES
+from exitserve.calibration.document import CONDITIONAL_KINDS, GLOBAL_POLICY, TABLE_POLICIES, TAIL_POLICIES_V2
 
 if TYPE_CHECKING:
     from exitserve.calibration.rules import _ExitTables
 
-_GUARDED = tuple(p for p in TAIL_POLICIES if p != "pcee-lb-tail")  # the baselines: their own rule, the tail's promise
+_GUARDED = tuple(p for p in TAIL_POLICIES_V2 if p != "pcee-lb-tail")  # the baselines: their own rule, the tail's promise
 
 
 class OneDecision(NamedTuple):
@@ -32,6 +32,8 @@ class OneDecision(NamedTuple):
     estimate: float
     target_met: bool
     confidence: float
+    promised: float
+    reason: int
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,17 @@ def _confidence(measure: str, probs: np.ndarray, row: list[float]) -> float:
     return float(confidence_from_probs(probs, measure)[0])
 
 
+def bin_one(edges: list[float], conf: float) -> int:
+    return _bin(edges, conf)
+
+
 def decide_one(ex: _ExitTables, lists: _Lists, measure: str, policy: str, last: bool, grid_row: int,
-             logits: np.ndarray, delta: float) -> OneDecision:
-    """The decision of `Calibration.step(policy, k, logits, [delta])` for one row of logits [1, C]."""
+             logits: np.ndarray, delta: float, global_row: tuple[float, float] | None = None
+             ) -> tuple[bool, float, bool, float]:
+    """The exit rule of `Calibration.step(policy, k, logits, ...)` for one row of logits [1, C], at the δ
+    the rule decides at: (leaves, estimate, the promise as an older document fitted it, confidence).
+    `global_row`: pcee-lb-global's (threshold, bound) at this grid row. The promise itself is made by
+    `Calibration.step_one` from the guard tables."""
     probs = softmax(logits, ex.temperature)
     row = probs[0].tolist()
     conf = _confidence(measure, probs, row)
@@ -83,34 +93,38 @@ def decide_one(ex: _ExitTables, lists: _Lists, measure: str, policy: str, last: 
         b = _bin(lists.edges, conf)
         estimate = float(ex.report[kind][b])
         if last:
-            return OneDecision(True, estimate, estimate >= delta, conf)
+            return True, estimate, estimate >= delta, conf
         leaves = float(ex.decide[kind][b]) >= delta
-        return OneDecision(leaves, estimate, leaves, conf)
+        return leaves, estimate, leaves, conf
     if policy in CONDITIONAL_KINDS or (policy == "pcee-lb-tail" and (ex.tail_edges is None or ex.tail_allowed is None)):
         name = policy if policy in CONDITIONAL_KINDS else "pcee-lb-cond"
         b = _bin(lists.edges, conf)
         estimate = float(ex.cond_report[name][g, b])
         if last:
-            return OneDecision(True, estimate, estimate >= delta, conf)
+            return True, estimate, estimate >= delta, conf
         leaves = bool(ex.cond_allowed[name][g, b]) and float(ex.cond_decide[name][g, b]) >= delta
-        return OneDecision(leaves, estimate, leaves, conf)
+        return leaves, estimate, leaves, conf
     if policy == "pcee-lb-tail":
         assert lists.tail_edges is not None and ex.tail_allowed is not None
         b = _bin(lists.tail_edges, conf)
         promised = float(ex.tail_guard[policy][g, b]) >= delta
         estimate = float(ex.tail_estimate[policy][g, b])
         if last:
-            return OneDecision(True, estimate, promised, conf)
+            return True, estimate, promised, conf
         leaves = bool(ex.tail_allowed[g, b]) and promised
-        return OneDecision(leaves, estimate, leaves, conf)
+        return leaves, estimate, leaves, conf
+    if policy == GLOBAL_POLICY:
+        assert global_row is not None and lists.tail_edges is not None
+        estimate = float(ex.tail_estimate[policy][g, _bin(lists.tail_edges, conf)])
+        return last or conf >= global_row[0], estimate, False, conf
     if policy not in _GUARDED:
         raise ValueError(f"unknown policy {policy!r}")
     leaves, estimate = _baseline(ex, lists, policy, last, row, conf, delta)
     if lists.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
-        return OneDecision(leaves, estimate, estimate >= delta if last else leaves, conf)
+        return leaves, estimate, estimate >= delta if last else leaves, conf
     b = _bin(lists.tail_edges, conf)
     promised = float(ex.tail_guard[policy][g, b]) >= delta
-    return OneDecision(leaves, float(ex.tail_estimate[policy][g, b]), promised if last else leaves and promised, conf)
+    return leaves, float(ex.tail_estimate[policy][g, b]), promised if last else leaves and promised, conf
 
 
 def _baseline(ex: _ExitTables, lists: _Lists, policy: str, last: bool, row: list[float], conf: float,

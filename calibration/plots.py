@@ -13,7 +13,7 @@ _STYLES = {  # conditional variants share their base colour, dashed
     "pcee": ("tab:blue", "-"), "pcee-cond": ("tab:blue", "--"),
     "pcee-ws": ("tab:green", "-"), "pcee-ws-cond": ("tab:green", "--"),
     "pcee-lb": ("tab:red", "-"), "pcee-lb-cond": ("tab:red", "--"),
-    "pcee-lb-tail": ("tab:brown", "-"),
+    "pcee-lb-tail": ("tab:brown", "-"), "pcee-lb-global": ("tab:olive", "-"),
     "confidence": ("tab:orange", "-"), "per-exit-threshold": ("tab:purple", "-"), "full": ("black", ":"),
 }
 

@@ -54,25 +54,31 @@ from functools import partial
 import numpy as np
 
 from exitserve.calibration.binning import bin_index, check_edges
+from exitserve.calibration.bounds import clopper_pearson_lower
 from exitserve.calibration.confidence import confidence_from_probs, softmax, top2_margin
 from exitserve.calibration.document import (
     CONDITIONAL_KINDS,
     DOCUMENT_KIND,
+    GLOBAL_POLICY,
     TABLE_POLICIES,
     TAIL_POLICIES,
+    TAIL_POLICIES_V2,
     ExitDocument,
+    GlobalThreshold,
     GridRows,
     check_grid,
     normalise_deltas,
     parse_document,
 )
-from exitserve.calibration.one_row import OneDecision, decide_one, exit_lists
+from exitserve.calibration.input_guard import InputGuard
+from exitserve.calibration.one_row import OneDecision, bin_one, decide_one, exit_lists
+from exitserve.calibration.reasons import BELOW_TARGET, OUT_OF_DISTRIBUTION, POLICY_UNGUARDED, PROMISED
 from exitserve.calibration.tables import TABLE_KINDS, borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import bin_estimates, tail_values
 
 POLICIES: tuple[str, ...] = (
     "pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail",
-    "confidence", "per-exit-threshold", "full",
+    "confidence", "per-exit-threshold", "full", GLOBAL_POLICY,
 )
 DEFAULT_POLICY = "pcee-lb-tail"
 GRID_TOLERANCE = 1e-9  # a δ this close above a grid value counts as that grid value
@@ -99,6 +105,8 @@ class StepDecision:
     estimate: np.ndarray
     target_met: np.ndarray
     confidence: np.ndarray
+    promised: np.ndarray  # the guarded accuracy the promise rests on: >= δ wherever target_met
+    reason: np.ndarray  # uint8 codes (calibration.reasons): why target_met is False (PROMISED where it is True)
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,8 @@ Rule = Callable[["_ExitTables", bool, np.ndarray, np.ndarray, np.ndarray, np.nda
 class Calibration:
     """Reliability tables and exit rules of one bundle. Build with `fit_calibration` or `from_dict`."""
 
-    def __init__(self, document: dict, exits: list[_ExitTables], grid: np.ndarray):
+    def __init__(self, document: dict, exits: list[_ExitTables], grid: np.ndarray,
+                 global_threshold: tuple[np.ndarray, np.ndarray] | None = None, input_guard: InputGuard | None = None):
         self._document = document
         self._exits = exits
         self.delta_grid = grid
@@ -148,6 +157,10 @@ class Calibration:
         self.data_fingerprint: str = document["data_fingerprint"]
         self.temperatures: np.ndarray = np.array([e.temperature for e in exits])
         self.has_tail_tables: bool = all(e.tail_edges is not None for e in exits)
+        # Schema 3: every policy decides at the grid δ its guard was fitted at, and promises by that guard.
+        self.guarded_everywhere: bool = self.schema_version >= 3
+        self._global = global_threshold  # pcee-lb-global: ([G] thresholds, inf where none; [G] bounds)
+        self.input_guard: InputGuard | None = input_guard
         self._rules: dict[str, Rule] = {
             **{p: self._table_rule(kind) for p, kind in TABLE_POLICIES.items()},
             **{p: self._conditional_rule(p) for p in CONDITIONAL_KINDS},
@@ -155,11 +168,14 @@ class Calibration:
             "confidence": self._guarded(self._confidence_rule, "confidence"),
             "per-exit-threshold": self._guarded(self._threshold_rule, "per-exit-threshold"),
             "full": self._guarded(self._full_rule, "full"),
+            GLOBAL_POLICY: self._global_rule,
         }
         self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
         self._firing: dict[tuple[str, float], tuple[np.ndarray, tuple[int, ...]]] = {}  # see _firing_at
         self._lists = [exit_lists(ex) for ex in exits]  # step_one's bisect needs Python lists
         self._grid_list: list[float] = grid.tolist()
+        self._global_lists: list[tuple[float, float]] = [] if global_threshold is None else list(
+            zip(global_threshold[0].tolist(), global_threshold[1].tolist(), strict=True))
 
     # --- loading and saving -------------------------------------------------------------------
 
@@ -180,10 +196,15 @@ class Calibration:
         settings = _Settings(window=doc.window, alpha=doc.alpha, prior=doc.beta_prior,
                              validation_size=doc.validation_size, schema=doc.schema_version)
         exits = [_parse_exit(raw, k, grid, settings) for k, raw in enumerate(doc.exits)]
+        global_threshold = None if doc.global_threshold is None else _global_threshold(doc.global_threshold, grid, doc.alpha)
+        try:
+            guard = None if doc.input_guard is None else InputGuard.from_document(doc.input_guard)
+        except ValueError as exc:
+            raise ValueError(f"calibration: {exc}") from exc
         document = copy.deepcopy(dict(data))
         document["kind"] = DOCUMENT_KIND
         document["alpha"] = float(doc.alpha)
-        return cls(document, exits, grid)
+        return cls(document, exits, grid, global_threshold, guard)
 
     def to_dict(self) -> dict:
         """The calibration.json document (JSON-serialisable; a deep copy)."""
@@ -254,7 +275,9 @@ class Calibration:
         if ceilings is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
         deltas = np.atleast_1d(np.asarray(deltas, dtype=np.float64))
-        fires: np.ndarray = np.any(deltas[None, :] <= ceilings[:, self.grid_index(deltas)], axis=1)
+        g = self.grid_index(deltas)
+        decided_at = np.maximum(self.delta_grid[g], deltas) if self.guarded_everywhere else deltas  # see step
+        fires: np.ndarray = np.any(decided_at[None, :] <= ceilings[:, g], axis=1)
         fires[-1] = True
         return fires
 
@@ -284,6 +307,8 @@ class Calibration:
     def _ceiling(self, policy: str) -> np.ndarray:
         """[num_exits, G]: the largest δ at which exit k lets some bin leave, for requests on grid row g."""
         grid = self.delta_grid.size
+        if policy == GLOBAL_POLICY and self._global is None:
+            policy = "pcee-lb-tail"  # an older document decides pcee-lb-global as pcee-lb-tail (see _global_rule)
         rows = []
         for ex in self._exits:
             if policy in TABLE_POLICIES:
@@ -296,6 +321,9 @@ class Calibration:
                 ceiling = np.where(ex.tail_allowed, ex.tail_guard[policy], -np.inf).max(axis=1)
             elif policy == "per-exit-threshold":
                 ceiling = np.full(grid, ex.precision.max() if ex.precision.size else -np.inf)
+            elif policy == GLOBAL_POLICY:
+                # Confidences reach 1: an exit can fire wherever the grid δ has a threshold at all.
+                ceiling = np.full(grid, -np.inf) if self._global is None else np.where(np.isfinite(self._global[0]), np.inf, -np.inf)
             elif policy == "full":
                 ceiling = np.full(grid, -np.inf)
             else:  # confidence: any δ in [0, 1] may be reached by some logits
@@ -306,11 +334,18 @@ class Calibration:
     # --- the decision -------------------------------------------------------------------------
 
     def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: np.ndarray | float,
-             normalised: bool = False) -> StepDecision:
+             normalised: bool = False, in_distribution: np.ndarray | None = None) -> StepDecision:
         """Decide for the n samples still running at exit `exit_index` (logits [n, C], deltas [n] or one δ).
 
         `normalised`: the caller passes float64 deltas [n] that went through `normalise_deltas` already
-        (the engine, whose dataplane checked every request's δ), so they are not checked again."""
+        (the engine, whose dataplane checked every request's δ), so they are not checked again.
+        `in_distribution`: [n] bool from the input guard (None: not applied); False withholds the promise.
+
+        Schema 3: the exit rule decides at the grid δ a request's δ maps to (nearest at or above), so
+        the samples that leave are exactly those the policy's guard table was counted on; the promise
+        is that guard (`promised`, a lower bound on the accuracy of the samples the policy answers
+        there at least as confident as this one) reaching the request's own δ. Older documents decide
+        and promise as they were fitted; policies they hold no guard for promise nothing."""
         rule = self._rules.get(policy)
         if rule is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -325,14 +360,49 @@ class Calibration:
         probs = softmax(logits, ex.temperature)
         conf = confidence_from_probs(probs, self.measure)
         last = exit_index == self.num_exits - 1
-        leaves, estimate, target_met = rule(ex, last, probs, conf, deltas, self.grid_index(deltas))
+        g = self.grid_index(deltas)
+        # Above the grid's top (a grid not ending at 1) a request is never decided more loosely than asked.
+        decided_at = np.maximum(self.delta_grid[g], deltas) if self.guarded_everywhere else deltas
+        leaves, estimate, fitted_promise = rule(ex, last, probs, conf, decided_at, g)
         # The last exit answers everyone; a rule says None there (and only there) for "no decision".
         exit_now = np.ones(n, dtype=bool) if last or leaves is None else leaves
-        if target_met is None:
-            target_met = estimate >= deltas if last else exit_now.copy()
-        return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf)
+        if self.guarded_everywhere:
+            promised = self._promised(policy, ex, conf, g)
+            target_met = exit_now & (promised >= deltas)
+            reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
+        elif self.guards(policy):  # schema 2: pcee-lb-tail and the baselines, as fitted
+            assert fitted_promise is not None and ex.tail_edges is not None
+            promised = ex.tail_guard[_legacy_tail(policy)][g, bin_index(ex.tail_edges, conf)]
+            target_met = fitted_promise
+            reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
+        else:  # no guard in this document: say so instead of promising a point estimate
+            promised = np.zeros(n)
+            target_met = np.zeros(n, dtype=bool)
+            reason = np.full(n, POLICY_UNGUARDED, dtype=np.uint8)
+        if in_distribution is not None:
+            foreign = ~np.asarray(in_distribution, dtype=bool)
+            reason[foreign] = OUT_OF_DISTRIBUTION
+            target_met = target_met & ~foreign
+        return StepDecision(exit_now=exit_now, estimate=estimate, target_met=target_met, confidence=conf,
+                            promised=promised, reason=reason)
 
-    def step_one(self, policy: str, exit_index: int, logits: np.ndarray, delta: float) -> OneDecision:
+    def guards(self, policy: str) -> bool:
+        """Does this document hold a guard for `policy`'s promise (else its answers promise nothing)?"""
+        if self.guarded_everywhere:
+            return True
+        return self.has_tail_tables and _legacy_tail(policy) in TAIL_POLICIES_V2
+
+    def _promised(self, policy: str, ex: _ExitTables, conf: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Schema 3: the guarded accuracy behind each sample's answer at this exit."""
+        if policy == GLOBAL_POLICY:
+            assert self._global is not None
+            thresholds, bounds = self._global
+            return np.where(conf >= thresholds[g], bounds[g], 0.0)
+        assert ex.tail_edges is not None
+        return ex.tail_guard[policy][g, bin_index(ex.tail_edges, conf)]
+
+    def step_one(self, policy: str, exit_index: int, logits: np.ndarray, delta: float,
+                 in_distribution: bool = True) -> OneDecision:
         """`step` for one sample: logits [1, C], δ a float that went through `normalise_deltas` (the engine's).
 
         The same decision, bit for bit, as Python scalars: a lone request's batch of one row would pay
@@ -344,8 +414,31 @@ class Calibration:
             raise ValueError(f"step_one takes the logits of one sample, [1, classes], got shape {logits.shape}")
         # grid_index for one δ: bisect_left on the same floats is np.searchsorted(side="left").
         g = min(bisect.bisect_left(self._grid_list, delta - GRID_TOLERANCE), len(self._grid_list) - 1)
-        return decide_one(ex, self._lists[exit_index], self.measure, policy, exit_index == self.num_exits - 1, g,
-                        logits, delta)
+        decided_at = max(self._grid_list[g], delta) if self.guarded_everywhere else delta
+        rule_policy = policy if policy != GLOBAL_POLICY or self._global is not None else "pcee-lb-tail"
+        leaves, estimate, fitted_promise, conf = decide_one(
+            ex, self._lists[exit_index], self.measure, rule_policy, exit_index == self.num_exits - 1, g, logits,
+            decided_at, None if self._global is None else self._global_lists[g])
+        if self.guarded_everywhere:
+            if policy == GLOBAL_POLICY:
+                threshold, bound = self._global_lists[g]
+                promised = bound if conf >= threshold else 0.0
+            else:
+                tail_edges = self._lists[exit_index].tail_edges
+                assert tail_edges is not None
+                promised = float(ex.tail_guard[policy][g, bin_one(tail_edges, conf)])
+            target_met = leaves and promised >= delta
+        elif self.guards(policy):
+            tail_edges = self._lists[exit_index].tail_edges
+            assert tail_edges is not None
+            promised = float(ex.tail_guard[_legacy_tail(policy)][g, bin_one(tail_edges, conf)])
+            target_met = fitted_promise
+        else:
+            return OneDecision(leaves, estimate, False, conf, 0.0,
+                               POLICY_UNGUARDED if in_distribution else OUT_OF_DISTRIBUTION)
+        if not in_distribution:
+            return OneDecision(leaves, estimate, False, conf, promised, OUT_OF_DISTRIBUTION)
+        return OneDecision(leaves, estimate, target_met, conf, promised, PROMISED if target_met else BELOW_TARGET)
 
     @staticmethod
     def _table_rule(kind: str) -> Rule:
@@ -394,6 +487,12 @@ class Calibration:
 
         return guarded
 
+    def _global_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
+        if self._global is None:  # an older document: the per-exit tail rule is the nearest it has
+            return self._rules["pcee-lb-tail"](ex, last, probs, conf, deltas, g)
+        estimate = ex.tail_estimate[GLOBAL_POLICY][g, bin_index(ex.tail_edges, conf)] if ex.tail_edges is not None else conf
+        return (None if last else conf >= self._global[0][g]), estimate, None
+
     @staticmethod
     def _confidence_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
         return (None if last else conf >= deltas), conf.copy(), None
@@ -419,6 +518,31 @@ class Calibration:
     def __repr__(self) -> str:
         return (f"Calibration({self.num_exits} exits, {self.measure}, {self.validation_size} validation samples, "
                 f"labels_known={self.labels_known})")
+
+
+def _legacy_tail(policy: str) -> str:
+    """The tail table an older document guards `policy` with (pcee-lb-global decides as pcee-lb-tail there)."""
+    return "pcee-lb-tail" if policy == GLOBAL_POLICY else policy
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def _global_threshold(raw: GlobalThreshold, grid: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """([G] thresholds, +inf where none passed; [G] their guarded bounds), checked against the counts."""
+    where = "calibration: global_threshold"
+    if not len(raw.thresholds) == len(raw.counts) == len(raw.correct) == grid.size:
+        raise ValueError(f"{where}: thresholds, counts and correct need one value per grid δ ({grid.size})")
+    counts = _int_array(raw.counts, f"{where}: counts")
+    correct = _int_array(raw.correct, f"{where}: correct")
+    if np.any(correct > counts):
+        raise ValueError(f"{where}: more correct answers than answers")
+    thresholds = _float_array(raw.thresholds, f"{where}: thresholds")
+    found = np.isfinite(thresholds)
+    bounds = np.where(found, clopper_pearson_lower(correct, counts, alpha), 0.0)
+    if np.any(bounds[found] < grid[found] - _CONSISTENCY_TOLERANCE):
+        raise ValueError(f"{where}: a threshold whose answers' bound is below its δ (edited by hand?)")
+    return np.where(found, thresholds, np.inf), bounds
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -543,8 +667,11 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
             tail_edges = check_edges(_float_array(raw.tail.edges, f"{where}: tail edges"))
         except ValueError as exc:
             raise ValueError(f"{where}: tail: edges: {exc}") from exc
-        for policy in TAIL_POLICIES:
-            rows_counts, rows_correct = _grid_rows(raw.tail.of(policy), tail_edges.size - 1, grid, f"{where}: tail {policy}")
+        for policy in (*TAIL_POLICIES, GLOBAL_POLICY) if settings.schema >= 3 else TAIL_POLICIES_V2:
+            block = raw.tail.of(policy)
+            if block is None:
+                raise ValueError(f"{where}: tail: no table for {policy}")
+            rows_counts, rows_correct = _grid_rows(block, tail_edges.size - 1, grid, f"{where}: tail {policy}")
             tail = tail_values(rows_counts, rows_correct, grid, settings.alpha)
             tail_guard[policy] = _with_sentinel(tail, 0.0)
             tail_estimate[policy] = _with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)

@@ -57,10 +57,12 @@ class SegmentSpec(_Strict):
     logits: str = Field(description="name of the output holding this segment's exit logits")
     flops: int = Field(ge=0, description="measured FLOPs per sample of the segment and its exit head")
     torchscript: str | None = Field(None, description="optional TorchScript twin of `file`, for the torch runner")
+    features: str | None = Field(None, description="first segment only: the output holding pooled statistics of its "
+                                 "hidden state, read by the input guard (models.features)")
 
     @property
     def state_outputs(self) -> list[str]:
-        return [name for name in self.outputs if name != self.logits]
+        return [name for name in self.outputs if name not in (self.logits, self.features)]
 
 
 class SpanSpec(_Strict):

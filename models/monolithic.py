@@ -28,14 +28,15 @@ def merge_segments(bundle_dir: str | Path, every_exit: bool = False) -> onnx.Mod
     bundle = load_bundle(bundle_dir)
     segments = bundle.manifest.segments
     models = [onnx.load(str(bundle.segment_path(k))) for k in range(len(segments))]
-    return merge_span(segments, models, 0, len(segments) - 1, every_exit=every_exit)
+    return merge_span(segments, models, 0, len(segments) - 1, every_exit=every_exit, features=False)
 
 
 def merge_span(segments: Sequence[SegmentSpec], models: Sequence[onnx.ModelProto], first: int, last: int,
-               every_exit: bool = False) -> onnx.ModelProto:
+               every_exit: bool = False, features: bool = True) -> onnx.ModelProto:
     """Segments first..last (their graphs `models`) as one graph taking segment `first`'s inputs and
     giving segment `last`'s outputs (its state, then its exit logits); the inner exit heads are
-    pruned, or with `every_exit` kept as outputs."""
+    pruned, or with `every_exit` kept as outputs. `features`: a span from segment 0 keeps its
+    features tap as an output (models.features); the plain model (merge_segments) drops it."""
     final = len(segments) - 1
     merged: onnx.ModelProto | None = None
     for k in range(first, last + 1):
@@ -48,6 +49,9 @@ def merge_span(segments: Sequence[SegmentSpec], models: Sequence[onnx.ModelProto
         previous = segments[k - 1]
         io_map = [(f"s{k - 1}/{name}", f"s{k}/{name}") for name in previous.state_outputs]
         keep = [o.name for o in model.graph.output]
+        tap = segments[first].features if first == 0 and features else None
+        if tap is not None and not every_exit:  # the features tap of segment 0 stays an output (models.features)
+            keep = [f"s0/{tap}", *keep]
         if every_exit:  # the earlier exits' logits stay outputs of the merged graph
             early = {f"s{j}/{segments[j].logits}" for j in range(first, k)}
             keep = [o.name for o in merged.graph.output if o.name in early] + keep
@@ -63,13 +67,23 @@ def merge_span(segments: Sequence[SegmentSpec], models: Sequence[onnx.ModelProto
         merged.graph.output.extend(_value_infos(merged, exits))
         return merged
     outputs = segments[last].outputs if last < final else [segments[last].logits]
+    tap = segments[first].features if first == 0 and features else None
+    if tap is not None:
+        outputs = [*outputs, f"s0/{tap}"]
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "merged.onnx"
         onnx.save(merged, str(whole))
         pruned = Path(tmp) / "pruned.onnx"
         # Keep only what feeds the span's outputs: the inner exit heads drop out.
         onnx.utils.extract_model(str(whole), str(pruned), list(segments[first].inputs), list(outputs))
-        return onnx.load(str(pruned))
+        span = onnx.load(str(pruned))
+    if tap is not None:  # the tap keeps its segment's name, as the runner binds it
+        for node in span.graph.node:
+            node.output[:] = [tap if name == f"s0/{tap}" else name for name in node.output]
+        for value in span.graph.output:
+            if value.name == f"s0/{tap}":
+                value.name = tap
+    return span
 
 
 def monolithic_bundle(bundle_dir: str | Path, out_dir: str | Path, name: str | None = None) -> Path:

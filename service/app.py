@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     async def list_models() -> Response:
         return Response(orjson.dumps({"models": [
             {"name": n, "version": m.manifest.version, "exits": m.manifest.num_exits, "ready": m.ready,
-             "compute_fractions": m.compute_fractions.tolist(), "labels": m.manifest.labels}
+             "compute_fractions": m.compute_fractions.tolist(), "labels": m.manifest.labels, **m.trust()}
             for n, m in repository.models.items()
         ]}), media_type="application/json")
 

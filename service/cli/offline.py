@@ -42,7 +42,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise UserError("calibrate needs --data (held-out data) or --from-feedback LOG")
     from exitserve.calibration.evaluation import evaluate_policies
     from exitserve.models.bundle import load_bundle
-    from exitserve.service.tools.offline import fit_bundle
+    from exitserve.service.tools.offline import fit_bundle, input_guard_verdict
 
     fitted = fit_bundle(
         args.bundle, args.data, progress=not args.no_progress, confidence=args.confidence, bins=args.bins,
@@ -51,7 +51,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.bundle) / 'calibration.json'} and re-signed the manifest")
     fractions = load_bundle(args.bundle).manifest.compute_fractions()
     report = evaluate_policies(fitted.calibration, fitted.logits, fitted.labels, fractions, SUMMARY_DELTAS,
-                               policies=[DEFAULT_POLICY], over_promise_deltas=())
+                               policies=[DEFAULT_POLICY], over_promise_deltas=(),
+                               in_distribution=input_guard_verdict(fitted.calibration, fitted.features))
     print(f"on the calibration data itself ({len(fitted.labels)} samples of {args.data}; optimistic: "
           "`exitserve evaluate` on test data gives the honest figures):")
     print_summary(report)

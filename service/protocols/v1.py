@@ -43,7 +43,8 @@ class PredictRequest(StrictBody):
     delta: float | list[float] | None = Field(None, description="accuracy target in (0, 1]; one value or one per sample")
     policy: str | None = Field(None, description="exit policy, e.g. pcee-lb-tail (the default), pcee-lb-cond, pcee-cond, pcee, confidence, full")
     return_probabilities: bool = False
-
+    ood_guard: bool = Field(True, description="withhold the promise for inputs unlike the calibration data "
+                            "(where the bundle has an input guard: `input_guard` in GET /v1/models)")
 
 
 class SamplePrediction(BaseModel):
@@ -51,8 +52,12 @@ class SamplePrediction(BaseModel):
     class_index: int
     exit: int = Field(description="index of the exit that answered, from 0")
     exits_total: int
-    estimated_accuracy: float
-    target_met: bool = Field(description="false when even the last exit's estimate is below delta")
+    estimated_accuracy: float = Field(description="calibrated accuracy of answers about as confident as this one")
+    promised_accuracy: float = Field(description="the guarded accuracy target_met rests on: a lower bound on the "
+                                     "accuracy of the answers this one is promised with; >= delta whenever target_met")
+    target_met: bool = Field(description="the answer is promised: correct at a rate >= delta")
+    reason: Literal["below_target", "out_of_distribution", "policy_unguarded"] | None = Field(
+        description="why target_met is false (null when it is true)")
     compute_fraction: float = Field(description="cumulative FLOPs at the exit / FLOPs of the full model")
     probabilities: list[float] | None = None
 
@@ -99,17 +104,22 @@ def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list
     labels = prediction.labels.tolist()
     columns = zip(
         labels, result.class_index.tolist(), result.exit_index.tolist(), result.estimate.tolist(),
-        result.target_met.tolist(), prediction.compute_fraction.tolist(), strict=True,
+        _promised(result.promised, len(labels)), result.target_met.tolist(), prediction.reasons,
+        prediction.compute_fraction.tolist(), strict=True,
     )
     out = [
         {"label": label, "class_index": c, "exit": e, "exits_total": exits_total, "estimated_accuracy": est,
-         "target_met": met, "compute_fraction": frac}
-        for label, c, e, est, met, frac in columns
+         "promised_accuracy": promised, "target_met": met, "reason": reason, "compute_fraction": frac}
+        for label, c, e, est, promised, met, reason, frac in columns
     ]
     if want_probabilities and result.probabilities is not None:
         for entry, probs in zip(out, result.probabilities.tolist(), strict=True):
             entry["probabilities"] = probs
     return out
+
+
+def _promised(values: np.ndarray | None, n: int) -> list[float]:
+    return [0.0] * n if values is None else values.tolist()
 
 
 def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
@@ -131,7 +141,7 @@ def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
         deltas = dataplane.check_deltas(body.delta, len(x))
         policies = dataplane.check_policy(served, body.policy, len(x))
         want = body.return_probabilities
-        prediction = await dataplane.infer(served, x, deltas, policies, want)
+        prediction = await dataplane.infer(served, x, deltas, policies, want, body.ood_guard)
         response = {"model": served.name, "request_id": request.state.request_id, "predictions": encode_predictions(prediction, want)}
         return Response(orjson.dumps(response), media_type="application/json")
 

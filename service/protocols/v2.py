@@ -31,7 +31,9 @@ OUTPUTS = {
     "class_index": "INT64",
     "exit": "INT64",
     "estimated_accuracy": "FP32",
+    "promised_accuracy": "FP32",  # the guarded accuracy target_met rests on (>= delta where it is true)
     "target_met": "BOOL",
+    "reason": "BYTES",  # why target_met is false: below_target, out_of_distribution, policy_unguarded; "" when true
     "compute_fraction": "FP32",
     "probabilities": "FP32",
 }
@@ -64,7 +66,7 @@ def model_metadata(model: ServedModel) -> dict:
             {"name": name, "datatype": datatype, "shape": [-1, len(m.labels)] if name == "probabilities" else [-1]}
             for name, datatype in OUTPUTS.items()
         ],
-        "parameters": {"exits": m.num_exits, "labels": m.labels},
+        "parameters": {"exits": m.num_exits, "labels": m.labels, **model.trust()},
     }
 
 
@@ -86,6 +88,7 @@ class InferParameters(StrictBody):
     delta: float | None = Field(None, description="accuracy target in (0, 1] for every sample")
     policy: str | None = Field(None, description="exit policy (default: the server's)")
     binary_data_output: bool = Field(False, description="outputs as binary tensors by default")
+    ood_guard: bool = Field(True, description="withhold the promise for inputs unlike the calibration data")
 
 
 def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
@@ -151,14 +154,16 @@ def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
         if decoded.id:
             # OIP clients correlate by the request's `id` (echoed in the response): feedback uses it too.
             REQUEST_ID.set(str(decoded.id))
-        prediction = await dataplane.infer(served, x, deltas, policies, want_probabilities)
+        prediction = await dataplane.infer(served, x, deltas, policies, want_probabilities, params.ood_guard)
         result = prediction.result
         arrays: dict[str, np.ndarray | None] = {
             "label": np.asarray([s.encode() for s in prediction.labels.tolist()], dtype=object),
             "class_index": result.class_index,
             "exit": result.exit_index,
             "estimated_accuracy": result.estimate.astype(np.float32),
+            "promised_accuracy": (result.promised if result.promised is not None else np.zeros(len(x))).astype(np.float32),
             "target_met": result.target_met,
+            "reason": np.asarray([(r or "").encode() for r in prediction.reasons], dtype=object),
             "compute_fraction": prediction.compute_fraction.astype(np.float32),
             "probabilities": result.probabilities,
         }

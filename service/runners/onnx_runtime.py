@@ -82,10 +82,22 @@ class ChainRunner:
     """What every runner offers on top of start / run_segment / select (the engine's three steps)."""
 
     bundle: Bundle
+    gives_features = False  # does a run from segment 0 leave the features tap's values in its state?
 
     @property
     def num_exits(self) -> int:
         return len(self.bundle.manifest.segments)
+
+    @property
+    def features(self) -> str | None:
+        """The features tap's name where this runner gives it (models.features), else None."""
+        return self.bundle.manifest.segments[0].features if self.gives_features else None
+
+    def take_features(self, state: dict) -> np.ndarray | None:
+        """Remove the features tap's values from a state a run from segment 0 returned: [n, D] on the host."""
+        name = self.features
+        value = state.pop(name, None) if name else None
+        return None if value is None else value.numpy()
 
     def start(self, x: np.ndarray) -> dict:
         raise NotImplementedError
@@ -113,7 +125,13 @@ class ChainRunner:
 
     def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
         """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
+        return self.run_all_exits_with_features(x, batch_size, progress)[0]
+
+    def run_all_exits_with_features(self, x: np.ndarray, batch_size: int = 256, progress: bool = True
+                                    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """`run_all_exits`, and the features tap's values for every sample (None where the runner gives none)."""
         chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
+        features: list[np.ndarray] = []
         starts: Iterable[int] = range(0, len(x), batch_size)
         if progress:  # offline use only: the serving path never imports tqdm
             from tqdm import tqdm
@@ -124,7 +142,10 @@ class ChainRunner:
             for k in range(self.num_exits):
                 state, logits = self.run_segment(k, state)
                 chunks[k].append(logits)
-        return [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
+                if k == 0 and (tapped := self.take_features(state)) is not None:
+                    features.append(tapped)
+        logits_out = [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
+        return logits_out, np.concatenate(features) if features else None
 
     def warmup(self, batch_sizes: list[int]) -> None:
         """Run every segment (and the compaction gathers) once per batch size, before serving."""
@@ -140,6 +161,8 @@ class ChainRunner:
 
 class OnnxRunner(ChainRunner):
     """Runs segments of one bundle. Thread-safe: ORT sessions are, and per-call state is local."""
+
+    gives_features = True
 
     def __init__(self, bundle: Bundle, provider: Provider = "cpu", threads: int = 1, options: RunnerOptions | None = None):
         self.bundle = bundle
@@ -190,7 +213,7 @@ class OnnxRunner(ChainRunner):
         sessions = [self._open(self.bundle.segment_path(k), spec.inputs, spec.outputs, so, "segment")
                     for k, spec in enumerate(segments)]
         # A span takes segment first's inputs and gives segment last's outputs.
-        spans = {(first, last): self._open(path, segments[first].inputs, segments[last].outputs, so, f"span {first}-{last}")
+        spans = {(first, last): self._open(path, segments[first].inputs, self._span_outputs(first, last), so, f"span {first}-{last}")
                  for (first, last), path in self.bundle.span_paths().items()}
         return sessions, spans
 
@@ -205,6 +228,12 @@ class OnnxRunner(ChainRunner):
             raise BundleError(f"{path}: {what} inputs {names_in} / outputs {names_out} do not match the manifest "
                               f"({inputs} / {outputs})")
         return session
+
+    def _span_outputs(self, first: int, last: int) -> list[str]:
+        """Segment last's outputs, and the features tap where the span starts at segment 0 (models.features)."""
+        segments = self.bundle.manifest.segments
+        tap = segments[0].features if first == 0 else None
+        return [*segments[last].outputs, *([tap] if tap else [])]
 
     def _sessions_for(self, state: State) -> tuple[list[ort.InferenceSession], dict[tuple[int, int], ort.InferenceSession]]:
         if self._large_sessions is not None:
@@ -230,7 +259,7 @@ class OnnxRunner(ChainRunner):
         if session is None:
             return super().run_span(first, last, state)
         segments = self.bundle.manifest.segments
-        return self._run_graph(session, segments[first].inputs, segments[last].outputs, segments[last].logits, state)
+        return self._run_graph(session, segments[first].inputs, self._span_outputs(first, last), segments[last].logits, state)
 
     def _run_graph(self, session: ort.InferenceSession, inputs: list[str], outputs: list[str], logits_name: str,
                    state: State) -> tuple[State, np.ndarray]:
@@ -238,8 +267,8 @@ class OnnxRunner(ChainRunner):
         for name in inputs:
             binding.bind_ortvalue_input(name, state[name])
         for name in outputs:
-            # Logits go to the host (the only copy); the hidden state stays on the device.
-            on_host = name == logits_name
+            # Logits (and the input guard's few pooled features) go to the host; the hidden state stays on the device.
+            on_host = name == logits_name or name == self.features
             binding.bind_output(name, "cpu" if on_host else self.device, 0 if on_host else self.device_id)
         session.run_with_iobinding(binding)
         values = dict(zip(outputs, binding.get_outputs(), strict=True))

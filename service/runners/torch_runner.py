@@ -67,7 +67,8 @@ class TorchRunner(ChainRunner):
         spec = self.bundle.manifest.segments[k]
         outputs = self.modules[k](*(state[name] for name in spec.inputs))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        values = dict(zip(spec.outputs, outputs, strict=True))
+        # TorchScript twins have no features tap (models.features): this runner gives none (`gives_features`).
+        values = dict(zip([name for name in spec.outputs if name != spec.features], outputs, strict=True))
         return values, values.pop(spec.logits)
 
     def select(self, state: State, rows: np.ndarray) -> State:

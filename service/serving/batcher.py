@@ -67,6 +67,7 @@ class WorkItem:
     request_id: str | None = None  # the key decisions are recorded under, for labelled feedback
     record_slot: object | None = None  # where the decision record put it (set on answer)
     counted: bool = False  # its samples count against admission until it is taken or dropped
+    guarded: bool = True  # apply the input guard (the request's `ood_guard`)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -81,6 +82,8 @@ class ItemResult:
     probabilities: np.ndarray | None
     queue_seconds: float
     confidence: np.ndarray | None = None  # at the answering exit
+    promised: np.ndarray | None = None  # the guarded accuracy behind each answer
+    reason: np.ndarray | None = None  # uint8 codes: why target_met is False (calibration.reasons)
     trace: Trace | None = None  # every exit the samples passed, when the engine traces
 
 
@@ -144,6 +147,7 @@ class _Run:
     policies: np.ndarray
     want: np.ndarray | None
     on_exit: Callable[[np.ndarray, BatchResult], None]
+    guarded: np.ndarray | None = None  # [n] bool where some request turned the input guard off
     result: BatchResult | None = None
     flights: list[Flight] | None = None  # None: above one engine batch, run in pieces
     requests: int = 0  # queued requests it accounts for (cancelled ones included)
@@ -403,6 +407,7 @@ class DynamicBatcher:
         if len(items) == 1:  # a lone request: its own arrays, nothing to stack or to attribute
             item = items[0]
             x, deltas, policies, want = item.x, item.deltas, item.policies, item.want_probabilities
+            guarded = None if item.guarded else np.zeros(len(item), bool)
             offsets = np.array([0, len(item)])
             left = [len(item)]
 
@@ -418,6 +423,7 @@ class DynamicBatcher:
             x = stack_inputs([i.x for i in items])
             deltas = np.concatenate([i.deltas for i in items])
             policies = np.concatenate([i.policies for i in items])
+            guarded = None if all(i.guarded for i in items) else np.repeat([i.guarded for i in items], sizes)
             want = None
             if any(i.want_probabilities is not None for i in items):
                 want = np.concatenate([
@@ -430,9 +436,9 @@ class DynamicBatcher:
                     if remaining[index] == 0:
                         self._answer(items[index], result, offsets[index], offsets[index + 1], started)
 
-        run = _Run(items, offsets, started, x, deltas, policies, want, on_exit)
+        run = _Run(items, offsets, started, x, deltas, policies, want, on_exit, guarded)
         if len(x) <= self.max_batch_size:
-            run.result, run.flights = self.engine.start(x, deltas, policies, want, on_exit)
+            run.result, run.flights = self.engine.start(x, deltas, policies, want, on_exit, guarded)
         return run
 
     def _finish(self, run: _Run) -> None:
@@ -572,7 +578,8 @@ class DynamicBatcher:
                 on_exit(rows + lo, full)
 
             part = self.engine.run(x[lo:hi], deltas[lo:hi], policies[lo:hi], None if want is None else want[lo:hi],
-                                   on_exit=piece_exit, segment_timer=self.observer.segment_done)
+                                   on_exit=piece_exit, segment_timer=self.observer.segment_done,
+                                   guarded=None if run.guarded is None else run.guarded[lo:hi])
             full = full if full is not None else _empty_like(part, n)
             _copy_rows(full, part, np.arange(hi - lo), lo)  # shadow rows finish after their answer
         assert full is not None
@@ -596,6 +603,8 @@ class DynamicBatcher:
             probabilities=None if result.probabilities is None else rows(result.probabilities),
             queue_seconds=batch_started - item.enqueued_at,
             confidence=rows(result.confidence),
+            promised=rows(result.promised),
+            reason=rows(result.reason),
             trace=trace if trace is None or whole else trace.rows(slice(lo, hi)),
         )
         self.observer.answered(item, value)

@@ -10,6 +10,7 @@ import numpy as np
 
 from exitserve.calibration import POLICIES
 from exitserve.calibration.document import normalise_deltas
+from exitserve.calibration.reasons import REASON_NAMES
 from exitserve.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, Timeout
 from exitserve.service.serving.batcher import ItemResult, WorkItem
 from exitserve.service.serving.context import CLIENT_GONE, REQUEST_ID, RESERVATION
@@ -30,6 +31,14 @@ class Prediction:
     @property
     def labels(self) -> np.ndarray:
         return self.model.labels[self.result.class_index]
+
+    @property
+    def reasons(self) -> list[str | None]:
+        """Why each answer carries no promise (None where target_met): calibration.reasons' names."""
+        codes = self.result.reason
+        if codes is None:
+            return [None] * len(self.result.class_index)
+        return [REASON_NAMES[code] for code in codes.tolist()]
 
 
 class Dataplane:
@@ -103,8 +112,10 @@ class Dataplane:
     # --- inference ----------------------------------------------------------------------------
 
     async def infer(
-        self, model: ServedModel, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: bool
+        self, model: ServedModel, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: bool,
+        ood_guard: bool = True,
     ) -> Prediction:
+        """`ood_guard` False: answer without the input guard (where the bundle has one) for this request."""
         if not model.ready:
             raise Overloaded(f"model {model.name!r} is not ready")
         loop = asyncio.get_running_loop()
@@ -113,6 +124,7 @@ class Dataplane:
             want_probabilities=np.ones(len(x), bool) if want_probabilities else None,
             loop=loop, future=loop.create_future(),
             request_id=REQUEST_ID.get(),  # set by the edge middleware: decisions are recorded under it
+            guarded=ood_guard,
         )
         gone = CLIENT_GONE.get()
         if gone is not None and gone.done() and not gone.cancelled():

@@ -41,6 +41,8 @@ class BatchResult:
     target_met: np.ndarray  # bool [n]
     probabilities: np.ndarray | None  # float32 [n, C] where asked for (rows not asked for are zeros)
     confidence: np.ndarray  # float64 [n]: the confidence measure at the answering exit
+    promised: np.ndarray  # float64 [n]: the guarded accuracy the promise rests on (>= δ where target_met)
+    reason: np.ndarray  # uint8 [n]: why target_met is False (calibration.reasons; 0 where it is True)
     shadow_prediction: np.ndarray | None = None  # int64 [n]: last exit's class for shadowed rows, else -1
     trace: Trace | None = None
 
@@ -75,6 +77,8 @@ class ExitEngine:
         text = runner.bundle.manifest.input.text
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
+        # The input guard applies where the calibration has one and the runner gives its features.
+        self.input_guard = calibration.input_guard if runner.features == getattr(calibration.input_guard, "features", None) else None
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
 
     def _rng(self) -> np.random.Generator:
@@ -97,16 +101,18 @@ class ExitEngine:
         want_probabilities: np.ndarray | None = None,
         on_exit: ExitCallback | None = None,
         segment_timer: SegmentTimer | None = None,
+        guarded: np.ndarray | None = None,
     ) -> BatchResult:
-        """Decide every sample of `x`; `policies` is an array of policy names, one per sample."""
-        result, flights = self.start(x, deltas, policies, want_probabilities, on_exit)
+        """Decide every sample of `x`; `policies` is an array of policy names, one per sample;
+        `guarded` [n] bool: apply the input guard to the sample (None: to every sample)."""
+        result, flights = self.start(x, deltas, policies, want_probabilities, on_exit, guarded)
         for flight in flights:
             while not flight.done:
                 self.advance([flight], segment_timer)
         return result
 
     def start(self, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: np.ndarray | None = None,
-              on_exit: ExitCallback | None = None) -> tuple[BatchResult, list[Flight]]:
+              on_exit: ExitCallback | None = None, guarded: np.ndarray | None = None) -> tuple[BatchResult, list[Flight]]:
         """A batch's result (filled as its samples leave) and its flights, for a caller that advances
         them itself, possibly together with other batches' flights (segment-level continuous batching)."""
         n = len(x)
@@ -117,10 +123,16 @@ class ExitEngine:
             target_met=np.zeros(n, bool),
             probabilities=np.zeros((n, self.num_classes), np.float32) if want_probabilities is not None and want_probabilities.any() else None,
             confidence=np.zeros(n, np.float64),
+            promised=np.zeros(n, np.float64),
+            reason=np.zeros(n, np.uint8),
             shadow_prediction=np.full(n, -1, np.int64) if self.shadow_fraction > 0 else None,
             trace=Trace.empty(n, self.runner.num_exits) if self.trace else None,
         )
-        batch = _Batch(result, deltas, policies, _names(policies), want_probabilities, on_exit)
+        # The guard's verdict per sample, known once segment 0 has run; None while no sample is guarded.
+        apply_guard = self.input_guard is not None and (guarded is None or bool(guarded.any()))
+        in_distribution = np.ones(n, bool) if apply_guard else None
+        batch = _Batch(result, deltas, policies, _names(policies), want_probabilities, on_exit, in_distribution,
+                       guarded if apply_guard else None)
         return result, self._flights(x, batch)
 
     def _flights(self, x: np.ndarray, batch: _Batch) -> list[Flight]:
@@ -140,6 +152,8 @@ class ExitEngine:
         rows = sum(len(flight.active) for flight in flights)
         started = time.perf_counter()
         state, logits = self.runner.run_span(position, stop, state)
+        if position == 0:
+            self._judge_inputs(flights, state)
         if segment_timer:
             segment_timer(position, stop, rows, time.perf_counter() - started)
         offset = 0
@@ -151,6 +165,22 @@ class ExitEngine:
                     flight.state = self.runner.select(state, keep + offset)
                 else:
                     flight.state = state if len(keep) == n else self.runner.select(state, keep)
+            offset += n
+
+    def _judge_inputs(self, flights: list[Flight], state: dict) -> None:
+        """The input guard on the features segment 0 left in `state` (taken out: the next segment does not read them)."""
+        features = self.runner.take_features(state)
+        if features is None or self.input_guard is None:
+            return
+        offset = 0
+        for flight in flights:
+            n = len(flight.active)
+            batch = flight.batch
+            if batch.in_distribution is not None:
+                typical = self.input_guard.in_distribution(features[offset : offset + n])
+                if batch.guarded is not None:
+                    typical |= ~batch.guarded[flight.active]
+                batch.in_distribution[flight.active] = typical
             offset += n
 
     def _next_stop(self, position: int, policies: np.ndarray, deltas: np.ndarray) -> int:
@@ -197,6 +227,8 @@ class _Batch:
     policy_names: list[str]
     want_probabilities: np.ndarray | None
     on_exit: ExitCallback | None
+    in_distribution: np.ndarray | None = None  # [n] bool: the input guard's verdict (None: no guard applies)
+    guarded: np.ndarray | None = None  # [n] bool: which samples asked for the guard (None: all)
 
 
 class Flight:
@@ -253,7 +285,9 @@ class Flight:
                 rows = np.flatnonzero((active_policies == name) & ~shadow)
             if not len(rows):
                 continue
-            step = engine.calibration.step(name, k, logits[rows], batch.deltas[active[rows]], normalised=True)
+            typical = None if batch.in_distribution is None else batch.in_distribution[active[rows]]
+            step = engine.calibration.step(name, k, logits[rows], batch.deltas[active[rows]], normalised=True,
+                                           in_distribution=typical)
             out_rows = rows[step.exit_now]
             if not len(out_rows):
                 continue
@@ -264,6 +298,8 @@ class Flight:
             result.estimate[original] = step.estimate[step.exit_now]
             result.target_met[original] = step.target_met[step.exit_now]
             result.confidence[original] = step.confidence[step.exit_now]
+            result.promised[original] = step.promised[step.exit_now]
+            result.reason[original] = step.reason[step.exit_now]
             if result.probabilities is not None and batch.want_probabilities is not None:
                 wanted = batch.want_probabilities[original]
                 if wanted.any():
@@ -289,7 +325,8 @@ class Flight:
         the same decision through `Calibration.step_one`, written as scalars (issue 16)."""
         engine, batch, result = self.engine, self.batch, self.batch.result
         row = int(self.active[0])
-        step = engine.calibration.step_one(str(batch.policies[row]), k, logits, float(batch.deltas[row]))
+        typical = True if batch.in_distribution is None else bool(batch.in_distribution[row])
+        step = engine.calibration.step_one(str(batch.policies[row]), k, logits, float(batch.deltas[row]), typical)
         if not step.exit_now:
             return _ONE_ROW
         result.class_index[row] = int(logits[0].argmax())
@@ -297,6 +334,8 @@ class Flight:
         result.estimate[row] = step.estimate
         result.target_met[row] = step.target_met
         result.confidence[row] = step.confidence
+        result.promised[row] = step.promised
+        result.reason[row] = step.reason
         if result.probabilities is not None and batch.want_probabilities is not None and batch.want_probabilities[row]:
             result.probabilities[row] = engine.calibration.probabilities(k, logits)[0]
         # Answered now; a shadowed sample runs on to the last exit to be compared (as in `decide`).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exitserve.calibration import Calibration
+from exitserve.calibration import POLICIES, Calibration
 from exitserve.errors import Conflict, NotFound
 from exitserve.models.bundle import Bundle, BundleError, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
@@ -78,6 +78,9 @@ class ServedModel:
         self.input_dtype = np.dtype(bundle.manifest.input.dtype)
         self.tokenizer = TextTokenizer(bundle) if bundle.manifest.input.text else None
         self.metrics = metrics
+        if self.calibration.input_guard is not None and self.engine.input_guard is None:
+            log.warning("model %r: its calibration has an input guard but the %s runner gives no features: "
+                        "answers are not guarded", self.name, settings.runner)
         self.ready = False
         self.started = False  # batcher threads running
         self.successor: ServedModel | None = None  # set when a reload replaces this model
@@ -93,6 +96,16 @@ class ServedModel:
             deadline_s=settings.request_timeout_s,
             continuous=settings.continuous_batching,
         )
+
+    def trust(self) -> dict:
+        """What this model's promise rests on, for the model listings: schema, guarded policies, input guard."""
+        guard = self.engine.input_guard
+        return {
+            "calibration_schema": self.calibration.schema_version,
+            "guarded_policies": [p for p in POLICIES if self.calibration.guards(p)],
+            "input_guard": None if guard is None else {"score": "pooled-mahalanobis", "features": guard.features,
+                                                       "withheld_on_calibration": round(1.0 - guard.quantile, 6)},
+        }
 
     def start(self, warmup_sizes: list[int]) -> None:
         self.runner.warmup(warmup_sizes)

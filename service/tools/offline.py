@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from exitserve.calibration import Calibration, fit_calibration
 from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_policies, render_markdown
+from exitserve.calibration.fitting import InputFeatures
+from exitserve.calibration.input_guard import DEFAULT_QUANTILE
 from exitserve.calibration.io import dumps, save_calibration
 from exitserve.models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
 from exitserve.models.data import Dataset, load_dataset
@@ -87,6 +89,13 @@ def bundle_logits(
     bundle: Bundle, x: np.ndarray, *, provider: Provider = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
 ) -> list[np.ndarray]:
     """Every exit's logits for every row of x, from the bundle's ONNX segments."""
+    return bundle_outputs(bundle, x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)[0]
+
+
+def bundle_outputs(
+    bundle: Bundle, x: np.ndarray, *, provider: Provider = "cpu", threads: int = 2, batch_size: int = 256, progress: bool = True
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Every exit's logits for every row of x, and the features tap's values (None where the bundle has none)."""
     from exitserve.service.runners.onnx_runtime import (
         OnnxRunner,  # onnxruntime loads only when a command needs it
     )
@@ -94,11 +103,18 @@ def bundle_logits(
     runner = OnnxRunner(bundle, provider=provider, threads=threads)
     if bundle.manifest.input.text is not None:
         return _text_logits(runner, bundle, x, progress)
-    return runner.run_all_exits(np.ascontiguousarray(x, dtype=np.dtype(bundle.manifest.input.dtype)),
-                                batch_size=batch_size, progress=progress)
+    return runner.run_all_exits_with_features(np.ascontiguousarray(x, dtype=np.dtype(bundle.manifest.input.dtype)),
+                                              batch_size=batch_size, progress=progress)
 
 
-def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
+def input_guard_verdict(calibration: Calibration, features: np.ndarray | None) -> np.ndarray | None:
+    """The input guard's per-sample verdict as the server reaches it (None: no guard, or no features)."""
+    guard = calibration.input_guard
+    return None if guard is None or features is None else guard.in_distribution(features)
+
+
+def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool
+                 ) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
     from exitserve.service.serving.text_input import TextTokenizer
 
@@ -109,12 +125,16 @@ def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progres
     if (cut := int((lengths >= spec.max_length).sum())):
         warnings.warn(f"{cut} texts reach the model's {spec.max_length}-token limit and were cut (the server refuses them)", stacklevel=2)
     out = [np.zeros((len(rows), len(bundle.manifest.labels)), np.float32) for _ in range(runner.num_exits)]
+    features: np.ndarray | None = None
     for batch in tqdm(length_batches(lengths), desc="running segments", disable=not progress, unit="batch"):
         state = runner.start(pad_batch([rows[i] for i in batch], spec.pad_id))
         for k in range(runner.num_exits):
             state, logits = runner.run_segment(k, state)
             out[k][batch] = logits
-    return out
+            if k == 0 and (tapped := runner.take_features(state)) is not None:
+                features = features if features is not None else np.zeros((len(rows), tapped.shape[1]), np.float32)
+                features[batch] = tapped
+    return out, features
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,7 @@ class Fitted:
     calibration: Calibration
     logits: list[np.ndarray]
     labels: np.ndarray
+    features: np.ndarray | None = None
 
 
 def calibrate_bundle(bundle_dir: str | Path, data_spec: str, **options: Any) -> Calibration:
@@ -146,18 +167,32 @@ def fit_bundle(
     batch_size: int = 256,
     progress: bool = True,
     use_labels: bool = True,
+    input_guard: bool = True,
+    guard_quantile: float = DEFAULT_QUANTILE,
     **fit_kwargs: Any,
 ) -> Fitted:
-    """`calibrate_bundle`, also returning the held-out logits and labels (for the command's summary)."""
+    """`calibrate_bundle`, also returning the held-out logits and labels (for the command's summary).
+
+    `input_guard`: give the first segment the features tap (models.features, needs `onnx`) where it has
+    none, and fit the input guard on the same samples (calibration.input_guard)."""
     directory = Path(bundle_dir)
     bundle = load_bundle(directory)
+    if input_guard and bundle.manifest.segments[0].features is None:
+        from exitserve.models.features import add_features_tap  # onnx: the `train` extra
+
+        add_features_tap(directory)
+        bundle = load_bundle(directory)
     data = load_bundle_data(bundle, data_spec)
-    logits = bundle_logits(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)
-    calibration = fit_calibration(logits, data.y if use_labels else None, data_fingerprint=data.fingerprint, **fit_kwargs)
+    logits, features = bundle_outputs(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size,
+                                      progress=progress)
+    tap = bundle.manifest.segments[0].features
+    guard = InputFeatures(tap, features, guard_quantile) if input_guard and tap and features is not None else None
+    calibration = fit_calibration(logits, data.y if use_labels else None, data_fingerprint=data.fingerprint,
+                                  features=guard, **fit_kwargs)
     save_calibration(calibration, directory / CALIBRATION_FILE)
     refresh_checksums(directory)
     load_bundle(directory, require_calibration=True)  # what we wrote must load
-    return Fitted(calibration, logits, data.y)
+    return Fitted(calibration, logits, data.y, features)
 
 
 def evaluate_bundle(
@@ -184,9 +219,11 @@ def evaluate_bundle(
     assert bundle.calibration is not None  # require_calibration
     calibration = Calibration.from_dict(bundle.calibration, num_exits=manifest.num_exits)
     data = load_bundle_data(bundle, data_spec)
-    logits = bundle_logits(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size, progress=progress)
+    logits, features = bundle_outputs(bundle, data.x, provider=provider, threads=threads, batch_size=batch_size,
+                                      progress=progress)
     report = evaluate_policies(calibration, logits, data.y, manifest.compute_fractions(),
-                               DEFAULT_EVAL_DELTAS if deltas is None else deltas)
+                               DEFAULT_EVAL_DELTAS if deltas is None else deltas,
+                               in_distribution=input_guard_verdict(calibration, features))
     source = {
         "bundle": f"{manifest.name} v{manifest.version}",
         "data": data_spec,

@@ -111,13 +111,17 @@ _BASELINES = ("confidence", "per-exit-threshold", "full")
 
 
 def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: np.ndarray) -> list[tuple[int, int, float, bool]]:
-    """(exit, prediction, estimate, target_met) per sample, one sample at a time (schema 2 documents)."""
+    """(exit, prediction, estimate, target_met) per sample, one sample at a time (schema 3 documents).
+
+    Every rule decides at the grid δ a request maps to (nearest at or above; never below the request's
+    own δ); every promise is the policy's guard on its own leavers reaching the request's δ."""
     num_exits, grid = doc["num_exits"], doc["delta_grid"]
     window, alpha, prior = doc["window"], doc["alpha"], tuple(doc["prior"])
     out = []
-    for i, delta in enumerate(deltas):
-        delta = float(delta)
-        g = next((j for j, v in enumerate(grid) if v >= delta - 1e-9), len(grid) - 1)
+    for i, request_delta in enumerate(deltas):
+        request_delta = float(request_delta)
+        g = next((j for j, v in enumerate(grid) if v >= request_delta - 1e-9), len(grid) - 1)
+        delta = max(grid[g], request_delta)  # what the rule decides at
         for k in range(num_exits):
             ex = doc["exits"][k]
             probs = softmax(logits[k][i : i + 1], ex["temperature"])
@@ -173,16 +177,27 @@ def reference_decide(doc: dict, policy: str, logits: list[np.ndarray], deltas: n
                 leave = bool(chosen) and margin >= pet["thresholds"][chosen[0]]
             elif policy == "full":
                 value, leave = 0.0, False
+            elif policy == "pcee-lb-global":
+                threshold = doc["global_threshold"]["thresholds"][g]
+                value, leave = 0.0, threshold is not None and conf >= threshold
             else:
                 raise AssertionError(policy)
             if leave or last:
-                if policy in _BASELINES or policy == "pcee-lb-tail":
+                if policy == "pcee-lb-global":
+                    # the promise: the pooled answers of every exit at confidence >= the threshold
+                    rows = doc["global_threshold"]
+                    threshold = rows["thresholds"][g]
+                    bound = _scipy_lower(rows["correct"][g], rows["counts"][g], alpha)
+                    met = threshold is not None and conf >= threshold and bound >= request_delta
+                    estimate = bin_estimate(policy)
+                elif policy in _BASELINES or policy == "pcee-lb-tail":
                     # the promise: the guarded tail of the samples answered here; the estimate: the own bin
-                    met = tail_value(policy) >= delta
+                    met = tail_value(policy) >= request_delta
                     estimate = bin_estimate(policy)
                 else:
+                    # per-bin rules: their own table value is the estimate, the guard of their leavers the promise
                     estimate = max(value, 0.0)
-                    met = estimate >= delta if last else True
+                    met = tail_value(policy) >= request_delta
                 out.append((k, int(np.argmax(logits[k][i])), estimate, bool(met)))
                 break
     return out

@@ -30,7 +30,7 @@ import pytest
 
 from exitserve.calibration import POLICIES, decide_all, fit_calibration
 from exitserve.calibration.bounds import clopper_pearson_lower
-from exitserve.calibration.document import TAIL_POLICIES
+from exitserve.calibration.document import PER_BIN_POLICIES
 
 NEG = -1000.0
 U = [0.0, 0.0, 0.0, 0.0]
@@ -57,6 +57,24 @@ def cal():
     # No Beta prior here, so that the tables are the plain fractions worked out above.
     return fit_calibration([EXIT0, EXIT1], LABELS, bins=4, window=1, alpha=0.05, delta_grid=GRID, fit_temperature=False,
                            prior=(0.0, 0.0))
+
+
+# Every δ the rule tests below ask for: a request decides at the grid δ at or above its own (where
+# the policy's guard was fitted), so on this grid each decides at exactly its own δ.
+FINE_GRID = sorted({0.25, float(clopper_pearson_lower(3, 4, 0.05)), 0.3, 0.34, 0.5, 0.6, 2 / 3, 0.7, 0.74, 0.75, 0.76,
+                    0.8, 0.9, 1.0})
+
+
+@pytest.fixture(scope="module")
+def fine():
+    return fit_calibration([EXIT0, EXIT1], LABELS, bins=4, window=1, alpha=0.05, delta_grid=FINE_GRID,
+                           fit_temperature=False, prior=(0.0, 0.0))
+
+
+def assert_promise_is_the_guard(d, deltas):
+    """Whatever rule chose the exit, target_met is the policy's guard reaching the request's δ."""
+    np.testing.assert_array_equal(d.target_met, d.promised >= deltas)
+    assert np.all(d.reason[~d.target_met] == 1) and np.all(d.reason[d.target_met] == 0)
 
 
 def run(cal, policy, deltas):
@@ -94,43 +112,56 @@ def test_lower_bounds_solve_the_clopper_pearson_equation(cal):
     assert lower1[3] == pytest.approx(0.05 ** (1 / 7), abs=1e-15)  # k = n closed form
 
 
-def test_pcee_scalar_deltas(cal):
-    d = run(cal, "pcee", 0.7)  # only bin 3 (0.75) of exit 0 passes
+def test_pcee_scalar_deltas(fine):
+    d = run(fine, "pcee", 0.7)  # only bin 3 (0.75) of exit 0 passes
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     np.testing.assert_array_equal(d.prediction, [0, 0, 0, 0, 0, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(d.estimate, [0.75] * 4 + [1.0, 0.5, 1.0, 0.0, 0.5, 1.0])
-    np.testing.assert_array_equal(d.target_met, [True] * 4 + [True, False, True, False, False, True])
-    d = run(cal, "pcee", 2 / 3)  # bin 2 passes exactly at its accuracy
+    # The bins' accuracies are point estimates: the promise is the guard on pcee's own leavers, and no
+    # set of these ten samples proves 0.7 (9 all-correct samples are the least that could).
+    assert not d.target_met.any()
+    assert_promise_is_the_guard(d, 0.7)
+    d = run(fine, "pcee", 2 / 3)  # bin 2 passes exactly at its accuracy
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 0, 0, 1, 1, 1, 0])
-    d = run(cal, "pcee", 0.8)  # above every bin of exit 0: nobody leaves early
+    d = run(fine, "pcee", 0.8)  # above every bin of exit 0: nobody leaves early
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
-    np.testing.assert_array_equal(d.target_met, [True, True, True, True, True, False, True, False, False, True])
-    d = run(cal, "pcee", 1.0)  # exit 1's bin 3 has accuracy exactly 1
+    d = run(fine, "pcee", 1.0)  # exit 1's bin 3 has accuracy exactly 1, but no evidence proves 1
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
-    np.testing.assert_array_equal(d.target_met, [True, True, True, True, True, False, True, False, False, True])
+    assert not d.target_met.any()
 
 
-def test_pcee_per_sample_deltas(cal):
+def test_a_delta_between_grid_values_decides_as_the_grid_delta_above(cal, fine):
+    # On the coarse grid 0.5 / 0.75 / 1.0, a request at 2/3 decides as 0.75: bin 2 (2/3) stays, as it
+    # does at 0.75; the guard behind any promise was counted on exactly these leavers.
+    np.testing.assert_array_equal(run(cal, "pcee", 2 / 3).exit_index, run(fine, "pcee", 0.75).exit_index)
+    np.testing.assert_array_equal(run(cal, "pcee", 2 / 3).exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+
+
+def test_pcee_per_sample_deltas(fine):
     deltas = np.array([0.8, 0.7, 0.6, 0.76, 0.6, 0.7, 0.3, 0.34, 0.5, 0.9])
-    d = run(cal, "pcee", deltas)
+    d = run(fine, "pcee", deltas)
     # s0 0.8 > 0.75 stays; s1 leaves; s2 leaves; s3 0.76 stays; s4 (bin2 2/3) leaves at 0.6;
     # s5 stays at 0.7; s6 (bin1 1/3) leaves at 0.3; s7 stays at 0.34; s8 stays (1/3 < .5); s9 stays.
     np.testing.assert_array_equal(d.exit_index, [1, 0, 0, 1, 0, 1, 0, 1, 1, 1])
     np.testing.assert_allclose(d.estimate, [1.0, 0.75, 0.75, 1.0, 2 / 3, 0.5, 1 / 3, 0.0, 0.5, 1.0])
-    np.testing.assert_array_equal(d.target_met, [True, True, True, True, True, False, True, False, True, True])
+    assert_promise_is_the_guard(d, deltas)
 
 
-def test_pcee_ws_and_lb(cal):
-    d = run(cal, "pcee-ws", 0.6)  # smoothed exit 0: bin2 0.6 and bin3 5/7 pass
+def test_pcee_ws_and_lb(fine):
+    d = run(fine, "pcee-ws", 0.6)  # smoothed exit 0: bin2 0.6 and bin3 5/7 pass
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 0, 0, 1, 1, 1, 0])
     np.testing.assert_allclose(d.estimate[6:9], [8 / 9, 1 / 3, 8 / 10])  # exit 1 smoothed: bins 3, 1, 2
-    lower3 = cal.table("lower", 0)[3]
-    d = run(cal, "pcee-lb", lower3)  # exactly bin 3's bound
+    lower3 = fine.table("lower", 0)[3]
+    d = run(fine, "pcee-lb", lower3)  # exactly bin 3's bound
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     np.testing.assert_allclose(d.estimate[:4], lower3)
-    d = run(cal, "pcee-lb", lower3 + 1e-9)
+    assert_promise_is_the_guard(d, lower3)
+    d = run(fine, "pcee-lb", lower3 + 1e-9)
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
-    np.testing.assert_array_equal(d.target_met[[7]], [False])  # exit 1 bin 1: bound 0
+    # s7 is wrong and least confident, yet promised: its answer belongs to the last exit's answers
+    # at confidence >= 0.25 (all ten, 8 right): its guard passes δ. The promise is about that set.
+    assert d.target_met[7] and d.promised[7] >= lower3 + 1e-9
+    assert_promise_is_the_guard(d, lower3 + 1e-9)
 
 
 def test_conditional_tables_by_hand(cal):
@@ -177,27 +208,27 @@ def test_delta_above_the_top_of_the_grid_uses_the_top_tables_and_still_needs_the
     np.testing.assert_allclose(d.estimate, [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 0.0, 0.5, 1.0])
 
 
-def test_confidence_policy(cal):
-    d = run(cal, "confidence", 0.9)
+def test_confidence_policy(fine):
+    d = run(fine, "confidence", 0.9)
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
     # Ten samples cannot prove 0.9 (29 all-correct samples are the least that can): the guard
     # promises nothing, although the confidence of s0..s4 and s9 is >= 0.9.
     assert not d.target_met.any()
-    d = run(cal, "confidence", 0.25)  # exactly the uniform confidence: everyone leaves at exit 0
+    d = run(fine, "confidence", 0.25)  # exactly the uniform confidence: everyone leaves at exit 0
     np.testing.assert_array_equal(d.exit_index, [0] * 10)
 
 
-def test_per_exit_threshold_policy(cal):
+def test_per_exit_threshold_policy(fine):
     # exit 0 margins: S 1.0, T (e^3-1)/(e^3+3), H 0, U 0. Candidates: >=0: 6/10, >=0.83: 3/4, >=1: 2/3 (no record).
-    thresholds = cal.to_dict()["exits"][0]["per_exit_threshold"]
+    thresholds = fine.to_dict()["exits"][0]["per_exit_threshold"]
     assert thresholds["thresholds"] == pytest.approx([0.0, (math.exp(3) - 1) / (math.exp(3) + 3)], abs=1e-15)
     assert thresholds["precision"] == pytest.approx([0.6, 0.75], abs=1e-15)
-    d = run(cal, "per-exit-threshold", 0.6)
+    d = run(fine, "per-exit-threshold", 0.6)
     np.testing.assert_array_equal(d.exit_index, [0] * 10)
     assert not d.target_met.any()  # 6 of 10 correct: no bound reaches 0.6 (the rule's own precision did)
-    d = run(cal, "per-exit-threshold", 0.7)
+    d = run(fine, "per-exit-threshold", 0.7)
     np.testing.assert_array_equal(d.exit_index, [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    d = run(cal, "per-exit-threshold", 0.76)  # no threshold reaches 0.76: nobody leaves early
+    d = run(fine, "per-exit-threshold", 0.76)  # no threshold reaches 0.76: nobody leaves early
     np.testing.assert_array_equal(d.exit_index, [1] * 10)
 
 
@@ -216,7 +247,7 @@ def test_full_policy(cal):
     np.testing.assert_allclose(d.estimate[[0, 6, 5, 8, 7]], [1.0, 1.0, 0.5, 0.5, 0.0])
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in TAIL_POLICIES])
+@pytest.mark.parametrize("policy", PER_BIN_POLICIES)
 def test_empty_bin_never_lets_anyone_leave_and_reports_zero(cal, policy):
     five = np.zeros((3, 5), dtype=np.float32)  # five classes: confidence 0.2, in the empty bin 0
     step = cal.step(policy, 0, five, np.array([0.01, 0.1, 0.2]))
@@ -225,18 +256,18 @@ def test_empty_bin_never_lets_anyone_leave_and_reports_zero(cal, policy):
     last = cal.step(policy, 1, five, np.array([0.01, 0.1, 0.2]))
     assert last.exit_now.all()
     np.testing.assert_array_equal(last.estimate, 0.0)
-    assert not last.target_met.any()
+    # The promise is the guard on every answer the last exit gives (its whole tail here), not the bin's.
+    np.testing.assert_array_equal(last.target_met, last.promised >= np.array([0.01, 0.1, 0.2]))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_at_an_early_exit_target_met_is_leaving_with_an_estimate_reaching_delta(cal, policy):
+def test_at_an_early_exit_target_met_is_leaving_with_a_guard_reaching_delta(cal, policy):
     deltas = np.linspace(0.3, 0.9, 10)
     step = cal.step(policy, 0, EXIT0, deltas)
     assert not np.any(step.target_met & ~step.exit_now)
-    if policy not in ("confidence", "per-exit-threshold", "full"):  # PCEE rules leave only with the promise
+    np.testing.assert_array_equal(step.target_met, step.exit_now & (step.promised >= deltas))
+    if policy in ("pcee-lb-tail", "pcee-lb-global"):  # their rule is the guard: they leave only with the promise
         np.testing.assert_array_equal(step.target_met, step.exit_now)
-    if policy not in TAIL_POLICIES:  # per-bin rules: the promise is the estimate reaching δ
-        np.testing.assert_array_equal(step.target_met, step.exit_now & (step.estimate >= deltas))
     if policy == "full":  # nobody leaves early, so nothing is promised there
         assert not step.exit_now.any() and not step.target_met.any()
 
@@ -247,8 +278,7 @@ def test_every_policy_answers_everyone_at_the_last_exit(cal, policy):
     assert step.exit_now.all()
     assert step.exit_now.dtype == bool and step.target_met.dtype == bool
     assert step.estimate.dtype == np.float64 and step.confidence.dtype == np.float64
-    if policy not in TAIL_POLICIES:  # tail rules promise by their guarded tail, not the own estimate
-        np.testing.assert_array_equal(step.target_met, step.estimate >= 0.99)
+    np.testing.assert_array_equal(step.target_met, step.promised >= 0.99)  # the guard, not the own estimate
 
 
 def test_self_supervised_correctness_is_agreement_with_the_last_exit():

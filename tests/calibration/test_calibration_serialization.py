@@ -59,7 +59,8 @@ def test_round_trip_through_json_is_exact(problem, doc):
 def test_dumps_keeps_number_lists_on_one_line(doc):
     text = dumps(doc)
     assert json.loads(text) == doc
-    assert '"counts": [' in text and text.count("\n") < 400
+    # every number list on its own line (the 11 policies' tail tables make ~500 lines here)
+    assert '"counts": [' in text and text.count("\n") < 700
 
 
 def test_save_and_load(tmp_path, doc):
@@ -95,7 +96,7 @@ def _edit(doc, path, value):
 
 
 @pytest.mark.parametrize(("path", "value", "message"), [
-    (("schema_version",), 3, "schema_version 3 is not supported"),
+    (("schema_version",), 4, "schema_version 4 is not supported"),
     (("confidence",), "energy", "confidence: Input should be 'max-softmax', 'entropy' or 'margin'"),
     (("alpha",), 1.5, "alpha: Input should be less than 1"),
     (("delta_grid",), [0.9, 0.5], "delta_grid: delta_grid must be strictly increasing"),

