@@ -19,16 +19,21 @@ from exitserve.calibration.document import (
     DEFAULT_DELTA_GRID,
     DEFAULT_PRIOR,
     DOCUMENT_KIND,
-    GLOBAL_POLICY,
     SCHEMA_VERSION,
-    TABLE_POLICIES,
     check_grid,
 )
 from exitserve.calibration.global_threshold import fit_global_threshold
 from exitserve.calibration.input_guard import DEFAULT_QUANTILE, fit_input_guard
 from exitserve.calibration.observations import Observations, observe_logits
+from exitserve.calibration.policies import POLICIES, POLICY, FitInputs
 from exitserve.calibration.rules import Calibration
-from exitserve.calibration.tables import borrow_empty_rows, conditional_counts, exit_allowed, table_values
+from exitserve.calibration.tables import (
+    TABLE_KINDS,
+    borrow_empty_rows,
+    conditional_counts,
+    exit_allowed,
+    table_values,
+)
 from exitserve.calibration.tails import DEFAULT_TAIL_BINS, tail_values
 from exitserve.calibration.temperature import fit_temperature as fit_exit_temperature
 from exitserve.calibration.threshold import margin_records
@@ -252,26 +257,18 @@ def tables_document(
     )}
     confidences = [np.where(observations.observed(k), np.asarray(observations.confidence[k], np.float64), np.nan)
                    for k in range(num_exits)]
-    leave_rules: dict[str, Callable[[int], np.ndarray]] = {
-        "confidence": lambda k: confidences[k][None, :] >= grid[:, None],
-        "per-exit-threshold": lambda k: margins_per_exit[k][None, :] >= _margin_thresholds(*records[k], grid)[:, None],
-        "full": lambda k: np.zeros((grid.size, observations.size), dtype=bool),
-    }
-    # Schema 3: the per-bin policies get the same guard, from their own leavers (rules.Calibration.step).
-    for policy, kind in TABLE_POLICIES.items():
-        def table_leave(k: int, kind: str = kind) -> np.ndarray:
-            value = table_values(kind, np.asarray(exits[k]["counts"]), np.asarray(exits[k]["correct"]),
-                                 window=window, alpha=alpha, prior=prior)
-            return _with_sentinel(value, -np.inf)[bins_per_exit[k]][None, :] >= grid[:, None]
-        leave_rules[policy] = table_leave
-    for policy in CONDITIONAL_KINDS:
-        def cond_rule(k: int, policy: str = policy) -> np.ndarray:
-            return cond_leave[policy][k][:, bins_per_exit[k]]
-        leave_rules[policy] = cond_rule
-    correct_at = [correct_per_exit[k] for k in range(num_exits)]
-    global_t, global_n, global_k = fit_global_threshold(confidences, correct_at, grid, alpha)
-    reached = np.where(np.isnan(global_t), np.inf, global_t)
-    leave_rules[GLOBAL_POLICY] = lambda k: confidences[k][None, :] >= reached[:, None]
+    global_t, global_n, global_k = fit_global_threshold(confidences, correct_per_exit, grid, alpha)
+    # Every other policy's guard is a tail table of the samples its own rule lets leave (policies.Policy.fit_leave).
+    fit = FitInputs(
+        grid=grid, confidence=confidences, margin=margins_per_exit, bins=bins_per_exit,
+        table_decide={kind: [_with_sentinel(table_values(kind, np.asarray(e["counts"]), np.asarray(e["correct"]),
+                                                         window=window, alpha=alpha, prior=prior), -np.inf)
+                             for e in exits] for kind in TABLE_KINDS},
+        conditional_leave=cond_leave,
+        margin_thresholds=[_margin_thresholds(*records[k], grid) for k in range(num_exits)],
+        global_thresholds=np.where(np.isnan(global_t), np.inf, global_t),
+    )
+    leave_rules = {name: POLICY[name].fit_leave(fit) for name in POLICIES if name != "pcee-lb-tail"}
     for policy, leave in leave_rules.items():
         tails[policy] = leaver_counts(leave, tail_bins_per_exit, correct_per_exit, tail_sizes, grid)
     for k in range(num_exits):

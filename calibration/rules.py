@@ -5,40 +5,22 @@ The server's engine calls `step` after every segment on the rows it still holds;
 loop. Every lookup table is precomputed when a document is loaded, so `step` is a handful of
 vectorised numpy operations per call and never loops over samples.
 
-Policies
-  pcee, pcee-ws, pcee-lb    exit at the first exit l < L whose table value (bin accuracy, window-
-                            smoothed accuracy — both under the document's Beta prior, so a bin of
-                            one lucky sample cannot promise much — or Clopper–Pearson lower bound)
-                            for the sample's confidence bin is >= δ; otherwise the last exit answers.
-  pcee-cond, -ws-cond,      the same over conditional tables, built per grid δ on the validation
-  -lb-cond                  samples that reach each exit under that δ. A request uses the tables and
-                            decisions of the grid δ nearest at or above its own (a δ within 1e-9 above
-                            a grid value counts as it; below the grid: its bottom, more cautious than
-                            asked; above the grid top: the top). An early exit also needs the table
-                            value >= the request's own δ. A bin lets samples leave at grid δ only if
-                            it also does at every smaller grid δ (tables.exit_allowed); a grid δ that
-                            no validation sample reached the exit under borrows the table of the next
-                            δ above (tables.borrow_empty_rows), so raising δ never moves a sample to an
-                            earlier exit.
-  pcee-lb-tail              (the default) per exit and grid δ, the lowest confidence threshold whose
-                            Clopper–Pearson bound on the samples reaching that exit with at least
-                            that confidence still reaches δ, thresholds tested from the top down
-                            (calibration.tails); conditional like the -cond tables, on fine bins.
-                            A schema 1 document has no tail tables: there it decides as pcee-lb-cond.
-  confidence                exit when the confidence itself is >= δ.
-  per-exit-threshold        exit when the top-2 margin is >= the exit's smallest margin threshold
-                            whose calibration precision is >= δ.
-  full                      always the last exit.
+Policies live in calibration/policies.py, one class each (the registry `POLICY`): pcee, pcee-ws,
+pcee-lb (per-bin tables), their -cond variants (conditional tables per grid δ), pcee-lb-tail (the
+default: guarded per-exit confidence thresholds), pcee-lb-global (one guarded threshold for every
+exit), and the baselines confidence, per-exit-threshold and full. A request uses the tables of the
+grid δ nearest at or above its own (a δ within 1e-9 above a grid value counts as it; below the grid:
+its bottom; above the grid top: the top, never deciding more loosely than the request's δ).
 
-The promise of the baselines (confidence, per-exit-threshold, full) does not come from their exit
-rule: `target_met` comes from a guarded tail table of the samples that leave at that exit under
-that rule at the grid δ (schema 2), so samples answered with target_met are correct at a rate >= δ
-whichever policy chose the exit. For them and for pcee-lb-tail the promise is a property of the
+No policy's promise comes from its exit rule: `target_met` comes from a guarded tail table of the
+samples that leave at that exit under that rule at the grid δ (schema 3: every policy; schema 2: the
+baselines and pcee-lb-tail), so samples answered with target_met are correct at a rate >= δ
+whichever policy chose the exit. For the baselines and the tail rules the promise is a property of the
 set (a tail whose bound reached δ), so `estimate` is the sample's own calibrated accuracy, the
 per-fine-bin accuracy of that set (Beta prior, ±window bins): it may lie below δ for a promised
 sample near the threshold, and its mean over answered samples tracks their accuracy, which is what
-the monitoring's "accuracy below promise" alert compares. At the last exit every sample leaves and `target_met`
-says whether its estimate reaches δ. Estimates are >= 0: a bin without evidence reports 0 (its
+the monitoring's "accuracy below promise" alert compares. At the last exit every sample leaves and
+`target_met` says whether its guard reaches δ. Estimates are >= 0: a bin without evidence reports 0 (its
 decision value is -inf, so it never lets anyone exit).
 """
 
@@ -55,13 +37,10 @@ import numpy as np
 
 from exitserve.calibration.binning import bin_index, check_edges
 from exitserve.calibration.bounds import clopper_pearson_lower
-from exitserve.calibration.confidence import confidence_from_probs, softmax, top2_margin
+from exitserve.calibration.confidence import confidence_from_probs, softmax
 from exitserve.calibration.document import (
     CONDITIONAL_KINDS,
     DOCUMENT_KIND,
-    GLOBAL_POLICY,
-    TABLE_POLICIES,
-    TAIL_POLICIES,
     TAIL_POLICIES_V2,
     ExitDocument,
     GlobalThreshold,
@@ -71,15 +50,12 @@ from exitserve.calibration.document import (
     parse_document,
 )
 from exitserve.calibration.input_guard import InputGuard
-from exitserve.calibration.one_row import OneDecision, bin_one, decide_one, exit_lists
+from exitserve.calibration.one_row import OneDecision, confidence_one, exit_lists
+from exitserve.calibration.policies import POLICIES, POLICY
 from exitserve.calibration.reasons import BELOW_TARGET, OUT_OF_DISTRIBUTION, POLICY_UNGUARDED, PROMISED
 from exitserve.calibration.tables import TABLE_KINDS, borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import bin_estimates, tail_values
 
-POLICIES: tuple[str, ...] = (
-    "pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-tail",
-    "confidence", "per-exit-threshold", "full", GLOBAL_POLICY,
-)
 DEFAULT_POLICY = "pcee-lb-tail"
 GRID_TOLERANCE = 1e-9  # a δ this close above a grid value counts as that grid value
 _STORED_TABLES = {"accuracy": "accuracy", "smoothed": "smoothed_accuracy", "lower": "lower_bound"}
@@ -159,22 +135,14 @@ class Calibration:
         self.has_tail_tables: bool = all(e.tail_edges is not None for e in exits)
         # Schema 3: every policy decides at the grid δ its guard was fitted at, and promises by that guard.
         self.guarded_everywhere: bool = self.schema_version >= 3
-        self._global = global_threshold  # pcee-lb-global: ([G] thresholds, inf where none; [G] bounds)
+        # pcee-lb-global: ([G] thresholds, inf where none; [G] their bounds), and the same as Python pairs
+        self.global_threshold = global_threshold
         self.input_guard: InputGuard | None = input_guard
-        self._rules: dict[str, Rule] = {
-            **{p: self._table_rule(kind) for p, kind in TABLE_POLICIES.items()},
-            **{p: self._conditional_rule(p) for p in CONDITIONAL_KINDS},
-            "pcee-lb-tail": self._tail_rule,
-            "confidence": self._guarded(self._confidence_rule, "confidence"),
-            "per-exit-threshold": self._guarded(self._threshold_rule, "per-exit-threshold"),
-            "full": self._guarded(self._full_rule, "full"),
-            GLOBAL_POLICY: self._global_rule,
-        }
         self._ceilings = {policy: self._ceiling(policy) for policy in POLICIES}
         self._firing: dict[tuple[str, float], tuple[np.ndarray, tuple[int, ...]]] = {}  # see _firing_at
         self._lists = [exit_lists(ex) for ex in exits]  # step_one's bisect needs Python lists
         self._grid_list: list[float] = grid.tolist()
-        self._global_lists: list[tuple[float, float]] = [] if global_threshold is None else list(
+        self.global_rows: list[tuple[float, float]] = [] if global_threshold is None else list(
             zip(global_threshold[0].tolist(), global_threshold[1].tolist(), strict=True))
 
     # --- loading and saving -------------------------------------------------------------------
@@ -306,30 +274,8 @@ class Calibration:
 
     def _ceiling(self, policy: str) -> np.ndarray:
         """[num_exits, G]: the largest δ at which exit k lets some bin leave, for requests on grid row g."""
-        grid = self.delta_grid.size
-        if policy == GLOBAL_POLICY and self._global is None:
-            policy = "pcee-lb-tail"  # an older document decides pcee-lb-global as pcee-lb-tail (see _global_rule)
-        rows = []
-        for ex in self._exits:
-            if policy in TABLE_POLICIES:
-                ceiling = np.full(grid, ex.decide[TABLE_POLICIES[policy]].max())
-            elif policy in CONDITIONAL_KINDS or (policy == "pcee-lb-tail" and ex.tail_allowed is None):
-                kind = policy if policy in CONDITIONAL_KINDS else "pcee-lb-cond"
-                ceiling = np.where(ex.cond_allowed[kind], ex.cond_decide[kind], -np.inf).max(axis=1)
-            elif policy == "pcee-lb-tail":
-                assert ex.tail_allowed is not None
-                ceiling = np.where(ex.tail_allowed, ex.tail_guard[policy], -np.inf).max(axis=1)
-            elif policy == "per-exit-threshold":
-                ceiling = np.full(grid, ex.precision.max() if ex.precision.size else -np.inf)
-            elif policy == GLOBAL_POLICY:
-                # Confidences reach 1: an exit can fire wherever the grid δ has a threshold at all.
-                ceiling = np.full(grid, -np.inf) if self._global is None else np.where(np.isfinite(self._global[0]), np.inf, -np.inf)
-            elif policy == "full":
-                ceiling = np.full(grid, -np.inf)
-            else:  # confidence: any δ in [0, 1] may be reached by some logits
-                ceiling = np.full(grid, np.inf)
-            rows.append(ceiling)
-        return np.array(rows, dtype=np.float64)
+        rule = POLICY[policy].resolve(self)
+        return np.array([rule.ceiling(self, ex) for ex in self._exits], dtype=np.float64)
 
     # --- the decision -------------------------------------------------------------------------
 
@@ -346,9 +292,10 @@ class Calibration:
         is that guard (`promised`, a lower bound on the accuracy of the samples the policy answers
         there at least as confident as this one) reaching the request's own δ. Older documents decide
         and promise as they were fitted; policies they hold no guard for promise nothing."""
-        rule = self._rules.get(policy)
-        if rule is None:
+        chosen = POLICY.get(policy)
+        if chosen is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        rule = chosen.resolve(self)
         ex = self._exit(exit_index)
         logits = np.asarray(logits)
         if logits.ndim != 2:
@@ -363,16 +310,16 @@ class Calibration:
         g = self.grid_index(deltas)
         # Above the grid's top (a grid not ending at 1) a request is never decided more loosely than asked.
         decided_at = np.maximum(self.delta_grid[g], deltas) if self.guarded_everywhere else deltas
-        leaves, estimate, fitted_promise = rule(ex, last, probs, conf, decided_at, g)
+        leaves, estimate, fitted_promise = rule.rule(self, ex, last, probs, conf, decided_at, g)
         # The last exit answers everyone; a rule says None there (and only there) for "no decision".
         exit_now = np.ones(n, dtype=bool) if last or leaves is None else leaves
         if self.guarded_everywhere:
-            promised = self._promised(policy, ex, conf, g)
+            promised = chosen.promised(self, ex, conf, g)
             target_met = exit_now & (promised >= deltas)
             reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
-        elif self.guards(policy):  # schema 2: pcee-lb-tail and the baselines, as fitted
-            assert fitted_promise is not None and ex.tail_edges is not None
-            promised = ex.tail_guard[_legacy_tail(policy)][g, bin_index(ex.tail_edges, conf)]
+        elif rule.guarded_in_schema_2 and ex.tail_edges is not None:  # schema 2: pcee-lb-tail and the baselines, as fitted
+            assert fitted_promise is not None
+            promised = rule.promised(self, ex, conf, g)
             target_met = fitted_promise
             reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
         else:  # no guard in this document: say so instead of promising a point estimate
@@ -390,16 +337,7 @@ class Calibration:
         """Does this document hold a guard for `policy`'s promise (else its answers promise nothing)?"""
         if self.guarded_everywhere:
             return True
-        return self.has_tail_tables and _legacy_tail(policy) in TAIL_POLICIES_V2
-
-    def _promised(self, policy: str, ex: _ExitTables, conf: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """Schema 3: the guarded accuracy behind each sample's answer at this exit."""
-        if policy == GLOBAL_POLICY:
-            assert self._global is not None
-            thresholds, bounds = self._global
-            return np.where(conf >= thresholds[g], bounds[g], 0.0)
-        assert ex.tail_edges is not None
-        return ex.tail_guard[policy][g, bin_index(ex.tail_edges, conf)]
+        return self.has_tail_tables and POLICY[policy].resolve(self).guarded_in_schema_2
 
     def step_one(self, policy: str, exit_index: int, logits: np.ndarray, delta: float,
                  in_distribution: bool = True) -> OneDecision:
@@ -407,31 +345,28 @@ class Calibration:
 
         The same decision, bit for bit, as Python scalars: a lone request's batch of one row would pay
         numpy's per-call dispatch ~25 times for one value (calibration/one_row.py)."""
-        if policy not in self._rules:
+        chosen = POLICY.get(policy)
+        if chosen is None:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        rule = chosen.resolve(self)
         ex = self._exit(exit_index)
         if logits.ndim != 2 or logits.shape[0] != 1:
             raise ValueError(f"step_one takes the logits of one sample, [1, classes], got shape {logits.shape}")
         # grid_index for one δ: bisect_left on the same floats is np.searchsorted(side="left").
         g = min(bisect.bisect_left(self._grid_list, delta - GRID_TOLERANCE), len(self._grid_list) - 1)
         decided_at = max(self._grid_list[g], delta) if self.guarded_everywhere else delta
-        rule_policy = policy if policy != GLOBAL_POLICY or self._global is not None else "pcee-lb-tail"
-        leaves, estimate, fitted_promise, conf = decide_one(
-            ex, self._lists[exit_index], self.measure, rule_policy, exit_index == self.num_exits - 1, g, logits,
-            decided_at, None if self._global is None else self._global_lists[g])
+        lists = self._lists[exit_index]
+        # The softmax and the confidence are the numpy functions `step` calls, on the same [1, C] row.
+        probs = softmax(logits, ex.temperature)
+        row = probs[0].tolist()
+        conf = confidence_one(self.measure, probs, row)
+        leaves, estimate, fitted_promise = rule.rule_one(self, ex, lists, exit_index == self.num_exits - 1, row, conf,
+                                                         g, decided_at)
         if self.guarded_everywhere:
-            if policy == GLOBAL_POLICY:
-                threshold, bound = self._global_lists[g]
-                promised = bound if conf >= threshold else 0.0
-            else:
-                tail_edges = self._lists[exit_index].tail_edges
-                assert tail_edges is not None
-                promised = float(ex.tail_guard[policy][g, bin_one(tail_edges, conf)])
+            promised = chosen.promised_one(self, ex, lists, conf, g)
             target_met = leaves and promised >= delta
-        elif self.guards(policy):
-            tail_edges = self._lists[exit_index].tail_edges
-            assert tail_edges is not None
-            promised = float(ex.tail_guard[_legacy_tail(policy)][g, bin_one(tail_edges, conf)])
+        elif rule.guarded_in_schema_2 and lists.tail_edges is not None:
+            promised = rule.promised_one(self, ex, lists, conf, g)
             target_met = fitted_promise
         else:
             return OneDecision(leaves, estimate, False, conf, 0.0,
@@ -440,89 +375,9 @@ class Calibration:
             return OneDecision(leaves, estimate, False, conf, promised, OUT_OF_DISTRIBUTION)
         return OneDecision(leaves, estimate, target_met, conf, promised, PROMISED if target_met else BELOW_TARGET)
 
-    @staticmethod
-    def _table_rule(kind: str) -> Rule:
-        def rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-            b = bin_index(ex.edges, conf)
-            exit_now = None if last else ex.decide[kind][b] >= deltas
-            return exit_now, ex.report[kind][b], None
-
-        return rule
-
-    @staticmethod
-    def _conditional_rule(policy: str) -> Rule:
-        def rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-            b = bin_index(ex.edges, conf)
-            estimate = ex.cond_report[policy][g, b]
-            if last:
-                return None, estimate, None
-            exit_now = ex.cond_allowed[policy][g, b] & (ex.cond_decide[policy][g, b] >= deltas)
-            return exit_now, estimate, None
-
-        return rule
-
-    def _tail_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-        if ex.tail_edges is None or ex.tail_allowed is None:
-            # Schema 1 has no tail tables: decide as the previous default did, still guarded.
-            return self._rules["pcee-lb-cond"](ex, last, probs, conf, deltas, g)
-        b = bin_index(ex.tail_edges, conf)
-        promised = ex.tail_guard["pcee-lb-tail"][g, b] >= deltas
-        estimate = ex.tail_estimate["pcee-lb-tail"][g, b]
-        if last:
-            return None, estimate, promised
-        exit_now = ex.tail_allowed[g, b] & promised
-        return exit_now, estimate, exit_now
-
-    @staticmethod
-    def _guarded(rule: Rule, policy: str) -> Rule:
-        """A baseline's own exit rule; its promise from the guarded tail table of its leavers (schema 2)."""
-
-        def guarded(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-            exit_now, estimate, _ = rule(ex, last, probs, conf, deltas, g)
-            if ex.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
-                return exit_now, estimate, None
-            b = bin_index(ex.tail_edges, conf)
-            promised = ex.tail_guard[policy][g, b] >= deltas
-            return exit_now, ex.tail_estimate[policy][g, b], promised if last else exit_now & promised
-
-        return guarded
-
-    def _global_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-        if self._global is None:  # an older document: the per-exit tail rule is the nearest it has
-            return self._rules["pcee-lb-tail"](ex, last, probs, conf, deltas, g)
-        estimate = ex.tail_estimate[GLOBAL_POLICY][g, bin_index(ex.tail_edges, conf)] if ex.tail_edges is not None else conf
-        return (None if last else conf >= self._global[0][g]), estimate, None
-
-    @staticmethod
-    def _confidence_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-        return (None if last else conf >= deltas), conf.copy(), None
-
-    @staticmethod
-    def _threshold_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-        if last:
-            return None, ex.report["accuracy"][bin_index(ex.edges, conf)], None
-        if ex.precision.size == 0:
-            return np.zeros(deltas.size, dtype=bool), np.zeros(deltas.size), None
-        j = np.searchsorted(ex.precision, deltas, side="left")
-        found = j < ex.precision.size
-        j = np.minimum(j, ex.precision.size - 1)
-        threshold = np.where(found, ex.thresholds[j], np.inf)
-        exit_now = top2_margin(probs) >= threshold
-        return exit_now, np.where(found, ex.precision[j], 0.0), None
-
-    @staticmethod
-    def _full_rule(ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray, g: np.ndarray):
-        estimate = ex.report["accuracy"][bin_index(ex.edges, conf)]
-        return (None if last else np.zeros(deltas.size, dtype=bool)), estimate, None
-
     def __repr__(self) -> str:
         return (f"Calibration({self.num_exits} exits, {self.measure}, {self.validation_size} validation samples, "
                 f"labels_known={self.labels_known})")
-
-
-def _legacy_tail(policy: str) -> str:
-    """The tail table an older document guards `policy` with (pcee-lb-global decides as pcee-lb-tail there)."""
-    return "pcee-lb-tail" if policy == GLOBAL_POLICY else policy
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -667,7 +522,7 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
             tail_edges = check_edges(_float_array(raw.tail.edges, f"{where}: tail edges"))
         except ValueError as exc:
             raise ValueError(f"{where}: tail: edges: {exc}") from exc
-        for policy in (*TAIL_POLICIES, GLOBAL_POLICY) if settings.schema >= 3 else TAIL_POLICIES_V2:
+        for policy in POLICIES if settings.schema >= 3 else TAIL_POLICIES_V2:
             block = raw.tail.of(policy)
             if block is None:
                 raise ValueError(f"{where}: tail: no table for {policy}")

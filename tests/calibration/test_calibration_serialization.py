@@ -108,7 +108,7 @@ def _edit(doc, path, value):
     (("exits", 0, "index"), 5, "exit 0: index is 5, expected 0"),
     (("exits", 0, "conditional", "pcee-lb-cond"), KeyError, "exits.0.conditional.pcee-lb-cond: Field required"),
     (("exits", 2, "tail", "confidence"), KeyError, "exits.2.tail.confidence: Field required"),
-    (("exits", 0, "tail", "edges"), [0.0, 1.0], r"exit 0: tail pcee-lb-tail: counts and correct must be lists of rows of 1 bins"),
+    (("exits", 0, "tail", "edges"), [0.0, 1.0], r"exit 0: tail pcee: counts and correct must be lists of rows of 1 bins"),
     (("exits", 0, "surprise"), 1, "exits.0.surprise: Extra inputs are not permitted"),
     (("bonus",), True, "bonus: Extra inputs are not permitted"),
     (("prior",), [1.0], "prior: List should have at least 2 items"),
