@@ -29,7 +29,6 @@ from __future__ import annotations
 import bisect
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -109,9 +108,6 @@ class _ExitTables:
 
 
 FIRING_CACHE = 4096  # (policy, δ) pairs whose firing exits a Calibration remembers
-
-Rule = Callable[["_ExitTables", bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                tuple["np.ndarray | None", np.ndarray, "np.ndarray | None"]]
 
 
 class Calibration:
