@@ -1,7 +1,7 @@
 """The stream view of issue 26 (item 6): how many single-image requests of a shifted stream it takes
 before the label-free drift alert's condition holds.
 
-    python benchmarks/drift_shift.py                          # ~6 minutes on 2 cores
+    python benchmarks/drift_shift.py                          # 3-6 minutes on 2 cores
     python benchmarks/drift_shift.py --requests 1000 --deltas 0.9
 
 A real `exitserve serve` on 127.0.0.1 with the committed default bundle and EXITSERVE_SHADOW_FRACTION
@@ -14,7 +14,10 @@ the stream began (thresholds read from the file, as tests/deploy/test_deploy_dri
 - ExitserveShadowAgreementDrop (label-free, per early exit): expected minus realised agreement with
   the last exit above the margin, on at least the minimum number of shadowed samples;
 - ExitserveTargetMissedRatioHigh (label-free too): share of samples answered with target_met=false
-  above its threshold, counted here from 200 samples on (the rule itself smooths over 15 minutes).
+  above its threshold, counted here from 200 samples on (the rule itself smooths over 15 minutes);
+- a candidate, not in rules.yml: the share promised more than 5 points below the clean stream's
+  share at the same δ (measured first in the same run; on the clean stream, against its own final
+  share, for its false alarm).
 
 Requests-to-fire is the first scrape at which the condition holds (its `for:` then adds wall time,
 not requests). The scraped series of each stream go to `promtool test rules` as a unit test of the
@@ -52,6 +55,7 @@ MODEL = "cifar10-resnet-large"
 SEVERITY = 3
 FAMILIES = ("gaussian-noise", "defocus-blur", "jpeg", "contrast", "brightness", "pixelate")
 MISSED_MIN_SAMPLES = 200
+SHARE_DROP = 0.05  # candidate rule: share promised this far below the clean stream's at the same δ
 SHADOW_SERIES = ("exitserve_shadow_expected_agreement_sum", "exitserve_shadow_expected_agreement_count",
                  "exitserve_shadow_total")
 
@@ -112,12 +116,23 @@ def shadow_gaps(c: dict, exits: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int, scrape_every: int, exits: list[str]) -> dict:
+def promised_share(c: dict) -> tuple[float, float]:
+    """(share of samples answered with target_met=true, samples answered)."""
+    answered = total(c, "exitserve_exits_total")
+    return 1.0 - total(c, "exitserve_target_missed_total") / max(answered, 1.0), answered
+
+
+def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int, scrape_every: int, exits: list[str],
+               reference_share: float | None = None) -> dict:
+    """Stream x one image a request; stop at `requests` or once every condition tracked has held.
+
+    `reference_share` (the clean stream's share promised at this δ) turns on the candidate rule:
+    share promised more than SHARE_DROP below it, from MISSED_MIN_SAMPLES samples on."""
     margin, minimum = shadow_thresholds()
     missed_margin = missed_threshold()
     start = counters(client.get("/metrics").text)
     scrapes: list[tuple[int, dict]] = [(0, {})]
-    fired_shadow = fired_missed = None
+    fired_shadow = fired_missed = fired_share = None
     fired_exits: list[str] = []
     started = time.perf_counter()
     sent = 0
@@ -134,10 +149,12 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
         alarmed = [k for k, (gap, n) in shadow_gaps(c, exits).items() if gap > margin and n >= minimum]
         if alarmed and fired_shadow is None:
             fired_shadow, fired_exits = sent, alarmed
-        answered = total(c, "exitserve_exits_total")
-        if fired_missed is None and answered >= MISSED_MIN_SAMPLES and total(c, "exitserve_target_missed_total") / answered > missed_margin:
+        share, answered = promised_share(c)
+        if fired_missed is None and answered >= MISSED_MIN_SAMPLES and 1.0 - share > missed_margin:
             fired_missed = sent
-        if fired_shadow is not None and fired_missed is not None:
+        if fired_share is None and reference_share is not None and answered >= MISSED_MIN_SAMPLES and reference_share - share > SHARE_DROP:
+            fired_share = sent
+        if fired_shadow is not None and fired_missed is not None and (reference_share is None or fired_share is not None):
             break
     final = scrapes[-1][1]
     answered = total(final, "exitserve_exits_total")
@@ -145,6 +162,8 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
         "requests": sent, "seconds": round(time.perf_counter() - started, 1),
         "shadow_fired_after": fired_shadow, "shadow_fired_exits": fired_exits,
         "missed_fired_after": fired_missed,
+        "share_drop_fired_after": fired_share, "reference_share": reference_share,
+        "final_promised_share": round(promised_share(final)[0], 4),
         "final_shadow_gaps": {k: {"gap": round(g, 4), "n": int(n)} for k, (g, n) in shadow_gaps(final, exits).items()},
         "final_missed_share": round(total(final, "exitserve_target_missed_total") / max(answered, 1.0), 4),
         "exit_shares": [round(total(final, "exitserve_exits_total", str(k)) / max(answered, 1.0), 4) for k in range(len(exits) + 1)],
@@ -153,6 +172,15 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
 
 
 # --- promtool: the rule's own PromQL over the scraped series --------------------------------------
+
+def share_drop_false_alarm(scrapes: list[tuple[int, dict]], reference: float) -> int | None:
+    """The candidate rule on the clean stream itself, against its own final share: its false alarm."""
+    for sent, c in scrapes:
+        share, answered = promised_share(c)
+        if answered >= MISSED_MIN_SAMPLES and reference - share > SHARE_DROP:
+            return sent
+    return None
+
 
 def alarmed_samples(c: dict, exits: list[str]) -> list[dict]:
     """promtool's expected samples of `count by (model, exit) (EXPR)`: 1 for each exit the counts alarm."""
@@ -178,7 +206,7 @@ def promtool_tests(results: list[dict], exits: list[str], scrape_every: int) -> 
                 outcome = ',outcome="agree"' if name == "exitserve_shadow_total" else ""
                 values = [total(c, name, k, "agree" if outcome else None) for _, c in scrapes]
                 series.append({"series": f'{name}{{{labels},exit="{k}"{outcome}}}',
-                               "values": " ".join(f"{v:.6g}" if name.endswith("_sum") else f"{v:.0f}" for v in values)})
+                               "values": " ".join(repr(float(v)) for v in values)})  # full precision: gaps sit on the margin
         positions = [n for n, _ in scrapes]
         if res["shadow_fired_after"] is not None:
             at = positions.index(res["shadow_fired_after"])
@@ -193,7 +221,9 @@ def promtool_tests(results: list[dict], exits: list[str], scrape_every: int) -> 
         return {"ran": False, "why": "promtool not installed (Debian package prometheus)"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "drift_shift_test.yml"
-        text = yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False)
+        # promtool loads the input series step by step of evaluation_interval and answers an expression
+        # test on the data loaded so far: a step finer than any scrape spacing keeps every sample in.
+        text = yaml.safe_dump({"rule_files": [str(RULES)], "evaluation_interval": "1s", "tests": tests}, sort_keys=False)
         path.write_text(text.replace("promql_exp_test", "promql_expr_test"))
         done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=300)
     return {"ran": True, "passed": done.returncode == 0, "groups": len(tests),
@@ -219,16 +249,20 @@ def serve(fraction: float, log: Path) -> tuple[subprocess.Popen, str]:
 def markdown(results: dict) -> str:
     goal = results["goal_requests"]
     lines = ["| shadow fraction | δ | stream | last-exit share | shadow alert: requests to fire (exits) | worst shadow gap at the end (exit, n) "
-             "| target-missed share | target-missed alert: requests to fire |", "|---|---|---|---|---|---|---|---|"]
+             "| target-missed share | target-missed alert: requests to fire | share promised | candidate: share promised 5 points below clean, requests |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["streams"]:
-        worst_k, worst = max(r["final_shadow_gaps"].items(), key=lambda kv: kv[1]["gap"])
+        seen = {k: g for k, g in r["final_shadow_gaps"].items() if g["n"]} or r["final_shadow_gaps"]
+        worst_k, worst = max(seen.items(), key=lambda kv: kv[1]["gap"])
         fired = (f"**{r['shadow_fired_after']}** ({', '.join(r['shadow_fired_exits'])})" if r["shadow_fired_after"]
                  else f"not within {r['requests']}")
         if r["shadow_fired_after"] and r["shadow_fired_after"] > goal:
             fired += " ✗"
         missed = str(r["missed_fired_after"]) if r["missed_fired_after"] else f"not within {r['requests']}"
+        drop = str(r["share_drop_fired_after"]) if r["share_drop_fired_after"] else f"not within {r['requests']}"
         lines.append(f"| {r['shadow_fraction']} | {r['delta']} | {r['stream']} | {r['exit_shares'][-1]:.2f} | {fired} | "
-                     f"{worst['gap']:+.3f} (exit {worst_k}, {worst['n']}) | {r['final_missed_share']:.3f} | {missed} |")
+                     f"{worst['gap']:+.3f} (exit {worst_k}, {worst['n']}) | {r['final_missed_share']:.3f} | {missed} | "
+                     f"{r['final_promised_share']:.3f} | {drop} |")
     return "\n".join(lines)
 
 
@@ -259,12 +293,17 @@ def main() -> None:
                 with httpx.Client(base_url=url, timeout=60) as client:
                     exits = sorted({k[1] for k in counters(client.get("/metrics").text) if k[0] == "exitserve_exits_total"}, key=int)[:-1]
                     for delta in args.deltas:
-                        for name in names:
+                        reference = None
+                        for name in ["clean", *(n for n in names if n != "clean")] if "clean" in names else names:
                             res = {"shadow_fraction": fraction, "delta": delta, "stream": name,
-                                   **run_stream(client, data[name], delta, args.requests, args.scrape_every, exits)}
+                                   **run_stream(client, data[name], delta, args.requests, args.scrape_every, exits, reference)}
+                            if name == "clean":
+                                reference = res["final_promised_share"]
+                                res["share_drop_fired_after"] = share_drop_false_alarm(res["_scrapes"], reference)
                             results["streams"].append(res)
                             print(f"shadow {fraction} δ {delta} {name}: shadow fired after {res['shadow_fired_after']}, "
-                                  f"missed after {res['missed_fired_after']} ({res['requests']} requests, {res['seconds']} s)", flush=True)
+                                  f"missed after {res['missed_fired_after']}, share drop after {res['share_drop_fired_after']} "
+                                  f"({res['requests']} requests, {res['seconds']} s)", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
