@@ -8,10 +8,10 @@ import sys
 import warnings
 
 from exitserve import __version__
-from exitserve.service.cli import export, info, llm, offline, serve, train
+from exitserve.service.cli import export, info, llm, offline, serve, shifted, train
 from exitserve.service.cli.errors import EXIT_USER_ERROR, user_message
 
-COMMANDS = (train, export, offline, serve, info, llm)
+COMMANDS = (train, export, offline, shifted, serve, info, llm)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,12 @@ def _calibrate_from_feedback(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.shifted:
+        return _evaluate_shifted(args)
+    if args.sets or args.policies:
+        raise UserError("--sets and --policies go with --shifted")
+    if not args.data:
+        raise UserError("evaluate needs --data (labelled test data) or --shifted DIR (sets of `exitserve shifted-sets`)")
     from exitserve.service.tools.offline import (
         EVALUATION_JSON,
         EVALUATION_MD,
@@ -96,6 +102,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {written} and plots")
     else:
         print(f"wrote {written}; no plots: matplotlib is not installed (pip install 'exitserve[{PLOTS_EXTRA}]' adds them)")
+    return 0
+
+
+def _evaluate_shifted(args: argparse.Namespace) -> int:
+    from exitserve.calibration.rules import POLICIES
+    from exitserve.calibration.sets import TABLE_DELTAS
+    from exitserve.service.tools.shifted import SHIFTED_JSON, SHIFTED_MD, evaluate_shifted_dir
+
+    if args.data:
+        raise UserError("--data and --shifted are two different reports: give one")
+    policies = args.policies or [DEFAULT_POLICY]
+    for policy in policies:
+        if policy not in POLICIES:
+            raise UserError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    report = evaluate_shifted_dir(args.bundle, args.shifted, args.out, policies=policies, names=args.sets,
+                                  progress=not args.no_progress)
+    print(f"{report['source']['bundle']} on the sets in {args.shifted} (coverage / promised accuracy; "
+          "foreign sets: coverage, all of it wrong):")
+    for policy in policies:
+        print(f"policy {policy}")
+        print("set                   n     " + "  ".join(f"δ {d:.2f}        " for d in TABLE_DELTAS))
+        for s in report["sets"]:
+            rows = {round(r["delta"], 6): r for r in s["policies"][policy]}
+            cells = []
+            for d in TABLE_DELTAS:
+                r = rows[round(d, 6)]
+                promised = "–" if r["accuracy_promised"] is None or not s["labelled"] else f"{r['accuracy_promised']:.3f}"
+                flag = "!" if s["labelled"] and r["violation"] else " "
+                cells.append(f"{r['coverage']:.3f}/{promised:5}{flag}")
+            print(f"{s['name']:20s} {s['n']:5d}  " + "  ".join(cells))
+    print(f"wrote {args.out}/{SHIFTED_JSON} and {SHIFTED_MD} ('!': promised accuracy below δ)")
     return 0
 
 
@@ -123,8 +160,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add_parser(sub, "evaluate", "sweep delta for every policy on labelled test data: JSON, Markdown, plots")
     p.add_argument("bundle", help="calibrated bundle directory")
-    p.add_argument("--data", required=True, help="test data: cifar10:test, mnist:test, digits:test, sst2:test, "
-                                                 "agnews:test, or an .npz with arrays x and y")
-    p.add_argument("--out", required=True, help="directory for evaluation.json, evaluation.md and the plots")
+    p.add_argument("--data", help="test data: cifar10:test, mnist:test, digits:test, sst2:test, "
+                                  "agnews:test, or an .npz with arrays x and y")
+    p.add_argument("--shifted", metavar="DIR",
+                   help="instead of --data: the sets of `exitserve shifted-sets` in DIR; writes shifted.json and "
+                        "shifted.md (per set and δ: share promised, accuracy of the promised answers)")
+    p.add_argument("--sets", nargs="+", metavar="NAME", help="with --shifted: only these sets (default all)")
+    p.add_argument("--policies", nargs="+", metavar="POLICY",
+                   help=f"with --shifted: policies to report (default {DEFAULT_POLICY}, what a request without one gets)")
+    p.add_argument("--out", required=True, help="directory for evaluation.json, evaluation.md and the plots "
+                                                "(with --shifted: shifted.json and shifted.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)

@@ -167,6 +167,12 @@ class Metrics:
         self.target_missed = Counter("exitserve_target_missed",
                                      "Samples answered with target_met=false (even the last exit is below delta)",
                                      ["model"], registry=r)
+        # Issue 26: why target_met was false, per sample: below_target, out_of_distribution (the input
+        # guard), policy_unguarded. The out_of_distribution share is a drift signal that needs neither
+        # labels nor shadow work (benchmarks/drift_shift.py, BENCHMARKS.md "Shifted streams").
+        self.promise_withheld = Counter("exitserve_promise_withheld",
+                                        "Samples answered with target_met=false, by the reason the promise was withheld",
+                                        ["model", "reason"], registry=r)
         self.queue_depth = Gauge("exitserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.model_ready = Gauge("exitserve_model_ready", "1 when the model is loaded and warmed up", ["model"],
                                  registry=r)
