@@ -28,9 +28,11 @@ def set_row(
     compute_fractions: Sequence[float],
     deltas: Sequence[float] = SET_DELTAS,
     policies: Sequence[str] = ("pcee-lb-tail",),
+    in_distribution: np.ndarray | None = None,
 ) -> dict:
     """One set: its description (`meta`: name, family, severity, labelled, ...), the last exit's
-    accuracy, and a `policy_row` per policy and δ."""
+    accuracy, the share the input guard withholds, and a `policy_row` per policy and δ.
+    `in_distribution`: the input guard's verdict per sample, as the server applies it (None: no guard)."""
     logits = [np.asarray(z) for z in logits_per_exit]
     labels = np.asarray(labels, dtype=np.int64)
     fractions = np.asarray(compute_fractions, dtype=np.float64)
@@ -44,7 +46,9 @@ def set_row(
         **meta,
         "n": int(labels.size),
         "last_exit_accuracy": float((logits[-1].argmax(axis=1) == labels).mean()),
-        "policies": {p: [policy_row(decide_all(calibration, p, logits, float(d)), labels, float(d), fractions, n)
+        "guard_withheld": None if in_distribution is None else float(1.0 - np.mean(in_distribution)),
+        "policies": {p: [policy_row(decide_all(calibration, p, logits, float(d), in_distribution), labels, float(d),
+                                    fractions, n)
                          for d in deltas] for p in policies},
     }
 
@@ -78,13 +82,16 @@ def render_sets_markdown(report: dict, title: str = "The promise under shift",
     for policy in report["policies"]:
         chosen = [d for d in report["deltas"] if round(d, 6) in keys]
         lines += [f"## {policy}", "",
-                  "| set | severity | n | last-exit accuracy | " + " | ".join(f"δ {d:.2f}" for d in chosen) + " |",
-                  "|---|---|---|---|" + "---|" * len(chosen)]
+                  "| set | severity | n | last-exit accuracy | input guard withholds | "
+                  + " | ".join(f"δ {d:.2f}" for d in chosen) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(chosen)]
         for s in report["sets"]:
             by_delta = {round(r["delta"], 6): r for r in s["policies"][policy]}
             accuracy = f"{s['last_exit_accuracy']:.3f}" if s["labelled"] else "– (foreign)"
             cells = [_cell(by_delta[round(d, 6)], s["labelled"]) for d in chosen]
-            lines.append(f"| {s['family']} | {s['severity'] or '–'} | {s['n']} | {accuracy} | " + " | ".join(cells) + " |")
+            withheld = "–" if s.get("guard_withheld") is None else f"{s['guard_withheld']:.3f}"
+            lines.append(f"| {s['family']} | {s['severity'] or '–'} | {s['n']} | {accuracy} | {withheld} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exitserve.calibration.reasons import REASON_NAMES
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
 from exitserve.service.serving.batcher import ItemResult, WorkItem
@@ -35,6 +36,8 @@ class ModelObserver:
         self._estimated_accuracy = metrics.estimated_accuracy.labels(name)
         self._requested_delta = metrics.requested_delta.labels(name)
         self._target_missed = metrics.target_missed.labels(name)  # exists at 0 before the first miss
+        # One child per reason code (calibration.reasons), each at 0 from the start; code 0 is "promised".
+        self._withheld = [None, *(metrics.promise_withheld.labels(name, reason) for reason in REASON_NAMES[1:])]
 
     def segment_done(self, first: int, last: int, rows: int, seconds: float) -> None:
         duration, occupancy = self._segment_histograms[first, last]
@@ -60,6 +63,11 @@ class ModelObserver:
         missed = int(np.count_nonzero(~result.target_met))
         if missed:
             self._target_missed.inc(missed)
+            if result.reason is not None:
+                for code, count in enumerate(np.bincount(result.reason, minlength=len(self._withheld)).tolist()):
+                    withheld = self._withheld[code]
+                    if count and withheld is not None:
+                        withheld.inc(count)
         self._record(item, result)
 
     def batch_done(self, items: list[WorkItem], offsets: np.ndarray, result: BatchResult) -> None:
@@ -77,6 +85,9 @@ class ModelObserver:
         self._requested_delta.observe(float(item.deltas[0]))
         if not result.target_met[0]:
             self._target_missed.inc(1)
+            counter = self._withheld[int(result.reason[0])] if result.reason is not None else None
+            if counter is not None:
+                counter.inc(1)
         self._record(item, result)
 
     def _record(self, item: WorkItem, result: ItemResult) -> None:

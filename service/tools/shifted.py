@@ -1,8 +1,9 @@
 """`exitserve evaluate --shifted DIR`: a bundle over the shifted and foreign sets of
 `exitserve shifted-sets` (issue 26), per set the share promised and the promised accuracy.
 
-Logits come from `bundle_logits` (the bundle's ONNX segments to full depth, as `exitserve evaluate`),
-decisions from `calibration.sets` (`decide_all`, i.e. the server's `Calibration.step`).
+Logits and the input guard's features come from `bundle_outputs` (the bundle's ONNX segments to
+full depth, as `exitserve evaluate`), decisions from `calibration.sets` (`decide_all`, i.e. the
+server's `Calibration.step`, with the guard applied as the server applies it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from exitserve.calibration.io import dumps
 from exitserve.calibration.sets import SET_DELTAS, render_sets_markdown, set_row, sets_report
 from exitserve.models.bundle import load_bundle
 from exitserve.models.shifted import ShiftedSet, load_sets, sets_seed
-from exitserve.service.tools.offline import _command_line, bundle_logits
+from exitserve.service.tools.offline import _command_line, bundle_outputs, input_guard_verdict
 
 if TYPE_CHECKING:
     from exitserve.service.runners.onnx_runtime import Provider
@@ -53,8 +54,10 @@ def evaluate_sets(
     fractions = manifest.compute_fractions()
     rows = []
     for s in tqdm(sets, desc="sets", disable=not progress, unit="set"):
-        logits = bundle_logits(bundle, s.x, provider=provider, threads=threads, batch_size=batch_size, progress=False)
-        rows.append(set_row(calibration, s.meta(), logits, s.y, fractions, deltas, policies))
+        logits, features = bundle_outputs(bundle, s.x, provider=provider, threads=threads, batch_size=batch_size,
+                                          progress=False)
+        rows.append(set_row(calibration, s.meta(), logits, s.y, fractions, deltas, policies,
+                            input_guard_verdict(calibration, features)))
     return sets_report(rows, {"bundle": f"{manifest.name} v{manifest.version}", **(source or {})})
 
 

@@ -72,8 +72,12 @@ def test_v1_predict_matches_offline_decisions(server, samples, offline) -> None:
 def test_inputs_unlike_the_calibration_data_get_no_promise_unless_the_guard_is_off(server, samples) -> None:
     x, _ = samples
     noise = np.random.default_rng(0).random(x.shape, dtype=np.float32) * float(x.max())
+    series = {"model": MODEL, "reason": "out_of_distribution"}
+    before = metric(httpx.get(f"{server.url}/metrics").text, "exitserve_promise_withheld_total", **series)
     guarded = predict(server, {"inputs": noise.tolist(), "delta": 0.6}).json()["predictions"]
     assert all(not p["target_met"] and p["reason"] == "out_of_distribution" for p in guarded)
+    after = metric(httpx.get(f"{server.url}/metrics").text, "exitserve_promise_withheld_total", **series)
+    assert after - before == len(x)  # the operator's label-free drift signal counts every withheld promise
     free = predict(server, {"inputs": noise.tolist(), "delta": 0.6, "ood_guard": False}).json()["predictions"]
     assert [p["exit"] for p in free] == [p["exit"] for p in guarded]  # the guard never moves an exit
     assert any(p["target_met"] for p in free)  # the tables alone would have promised some of them
