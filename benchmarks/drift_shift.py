@@ -13,6 +13,8 @@ the stream began (thresholds read from the file, as tests/deploy/test_deploy_dri
 
 - ExitserveShadowAgreementDrop (label-free, per early exit): expected minus realised agreement with
   the last exit above the margin, on at least the minimum number of shadowed samples;
+- ExitserveInputsUnlikeCalibration (label-free, no shadow work; issue 26): share of answers the input
+  guard withheld as out of distribution above its threshold, on at least its minimum of answers;
 - ExitserveTargetMissedRatioHigh (label-free too): share of samples answered with target_met=false
   above its threshold, counted here from 200 samples on (the rule itself smooths over 15 minutes);
 - a candidate, not in rules.yml: the share promised more than 5 points below the clean stream's
@@ -70,6 +72,11 @@ def shadow_thresholds() -> tuple[float, float]:
     return float(re.search(r"\)\s*>\s*([0-9.]+)", expr).group(1)), float(re.search(r">=\s*([0-9.]+)", expr).group(1))  # type: ignore[union-attr]
 
 
+def guard_thresholds() -> tuple[float, float]:
+    expr = rule("ExitserveInputsUnlikeCalibration")
+    return float(re.search(r"\)\)\s*>\s*([0-9.]+)", expr).group(1)), float(re.search(r">=\s*([0-9.]+)", expr).group(1))  # type: ignore[union-attr]
+
+
 def missed_threshold() -> float:
     return float(re.search(r">\s*([0-9.]+)\s*$", rule("ExitserveTargetMissedRatioHigh").strip()).group(1))  # type: ignore[union-attr]
 
@@ -92,8 +99,10 @@ def counters(text: str) -> dict[tuple[str, str, str], float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.labels.get("model") == MODEL and s.name.startswith(
-                    ("exitserve_shadow", "exitserve_exits_total", "exitserve_target_missed_total")):
-                key = (s.name, s.labels.get("exit", ""), s.labels.get("outcome", ""))
+                    ("exitserve_shadow", "exitserve_exits_total", "exitserve_target_missed_total",
+                     "exitserve_promise_withheld_total")):
+                # the withheld counter's reason goes where the outcome would
+                key = (s.name, s.labels.get("exit", ""), s.labels.get("outcome", s.labels.get("reason", "")))
                 out[key] = out.get(key, 0.0) + s.value
     return out
 
@@ -130,9 +139,10 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
     share promised more than SHARE_DROP below it, from MISSED_MIN_SAMPLES samples on."""
     margin, minimum = shadow_thresholds()
     missed_margin = missed_threshold()
+    guard_margin, guard_minimum = guard_thresholds()
     start = counters(client.get("/metrics").text)
     scrapes: list[tuple[int, dict]] = [(0, {})]
-    fired_shadow = fired_missed = fired_share = None
+    fired_shadow = fired_missed = fired_share = fired_guard = None
     fired_exits: list[str] = []
     started = time.perf_counter()
     sent = 0
@@ -154,7 +164,11 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
             fired_missed = sent
         if fired_share is None and reference_share is not None and answered >= MISSED_MIN_SAMPLES and reference_share - share > SHARE_DROP:
             fired_share = sent
-        if fired_shadow is not None and fired_missed is not None and (reference_share is None or fired_share is not None):
+        withheld = total(c, "exitserve_promise_withheld_total", outcome="out_of_distribution") / max(answered, 1.0)
+        if fired_guard is None and answered >= guard_minimum and withheld > guard_margin:
+            fired_guard = sent
+        if fired_shadow is not None and fired_missed is not None and fired_guard is not None and (
+                reference_share is None or fired_share is not None):
             break
     final = scrapes[-1][1]
     answered = total(final, "exitserve_exits_total")
@@ -162,6 +176,9 @@ def run_stream(client: httpx.Client, x: np.ndarray, delta: float, requests: int,
         "requests": sent, "seconds": round(time.perf_counter() - started, 1),
         "shadow_fired_after": fired_shadow, "shadow_fired_exits": fired_exits,
         "missed_fired_after": fired_missed,
+        "guard_fired_after": fired_guard,
+        "final_guard_withheld": round(total(final, "exitserve_promise_withheld_total", outcome="out_of_distribution")
+                                      / max(total(final, "exitserve_exits_total"), 1.0), 4),
         "share_drop_fired_after": fired_share, "reference_share": reference_share,
         "final_promised_share": round(promised_share(final)[0], 4),
         "final_shadow_gaps": {k: {"gap": round(g, 4), "n": int(n)} for k, (g, n) in shadow_gaps(final, exits).items()},
@@ -249,8 +266,9 @@ def serve(fraction: float, log: Path) -> tuple[subprocess.Popen, str]:
 def markdown(results: dict) -> str:
     goal = results["goal_requests"]
     lines = ["| shadow fraction | δ | stream | last-exit share | shadow alert: requests to fire (exits) | worst shadow gap at the end (exit, n) "
-             "| target-missed share | target-missed alert: requests to fire | share promised | candidate: share promised 5 points below clean, requests |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| target-missed share | target-missed alert: requests to fire | share promised | candidate: share promised 5 points below clean, requests "
+             "| input guard withholds | input-guard alert: requests to fire |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["streams"]:
         seen = {k: g for k, g in r["final_shadow_gaps"].items() if g["n"]} or r["final_shadow_gaps"]
         worst_k, worst = max(seen.items(), key=lambda kv: kv[1]["gap"])
@@ -260,9 +278,10 @@ def markdown(results: dict) -> str:
             fired += " ✗"
         missed = str(r["missed_fired_after"]) if r["missed_fired_after"] else f"not within {r['requests']}"
         drop = str(r["share_drop_fired_after"]) if r["share_drop_fired_after"] else f"not within {r['requests']}"
+        guard = f"**{r['guard_fired_after']}**" if r.get("guard_fired_after") else f"not within {r['requests']}"
         lines.append(f"| {r['shadow_fraction']} | {r['delta']} | {r['stream']} | {r['exit_shares'][-1]:.2f} | {fired} | "
                      f"{worst['gap']:+.3f} (exit {worst_k}, {worst['n']}) | {r['final_missed_share']:.3f} | {missed} | "
-                     f"{r['final_promised_share']:.3f} | {drop} |")
+                     f"{r['final_promised_share']:.3f} | {drop} | {r.get('final_guard_withheld', 0.0):.3f} | {guard} |")
     return "\n".join(lines)
 
 
@@ -285,6 +304,7 @@ def main() -> None:
                      "bundle": str(DEFAULT_BUNDLE.relative_to(REPO)), "severity": SEVERITY, "goal_requests": args.goal,
                      "shadow_rule": {"margin": margin, "min_samples": minimum},
                      "missed_rule": {"threshold": missed_threshold(), "min_samples_here": MISSED_MIN_SAMPLES},
+                     "guard_rule": dict(zip(("threshold", "min_samples"), guard_thresholds(), strict=True)),
                      "scrape_every": args.scrape_every, "streams": []}
     with tempfile.TemporaryDirectory() as tmp:
         for fraction in args.shadow_fractions:
@@ -302,6 +322,7 @@ def main() -> None:
                                 res["share_drop_fired_after"] = share_drop_false_alarm(res["_scrapes"], reference)
                             results["streams"].append(res)
                             print(f"shadow {fraction} δ {delta} {name}: shadow fired after {res['shadow_fired_after']}, "
+                                  f"input guard after {res['guard_fired_after']}, "
                                   f"missed after {res['missed_fired_after']}, share drop after {res['share_drop_fired_after']} "
                                   f"({res['requests']} requests, {res['seconds']} s)", flush=True)
             finally:

@@ -23,6 +23,7 @@ REQUIRED_ALERTS = {
     "ExitserveTargetMissedRatioHigh",
     "ExitserveAccuracyBelowPromise",  # issue 8: labelled feedback below the promise
     "ExitserveShadowAgreementDrop",  # issue 8: label-free shadow agreement below calibration
+    "ExitserveInputsUnlikeCalibration",  # issue 26: the input guard withholds far more than calibrated
 }
 
 
