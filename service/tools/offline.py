@@ -27,7 +27,7 @@ from exitserve.models.data import Dataset, load_dataset
 from exitserve.models.tokens import length_batches, pad_batch, token_ids
 
 if TYPE_CHECKING:
-    from exitserve.service.runners.onnx_runtime import ChainRunner, Provider
+    from exitserve.service.runners.base import Provider, SegmentRunner
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -98,7 +98,7 @@ def bundle_logits(
                                 batch_size=batch_size, progress=progress)
 
 
-def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
+def _text_logits(runner: SegmentRunner, bundle: Bundle, texts: np.ndarray, progress: bool) -> list[np.ndarray]:
     """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
     from exitserve.service.serving.text_input import TextTokenizer
 

@@ -1,0 +1,147 @@
+"""The runner interface, apart from any runtime: what the exit engine asks of a runner, and the one place
+that builds a runner for a bundle (its kinds, `RunnerKind`, are settings values: service/settings.py).
+
+Importing this module loads neither onnxruntime nor torch; `create_runner` imports the one it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from exitserve.service.settings import RUNNER_KINDS, RunnerKind, runner_kind
+
+if TYPE_CHECKING:
+    from exitserve.models.bundle import Bundle
+
+Provider = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    provider: Provider = "cpu"
+    device_id: int = 0
+    # "global": one process-wide intra-op pool shared by every segment session, measured fastest and
+    # steadiest on 2 cores (shared/notes/onnxruntime.md). ORT then refuses any session in the process
+    # that asks for its own pool, so only a dedicated serving process (Settings) turns it on.
+    thread_pool: Literal["global", "per-session"] = "per-session"
+    threads: int = 1
+    spinning: bool = False
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # Batches of at least `large_batch_rows` rows run on a second set of sessions with this many
+    # intra-op threads (None: `threads` for every batch). Memory: the weights twice.
+    large_batch_threads: int | None = None
+    large_batch_rows: int = 32
+
+
+
+@runtime_checkable
+class SegmentRunner(Protocol):
+    """What the exit engine, calibration and evaluation ask of a runner. A state is the runner's own
+    mapping of hidden tensors (on its device); only exit logits come back as numpy arrays."""
+
+    bundle: Bundle
+
+    @property
+    def num_exits(self) -> int: ...
+
+    def start(self, x: np.ndarray) -> dict: ...
+
+    def run_segment(self, k: int, state: dict) -> tuple[dict, np.ndarray]: ...
+
+    def run_span(self, first: int, last: int, state: dict) -> tuple[dict, np.ndarray]: ...
+
+    def select(self, state: dict, rows: np.ndarray) -> dict: ...
+
+    def concat(self, states: list[dict]) -> dict: ...
+
+    def sample_shapes(self, state: dict) -> tuple: ...
+
+    def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]: ...
+
+    def warmup(self, batch_sizes: list[int]) -> None: ...
+
+
+class ChainRunner:
+    """What every runner offers on top of start / run_segment / select (the engine's three steps)."""
+
+    bundle: Bundle
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.bundle.manifest.segments)
+
+    def start(self, x: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def run_segment(self, k: int, state: dict) -> tuple[dict, np.ndarray]:
+        raise NotImplementedError
+
+    def select(self, state: dict, rows: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def concat(self, states: list[dict]) -> dict:
+        """Several batches' states as one, rows in order (segment-level continuous batching)."""
+        raise NotImplementedError
+
+    def sample_shapes(self, state: dict) -> tuple:
+        """The state's tensor shapes beyond the batch axis: states concatenate only when these agree."""
+        raise NotImplementedError
+
+    def run_span(self, first: int, last: int, state: dict) -> tuple[dict, np.ndarray]:
+        """Segments first..last; only segment `last`'s exit logits come back. Runners with fused span
+        graphs skip the inner heads; this chain computes them and drops them."""
+        for k in range(first, last + 1):
+            state, logits = self.run_segment(k, state)
+        return state, logits
+
+    def run_all_exits(self, x: np.ndarray, batch_size: int = 256, progress: bool = True) -> list[np.ndarray]:
+        """Every exit's logits for every sample (full depth; for calibration and evaluation)."""
+        chunks: list[list[np.ndarray]] = [[] for _ in range(self.num_exits)]
+        starts: Iterable[int] = range(0, len(x), batch_size)
+        if progress:  # offline use only: the serving path never imports tqdm
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="running segments", unit="batch")
+        for start in starts:
+            state = self.start(x[start : start + batch_size])
+            for k in range(self.num_exits):
+                state, logits = self.run_segment(k, state)
+                chunks[k].append(logits)
+        return [np.concatenate(c) if c else np.zeros((0, len(self.bundle.manifest.labels)), np.float32) for c in chunks]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run every segment (and the compaction gathers) once per batch size, before serving."""
+        shape = [d if d > 0 else 1 for d in self.bundle.manifest.input.shape[1:]]
+        dtype = np.dtype(self.bundle.manifest.input.dtype)
+        for n in batch_sizes:
+            state = self.start(np.zeros([n, *shape], dtype=dtype))
+            for k in range(self.num_exits):
+                state, _ = self.run_segment(k, state)
+                if state and n > 1:
+                    state = self.select(state, np.arange(n - 1))
+
+
+def create_runner(bundle: Bundle, kind: str, options: RunnerOptions | None = None,
+                  cuda_graph_buckets: list[int] | None = None) -> SegmentRunner:
+    """A runner of `kind` ("onnxruntime", "torch", or an alias) for `bundle`. The torch runner needs the
+    bundle's TorchScript twins and torch (the `train` extra); CUDA graphs apply to it on a GPU only."""
+    options = options or RunnerOptions()
+    canonical = runner_kind(kind)
+    if canonical == "torch":
+        from exitserve.service.runners.torch_runner import TorchScriptRunner  # torch only when asked for
+
+        on_gpu = options.provider == "cuda"
+        return TorchScriptRunner(bundle, device=f"cuda:{options.device_id}" if on_gpu else "cpu", threads=options.threads,
+                                 cuda_graph_buckets=cuda_graph_buckets if on_gpu else None)
+    if canonical == "onnxruntime":
+        from exitserve.service.runners.onnx_runtime import OnnxRunner
+
+        return OnnxRunner(bundle, options=options)
+    raise ValueError(f"unknown runner {kind!r}; choose from {', '.join(RUNNER_KINDS)}")
+
+
+__all__ = ["RUNNER_KINDS", "ChainRunner", "Provider", "RunnerKind", "RunnerOptions", "SegmentRunner", "create_runner", "runner_kind"]
