@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +23,9 @@ def runner_kind(name: object) -> object:
     return RUNNER_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
+# Package data of exitserve.bundles: inside the installed package for a wheel, the checkout's bundles/ for an
+# editable install (pyproject.toml maps the package there).
+DEFAULT_BUNDLE = Path(str(resources.files("exitserve.bundles") / "cifar10-resnet-large"))
 
 
 class Settings(BaseSettings):
