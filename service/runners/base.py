@@ -25,7 +25,7 @@ class RunnerOptions:
     provider: Provider = "cpu"
     device_id: int = 0
     # "global": one process-wide intra-op pool shared by every segment session, measured fastest and
-    # steadiest on 2 cores (shared/notes/onnxruntime.md). ORT then refuses any session in the process
+    # steadiest on 2 cores (docs/onnxruntime.md). ORT then refuses any session in the process
     # that asks for its own pool, so only a dedicated serving process (Settings) turns it on.
     thread_pool: Literal["global", "per-session"] = "per-session"
     threads: int = 1

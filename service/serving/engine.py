@@ -1,4 +1,4 @@
-"""The exit engine (DESIGN.md §4): run a batch segment by segment, let samples leave, compact the rest.
+"""The exit engine (docs/DESIGN.md §4): run a batch segment by segment, let samples leave, compact the rest.
 
 Each sample carries its own delta and policy. After segment k the calibration package's
 `Calibration.step` (the same function `exitserve evaluate` uses offline) decides who leaves; those
