@@ -105,7 +105,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+    def __init__(self, bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 cwd: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exitserve-test-{self.port}.log"
@@ -113,7 +114,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "exitserve.service.cli", "serve", *map(str, bundles), "--port", str(self.port),
              "--host", "127.0.0.1", *(extra_args or [])],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
