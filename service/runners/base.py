@@ -37,7 +37,6 @@ class RunnerOptions:
     large_batch_rows: int = 32
 
 
-
 @runtime_checkable
 class SegmentRunner(Protocol):
     """What the exit engine, calibration and evaluation ask of a runner. A state is the runner's own
@@ -66,7 +65,8 @@ class SegmentRunner(Protocol):
 
 
 class ChainRunner:
-    """What every runner offers on top of start / run_segment / select (the engine's three steps)."""
+    """A SegmentRunner's shared part: spans, full-depth runs and warm-up built on the three steps each
+    runner writes itself (start / run_segment / select, and concat / sample_shapes)."""
 
     bundle: Bundle
 
