@@ -1,5 +1,6 @@
-"""The README's examples against the default bundle, run as pasted: its curl commands in bash and its
-tritonclient snippet in Python, against a real `exitserve serve` (only the address changes: a free port).
+"""The README's examples against the default bundle, run as pasted: its curl commands in bash, its
+tritonclient snippet in Python and deploy/README.md's traffic snippet, against a real `exitserve serve`
+(only the address changes: a free port).
 
 Examples that need what a clone does not have (a trained text or language-model bundle) or that are
 templates (`[--merge] [--out DIR]`) are left to the tests of their features.
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from exitserve.service.settings import DEFAULT_BUNDLE
@@ -27,8 +29,8 @@ KEY = "readme-admin-key"
 MODEL = "cifar10-resnet-large"
 
 
-def fenced(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.DOTALL | re.MULTILINE)
+def fenced(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
 
 
 def curl_command(route: str) -> str:
@@ -90,6 +92,18 @@ def test_tritonclient_example_runs(server: ServerProcess) -> None:
     assert done.returncode == 0, done.stderr
     # print(labels, exits, target_met) for 8 images: label bytes, exit indices, booleans
     assert done.stdout.count("b'") == 8 and re.search(r"\] \[[0-3 ]+\] \[ ?(True|False)", done.stdout), done.stdout
+
+
+def test_deploy_readme_traffic_snippet_runs(server: ServerProcess) -> None:
+    [snippet] = [b for b in fenced("bash", (REPO / "deploy" / "README.md").read_text()) if "import httpx" in b]
+    done = subprocess.run(["bash", "-c", snippet.replace("localhost:8000", f"127.0.0.1:{server.port}")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    metrics = httpx.get(f"{server.url}/metrics").text
+    served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("exitserve_requests_total{") and 'status="200"' in line)
+    assert served >= 100  # the snippet's 100 requests (and this module's others)
 
 
 def test_client_extra_installs_what_the_client_examples_import() -> None:
