@@ -38,10 +38,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from exitserve.models.data import data_root
 
     for marker in item.iter_markers("needs_data"):
-        missing = [str(data_root() / folder) for folder in marker.args if not (data_root() / folder).exists()]
+        root = data_root()
+        missing = [folder for folder in marker.args if not (root / folder).exists()]
         if not missing:
             continue
-        reason = f"{NEEDS_DATA} {', '.join(missing)} (set EXITSERVE_DATA to the data folder)"
+        reason = (f"{NEEDS_DATA} {', '.join(missing)} not found under {root} "
+                  "(set EXITSERVE_DATA to the data folder; default ../shared/data)")
         if os.environ.get("EXITSERVE_REQUIRE_DATA"):
             pytest.fail(f"{reason}; EXITSERVE_REQUIRE_DATA is set, so a missing data set is a failure", pytrace=False)
         pytest.skip(reason)
