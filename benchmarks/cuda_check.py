@@ -35,7 +35,7 @@ from exitserve.calibration import Calibration
 from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
-from exitserve.service.runners.torch_runner import TorchRunner
+from exitserve.service.runners.torch_runner import TorchScriptRunner
 from exitserve.service.serving.engine import ExitEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def classifier(bundle_path: Path, images: int, policy: str, provider: str) -> di
     cpu_engine = ExitEngine(OnnxRunner(bundle, options=RunnerOptions(provider="cpu", threads=4)), calibration)
     if provider in ("torch", "torch-graphs"):
         graphs = [1, 4, 16, 64] if provider == "torch-graphs" else None
-        runner = TorchRunner(bundle, device=DEVICE, cuda_graph_buckets=graphs)
+        runner = TorchScriptRunner(bundle, device=DEVICE, cuda_graph_buckets=graphs)
     else:
         runner = OnnxRunner(bundle, options=RunnerOptions(provider=DEVICE))
     gpu_engine = ExitEngine(runner, calibration)
@@ -122,7 +122,7 @@ def classifier(bundle_path: Path, images: int, policy: str, provider: str) -> di
         reps = 300 if batch == 1 else 100
         row["engine_full"] = timed(lambda p=part, a=full: gpu_engine.run(p, *a), reps)
         row["engine_delta_0.8"] = timed(lambda p=part, a=early: gpu_engine.run(p, *a), reps)
-        if isinstance(runner, TorchRunner):
+        if isinstance(runner, TorchScriptRunner):
             row["plain_chain"] = timed(lambda p=part: plain_chain(runner, p), reps)
             row["full_over_plain"] = row["plain_chain"]["median_ms"] / row["engine_full"]["median_ms"]
             if runner.graphs is not None:  # the whole model as one replayed graph: a plain endpoint with graphs
@@ -130,13 +130,13 @@ def classifier(bundle_path: Path, images: int, policy: str, provider: str) -> di
                 row["plain_graphed"] = timed(lambda p=part, n=last: runner.run_span(0, n, runner.start(p)), reps)
                 row["full_over_plain_graphed"] = row["plain_graphed"]["median_ms"] / row["engine_full"]["median_ms"]
         out[f"batch_{batch}"] = row
-    if isinstance(runner, TorchRunner) and runner.graphs is not None:
+    if isinstance(runner, TorchScriptRunner) and runner.graphs is not None:
         out["graphs_captured"] = len(runner.graphs)
     return out
 
 
 @torch.inference_mode()
-def plain_chain(runner: TorchRunner, x: np.ndarray) -> np.ndarray:
+def plain_chain(runner: TorchScriptRunner, x: np.ndarray) -> np.ndarray:
     """What a hand-written endpoint does: every segment in turn, the last exit's logits to the host."""
     specs = runner.bundle.manifest.segments
     state = runner.start(x)

@@ -255,6 +255,17 @@ class Bundle:
         return f"Bundle({m.name!r} v{m.version}, {m.num_exits} exits, {self.path})"
 
 
+def validation_summary(exc: ValidationError) -> str:
+    """A pydantic error as one line, `field.path: message (got value)` per problem: pydantic's own text
+    spans several lines and links to its documentation, which CLI errors and 422 answers should not."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(map(str, error["loc"])) or "(top level)"
+        got = repr(error.get("input"))
+        parts.append(f"{where}: {error['msg']}" + (f" (got {got})" if len(got) <= 40 else ""))
+    return "; ".join(parts)
+
+
 def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundle:
     """Read and verify a bundle: schema, file list and every checksum. Raises BundleError."""
     directory = Path(path)
@@ -270,7 +281,7 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
+        raise BundleError(f"{manifest_path}: invalid manifest: {validation_summary(exc)}") from exc
 
     on_disk = set(bundle_files(directory))
     listed = set(manifest.sha256)

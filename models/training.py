@@ -234,7 +234,8 @@ def train(
                     "generator": generator.get_state(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "epochs": [asdict(e) for e in history.epochs],
                 })
-            accs = " ".join(f"{a:6.2%}" for a in val_acc)
+            # Without validation data there is nothing to report per exit: say so rather than print an empty list.
+            accs = " ".join(f"{a:6.2%}" for a in val_acc) if val_acc else "(no validation data)"
             log(f"epoch {epoch_number:3d}  {phase:10s}  loss {record.loss:.4f}  val acc per exit: {accs}  ({record.seconds:.1f}s)")
     for p in net.parameters():
         p.requires_grad_(True)

@@ -165,7 +165,9 @@ def train_exits(
 
     `regime="heads-only"` freezes the backbone and the final classifier and trains the exit heads
     on the final exit's own predictions (CE - λ·entropy): self-supervised, so `y` may be None.
-    `joint` and `mixed` train everything on the labels `y`.
+    `joint` and `mixed` train everything on the labels `y`. `augment` is on by default: 3-channel
+    images of at least 32 px are randomly cropped (padding 4) and flipped left-right; other inputs are
+    left alone. The README lists every option ("Serve your own model").
     """
     train_config = TrainConfig(**config)
     if y is None:

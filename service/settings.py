@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import BeforeValidator, Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from exitserve.calibration import POLICIES
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
+RunnerKind = Literal["onnxruntime", "torch"]
+RUNNER_KINDS: tuple[RunnerKind, ...] = ("onnxruntime", "torch")
+# Classifier settings said "onnx" before issue 29 (generation already said "onnxruntime"); old
+# configurations keep working.
+RUNNER_ALIASES = {"onnx": "onnxruntime"}
+
+
+def runner_kind(name: object) -> object:
+    """The canonical spelling of a runner kind; anything else passes through for the caller to refuse."""
+    return RUNNER_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
+# Package data of exitserve.bundles: inside the installed package for a wheel, the checkout's bundles/ for an
+# editable install (pyproject.toml maps the package there).
+DEFAULT_BUNDLE = Path(str(resources.files("exitserve.bundles") / "cifar10-resnet-large"))
 
 
 class Settings(BaseSettings):
@@ -41,8 +56,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 << 20, ge=1024, description="request body size limit in bytes (413 above)")
     request_timeout_s: float = Field(30.0, gt=0.0, description="seconds a request may wait for its answer before 504")
     drain_timeout_s: float = Field(20.0, ge=0.0, description="seconds to finish in-flight requests on shutdown")
-    # torch needs TorchScript twins in the bundle and the train extra
-    runner: Literal["onnx", "torch"] = Field("onnx", description="onnx, or torch: the bundle's TorchScript twins")
+    # torch needs TorchScript twins in the bundle and the train extra; "onnx" (the name before) still works
+    runner: Annotated[RunnerKind, BeforeValidator(runner_kind)] = Field(
+        "onnxruntime", description="onnxruntime, or torch: the bundle's TorchScript twins")
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider")
     device_id: int = Field(0, description="GPU index for the cuda provider")
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads")
@@ -58,7 +74,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="engine threads per model")
     # Measured (BENCHMARKS.md, "Language models"): on CPU a decoding step runs 1.56x faster on ONNX Runtime.
     # On CUDA, auto keeps torch: the ONNX Runtime CUDA path is written but has not run on a GPU yet.
-    generation_runner: Literal["auto", "onnxruntime", "torch"] = Field(
+    generation_runner: Annotated[Literal["auto", "onnxruntime", "torch"], BeforeValidator(runner_kind)] = Field(
         "auto", description="what runs a generation bundle's layers and heads: auto = onnxruntime on cpu, torch "
                             "on cuda (the KV cache and attention are torch's either way)")
     cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "

@@ -1,5 +1,11 @@
 """Shared fixtures: a small real multi-exit model trained on sklearn digits, exported and calibrated
-with the real CLI, and a real `exitserve serve` process on loopback."""
+with the real CLI, and a real `exitserve serve` process on loopback.
+
+Data: tests use the small committed fixtures under tests/fixtures (rebuilt by make_fixtures.py). A
+test that needs a full data set says so with `@pytest.mark.needs_data("cifar10", ...)` (folders under
+the data root, `$EXITSERVE_DATA` or ../shared/data); without it the test skips with one line naming
+the path, unless EXITSERVE_REQUIRE_DATA is set (.ci/run sets it where the data is), which fails it.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,30 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+FIXTURE_DATA = FIXTURES / "data"  # a data root in the full sets' layout: text/sst2/*.tsv
+CIFAR10_FIXTURE = FIXTURES / "cifar10-test-256.npz"
+NEEDS_DATA = "needs data:"  # the skip reason's prefix
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_data(*folders): needs these full data sets under the data root")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from exitserve.models.data import data_root
+
+    for marker in item.iter_markers("needs_data"):
+        root = data_root()
+        missing = [folder for folder in marker.args if not (root / folder).exists()]
+        if not missing:
+            continue
+        reason = (f"{NEEDS_DATA} {', '.join(missing)} not found under {root} "
+                  "(set EXITSERVE_DATA to the data folder; default ../shared/data)")
+        if os.environ.get("EXITSERVE_REQUIRE_DATA"):
+            pytest.fail(f"{reason}; EXITSERVE_REQUIRE_DATA is set, so a missing data set is a failure", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +86,10 @@ def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer MiniLM text classifier (SST-2) built and calibrated with the real CLI.
 
     The real pretrained encoder, cut after 2 of its 6 layers, so that the fixture takes seconds;
-    heads trained self-supervised on 2,000 sentences.
+    heads trained self-supervised on 2,000 phrases of the committed SST-2 fixture.
     """
     bundle = tmp_path_factory.mktemp("text") / "sst2-tiny"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EXITSERVE_DATA": str(FIXTURE_DATA)}
     subprocess.run(
         [sys.executable, "-m", "exitserve.service.cli", "train-text", "--data", "sst2", "--layers", "2", "--train-limit", "2000",
          "--val-limit", "500", "--epochs", "5", "--cache", "", "--export", str(bundle), "--name", "sst2-tiny"],
@@ -77,7 +107,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+    def __init__(self, bundles: list[Path], extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 cwd: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exitserve-test-{self.port}.log"
@@ -85,7 +116,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "exitserve.service.cli", "serve", *map(str, bundles), "--port", str(self.port),
              "--host", "127.0.0.1", *(extra_args or [])],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -1,13 +1,17 @@
-"""The distribution installs one import package, `exitserve`, and nothing under generic names."""
+"""The distribution installs one import package, `exitserve`, and nothing under generic names; the
+default bundle travels inside it, so an installed copy serves it with no checkout beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +23,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")  # setuptools writes build/ beside the sources: not in the repo
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for folder in ("exitserve", "models", "calibration", "service"):
+    for folder in ("exitserve", "models", "calibration", "service", "bundles"):
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
                     str(source)], check=True, cwd=out)
@@ -58,6 +62,57 @@ def test_installed_copy_imports_as_exitserve_and_nothing_bare(wheel: Path, tmp_p
     from importlib.metadata import version
 
     assert done.stdout.strip() == version("exitserve")
+
+
+def test_wheel_holds_the_default_bundle_and_no_other(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    default = REPO / "bundles" / "cifar10-resnet-large"
+    expected = {f"exitserve/bundles/{p.relative_to(REPO / 'bundles').as_posix()}" for p in default.rglob("*") if p.is_file()}
+    assert expected and expected <= names
+    assert not [n for n in names if n.startswith("exitserve/bundles/cifar10-resnet-deep-late")]
+
+
+def test_installed_copy_serves_the_default_bundle_with_no_argument(wheel: Path, tmp_path: Path) -> None:
+    """`exitserve serve` with no argument, from a wheel installed away from the checkout (the
+    dependencies are this environment's)."""
+    from tests.conftest import free_port
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)
+    port = free_port()
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(target)!r})\n"
+        "sys.path = [p for p in sys.path if p not in ('', '.', " + repr(str(REPO)) + ")]\n"
+        "from exitserve.service.settings import DEFAULT_BUNDLE\n"
+        f"assert str(DEFAULT_BUNDLE).startswith({str(target)!r}), DEFAULT_BUNDLE\n"
+        "from exitserve.service.cli.main import main\n"
+        f"sys.exit(main(['serve', '--port', '{port}']))\n"
+    )
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ready = False
+        for _ in range(600):  # up to a minute; a server that exits ends the wait at once
+            if server.poll() is not None:
+                break
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            if ready:
+                break
+            time.sleep(0.1)
+        assert ready, (tmp_path / "serve.log").read_text()
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert "cifar10-resnet-large" in str(models)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/models/cifar10-resnet-large/predict",
+                            json={"inputs": [[[[0.5] * 32] * 32] * 3], "delta": 0.9}, timeout=30).json()
+        assert answer["predictions"][0]["exits_total"] == 4
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 def test_version_has_one_source() -> None:

@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
 
@@ -49,7 +49,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _argument(annotation: Any) -> dict[str, Any]:
+def _argument(annotation: Any, metadata: list[Any]) -> dict[str, Any]:
     """argparse keywords for one field type: a typed value, a choice, a switch or a list."""
     annotation = _unwrap_optional(annotation)
     origin = typing.get_origin(annotation)
@@ -57,7 +57,9 @@ def _argument(annotation: Any) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if origin is Literal:
         choices = typing.get_args(annotation)
-        return {"choices": list(choices), "type": type(choices[0])}
+        # A field's BeforeValidator maps old spellings (aliases) onto a choice: the flag takes them too.
+        normalise = next((m.func for m in metadata if isinstance(m, BeforeValidator)), type(choices[0]))
+        return {"choices": list(choices), "type": normalise}
     if origin is list:
         (item,) = typing.get_args(annotation)
         return {"nargs": "+", "type": str if item is Path else item, "metavar": "N"}
@@ -90,7 +92,7 @@ def add_settings_flags(
         help_text = (f"{_description(name, field)} (default: {_show(default)}; "
                      f"env {env_prefix}{name.upper()})").replace("%", "%%")
         parser.add_argument(flag, *aliases.get(name, ()), dest=name, default=None, help=help_text,
-                            **_argument(field.annotation))
+                            **_argument(field.annotation, field.metadata))
     return flags
 
 

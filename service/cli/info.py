@@ -21,9 +21,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"labels    {', '.join(m.labels)}")
     print(f"checksums OK ({len(m.sha256)} files verified)")
     print(f"created   exitserve {m.created_by.exitserve_version}: {m.created_by.command}")
-    print("exit  segment file          MFLOPs  cumulative  fraction")
+    # A small model (the digits example: ~0.1 MFLOPs) would read 0.00 in MFLOPs: count it in kFLOPs.
+    unit, scale = ("MFLOPs", 1e6) if m.exits[-1].cumulative_flops >= 1e6 else ("kFLOPs", 1e3)
+    print(f"exit  segment file          {unit}  cumulative  fraction")
     for e, s, frac in zip(m.exits, m.segments, m.compute_fractions(), strict=True):
-        print(f"{e.index:4d}  {s.file:20s} {s.flops / 1e6:7.2f}  {e.cumulative_flops / 1e6:10.2f}  {frac:8.3f}")
+        print(f"{e.index:4d}  {s.file:20s} {s.flops / scale:7.2f}  {e.cumulative_flops / scale:10.2f}  {frac:8.3f}")
     if bundle.calibration:
         cal = bundle.calibration
         print(f"calibration: {cal.get('validation_size', '?')} validation samples, "

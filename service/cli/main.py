@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import NoReturn
 
 from exitserve import __version__
 from exitserve.service.cli import export, info, llm, offline, serve, shifted, train
@@ -14,8 +15,16 @@ from exitserve.service.cli.errors import EXIT_USER_ERROR, user_message
 COMMANDS = (train, export, offline, shifted, serve, info, llm)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A flag mistake (`--delta abc`) is one `error:` line naming the flag and where help is, like every
+    other user mistake, not argparse's usage block (27 lines for `serve`). Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (`{self.prog} --help` lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exitserve", description="Serve multi-exit networks with per-request accuracy targets.")
+    parser = OneLineParser(prog="exitserve", description="Serve multi-exit networks with per-request accuracy targets.")
     parser.add_argument("--version", action="version", version=f"exitserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:

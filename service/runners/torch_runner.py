@@ -1,6 +1,6 @@
 """Torch runner: chains a bundle's TorchScript segment twins (the `train` extra brings torch).
 
-Same three steps as the ONNX runner, so the engine cannot tell them apart: the hidden state stays
+Same three steps as the ONNX Runtime runner (runners/base.py), so the engine cannot tell them apart: the hidden state stays
 a device tensor between segments, only exit logits come to the host, compaction is an
 index_select on the device. Loading uses torch.jit.load (a TorchScript archive, never a pickle of
 Python objects).
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from exitserve.models.bundle import Bundle, BundleError
+from exitserve.service.runners.base import ChainRunner
 from exitserve.service.runners.cuda_graphs import SpanGraphs
-from exitserve.service.runners.onnx_runtime import ChainRunner
 
 State = dict[str, torch.Tensor]
 
 
-class TorchRunner(ChainRunner):
+class TorchScriptRunner(ChainRunner):
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
                  cuda_graph_buckets: list[int] | None = None):
         self.bundle = bundle

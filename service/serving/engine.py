@@ -1,4 +1,4 @@
-"""The exit engine (DESIGN.md §4): run a batch segment by segment, let samples leave, compact the rest.
+"""The exit engine (docs/DESIGN.md §4): run a batch segment by segment, let samples leave, compact the rest.
 
 Each sample carries its own delta and policy. After segment k the calibration package's
 `Calibration.step` (the same function `exitserve evaluate` uses offline) decides who leaves; those
@@ -30,7 +30,7 @@ from exitserve.calibration import Calibration
 from exitserve.calibration.confidence import confidence_from_probs, top2_margin
 from exitserve.models.tokens import length_batches
 from exitserve.service.monitoring.trace import Trace
-from exitserve.service.runners.onnx_runtime import ChainRunner
+from exitserve.service.runners.base import SegmentRunner
 
 
 @dataclass
@@ -63,7 +63,7 @@ SegmentTimer = Callable[[int, int, int, float], None]  # (first segment, last se
 
 
 class ExitEngine:
-    def __init__(self, runner: ChainRunner, calibration: Calibration, shadow_fraction: float = 0.0, trace: bool = False,
+    def __init__(self, runner: SegmentRunner, calibration: Calibration, shadow_fraction: float = 0.0, trace: bool = False,
                  token_budget: int = 4096):
         if calibration.num_exits != runner.num_exits:
             raise ValueError(f"calibration has {calibration.num_exits} exits, the model {runner.num_exits}")

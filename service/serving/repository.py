@@ -24,7 +24,8 @@ from exitserve.errors import Conflict, NotFound
 from exitserve.models.bundle import Bundle, BundleError, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
-from exitserve.service.runners.onnx_runtime import ChainRunner, OnnxRunner, RunnerOptions
+from exitserve.service.runners.base import RunnerOptions, SegmentRunner, create_runner
+from exitserve.service.runners.onnx_runtime import OnnxRunner
 from exitserve.service.serving.batcher import DynamicBatcher, ShuttingDown, WorkItem
 from exitserve.service.serving.engine import ExitEngine
 from exitserve.service.serving.observer import ModelObserver
@@ -55,18 +56,10 @@ class ServedModel:
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
             large_batch_threads=settings.large_batch_threads, large_batch_rows=settings.large_batch_rows,
         )
-        if settings.runner == "torch":
-            from exitserve.service.runners.torch_runner import TorchRunner  # torch only when asked for
-
-            on_gpu = settings.provider == "cuda"
-            self.runner: ChainRunner = TorchRunner(bundle, device=f"cuda:{settings.device_id}" if on_gpu else "cpu",
-                                                   threads=settings.threads,
-                                                   cuda_graph_buckets=settings.cuda_graph_buckets
-                                                   if on_gpu and settings.cuda_graphs else None)
-        else:
-            onnx_runner = OnnxRunner(bundle, options=options)
-            _check_logits_width(onnx_runner, bundle)
-            self.runner = onnx_runner
+        self.runner: SegmentRunner = create_runner(
+            bundle, settings.runner, options, settings.cuda_graph_buckets if settings.cuda_graphs else None)
+        if isinstance(self.runner, OnnxRunner):
+            _check_logits_width(self.runner, bundle)
         # Decision records, feedback scoring and shadow checks (issue 8); the engine traces every
         # exit only when a feedback log wants it.
         self.monitor = ModelMonitor(self.name, bundle.manifest.version, self.calibration, metrics, settings)

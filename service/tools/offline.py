@@ -29,7 +29,7 @@ from exitserve.models.data import Dataset, load_dataset
 from exitserve.models.tokens import length_batches, pad_batch, token_ids
 
 if TYPE_CHECKING:
-    from exitserve.service.runners.onnx_runtime import ChainRunner, Provider
+    from exitserve.service.runners.base import Provider, SegmentRunner
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_MD = "evaluation.md"
@@ -113,7 +113,7 @@ def input_guard_verdict(calibration: Calibration, features: np.ndarray | None) -
     return None if guard is None or features is None else guard.in_distribution(features)
 
 
-def _text_logits(runner: ChainRunner, bundle: Bundle, texts: np.ndarray, progress: bool
+def _text_logits(runner: SegmentRunner, bundle: Bundle, texts: np.ndarray, progress: bool
                  ) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Tokenise with the bundle's tokenizer; run length-sorted batches (little padding); restore order."""
     from exitserve.service.serving.text_input import TextTokenizer

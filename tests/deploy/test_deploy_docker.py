@@ -60,14 +60,17 @@ def test_entrypoint_and_listen_address(path: Path) -> None:
 
 
 @BOTH
-def test_default_bundle_is_baked_in_and_named(path: Path) -> None:
-    stage = final_stage(path)
+def test_default_bundle_is_installed_as_package_data(path: Path) -> None:
+    _, stages = parse_dockerfile(path)
     default = DEFAULT_BUNDLE.relative_to(REPO).as_posix()
-    copies = [c.split() for c in stage.all("COPY") if not c.startswith("--from")]
-    [(source, target)] = [c[-2:] for c in copies if c[-2] == default]
-    # the installed package cannot find bundles/ beside its source: the default arguments name the copy
-    assert exec_form(stage.last("CMD")) == [target]
-    assert (REPO / source / "manifest.json").is_file(), f"{source} is not in the repository yet"
+    copies = [c.split() for c in stages[0].all("COPY") if not c.startswith("--from")]
+    # the build stage puts the bundle where pyproject.toml's package data finds it (exitserve.bundles) ...
+    assert [default + "/", default + "/"] in [c[-2:] for c in copies]
+    assert ["bundles/__init__.py", "bundles/"] in [c[-2:] for c in copies]
+    assert (REPO / default / "manifest.json").is_file()
+    # ... so the image needs no copy of its own and no argument: `exitserve serve` serves it
+    assert final_stage(path).last("CMD") is None
+    assert not [c for c in final_stage(path).all("COPY") if "bundles" in c]
 
 
 def test_cpu_image_installs_only_the_cpu_extra() -> None:

@@ -38,6 +38,7 @@ NOISE = 0.1  # std of the added Gaussian noise, pixels in [0, 1]: last-exit accu
 HALF = 2000  # images per half of the stream (2000 labels: enough for pcee-lb tables to promise again)
 FRESH = 800  # fresh shifted images to judge the recalibrated tables
 PER_REQUEST = 50
+pytestmark = pytest.mark.needs_data("cifar10")  # 4,800 test images: more than the committed fixture holds
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"),
                                       reason="prometheus not installed (Debian package; .ci/run installs it)")
 

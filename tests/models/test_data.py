@@ -51,6 +51,7 @@ def test_mnist_idx_layout(tmp_path) -> None:
     assert arrays["y_train"].tolist() == labels.tolist()
 
 
+@pytest.mark.needs_data("mnist")
 def test_shared_mnist_loads() -> None:
     data = load_dataset("mnist:val")
     assert data.x.shape == (5000, 1, 28, 28) and set(np.unique(data.y)) == set(range(10))
@@ -88,6 +89,7 @@ def test_npz_data_file(tmp_path) -> None:
     assert np.array_equal(data.x, x) and data.labels == ["0", "1", "2"]
 
 
+@pytest.mark.needs_data("text/sst2")
 def test_sst2_calibration_sentences_share_no_phrase_with_training() -> None:
     """SST-2's phrases are pieces of parsed sentences: held-out sentences must not leak into training."""
     from exitserve.models.data import load_dataset
@@ -107,6 +109,7 @@ def test_sst2_calibration_sentences_share_no_phrase_with_training() -> None:
     assert abs(mean_words - np.mean([len(str(t).split()) for t in test.x])) < 3
 
 
+@pytest.mark.needs_data("text/agnews")
 def test_agnews_splits() -> None:
     from exitserve.models.data import load_dataset
 

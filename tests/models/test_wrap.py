@@ -87,3 +87,13 @@ def test_factory_results_are_checked_and_a_wrapped_net_exports(tmp_path) -> None
     manifest, worst = export_bundle(net, x, tmp_path / "b", labels=["a", "b", "c"], name="mine")
     assert manifest.num_exits == 2 and max(worst) < 1e-4
     assert load_bundle(tmp_path / "b").manifest.labels == ["a", "b", "c"]
+
+
+def test_training_without_validation_data_says_so_instead_of_an_empty_list() -> None:
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    net = attach_exits(backbone(), after=["relu1"], example_inputs=torch.from_numpy(x[:8]))
+    lines: list[str] = []
+    train_exits(net, x, np.arange(32) % 3, regime="joint", epochs=1, log=lines.append)
+    assert len(lines) == 1 and "val acc per exit: (no validation data)" in lines[0]
+    train_exits(net, x, np.arange(32) % 3, regime="joint", epochs=1, val=(x, np.arange(32) % 3), log=lines.append)
+    assert "%" in lines[1].split("val acc per exit:")[1]

@@ -2,7 +2,7 @@
 memory flat, overload shed fast with 503 + Retry-After, latency back to normal after the burst.
 
 Figures are printed (run with -s) for BENCHMARKS.md; the assertions are on counts, correctness and
-generous ratios, not on absolute timings (DESIGN.md §8). EXITSERVE_SOAK_SECONDS sets the soak length
+generous ratios, not on absolute timings (docs/DESIGN.md §8). EXITSERVE_SOAK_SECONDS sets the soak length
 (default 15 s; CI budget) and EXITSERVE_SOAK_RATE its request rate.
 """
 

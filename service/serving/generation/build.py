@@ -27,7 +27,7 @@ from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, corpus_
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, load_llama
 from exitserve.models.llm.manifest import HEADS_FILE, write_generation_manifest
 from exitserve.service.serving.generation.calibrate import fit_token_calibration
-from exitserve.service.serving.generation.runners import RunnerName
+from exitserve.service.serving.generation.runners import RunnerKind
 
 SELECTION_DELTA = 0.9
 SELECTION_POLICY = "pcee"
@@ -63,7 +63,7 @@ def write_exits(directory: Path, heads: ExitHeads | None, calibration: Calibrati
 @torch.inference_mode()
 def measure_costs(model: LlamaModel, heads: ExitHeads, layers: list[int], calibration: Calibration,
                   prompt: list[int], tokens: int = 12, rounds: int = 3,
-                  runner: RunnerName = "onnxruntime") -> tuple[float, float]:
+                  runner: RunnerKind = "onnxruntime") -> tuple[float, float]:
     """(one exit check, the full LM head) in decoder-layer equivalents, measured in the decoder itself
     on the runner the server uses (relative costs differ between runners: BENCHMARKS.md).
 

@@ -38,7 +38,7 @@ import torch
 from exitserve.calibration import Calibration
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
-from exitserve.service.serving.generation.runners import RunnerName, make_runner
+from exitserve.service.serving.generation.runners import RunnerKind, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
@@ -75,7 +75,7 @@ class MultiExitDecoder:
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
-                 compute_fractions: list[float] | None = None, runner: RunnerName = "torch", threads: int = 1):
+                 compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:

@@ -20,7 +20,7 @@ from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.metrics import GenerationMetrics
-from exitserve.service.serving.generation.runners import RunnerName
+from exitserve.service.serving.generation.runners import RunnerKind
 from exitserve.service.serving.generation.scheduler import Scheduler
 
 
@@ -56,7 +56,7 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
-                 runner: RunnerName = "onnxruntime", threads: int = 1):
+                 runner: RunnerKind = "onnxruntime", threads: int = 1):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BundleError(f"{bundle.path}: not a text-generation bundle")

@@ -13,16 +13,16 @@ tensors as inputs and outputs (I/O binding by pointer: no host copies of hidden 
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, span_positions
+from exitserve.service.runners.base import RUNNER_KINDS, RunnerKind, runner_kind
 
-RunnerName = Literal["onnxruntime", "torch"]
-RUNNERS: tuple[RunnerName, ...] = ("onnxruntime", "torch")
+RUNNERS = RUNNER_KINDS
 
 
 class DecoderRunner(Protocol):
@@ -43,7 +43,7 @@ class DecoderRunner(Protocol):
         ...
 
 
-class TorchRunner:
+class TorchDecoderRunner:
     def __init__(self, model: LlamaModel, heads: ExitHeads | None):
         self.model, self.heads = model, heads
         self.rotary = model.rotary()
@@ -64,7 +64,7 @@ class TorchRunner:
         return self.model.logits(hidden)
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeDecoderRunner:
     """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0):
@@ -144,9 +144,10 @@ class OnnxRuntimeRunner:
         return self._run("lm_head", {"x": hidden}, {"logits": (hidden.shape[0], self.config.vocab_size)})[0]
 
 
-def make_runner(name: RunnerName, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1) -> DecoderRunner:
+def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1) -> DecoderRunner:
+    name = runner_kind(kind)  # "onnx" is an alias of "onnxruntime"
     if name == "torch":
-        return TorchRunner(model, heads)
+        return TorchDecoderRunner(model, heads)
     if name == "onnxruntime":
-        return OnnxRuntimeRunner(model, heads, threads=threads)
-    raise ValueError(f"unknown decoder runner {name!r}; choose from {', '.join(RUNNERS)}")
+        return OnnxRuntimeDecoderRunner(model, heads, threads=threads)
+    raise ValueError(f"unknown decoder runner {kind!r}; choose from {', '.join(RUNNERS)}")

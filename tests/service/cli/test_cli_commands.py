@@ -140,3 +140,11 @@ def test_export_your_own_model_from_a_factory_in_a_real_process(tmp_path: Path) 
     assert bundle.manifest.name == "pets" and bundle.manifest.labels == ["cat", "dog", "fox"]
     assert bundle.manifest.input.shape == [-1, 1, 8, 8]
     assert bundle.manifest.created_by.extra["factory"] == "my_pets:build_model"
+
+
+def test_info_counts_a_small_model_in_kflops(capsys: pytest.CaptureFixture[str], digits_bundle: Path) -> None:
+    assert main(["info", str(digits_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "kFLOPs  cumulative" in out
+    rows = _rows(out, "exit")
+    assert len(rows) == 3 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)

@@ -112,3 +112,19 @@ def test_user_error_in_a_real_process_is_one_line() -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == "error: no/such/bundle: not a bundle directory"
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_bad_flag_value_is_one_line_not_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--delta", "abc"])
+    assert stopped.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: exitserve serve: argument --default-delta/--delta: invalid float value: 'abc' "
+                     "(`exitserve serve --help` lists every option)"]
+
+
+def test_a_wrongly_typed_manifest_field_is_one_line(capsys: pytest.CaptureFixture[str], bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": "1"', '"version": [1]', 1))
+    line = run_error(capsys, ["info", str(bundle_copy)])
+    assert line == f"error: {manifest}: invalid manifest: version: Input should be a valid string (got [1])"

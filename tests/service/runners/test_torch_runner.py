@@ -17,7 +17,7 @@ from exitserve.models.data import load_dataset
 from exitserve.models.export import export_bundle
 from exitserve.service.runners.cuda_graphs import SpanGraphs
 from exitserve.service.runners.onnx_runtime import OnnxRunner
-from exitserve.service.runners.torch_runner import TorchRunner
+from exitserve.service.runners.torch_runner import TorchScriptRunner
 from exitserve.service.serving.engine import ExitEngine
 from exitserve.service.tools.offline import calibrate_bundle
 
@@ -43,7 +43,7 @@ def test_torch_and_onnx_runners_agree(twin_bundle: Path) -> None:
     bundle = load_bundle(twin_bundle)
     x = load_dataset("digits:test").x[:50]
     onnx_logits = OnnxRunner(bundle).run_all_exits(x, batch_size=17, progress=False)
-    torch_runner = TorchRunner(bundle)
+    torch_runner = TorchScriptRunner(bundle)
     torch_logits = torch_runner.run_all_exits(x, batch_size=17, progress=False)
     for a, b in zip(onnx_logits, torch_logits, strict=True):
         assert np.abs(a - b).max() < 1e-4
@@ -55,7 +55,7 @@ def test_torch_and_onnx_runners_agree(twin_bundle: Path) -> None:
 
 
 def test_a_span_reads_only_its_last_exit_and_equals_the_chain(twin_bundle: Path) -> None:
-    runner = TorchRunner(load_bundle(twin_bundle))
+    runner = TorchScriptRunner(load_bundle(twin_bundle))
     x = load_dataset("digits:test").x[:9]
     chained = runner.start(x)
     for k in range(3):
@@ -80,7 +80,7 @@ def test_a_span_reads_only_its_last_exit_and_equals_the_chain(twin_bundle: Path)
 
 def test_cuda_graphs_need_a_gpu(twin_bundle: Path) -> None:
     with pytest.raises(ValueError, match="CUDA graphs need a GPU"):
-        TorchRunner(load_bundle(twin_bundle), device="cpu", cuda_graph_buckets=[1, 4])
+        TorchScriptRunner(load_bundle(twin_bundle), device="cpu", cuda_graph_buckets=[1, 4])
 
 
 def test_a_batch_replays_in_the_smallest_bucket_that_holds_it() -> None:
@@ -92,7 +92,7 @@ def test_a_batch_replays_in_the_smallest_bucket_that_holds_it() -> None:
 
 def test_bundle_without_twins_is_refused_by_the_torch_runner(digits_bundle: Path) -> None:
     with pytest.raises(BundleError, match="no TorchScript twin"):
-        TorchRunner(load_bundle(digits_bundle))
+        TorchScriptRunner(load_bundle(digits_bundle))
 
 
 def test_broken_twin_fails_loudly(twin_bundle: Path, tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_broken_twin_fails_loudly(twin_bundle: Path, tmp_path: Path) -> None:
     (copy / "segments" / "01.pt").write_bytes(b"not an archive")
     refresh_checksums(copy)
     with pytest.raises(BundleError, match=r"01\.pt: torch cannot load"):
-        TorchRunner(load_bundle(copy))
+        TorchScriptRunner(load_bundle(copy))
 
 
 def test_server_with_the_torch_runner(twin_bundle: Path) -> None:

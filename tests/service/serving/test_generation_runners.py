@@ -7,14 +7,18 @@ import torch
 from llm_support import EXIT_LAYERS, tiny_heads, tiny_model
 
 from exitserve.models.llm.llama import LayerSpan
-from exitserve.service.serving.generation.runners import OnnxRuntimeRunner, TorchRunner, make_runner
+from exitserve.service.serving.generation.runners import (
+    OnnxRuntimeDecoderRunner,
+    TorchDecoderRunner,
+    make_runner,
+)
 
 
 @pytest.fixture(scope="module")
 def runners():
     model = tiny_model()
     heads = tiny_heads(model).bind(model)
-    return model, TorchRunner(model, heads), OnnxRuntimeRunner(model, heads)
+    return model, TorchDecoderRunner(model, heads), OnnxRuntimeDecoderRunner(model, heads)
 
 
 def spans_for(model, layer: int, starts: list[int], lengths: list[int]):
@@ -60,4 +64,4 @@ def test_runner_choice_is_checked():
     with pytest.raises(ValueError, match="unknown decoder runner"):
         make_runner("tensorrt", model, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="float32"):
-        OnnxRuntimeRunner(model.to(torch.bfloat16), None)
+        OnnxRuntimeDecoderRunner(model.to(torch.bfloat16), None)

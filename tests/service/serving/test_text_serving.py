@@ -1,7 +1,7 @@
 """Serving a text bundle: tokenised by the server, padded per batch, compacted with its own mask.
 
 A real `exitserve serve` process on the real (2-layer) MiniLM bundle from `text_bundle`, real
-SST-2 sentences, and the real `tritonclient` for the Open Inference Protocol BYTES input.
+SST-2 sentences (the committed fixture), and the real `tritonclient` for the Open Inference Protocol BYTES input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 
 from exitserve.models.data import load_dataset
-from tests.conftest import ServerProcess, running_server
+from tests.conftest import FIXTURE_DATA, ServerProcess, running_server
 
 MODEL = "sst2-tiny"
 V1 = f"/v1/models/{MODEL}/predict"
@@ -33,7 +33,7 @@ def text_server(text_bundle: Path) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def sentences() -> list[str]:
     """24 SST-2 test sentences from the shortest to the longest: very different token counts."""
-    texts = [str(t) for t in load_dataset("sst2:test").x]
+    texts = [str(t) for t in load_dataset("sst2:test", root=FIXTURE_DATA).x]
     order = np.argsort([len(t) for t in texts])
     return [texts[i] for i in order[:: len(order) // 24][:24]]
 

@@ -1,0 +1,57 @@
+"""Figures quoted in README.md and BENCHMARKS.md agree with the committed result files
+(benchmarks/figures.py reads them), and BENCHMARKS.md opens with the generated headline table."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import figures  # noqa: E402
+
+
+def prose(path: Path) -> str:
+    """The file with its line breaks and runs of spaces folded, so a figure may wrap across lines."""
+    return re.sub(r"\s+", " ", path.read_text())
+
+
+def test_benchmarks_opens_with_the_generated_headline_table() -> None:
+    text = (REPO / "BENCHMARKS.md").read_text()
+    assert figures.current_block(text) == figures.block(), "stale: run python benchmarks/figures.py"
+    assert text.index(figures.BEGIN) < text.index("\n## 1. ")  # before the first section
+
+
+def test_every_link_of_the_table_names_a_section() -> None:
+    text = (REPO / "BENCHMARKS.md").read_text()
+    anchors = {figures.slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+    links = re.findall(r"\]\(#([^)]+)\)", figures.table())
+    assert len(links) == 7 and not set(links) - anchors, set(links) - anchors
+
+
+def test_readme_quotes_the_default_policy_figures() -> None:
+    f = figures.figures()
+    text = prose(REPO / "README.md")
+    assert (f"at δ 0.9, {100 * f.early_share:.0f} % leave at exit 0 or 1 and {100 * f.coverage:.1f} % come back with "
+            f"`target_met: true`, {100 * f.promised:.1f} % of those correct") in text
+    assert (f"answers δ 0.9 at {100 * f.deep_accuracy:.1f} % test accuracy for {f.deep_mflops:.1f} MFLOPs a sample, "
+            f"where the default bundle needs {f.mflops:.1f} MFLOPs for {100 * f.accuracy:.1f} %") in text
+    assert (f"({100 * f.deep_accuracy_05:.0f} % accuracy, {f.deep_mflops_05:.1f} MFLOPs, against "
+            f"{100 * f.accuracy_05:.0f} % for {f.mflops_05:.0f} MFLOPs)") in text
+    assert f"({f.plain_mflops:.1f} of the default bundle's {f.full_mflops:.1f} MFLOPs)" in text
+    assert f"`DEFAULT_POLICY` | 0.9, {f.default_policy}" in text
+
+
+def test_readme_grey_image_prose_matches_the_answer_it_shows() -> None:
+    text = (REPO / "README.md").read_text()
+    [answer] = re.findall(r"```json\n(.*?)```", text, re.DOTALL)[:1]
+    estimate = json.loads(answer.replace("…", ""))["predictions"][0]["estimated_accuracy"]
+    assert f"even the last one estimates only {estimate:.2f} " in prose(REPO / "README.md")
+
+
+def test_benchmarks_quotes_the_last_exit_accuracy() -> None:
+    f = figures.figures()
+    assert f"**Last exit: {100 * f.last_exit_accuracy:.2f} % test accuracy**" in prose(REPO / "BENCHMARKS.md")
