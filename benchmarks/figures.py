@@ -67,6 +67,13 @@ class Figures:
     llm_early_ratio: float  # early exit δ 0.9 over full depth
     llm_exact_ratio: float  # exact mode (draft δ 0.8) over full depth
     llm_exact_identical: float
+    sweep_below: int  # δ values of 500 (0.001 steps) where the default policy's promised accuracy fell below δ
+    sweep_deltas: int
+    sweep_policies_clean: int  # policies with no such δ
+    sweep_policies: int
+    foreign_promised: float  # largest share of a foreign set promised at δ 0.9, input guard on
+    guard_test_withheld: float  # share of CIFAR-10 test images the input guard withholds
+    guard_throughput: float  # full-depth throughput with the tap and guard over without
 
 
 def figures() -> Figures:
@@ -86,6 +93,10 @@ def figures() -> Figures:
         return peers[f"64 image(s), 8 client(s), {variant}"]["images_per_s"]
 
     speed = _json("llm.json")["speed"]
+    sweep = _json("promise-sweep.json")
+    shifted = _json("shifted/default.json")
+    foreign = [row for s in shifted["sets"] if not s["labelled"] for row in s["policies"][policy] if abs(row["delta"] - 0.9) < 1e-9]
+    guard = _json("input-guard.json")
     histogram = at_09["exit_histogram"]
     return Figures(
         default_policy=policy,
@@ -105,6 +116,12 @@ def figures() -> Figures:
         llm_early_ratio=speed["early δ=0.9"]["ratio_to_full_median"],
         llm_exact_ratio=speed["exact (draft δ=0.8)"]["ratio_to_full_median"],
         llm_exact_identical=speed["exact (draft δ=0.8)"]["identical_to_full"],
+        sweep_below=sweep["policies"][policy]["deltas_below"], sweep_deltas=sweep["deltas"],
+        sweep_policies_clean=sum(1 for p in sweep["policies"].values() if p["deltas_below"] == 0),
+        sweep_policies=len(sweep["policies"]),
+        foreign_promised=max(row["coverage"] for row in foreign),
+        guard_test_withheld=guard["scores"]["share_withheld"]["first-segment pooled features, Mahalanobis (the guard)"]["cifar10:test"],
+        guard_throughput=guard["cost"]["throughput_ratio_guarded_over_plain"],
     )
 
 
@@ -135,6 +152,15 @@ def table(f: Figures | None = None) -> str:
          "default-bundle/evaluation.json"),
         ("Promise broken by the default policy over the δ sweep (test set)", f"**{f.violations} of {f.sweep}**",
          "§2.3", "#23-every-policy-keeps-the-promise-issue-15-part-1", "default-bundle/evaluation.json"),
+        ("Every δ in 0.001 steps (0.500–0.999, test set): δ values where the default's promise fell below δ; "
+         "policies with none",
+         f"**{f.sweep_below} of {f.sweep_deltas}**; {f.sweep_policies_clean} of {f.sweep_policies} policies",
+         "§2.4", "#24-every-policy-at-every-δ-not-only-the-grid-issue-26", "promise-sweep.json"),
+        ("Foreign inputs (noise, blank and gradient images, MNIST as RGB) promised at δ 0.9, input guard on",
+         f"**{pct(f.foreign_promised)}** of the worst set (85 % of uniform noise before); {pct(f.guard_test_withheld)} "
+         f"of test images withheld; full-depth throughput ×{f.guard_throughput:.2f}",
+         "§2.5", "#25-the-input-guard-inputs-unlike-the-calibration-data-get-no-promise-issue-26",
+         "shifted/default.json, input-guard.json"),
         ("Cheaper bundle (`cifar10-resnet-deep-late`, 9 exits) at δ 0.9",
          f"{pct(f.deep_accuracy)} accuracy at **{f.deep_mflops:.1f} MFLOPs** a sample "
          f"(default bundle: {pct(f.accuracy)} at {f.mflops:.1f})",

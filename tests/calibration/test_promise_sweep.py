@@ -33,6 +33,7 @@ def test_set():
     return calibration, logits, data.y, input_guard_verdict(calibration, features)
 
 
+@pytest.mark.needs_data("cifar10")  # the whole test set: the committed fixture has 256 images
 @pytest.mark.parametrize("policy", POLICIES)
 def test_no_policy_breaks_the_promise_between_grid_values(test_set, policy):
     calibration, logits, labels, typical = test_set
