@@ -90,8 +90,9 @@ def test_tritonclient_example_runs(server: ServerProcess) -> None:
     done = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    # print(labels, exits, target_met) for 8 images: label bytes, exit indices, booleans
-    assert done.stdout.count("b'") == 8 and re.search(r"\] \[[0-3 ]+\] \[ ?(True|False)", done.stdout), done.stdout
+    # print(labels, exits, target_met, reason) for 8 images: label bytes, exit indices, booleans, reason bytes
+    assert done.stdout.count("b'") == 16 and re.search(r"\] \[[0-3 ]+\] \[ ?(True|False)", done.stdout), done.stdout
+    assert done.stdout.count("b'out_of_distribution'") == 8  # random pixels: the input guard withholds every promise
 
 
 def test_deploy_readme_traffic_snippet_runs(server: ServerProcess) -> None:

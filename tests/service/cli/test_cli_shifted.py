@@ -15,7 +15,7 @@ from exitserve.models.data import data_root
 from exitserve.models.shifted import load_sets
 from exitserve.service.cli.main import main
 from exitserve.service.settings import DEFAULT_BUNDLE, Settings
-from exitserve.service.tools.offline import bundle_logits
+from exitserve.service.tools.offline import bundle_outputs, input_guard_verdict
 
 needs_cifar = pytest.mark.skipif(not (data_root() / "cifar10").is_dir(), reason="no ../shared/data/cifar10 here")
 
@@ -25,9 +25,10 @@ def check_against_decide_all(report: dict, sets_dir: Path, policy: str) -> None:
     cal = Calibration.from_dict(bundle.calibration, bundle.manifest.num_exits)
     by_name = {s["name"]: s for s in report["sets"]}
     for s in load_sets(sets_dir):
-        logits = bundle_logits(bundle, s.x, progress=False)
+        logits, features = bundle_outputs(bundle, s.x, progress=False)
+        typical = input_guard_verdict(cal, features)  # as the server applies the input guard
         for row in by_name[s.name]["policies"][policy]:
-            d = decide_all(cal, policy, logits, row["delta"])
+            d = decide_all(cal, policy, logits, row["delta"], typical)
             assert row["coverage"] == d.target_met.mean()
             correct = d.prediction == s.y
             assert row["accuracy_promised"] == (correct[d.target_met].mean() if d.target_met.any() else None)

@@ -14,6 +14,7 @@ from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_runtime import OnnxRunner
 from exitserve.service.serving.batcher import DynamicBatcher, QueueFull, WorkItem
 from exitserve.service.serving.engine import ExitEngine
+from exitserve.service.tools.offline import input_guard_verdict
 
 
 @pytest.fixture(scope="module")
@@ -27,30 +28,41 @@ def setup(digits_bundle: Path):
     return ExitEngine(runner, calibration), calibration, x, logits
 
 
+@pytest.fixture(scope="module")
+def typical(setup) -> np.ndarray:
+    """The input guard's verdict on the 60 samples: the engine applies the bundle's guard, so the offline
+    reference must too."""
+    engine, calibration, x, _ = setup
+    _, features = engine.runner.run_all_exits_with_features(x, progress=False)
+    verdict = input_guard_verdict(calibration, features)
+    assert verdict is not None
+    return verdict
+
+
 POLICIES = ["pcee", "pcee-cond", "pcee-lb", "confidence", "per-exit-threshold", "full"]
 
 
-def test_engine_equals_offline_for_every_policy(setup) -> None:
+def test_engine_equals_offline_for_every_policy(setup, typical) -> None:
     engine, calibration, x, logits = setup
     rng = np.random.default_rng(0)
     deltas = rng.choice([0.6, 0.8, 0.9, 0.95, 0.99], size=len(x))
     for policy in POLICIES:
         got = engine.run(x, deltas, np.full(len(x), policy, dtype=object))
-        want = decide_all(calibration, policy, logits, deltas)
+        want = decide_all(calibration, policy, logits, deltas, typical)
         assert np.array_equal(got.exit_index, want.exit_index), policy
         assert np.array_equal(got.class_index, want.prediction), policy
         assert np.array_equal(got.target_met, want.target_met), policy
         assert np.allclose(got.estimate, want.estimate), policy
 
 
-def test_mixed_policies_in_one_batch(setup) -> None:
+def test_mixed_policies_in_one_batch(setup, typical) -> None:
     engine, calibration, x, logits = setup
     policies = np.array([POLICIES[i % len(POLICIES)] for i in range(len(x))], dtype=object)
     deltas = np.full(len(x), 0.9)
     got = engine.run(x, deltas, policies)
     for policy in POLICIES:
         rows = np.flatnonzero(policies == policy)
-        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows])
+        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows], typical[rows])
         assert np.array_equal(got.exit_index[rows], want.exit_index)
 
 
@@ -66,12 +78,12 @@ def test_exits_are_reported_as_they_happen(setup) -> None:
 
 
 @pytest.mark.parametrize("continuous", [False, True])
-def test_batcher_results_do_not_depend_on_batch_mates(setup, continuous: bool) -> None:
+def test_batcher_results_do_not_depend_on_batch_mates(setup, continuous: bool, typical) -> None:
     engine, calibration, x, logits = setup
     rng = np.random.default_rng(1)
     deltas = rng.choice([0.6, 0.9, 0.99], size=len(x))
     policy = "pcee-cond"
-    want = decide_all(calibration, policy, logits, deltas)
+    want = decide_all(calibration, policy, logits, deltas, typical)
     batcher = DynamicBatcher(engine, max_batch_size=16, max_queue_delay_s=0.005, queue_limit=100, workers=2,
                              continuous=continuous)
     batcher.start()
@@ -122,7 +134,7 @@ class SpanLog(OnnxRunner):
         return super().run_span(first, last, state)
 
 
-def test_exits_that_cannot_fire_are_skipped(setup, digits_bundle: Path) -> None:
+def test_exits_that_cannot_fire_are_skipped(setup, digits_bundle: Path, typical) -> None:
     """Issue 16: the engine runs from one exit that can fire to the next; with none, the plain model."""
     _, calibration, x, logits = setup
     runner = SpanLog(load_bundle(digits_bundle))
@@ -139,7 +151,7 @@ def test_exits_that_cannot_fire_are_skipped(setup, digits_bundle: Path) -> None:
             stops = [last for _, last in runner.spans]
             assert set(stops) <= set(fires.tolist()), (policy, delta)
             assert [first for first, _ in runner.spans] == [0] + [k + 1 for k in stops[:-1]]
-            want = decide_all(calibration, policy, logits, deltas)
+            want = decide_all(calibration, policy, logits, deltas, typical)
             assert np.array_equal(got.exit_index, want.exit_index), (policy, delta)
             assert np.array_equal(got.class_index, want.prediction), (policy, delta)
 
@@ -164,7 +176,7 @@ class MergeLog(ExitEngine):
 
 
 @pytest.mark.parametrize("policies", [["pcee-lb-tail"], ["pcee", "confidence", "full"]])
-def test_continuous_batching_merges_batches_and_keeps_every_decision(setup, policies: list[str]) -> None:
+def test_continuous_batching_merges_batches_and_keeps_every_decision(setup, policies: list[str], typical) -> None:
     """Issue 16: survivors of one batch run together with the next batches' samples, each sample
     still getting the offline decision."""
     _, calibration, x, logits = setup
@@ -191,27 +203,29 @@ def test_continuous_batching_merges_batches_and_keeps_every_decision(setup, poli
         assert batcher.close(timeout=5)
     for policy in policies:
         rows = np.flatnonzero(chosen == policy)
-        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows])
+        want = decide_all(calibration, policy, [z[rows] for z in logits], deltas[rows], typical[rows])
         assert [int(results[i].exit_index[0]) for i in rows] == want.exit_index.tolist(), policy
         assert [int(results[i].class_index[0]) for i in rows] == want.prediction.tolist(), policy
     assert max(engine.merged) > 1  # some step ran flights of several batches as one
 
 
-def test_a_lone_sample_gets_the_offline_decision_bit_for_bit(setup) -> None:
+def test_a_lone_sample_gets_the_offline_decision_bit_for_bit(setup, typical) -> None:
     """Batches of one row take the scalar path (`Flight._decide_one`, `Calibration.step_one`): every
     field equals the vectorised engine's on the whole batch, and the offline replay's decision."""
     engine, calibration, x, logits = setup
     rng = np.random.default_rng(3)
     grid = calibration.delta_grid
-    for policy in [*POLICIES, "pcee-lb-tail", "pcee-ws", "pcee-ws-cond", "pcee-lb-cond"]:
+    for policy in [*POLICIES, "pcee-lb-tail", "pcee-ws", "pcee-ws-cond", "pcee-lb-cond", "pcee-lb-global"]:
         deltas = rng.choice(np.r_[grid, grid - 0.003, [0.5, 0.7, 1.0]].clip(0.01, 1.0), size=len(x))
         policies = np.full(len(x), policy, dtype=object)
         want = np.ones(len(x), bool)
         whole = engine.run(x, deltas, policies, want_probabilities=want)
-        offline = decide_all(calibration, policy, logits, deltas)
+        offline = decide_all(calibration, policy, logits, deltas, typical)
         for i in range(len(x)):
             alone = engine.run(x[i : i + 1], deltas[i : i + 1], policies[i : i + 1], want_probabilities=want[:1])
-            for field in ("class_index", "exit_index", "estimate", "target_met", "confidence", "probabilities"):
+            for field in ("class_index", "exit_index", "estimate", "target_met", "confidence", "probabilities",
+                          "promised", "reason"):
                 assert np.array_equal(getattr(alone, field)[0], getattr(whole, field)[i]), (policy, i, field)
             assert alone.exit_index[0] == offline.exit_index[i] and alone.estimate[0] == offline.estimate[i], (policy, i)
+            assert alone.target_met[0] == offline.target_met[i] and alone.reason[0] == offline.reason[i], (policy, i)
         assert len(set(whole.exit_index.tolist())) > 1 or policy == "full", policy  # early exits happened
