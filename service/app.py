@@ -104,8 +104,12 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
         ready = (repository.ready or not repository.models) and generation.ready and bool(
             repository.models or generation.models)
         models = {name: m.ready for name, m in (*repository.models.items(), *generation.models.items())}
-        return Response(orjson.dumps({"ready": ready, "models": models}), status_code=200 if ready else 503,
-                        media_type="application/json")
+        body: dict[str, object] = {"ready": ready, "models": models}
+        # A shared decision store that is down does not stop inference (only feedback): shown, not failed.
+        stores = {name: m.monitor.store_state for name, m in repository.models.items()}
+        if any(state != "memory" for state in stores.values()):
+            body["decision_store"] = stores
+        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:

@@ -39,6 +39,29 @@ BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back 
 WATCH_AFTER_S = 0.005
 
 
+REFUSALS = (503, 504)  # expected under overload or while a dependency is down: not server faults
+
+
+class RefusalSummary:
+    """One warning line per `interval_s` at most, counting the refusals (by status) since the last one.
+
+    The first refusal after a quiet spell is reported at once; later ones wait for the interval."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._counts: dict[int, int] = {}
+        self._last = -math.inf
+
+    def count(self, status: int) -> None:
+        self._counts[status] = self._counts.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            counts, self._counts, self._last = self._counts, {}, now
+            log.warning("requests refused (overload or an unavailable dependency)",
+                        extra={"refused": {str(k): v for k, v in sorted(counts.items())},
+                               "window_s": self.interval_s})
+
+
 def new_request_id() -> str:
     """A random UUID4 as 32 hex digits, as `uuid.uuid4().hex` writes it, without building a UUID object."""
     raw = bytearray(os.urandom(16))
@@ -95,6 +118,7 @@ class EdgeMiddleware:
         self.admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
         self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.refusals = RefusalSummary()
 
     @staticmethod
     def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
@@ -204,9 +228,13 @@ class EdgeMiddleware:
             counter.inc()
             if status < 400 and protocol in ("v1", "v2"):
                 duration.observe(time.perf_counter() - started)
-            level = logging.INFO if status < 500 else logging.ERROR
+            # ERROR only for the server's own faults: an operator's alert on error lines must not fire on
+            # overload. Refusals (503 shed, 504 out of time) are info, summarised in a rate-limited warning.
+            level = logging.ERROR if status >= 500 and status not in REFUSALS else logging.INFO
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
+            if status in REFUSALS:
+                self.refusals.count(status)
 
     def _request_metrics(self, model: str, protocol: str, status: int) -> tuple[Any, Any]:
         """The request counter and duration children of these labels (a `labels()` lookup takes a lock).
