@@ -16,8 +16,18 @@ from exitserve.errors import ClientGone, ExitserveError
 log = logging.getLogger("exitserve.http")
 
 
+def printable(message: str) -> str:
+    """The message as valid UTF-8 text: a lone surrogate quoted from a client's body is escaped."""
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        return message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message
+
+
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers)
+    return Response(orjson.dumps({"error": printable(message)}), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def response_for(exc: Exception, request_id: str | None) -> Response:

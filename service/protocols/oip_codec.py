@@ -204,7 +204,35 @@ def _parse_json(raw: bytes, what: str) -> dict:
         raise ProtocolError(f"{what}: JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {_json_type(doc)}")
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the strings
+        bad = _lone_surrogate_at(doc)
+        if bad is not None:
+            raise ProtocolError(f"{what}: {bad} is not valid UTF-8 text (a lone UTF-16 surrogate escape)")
     return doc
+
+
+# `json` (kept for its NaN / Infinity tokens, which Triton's clients send) decodes a lone surrogate
+# escape such as "\ud800" to a str that no UTF-8 encoder accepts: a 500 wherever it was encoded.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate_at(doc: Any) -> str | None:
+    """Where the first string (or key) holding a lone surrogate is, e.g. "inputs[0].data[3]"; None if none."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "a string"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, f"{where}.{key!r}" if where else "a key"))
+                stack.append((item, f"{where}.{key}" if where else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
 
 
 def _check_parameters(value: Any, where: str) -> dict:
