@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import running_server
-from hypothesis import HealthCheck, given, settings
 from fuzz_support import ROUTES, body_for, fuzzed_bodies
+from hypothesis import HealthCheck, given, settings
 from llm_support import write_tiny_generation_bundle
 
 FUZZ = settings(max_examples=int(os.environ.get("EXITSERVE_FUZZ_EXAMPLES", "120")), deadline=None,
