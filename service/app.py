@@ -22,7 +22,7 @@ from exitserve.service.protocols.hot_routes import HotRoutes
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.generation.repository import GenerationRepository, split_bundles
 from exitserve.service.serving.repository import ModelRepository
-from exitserve.service.settings import Settings
+from exitserve.service.settings import MIN_KEY_CHARS, Settings
 
 log = logging.getLogger("exitserve.http")
 
@@ -42,6 +42,9 @@ def _custom_openapi(app: FastAPI) -> dict:
 def create_app(settings: Settings | None = None, repository: ModelRepository | None = None) -> FastAPI:
     """Build the app. Bundles load (and fail loudly) here; warm-up runs after start-up, behind /readyz."""
     settings = settings or Settings()
+    for name in settings.short_keys():
+        log.warning(f"{name} is shorter than {MIN_KEY_CHARS} characters: easy to guess; use a long random key "
+                    "(python -c 'import secrets; print(secrets.token_urlsafe(32))')", extra={"setting": name})
     metrics = repository.metrics if repository else Metrics()
     # Language models (text-generation bundles) have their own repository and OpenAI routes.
     classifier_paths, generation_paths = split_bundles(settings.bundles) if repository is None else ([], [])

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from exitserve.calibration import POLICIES
 
+MIN_KEY_CHARS = 16  # shorter API keys are accepted with a warning: guessable
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet-large"
 
 
@@ -122,6 +123,26 @@ class Settings(BaseSettings):
         if value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; choose from {', '.join(POLICIES)}")
         return value
+
+    @field_validator("api_key", "admin_api_key")
+    @classmethod
+    def _usable_key(cls, value: str | None) -> str | None:
+        # Refused at start-up: such a key can never match (header values arrive stripped, in ASCII), so a
+        # "ready" server would answer 401 to everyone; an empty one would silently turn the keys off.
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("empty; unset it to serve without a key, or set a key")
+        if value != value.strip():
+            raise ValueError("has leading or trailing whitespace, which no client can send (header values are stripped)")
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("holds non-ASCII or control characters, which no client can send in a header")
+        return value
+
+    def short_keys(self) -> list[str]:
+        """Names of the configured keys shorter than MIN_KEY_CHARS (warned about at start-up)."""
+        return [name for name in ("api_key", "admin_api_key")
+                if (key := getattr(self, name)) is not None and len(key) < MIN_KEY_CHARS]
 
     def reload_roots(self) -> list[Path]:
         """Resolved directories a reload may load from."""

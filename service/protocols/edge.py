@@ -85,6 +85,17 @@ def _route(path: str) -> tuple[str, str] | None:
     return None
 
 
+def _without_body(send: Send) -> Send:
+    """`send` for a HEAD request: the GET response's status and headers (Content-Length included), no body."""
+
+    async def head_send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_send
+
+
 def _is_json(content_type: bytes) -> bool:
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -171,6 +182,11 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 9.3.2) on every GET route: load balancers and uptime
+            # checkers send it to /healthz and /readyz. A route without GET answers 405 as before.
+            scope = {**scope, "method": "GET"}
+            send = _without_body(send)
         headers = dict(scope["headers"])
         raw_id = headers.get(b"x-request-id")
         client_id, id_problem = request_id_of(raw_id)

@@ -79,13 +79,18 @@ def decode_raw_tensor(raw: RawTensor, where: str = "inputs") -> np.ndarray:
 def decode_nested(values: Any, where: str = "inputs", dtype: np.dtype | None = None) -> np.ndarray:
     integer = dtype is not None and dtype.kind in "iu"
     try:
-        # Integer models (token ids) get integers parsed as such, so 1.5 is refused, not truncated.
-        array = np.asarray(values) if integer else np.asarray(values, dtype=np.float32)
+        # Parsed without a dtype first, so that strings ("0.5") and booleans are refused as they are for
+        # delta, not converted; integer models (token ids) get integers, so 1.5 is refused, not truncated.
+        array = np.asarray(values)
     except (ValueError, TypeError):
         raise InvalidInput(f"{where}: must be a rectangular nested list of numbers") from None
-    if integer and array.dtype.kind not in "iu" and array.size:
+    if array.dtype.kind not in "iuf":
+        raise InvalidInput(f"{where}: must be a rectangular nested list of numbers (not strings or booleans)")
+    if not integer:
+        return array.astype(np.float32, copy=False)
+    if array.dtype.kind not in "iu" and array.size:
         raise InvalidInput(f"{where}: this model takes integers (token ids), got {array.dtype.name} values")
-    return array.astype(dtype) if integer and array.dtype.kind not in "iu" else array
+    return array.astype(dtype) if array.dtype.kind not in "iu" else array
 
 
 def _decode_inputs(dataplane: Dataplane, served: ServedModel, raw: list[Any] | RawTensor | None) -> np.ndarray:
