@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exitserve.errors import Overloaded, PayloadTooLarge
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols.errors import error_response
+from exitserve.service.protocols.feedback import body_limit as feedback_body_limit
 from exitserve.service.serving.batcher import Reservation
 from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
 from exitserve.service.serving.repository import ModelRepository, trim_heap
@@ -33,6 +34,9 @@ SERVED_MODEL = "served_model"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 # Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
 SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+# "-0.12345678901234568, ": a float written with float64's 17 digits, its sign and separator.
+JSON_NUMBER_BYTES = 24
+BODY_HEADROOM_BYTES = 64 << 10  # delta per sample, policy, keys and spacing
 BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back to the OS
 # The client-gone watch starts this long after the body is in: a request answered sooner (a lone
 # single image: ~2 ms) never pays for the task, one that waits longer notices a hang-up at most this late.
@@ -130,6 +134,7 @@ class EdgeMiddleware:
         self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.refusals = RefusalSummary()
+        self._limits: dict[tuple[str, str], tuple[object, int]] = {}
 
     @staticmethod
     def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
@@ -279,15 +284,32 @@ class EdgeMiddleware:
         return served.batcher.reserve(samples)  # QueueFull: a 503 + Retry-After
 
     def _body_limit(self, route: tuple[str, str] | None) -> int:
-        """The body limit of this route. Text models get a smaller one, sized by what their inputs can
-        hold (samples x max tokens x 32 bytes): a 40 MiB text is refused as it arrives, before any
-        copy or parse of it (each pass over 40 MiB holds the interpreter for a tenth of a second)."""
+        """The body limit of this route, scaled to what its model can take (issue 30), and never above
+        EXITSERVE_MAX_BODY_BYTES: checked on Content-Length and while the body streams in, before any
+        copy or parse of it.
+
+        * inference: max_request_samples x the sample's elements x JSON_NUMBER_BYTES (a float32 written
+          in full as JSON; raw and base64 tensors take less), plus headroom for the rest of the body;
+          text models: samples x max tokens x 32 bytes;
+        * feedback: MAX_ITEMS items of the longest id and label (feedback.body_limit)."""
         limit = self.settings.max_body_bytes
-        if route is not None and route[0] in ("v1", "v2"):
-            served = self.repository.models.get(route[1])
-            text = served.manifest.input.text if served is not None else None
-            if text is not None:
-                limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        if route is None or route[0] not in ("v1", "v2", "feedback"):
+            return limit
+        served = self.repository.models.get(route[1])
+        if served is None:
+            return limit
+        cached = self._limits.get(route)
+        if cached is not None and cached[0] is served:  # same model object: not reloaded since
+            return cached[1]
+        text = served.manifest.input.text
+        if route[0] == "feedback":
+            limit = min(limit, feedback_body_limit(served))
+        elif text is not None:
+            limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        else:
+            elements = math.prod(d for d in served.sample_shape if d > 0)
+            limit = min(limit, self.settings.max_request_samples * elements * JSON_NUMBER_BYTES + BODY_HEADROOM_BYTES)
+        self._limits[route] = (served, limit)
         return limit
 
     def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task | asyncio.TimerHandle], limit: int,

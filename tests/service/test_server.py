@@ -166,6 +166,17 @@ def test_head_on_every_get_route(server) -> None:
     assert httpx.head(f"{server.url}/v1/models/{MODEL}/predict").status_code == 405  # POST only
 
 
+def test_body_limits_scale_with_what_the_model_takes(server) -> None:
+    """1024 samples x 64 pixels x 24 bytes a number + 64 KiB: a larger body is refused on its
+    Content-Length, far below EXITSERVE_MAX_BODY_BYTES (64 MiB)."""
+    limit = 1024 * 64 * 24 + (64 << 10)
+    for path in (f"/v1/models/{MODEL}/predict", f"/v2/models/{MODEL}/infer"):
+        r = httpx.post(f"{server.url}{path}", content=b" " * (limit + 1), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and f"exceeds the limit of {limit}" in r.json()["error"], path
+        r = httpx.post(f"{server.url}{path}", content=b" " * limit, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, path  # within the limit: read, then refused as JSON
+
+
 def test_metrics_move_with_requests(server, samples) -> None:
     x, _ = samples
     before = httpx.get(f"{server.url}/metrics").text
