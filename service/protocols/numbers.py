@@ -32,14 +32,14 @@ _SPACES = re.compile(rb"[ \t\r\n]*")
 _EMPTY_ELEMENT = (b",,", b"[,", b",]", b"[]")
 
 
-def numeric_span(body: bytes, key: bytes) -> tuple[int, int] | None:
-    """(start, end) of the first `"key": [...]` value of at least MIN_BYTES made only of numbers,
+def numeric_span(body: bytes, key: bytes, start: int = 0) -> tuple[int, int] | None:
+    """(start, end) of the first `"key": [...]` value from `start` on of at least MIN_BYTES made only of numbers,
     commas, brackets and spaces; None when there is none (the caller parses the body as usual).
 
     Where the key was found is not trusted (it could sit inside a string): the caller checks that the
     rest of the body, parsed as JSON, holds `[]` at that key."""
     quoted = b'"' + key + b'"'
-    at = body.find(quoted)
+    at = body.find(quoted, start)
     while at >= 0:
         p = _SPACES.match(body, at + len(quoted)).end()  # type: ignore[union-attr]
         if body[p:p + 1] == b":":
@@ -62,15 +62,15 @@ def _run_end(body: bytes, start: int) -> int:
     return len(body)
 
 
-def parse_numbers(body: bytes, start: int, end: int, where: str) -> np.ndarray:
-    """body[start:end], a nested JSON array of numbers, as a float32 array of its nested shape."""
+def parse_numbers(body: bytes, start: int, end: int, where: str, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """body[start:end], a nested JSON array of numbers, as a float array of its nested shape."""
     skeleton = b"".join(body[a:min(a + CHUNK_BYTES, end)].translate(None, _NUMBER + _SPACE)
                         for a in range(start, end, CHUNK_BYTES))
     shape = _shape(skeleton, where)
     if _skeleton(shape) != skeleton:
         raise InvalidInput(f"{where}: must be a rectangular nested list of numbers")
     del skeleton
-    out = np.empty(math.prod(shape), np.float32)
+    out = np.empty(math.prod(shape), dtype)
     filled, a = 0, start
     while a < end:
         c = body.find(b",", min(a + CHUNK_BYTES, end), end)
@@ -80,7 +80,7 @@ def parse_numbers(body: bytes, start: int, end: int, where: str) -> np.ndarray:
         if (not compact or compact[:1] in b",]" or compact[-1:] in b",[" or any(e in compact for e in _EMPTY_ELEMENT)):
             raise InvalidInput(f"{where}: must be a rectangular nested list of numbers (an empty element)")
         try:
-            values = np.fromstring(piece.translate(_BRACKETS_TO_SPACES), dtype=np.float32, sep=",")
+            values = np.fromstring(piece.translate(_BRACKETS_TO_SPACES), dtype=dtype, sep=",")
         except ValueError:
             raise InvalidInput(f"{where}: must be a rectangular nested list of numbers (not strings or booleans)") from None
         if filled + len(values) > out.size:

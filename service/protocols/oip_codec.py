@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from exitserve.errors import InvalidInput
+from exitserve.service.protocols import numbers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -98,10 +99,10 @@ def decode_infer_request(
     body = _decompress(bytes(body), content_encoding, max_body_bytes)
     json_length = _parse_header_length(header_length, len(body))
     if json_length is None:
-        doc, tail = _parse_json(body, "request body"), memoryview(b"")
+        doc, tail = _parse_json_with_numbers(body, "request body"), memoryview(b"")
     else:
         what = f"inference header (the first {json_length} bytes, per {HEADER_LENGTH})"
-        doc, tail = _parse_json(body[:json_length], what), memoryview(body)[json_length:]
+        doc, tail = _parse_json_with_numbers(body[:json_length], what), memoryview(body)[json_length:]
 
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -189,6 +190,38 @@ def _parse_header_length(value: str | int | None, body_length: int) -> int | Non
     if length > body_length:
         raise ProtocolError(f"{HEADER_LENGTH} is {length} but the body has only {body_length} bytes")
     return length
+
+
+@dataclass
+class _Numbers:
+    """A large 'data' array left in the body, read by protocols/numbers.py once its datatype is known."""
+
+    body: bytes
+    start: int
+    end: int
+
+
+def _parse_json_with_numbers(raw: bytes, what: str) -> dict:
+    """`_parse_json`, with each large 'data' array of numbers cut out before parsing (a Python float per
+    number: about 10x the body) and put back as a `_Numbers` for `_decode_json_data`."""
+    spans: list[tuple[int, int]] = []
+    if len(raw) >= numbers.MIN_BYTES:
+        while (span := numbers.numeric_span(raw, b"data", spans[-1][1] if spans else 0)) is not None:
+            spans.append(span)
+    if not spans:
+        return _parse_json(raw, what)
+    pieces, last = [], 0
+    for k, (start, end) in enumerate(spans):
+        pieces += [raw[last:start], b'["\\u0000numbers:%d"]' % k]
+        last = end
+    doc = _parse_json(b"".join([*pieces, raw[last:]]), what)
+    for item in doc.get("inputs") if isinstance(doc.get("inputs"), list) else []:
+        data = item.get("data") if isinstance(item, dict) else None
+        mark = data[0] if isinstance(data, list) and len(data) == 1 and isinstance(data[0], str) else ""
+        if mark.startswith("\0numbers:") and mark[9:].isdigit() and int(mark[9:]) < len(spans):
+            start, end = spans[int(mark[9:])]
+            item["data"] = _Numbers(raw, start, end)
+    return doc
 
 
 def _parse_json(raw: bytes, what: str) -> dict:
@@ -379,6 +412,8 @@ def _decode_bytes_elements(spec: _InputSpec, chunk: memoryview) -> np.ndarray:
 
 
 def _decode_json_data(spec: _InputSpec) -> np.ndarray:
+    if isinstance(spec.data, _Numbers):
+        return _decode_numbers(spec, spec.data)
     if not isinstance(spec.data, list):
         raise ProtocolError(f"{spec.where}: 'data' must be a JSON array, got {_json_type(spec.data)}")
     if spec.datatype == "BYTES":
@@ -396,6 +431,25 @@ def _decode_json_bytes(spec: _InputSpec) -> np.ndarray:
                 f"{spec.where}: BYTES 'data' element {index} must be a string, got {_json_type(item)}"
             )
     return _object_array([item.encode("utf-8") for item in items], spec.shape)
+
+
+def _decode_numbers(spec: _InputSpec, found: _Numbers) -> np.ndarray:
+    """A large 'data' array: floats read straight into numpy; other datatypes by the JSON path."""
+    dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
+    if dtype is None or dtype.kind != "f":
+        spec.data = _parse_json(b'{"data": ' + found.body[found.start:found.end] + b"}", f"{spec.where}: 'data'")["data"]
+        return _decode_json_data(spec)
+    where = f"{spec.where}: 'data'"
+    try:
+        array = numbers.parse_numbers(found.body, found.start, found.end, where, np.float64 if dtype.itemsize == 8 else np.float32)
+    except InvalidInput as exc:
+        raise ProtocolError(str(exc)) from None
+    _check_count(spec, array.size)
+    with np.errstate(over="ignore"):
+        array = array.astype(dtype, copy=False)
+    if np.isinf(array).any():  # JSON has no infinity: every one is an overflow
+        raise ProtocolError(f"{spec.where}: 'data' holds values too large for {spec.datatype}")
+    return array.reshape(spec.shape)
 
 
 def _decode_json_numbers(spec: _InputSpec, dtype: np.dtype) -> np.ndarray:

@@ -101,3 +101,18 @@ def test_deep_nesting_is_refused_without_work() -> None:
     body = b'{"inputs": ' + b"[" * 100_000 + b"1" + b"]" * 100_000 + b"}"
     with pytest.raises(InvalidInput, match="at most 32 deep"):
         _fast(body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=values, datatype=st.sampled_from(["FP32", "FP64", "FP16", "INT32"]), nested=st.booleans())
+def test_v2_data_arrays_decode_as_the_json_path_decodes_them(x: np.ndarray, datatype: str, nested: bool) -> None:
+    from exitserve.service.protocols import oip_codec
+
+    dtype = oip_codec.DATATYPE_TO_NUMPY[datatype]
+    data = np.round(x).astype(int) if datatype == "INT32" else np.clip(x, -6e4, 6e4).astype(np.float16) if datatype == "FP16" else x
+    body = json.dumps({"inputs": [{"name": "a", "shape": list(x.shape), "datatype": datatype,
+                                   "data": data.tolist() if nested else data.ravel().tolist()},
+                                  {"name": "b", "shape": [1], "datatype": "FP64", "data": [0.5]}]}).encode()
+    decoded = oip_codec.decode_infer_request(body, None).inputs
+    assert decoded["a"].dtype == dtype and np.array_equal(decoded["a"], data.astype(dtype))
+    assert decoded["b"].tolist() == [0.5]
