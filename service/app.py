@@ -14,10 +14,11 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve import __version__
+from exitserve.errors import Unavailable
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols import admin, docs, feedback, openai, v1, v2
 from exitserve.service.protocols.edge import EdgeMiddleware
-from exitserve.service.protocols.errors import error_response, install_error_handlers
+from exitserve.service.protocols.errors import install_error_handlers
 from exitserve.service.protocols.hot_routes import HotRoutes
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.generation.repository import GenerationRepository, split_bundles
@@ -103,7 +104,7 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     async def readyz() -> Response:
         task = warmup["task"]
         if task is not None and task.done() and task.exception() is not None:
-            return error_response(f"warm-up failed: {task.exception()}", 503)
+            raise Unavailable(f"warm-up failed: {task.exception()}")
         ready = (repository.ready or not repository.models) and generation.ready and bool(
             repository.models or generation.models)
         models = {name: m.ready for name, m in (*repository.models.items(), *generation.models.items())}

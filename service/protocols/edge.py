@@ -18,9 +18,16 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exitserve.errors import Overloaded, PayloadTooLarge
+from exitserve.errors import (
+    ExitserveError,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols.errors import error_response
+from exitserve.service.protocols.errors import OPENAI_PATHS, error_response, family_of, response_for
 from exitserve.service.protocols.feedback import body_limit as feedback_body_limit
 from exitserve.service.serving.batcher import Reservation
 from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
@@ -28,8 +35,7 @@ from exitserve.service.serving.repository import ModelRepository, trim_heap
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
-# The OpenAI routes name their model in the body: the route handler puts it in the scope's state.
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
+# The OpenAI routes (OPENAI_PATHS) name their model in the body: the route handler puts it in the scope's state.
 SERVED_MODEL = "served_model"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 # Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
@@ -146,40 +152,40 @@ class EdgeMiddleware:
         return supplied
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
-                 id_problem: str | None) -> object:
-        """The response refusing this request at the edge, or None to let it through."""
+                 id_problem: str | None) -> ExitserveError | None:
+        """The error refusing this request at the edge, or None to let it through."""
         protocol = route[0] if route else None
         if self.allowed_hosts:
             host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
             if host not in self.allowed_hosts:
-                return error_response("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)", 400)
+                return InvalidInput("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)")
         if id_problem is not None:
-            return error_response(id_problem, 400)
+            return InvalidInput(id_problem)
         path = scope["path"]
         if protocol == "admin":
             key = self.admin_key
             if key is not None and not hmac.compare_digest(self._supplied_key(headers), key):
-                return error_response("missing or wrong admin API key", 401, {"WWW-Authenticate": "Bearer"})
+                return Unauthorized("missing or wrong admin API key")
         elif (self.api_key and not path.startswith((*OPEN_PATHS, "/admin/"))
               and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
-                return error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
+                return Unauthorized("missing or wrong API key")
         length = headers.get(b"content-length")
         limit = scope["state"]["body_limit"]
         if length is not None and length.isdigit() and int(length) > limit:
-            return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
+            return PayloadTooLarge(f"body of {int(length)} bytes exceeds the limit of {limit}")
         if route is not None and protocol in ("v1", "v2"):
             try:
                 RESERVATION.set(self._reserve(route[1], headers, scope))
             except Overloaded as exc:
-                return error_response(str(exc), exc.status, exc.headers)
+                return exc
         if scope["method"] == "POST" and protocol is not None:
             content_type = headers.get(b"content-type")
             if protocol == "v2":
                 # tritonclient sends binary bodies with no (or an octet-stream) Content-Type.
                 if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in SIMPLE_TYPES:
-                    return error_response("Content-Type must be application/json or application/octet-stream", 415)
+                    return UnsupportedMediaType("Content-Type must be application/json or application/octet-stream")
             elif length != b"0" and (content_type is None or not _is_json(content_type)):
-                return error_response("Content-Type must be application/json", 415)
+                return UnsupportedMediaType("Content-Type must be application/json")
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -215,10 +221,12 @@ class EdgeMiddleware:
         gone: asyncio.Future = asyncio.get_running_loop().create_future()
         CLIENT_GONE.set(gone)
         watcher: list[asyncio.Task | asyncio.TimerHandle] = []
-        response = self._refusal(scope, headers, route, id_problem)
+        refusal = self._refusal(scope, headers, route, id_problem)
         try:
-            if response is not None:
-                await response(scope, receive, send_with_id)  # type: ignore[operator]
+            if refusal is not None:
+                # In the v1/v2 shape on every route, the OpenAI ones too (as before the one error map;
+                # tests/service/test_reload.py pins the 401 body): the edge answers before any protocol.
+                await response_for(refusal, request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"],
                                                    watch_disconnect=protocol in ("v1", "v2")), send_with_id)
@@ -228,7 +236,8 @@ class EdgeMiddleware:
             status_holder["status"] = 500
             if not status_holder["started"]:
                 with contextlib.suppress(Exception):
-                    await error_response("internal server error", 500)(scope, receive, send_with_id)
+                    await error_response("internal server error", 500, family=family_of(scope["path"]))(
+                        scope, receive, send_with_id)
         finally:
             reservation = RESERVATION.get()
             if reservation is not None:

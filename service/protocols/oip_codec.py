@@ -215,7 +215,8 @@ def _parse_json_with_numbers(raw: bytes, what: str) -> dict:
         pieces += [raw[last:start], b'["\\u0000numbers:%d"]' % k]
         last = end
     doc = _parse_json(b"".join([*pieces, raw[last:]]), what)
-    for item in doc.get("inputs") if isinstance(doc.get("inputs"), list) else []:
+    inputs = doc.get("inputs")
+    for item in inputs if isinstance(inputs, list) else []:
         data = item.get("data") if isinstance(item, dict) else None
         mark = data[0] if isinstance(data, list) and len(data) == 1 and isinstance(data[0], str) else ""
         if mark.startswith("\0numbers:") and mark[9:].isdigit() and int(mark[9:]) < len(spans):
