@@ -226,33 +226,48 @@ def status_kib(pid: int, field: str) -> int:
 
 
 class SmallProbe:
-    """A single-image request every 50 ms from its own thread, latency recorded (the small client)."""
+    """Small requests every 50 ms from their own threads (the other clients): a single image to the same
+    model (any status: its latency includes waiting behind the large request's compute, or a 503 from
+    admission), and GET /healthz (the event loop's responsiveness: a parse stall shows here)."""
 
     def __init__(self, url: str, body: bytes):
         self.url, self.body = url, body
         self.latencies: list[float] = []
-        self.failures = 0
+        self.statuses: Counter[int] = Counter()
+        self.health: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
+        self._threads = [threading.Thread(target=self._predict), threading.Thread(target=self._healthz)]
 
-    def _run(self) -> None:
+    def _predict(self) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
             while not self._stop.is_set():
                 started = time.perf_counter()
                 r = http.post(f"/v1/models/{MODEL}/predict", content=self.body, headers={"Content-Type": "application/json"})
-                if r.status_code == 200:
-                    self.latencies.append(time.perf_counter() - started)
-                else:
-                    self.failures += 1
+                self.latencies.append(time.perf_counter() - started)
+                self.statuses[r.status_code] += 1
                 self._stop.wait(0.05)
 
+    def _healthz(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                http.get("/healthz")
+                self.health.append(time.perf_counter() - started)
+                self._stop.wait(0.05)
+
+    def summary(self) -> dict:
+        return {"predict": {**percentiles(self.latencies), "statuses": {str(k): v for k, v in self.statuses.items()}},
+                "healthz": percentiles(self.health)}
+
     def __enter__(self) -> SmallProbe:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float, str]:
@@ -306,11 +321,15 @@ def part_bodies() -> dict:
             baseline = status_kib(pid, "VmRSS")
             peak_reset(pid)
             with SmallProbe(server.url, small) as probe:
-                status, seconds, error = _post(server.url + path, body, headers)
+                for _ in range(5):  # a 503 when the probe's own request held the queue: try again
+                    status, seconds, error = _post(server.url + path, body, headers)
+                    if status != 503:
+                        break
+                    time.sleep(0.2)
             growth = (status_kib(pid, "VmHWM") - baseline) * 1024
             out["single"][name] = {"bytes": len(body), "status": status, "seconds": seconds, "error": error,
                                    "peak_growth_bytes": growth, "peak_growth_x_body": round(growth / len(body), 2),
-                                   "small_request": percentiles(probe.latencies), "small_failures": probe.failures}
+                                   "small_requests": probe.summary()}
             print(name, out["single"][name], flush=True)
         time.sleep(1)
         baseline = status_kib(pid, "VmRSS")
@@ -323,14 +342,16 @@ def part_bodies() -> dict:
                                   "errors": sorted({r[2] for r in results if r[2]}), "seconds_max": max(r[1] for r in results),
                                   "rss_before_bytes": baseline * 1024, "peak_rss_bytes": peak,
                                   "k8s_memory_limit_bytes": K8S_MEMORY_LIMIT, "within_limit": peak < K8S_MEMORY_LIMIT,
-                                  "small_request": percentiles(probe.latencies), "small_failures": probe.failures}
+                                  "small_requests": probe.summary()}
         print("16 at once", out["sixteen_at_once"], flush=True)
     worst = max(v["peak_growth_x_body"] for v in out["single"].values())
-    small_max = max([v["small_request"].get("max_ms", 0) for v in out["single"].values()]
-                    + [out["sixteen_at_once"]["small_request"].get("max_ms", 0)])
+    probes = [v["small_requests"] for v in out["single"].values()] + [out["sixteen_at_once"]["small_requests"]]
+    health_max = max(p["healthz"].get("max_ms", 0) for p in probes)
+    predict_max = max(p["predict"].get("max_ms", 0) for p in probes)
     out["goals"] = {"worst_peak_growth_x_body": worst, "peak_growth_met": worst <= 3,
                     "sixteen_within_limit": out["sixteen_at_once"]["within_limit"],
-                    "small_request_max_ms": small_max, "small_request_met": small_max < 100}
+                    "small_healthz_max_ms": health_max, "small_predict_max_ms": predict_max,
+                    "small_request_met": health_max < 100 and predict_max < 100}
     return out
 
 

@@ -96,7 +96,8 @@ def decode_infer_request(
     max_body_bytes: int = 64 << 20,
 ) -> InferRequest:
     """Decode and validate an infer request body; raise ProtocolError naming the first problem."""
-    body = _decompress(bytes(body), content_encoding, max_body_bytes)
+    # bytes, or the bytearray a large body is read into (hot_routes.read_body): not copied
+    body = _decompress(body if isinstance(body, bytes | bytearray) else bytes(body), content_encoding, max_body_bytes)
     json_length = _parse_header_length(header_length, len(body))
     if json_length is None:
         doc, tail = _parse_json_with_numbers(body, "request body"), memoryview(b"")
@@ -227,7 +228,9 @@ def _parse_json_with_numbers(raw: bytes, what: str) -> dict:
 
 def _parse_json(raw: bytes, what: str) -> dict:
     try:
-        doc = json.loads(raw)
+        # Decoded here, strictly: json.loads(bytes) decodes with "surrogatepass", so encoded lone
+        # surrogates (bytes ED A0 80) would pass as text no encoder accepts (issue 30).
+        doc = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{what} is not valid UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:

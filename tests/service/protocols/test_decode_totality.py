@@ -54,12 +54,15 @@ def test_the_unmutated_bodies_are_answered(client: httpx.Client, route: str) -> 
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("escaped", [True, False])
 @pytest.mark.parametrize("value", ["\ud800", "a\udfffb", "\udbff\udbff"])
-def test_a_lone_surrogate_in_a_v2_bytes_element_is_a_400(client: httpx.Client, value: str) -> None:
+def test_a_lone_surrogate_in_a_v2_bytes_element_is_a_400(client: httpx.Client, value: str, escaped: bool) -> None:
+    """As a JSON escape ("\\ud800") or as the bytes a lenient encoder writes for it (ED A0 80)."""
     import json
 
     body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [value]}]}
-    response = client.post(ROUTES["v2-json"], content=json.dumps(body).encode())
+    content = json.dumps(body, ensure_ascii=escaped).encode("utf-8", "surrogatepass")
+    response = client.post(ROUTES["v2-json"], content=content)
     assert response.status_code == 400 and "UTF-8" in response.json()["error"], response.text
 
 
