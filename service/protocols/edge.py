@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exitserve.errors import (
     ExitserveError,
     InvalidInput,
-    Overloaded,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -151,42 +150,38 @@ class EdgeMiddleware:
             supplied = auth[7:] if auth[:7].lower() == b"bearer " else b""
         return supplied
 
-    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
-                 id_problem: str | None) -> ExitserveError | None:
-        """The error refusing this request at the edge, or None to let it through."""
+    def _admit(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
+               id_problem: str | None) -> None:
+        """Let the request through, or raise the error refusing it at the edge (an ExitserveError)."""
         protocol = route[0] if route else None
         if self.allowed_hosts:
             host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
             if host not in self.allowed_hosts:
-                return InvalidInput("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)")
+                raise InvalidInput("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)")
         if id_problem is not None:
-            return InvalidInput(id_problem)
+            raise InvalidInput(id_problem)
         path = scope["path"]
         if protocol == "admin":
             key = self.admin_key
             if key is not None and not hmac.compare_digest(self._supplied_key(headers), key):
-                return Unauthorized("missing or wrong admin API key")
+                raise Unauthorized("missing or wrong admin API key")
         elif (self.api_key and not path.startswith((*OPEN_PATHS, "/admin/"))
               and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
-                return Unauthorized("missing or wrong API key")
+                raise Unauthorized("missing or wrong API key")
         length = headers.get(b"content-length")
         limit = scope["state"]["body_limit"]
         if length is not None and length.isdigit() and int(length) > limit:
-            return PayloadTooLarge(f"body of {int(length)} bytes exceeds the limit of {limit}")
+            raise PayloadTooLarge(f"body of {int(length)} bytes exceeds the limit of {limit}")
         if route is not None and protocol in ("v1", "v2"):
-            try:
-                RESERVATION.set(self._reserve(route[1], headers, scope))
-            except Overloaded as exc:
-                return exc
+            RESERVATION.set(self._reserve(route[1], headers, scope))  # QueueFull: 503 + Retry-After
         if scope["method"] == "POST" and protocol is not None:
             content_type = headers.get(b"content-type")
             if protocol == "v2":
                 # tritonclient sends binary bodies with no (or an octet-stream) Content-Type.
                 if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in SIMPLE_TYPES:
-                    return UnsupportedMediaType("Content-Type must be application/json or application/octet-stream")
+                    raise UnsupportedMediaType("Content-Type must be application/json or application/octet-stream")
             elif length != b"0" and (content_type is None or not _is_json(content_type)):
-                return UnsupportedMediaType("Content-Type must be application/json")
-        return None
+                raise UnsupportedMediaType("Content-Type must be application/json")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -221,7 +216,11 @@ class EdgeMiddleware:
         gone: asyncio.Future = asyncio.get_running_loop().create_future()
         CLIENT_GONE.set(gone)
         watcher: list[asyncio.Task | asyncio.TimerHandle] = []
-        refusal = self._refusal(scope, headers, route, id_problem)
+        refusal: ExitserveError | None = None
+        try:
+            self._admit(scope, headers, route, id_problem)
+        except ExitserveError as exc:
+            refusal = exc
         try:
             if refusal is not None:
                 # In the v1/v2 shape on every route, the OpenAI ones too (as before the one error map;
