@@ -54,18 +54,27 @@ REFUSALS = (503, 504)  # expected under overload or while a dependency is down: 
 class RefusalSummary:
     """One warning line per `interval_s` at most, counting the refusals (by status) since the last one.
 
-    The first refusal after a quiet spell is reported at once; later ones wait for the interval."""
+    The first refusal after a quiet spell is reported at once; later ones at the end of the interval
+    (a timer on the event loop, so a burst's tail is reported even if no refusal follows)."""
 
     def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
         self._counts: dict[int, int] = {}
         self._last = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
 
     def count(self, status: int) -> None:
         self._counts[status] = self._counts.get(status, 0) + 1
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            counts, self._counts, self._last = self._counts, {}, now
+        wait = self._last + self.interval_s - time.monotonic()
+        if wait <= 0:
+            self._report()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._report)
+
+    def _report(self) -> None:
+        self._timer = None
+        if self._counts:
+            counts, self._counts, self._last = self._counts, {}, time.monotonic()
             log.warning("requests refused (overload or an unavailable dependency)",
                         extra={"refused": {str(k): v for k, v in sorted(counts.items())},
                                "window_s": self.interval_s})
