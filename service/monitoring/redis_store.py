@@ -71,6 +71,9 @@ class StoreUnavailable(Overloaded):
     default_headers = {"Retry-After": "5"}
 
 
+CLAIM_WAIT_S = 0.5  # feedback waits at most this long for this replica's queued writes
+
+
 class _Pending:
     """A queued record's handle: its ring position once the writer has stored it (None until then, or
     for ever when it was dropped)."""
@@ -261,6 +264,8 @@ class RedisDecisionStore:
     # --- event loop (via a worker thread) ---------------------------------------------------------------
 
     def claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
+        if self._queue.unfinished_tasks and self.breaker.up:
+            self.flush(CLAIM_WAIT_S)  # labels sent right after their answer find its record written
         if not self.breaker.allow():
             raise StoreUnavailable("the shared decision store is unavailable; nothing was scored, "
                                    "send the feedback again later")
