@@ -68,9 +68,26 @@ class ClientGone(ExitserveError):
     status = 499
 
 
-class Overloaded(ExitserveError):
+class Unavailable(ExitserveError):
+    """The server cannot answer this now (warm-up failed, a dependency is down)."""
+
     status = 503
+
+
+class Overloaded(Unavailable):
+    """An expected refusal under load: retry after a second."""
+
     default_headers = {"Retry-After": "1"}
+
+
+class QueueFull(Overloaded):
+    """A model's waiting queue (or the generator's) has no room for this request."""
+
+
+class ShuttingDown(Overloaded):
+    """The server (or a retired model) takes no new work; another replica, or this one later, will."""
+
+    default_headers = {"Retry-After": "5"}
 
 
 class Timeout(ExitserveError):

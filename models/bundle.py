@@ -19,10 +19,6 @@ MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
 
 
-class BundleError(BadBundle):
-    """A bundle that cannot be served; the message names the file and what is wrong."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -176,7 +172,7 @@ class Manifest(_Strict):
     def generation_spec(self) -> GenerationSpec:
         """The generation section of a text-generation bundle (the validator guarantees it there)."""
         if self.generation is None:
-            raise BundleError(f"bundle {self.name!r} is not a text-generation bundle")
+            raise BadBundle(f"bundle {self.name!r} is not a text-generation bundle")
         return self.generation
 
     def _generation_files(self) -> list[str]:
@@ -267,45 +263,45 @@ def validation_summary(exc: ValidationError) -> str:
 
 
 def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundle:
-    """Read and verify a bundle: schema, file list and every checksum. Raises BundleError."""
+    """Read and verify a bundle: schema, file list and every checksum. Raises BadBundle."""
     directory = Path(path)
     manifest_path = directory / MANIFEST_FILE
     if not directory.is_dir():
-        raise BundleError(f"{directory}: not a bundle directory")
+        raise BadBundle(f"{directory}: not a bundle directory")
     if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path}: missing manifest")
+        raise BadBundle(f"{manifest_path}: missing manifest")
     try:
         raw = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
+        raise BadBundle(f"{manifest_path}: not valid JSON ({exc})") from exc
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleError(f"{manifest_path}: invalid manifest: {validation_summary(exc)}") from exc
+        raise BadBundle(f"{manifest_path}: invalid manifest: {validation_summary(exc)}") from exc
 
     on_disk = set(bundle_files(directory))
     listed = set(manifest.sha256)
     for name in sorted(listed - on_disk):
-        raise BundleError(f"{directory / name}: listed in the manifest but missing")
+        raise BadBundle(f"{directory / name}: listed in the manifest but missing")
     for name in sorted(on_disk - listed):
-        raise BundleError(f"{directory / name}: not listed in the manifest (unexpected file)")
+        raise BadBundle(f"{directory / name}: not listed in the manifest (unexpected file)")
     for segment in manifest.segments:
         for file in filter(None, (segment.file, segment.torchscript)):
             if file not in listed:
-                raise BundleError(f"{directory / file}: segment file has no checksum in the manifest")
+                raise BadBundle(f"{directory / file}: segment file has no checksum in the manifest")
     for span in manifest.spans or []:
         if span.file not in listed:
-            raise BundleError(f"{directory / span.file}: span file has no checksum in the manifest")
+            raise BadBundle(f"{directory / span.file}: span file has no checksum in the manifest")
     generation_files = manifest._generation_files()
     for file in generation_files:
         if file not in listed:
-            raise BundleError(f"{directory / file}: generation file has no checksum in the manifest")
+            raise BadBundle(f"{directory / file}: generation file has no checksum in the manifest")
     if manifest.input.text and manifest.input.text.tokenizer not in listed:
-        raise BundleError(f"{directory / manifest.input.text.tokenizer}: tokenizer file has no checksum in the manifest")
+        raise BadBundle(f"{directory / manifest.input.text.tokenizer}: tokenizer file has no checksum in the manifest")
     for name in sorted(listed):
         actual = sha256_of(directory / name)
         if actual != manifest.sha256[name]:
-            raise BundleError(
+            raise BadBundle(
                 f"{directory / name}: sha256 mismatch (manifest {manifest.sha256[name][:12]}…, file {actual[:12]}…)"
             )
 
@@ -315,11 +311,11 @@ def load_bundle(path: str | Path, *, require_calibration: bool = False) -> Bundl
         try:
             calibration = json.loads(calibration_path.read_text())
         except json.JSONDecodeError as exc:
-            raise BundleError(f"{calibration_path}: not valid JSON ({exc})") from exc
+            raise BadBundle(f"{calibration_path}: not valid JSON ({exc})") from exc
         exits = calibration.get("exits") if isinstance(calibration, dict) else None
         if not isinstance(exits, list) or len(exits) != manifest.num_exits:
             count = len(exits) if isinstance(exits, list) else "no"
-            raise BundleError(f"{calibration_path}: {count} exit tables for {manifest.num_exits} exits")
+            raise BadBundle(f"{calibration_path}: {count} exit tables for {manifest.num_exits} exits")
     elif require_calibration:
-        raise BundleError(f"{calibration_path}: missing (run `exitserve calibrate`)")
+        raise BadBundle(f"{calibration_path}: missing (run `exitserve calibrate`)")
     return Bundle(directory, manifest, calibration)

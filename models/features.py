@@ -20,7 +20,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from exitserve.models.bundle import MANIFEST_FILE, BundleError, load_bundle, write_manifest
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, write_manifest
 
 FEATURES_OUTPUT = "features_0"
 
@@ -44,7 +45,7 @@ def _rank(model: onnx.ModelProto, name: str) -> int:
     for value in model.graph.output:
         if value.name == name:
             return len(value.type.tensor_type.shape.dim)
-    raise BundleError(f"features tap: the first segment has no output {name!r}")
+    raise BadBundle(f"features tap: the first segment has no output {name!r}")
 
 
 def tap_nodes(model: onnx.ModelProto, hidden: str, mask: str | None) -> tuple[list[onnx.NodeProto], int]:
@@ -83,7 +84,7 @@ def tap_nodes(model: onnx.ModelProto, hidden: str, mask: str | None) -> tuple[li
         return nodes, 2
     if rank == 2:
         return [helper.make_node("Identity", [hidden], [FEATURES_OUTPUT], name=f"{p}/identity")], 2
-    raise BundleError(f"features tap: no pooling for a first-segment state of rank {rank} "
+    raise BadBundle(f"features tap: no pooling for a first-segment state of rank {rank} "
                       f"{'without' if mask is None else 'with'} a mask")
 
 
@@ -96,17 +97,17 @@ def add_features_tap(bundle_dir: str | Path) -> str:
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     if manifest.task == "text-generation":
-        raise BundleError(f"{bundle.path}: generation bundles have no segment graphs to tap")
+        raise BadBundle(f"{bundle.path}: generation bundles have no segment graphs to tap")
     first = manifest.segments[0]
     if first.features is not None:
         return first.features
     if first.file.endswith(".pt"):
-        raise BundleError(f"{bundle.path}: the features tap needs ONNX segments")
+        raise BadBundle(f"{bundle.path}: the features tap needs ONNX segments")
     path = bundle.segment_path(0)
     model = onnx.load(str(path))
     states = first.state_outputs
     if not states:
-        raise BundleError(f"{bundle.path}: a one-segment model has no hidden state to tap")
+        raise BadBundle(f"{bundle.path}: a one-segment model has no hidden state to tap")
     hidden = states[0]
     mask = states[1] if len(states) == 2 and _rank(model, states[1]) == 2 else None
     nodes, _ = tap_nodes(model, hidden, mask)

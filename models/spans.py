@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exitserve.models.bundle import MANIFEST_FILE, BundleError, load_bundle, write_manifest
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, write_manifest
 from exitserve.models.monolithic import merge_span
 
 WEIGHTS_FILE = "weights.bin"  # beside the segment graphs: ONNX Runtime refuses external data outside a model's folder
@@ -41,11 +42,11 @@ def add_spans(bundle_dir: str | Path, check_rows: int = 8) -> list[tuple[int, in
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     if manifest.task == "text-generation":
-        raise BundleError(f"{bundle.path}: generation bundles run their own decoder; spans are for segment graphs")
+        raise BadBundle(f"{bundle.path}: generation bundles run their own decoder; spans are for segment graphs")
     segments = manifest.segments
     folder = bundle.segment_path(0).parent
     if any(bundle.segment_path(k).parent != folder for k in range(len(segments))):
-        raise BundleError(f"{bundle.path}: spans need every segment graph in one folder (they share one weights file)")
+        raise BadBundle(f"{bundle.path}: spans need every segment graph in one folder (they share one weights file)")
     models = [onnx.load(str(bundle.segment_path(k))) for k in range(len(segments))]
     spans = {(first, last): merge_span(segments, models, first, last)
              for first in range(len(segments)) for last in range(first + 1, len(segments))}
@@ -91,7 +92,7 @@ def _share_weights(graphs: dict[Path, onnx.ModelProto], weights: Path) -> None:
 
 def _check_spans(bundle_dir: Path, spans: list[tuple[int, int]], rows: int) -> list[tuple[int, int, float]]:
     """(first, last, max |difference|) of each span's exit logits against the chained segments on
-    random inputs; BundleError above 1e-3."""
+    random inputs; BadBundle above 1e-3."""
     from exitserve.service.runners.onnx_runtime import OnnxRunner
 
     runner = OnnxRunner(load_bundle(bundle_dir))
@@ -111,6 +112,6 @@ def _check_spans(bundle_dir: Path, spans: list[tuple[int, int]], rows: int) -> l
     for first, last in spans:
         difference = float(np.abs(runner.run_span(first, last, states[first])[1] - logits[last]).max())
         if not difference <= 1e-3:
-            raise BundleError(f"{bundle_dir}: span {first}-{last} disagrees with the chained segments by {difference:g}")
+            raise BadBundle(f"{bundle_dir}: span {first}-{last} disagrees with the chained segments by {difference:g}")
         out.append((first, last, difference))
     return out

@@ -14,15 +14,16 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from exitserve import __version__
+from exitserve.errors import Unavailable
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.protocols import admin, docs, feedback, openai, v1, v2
 from exitserve.service.protocols.edge import EdgeMiddleware
-from exitserve.service.protocols.errors import error_response, install_error_handlers
+from exitserve.service.protocols.errors import install_error_handlers
 from exitserve.service.protocols.hot_routes import HotRoutes
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.generation.repository import GenerationRepository, split_bundles
 from exitserve.service.serving.repository import ModelRepository
-from exitserve.service.settings import Settings
+from exitserve.service.settings import MIN_KEY_CHARS, Settings
 
 log = logging.getLogger("exitserve.http")
 
@@ -42,6 +43,9 @@ def _custom_openapi(app: FastAPI) -> dict:
 def create_app(settings: Settings | None = None, repository: ModelRepository | None = None) -> FastAPI:
     """Build the app. Bundles load (and fail loudly) here; warm-up runs after start-up, behind /readyz."""
     settings = settings or Settings()
+    for name in settings.short_keys():
+        log.warning(f"{name} is shorter than {MIN_KEY_CHARS} characters: easy to guess; use a long random key "
+                    "(python -c 'import secrets; print(secrets.token_urlsafe(32))')", extra={"setting": name})
     metrics = repository.metrics if repository else Metrics()
     # Language models (text-generation bundles) have their own repository and OpenAI routes.
     classifier_paths, generation_paths = split_bundles(settings.bundles) if repository is None else ([], [])
@@ -100,12 +104,16 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
     async def readyz() -> Response:
         task = warmup["task"]
         if task is not None and task.done() and task.exception() is not None:
-            return error_response(f"warm-up failed: {task.exception()}", 503)
+            raise Unavailable(f"warm-up failed: {task.exception()}")
         ready = (repository.ready or not repository.models) and generation.ready and bool(
             repository.models or generation.models)
         models = {name: m.ready for name, m in (*repository.models.items(), *generation.models.items())}
-        return Response(orjson.dumps({"ready": ready, "models": models}), status_code=200 if ready else 503,
-                        media_type="application/json")
+        body: dict[str, object] = {"ready": ready, "models": models}
+        # A shared decision store that is down does not stop inference (only feedback): shown, not failed.
+        stores = {name: m.monitor.store_state for name, m in repository.models.items()}
+        if any(state != "memory" for state in stores.values()):
+            body["decision_store"] = stores
+        return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:

@@ -25,6 +25,7 @@ def runner_kind(name: object) -> object:
 
 # Package data of exitserve.bundles: inside the installed package for a wheel, the checkout's bundles/ for an
 # editable install (pyproject.toml maps the package there).
+MIN_KEY_CHARS = 16  # shorter API keys are accepted with a warning: guessable
 DEFAULT_BUNDLE = Path(str(resources.files("exitserve.bundles") / "cifar10-resnet-large"))
 
 
@@ -138,6 +139,26 @@ class Settings(BaseSettings):
         if value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; choose from {', '.join(POLICIES)}")
         return value
+
+    @field_validator("api_key", "admin_api_key")
+    @classmethod
+    def _usable_key(cls, value: str | None) -> str | None:
+        # Refused at start-up: such a key can never match (header values arrive stripped, in ASCII), so a
+        # "ready" server would answer 401 to everyone; an empty one would silently turn the keys off.
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("empty; unset it to serve without a key, or set a key")
+        if value != value.strip():
+            raise ValueError("has leading or trailing whitespace, which no client can send (header values are stripped)")
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("holds non-ASCII or control characters, which no client can send in a header")
+        return value
+
+    def short_keys(self) -> list[str]:
+        """Names of the configured keys shorter than MIN_KEY_CHARS (warned about at start-up)."""
+        return [name for name in ("api_key", "admin_api_key")
+                if (key := getattr(self, name)) is not None and len(key) < MIN_KEY_CHARS]
 
     def reload_roots(self) -> list[Path]:
         """Resolved directories a reload may load from."""

@@ -192,6 +192,14 @@ class Metrics:
         self.shadow_expected = SampleSummary("exitserve_shadow_expected_agreement",
                                              "Calibration-time agreement with the last exit of each shadowed sample's "
                                              "confidence bin", ["model", "exit"], registry=r)
+        # The shared decision store (EXITSERVE_DECISION_STORE=redis): its breaker's state and what it dropped.
+        self.decision_store_up = Gauge("exitserve_decision_store_up",
+                                       "1 while the shared decision store answers, 0 while its circuit breaker is open",
+                                       ["model"], registry=r)
+        self.decision_records_dropped = Counter("exitserve_decision_records_dropped",
+                                                "Decision records not written to the shared store: queue_full (the "
+                                                "writer is behind) or store_down (its breaker is open)",
+                                                ["model", "reason"], registry=r)
         self.calibration_agreement = Gauge("exitserve_calibration_agreement",
                                            "Share of calibration samples on which the exit agrees with the last exit",
                                            ["model", "exit"], registry=r)

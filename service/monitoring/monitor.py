@@ -29,7 +29,7 @@ from exitserve.service.monitoring.feedback_log import (
     calibration_key,
 )
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.monitoring.redis_store import RedisDecisionStore
+from exitserve.service.monitoring.redis_store import RedisDecisionStore, StoreUnavailable
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.settings import Settings
 
@@ -56,7 +56,7 @@ class ModelMonitor:
         self.store: DecisionStore | RedisDecisionStore
         if settings.decision_store == "redis":  # shared by every replica (labels may reach any of them)
             self.store = RedisDecisionStore(settings.redis_url, name, settings.feedback_capacity, settings.feedback_ttl_s,
-                                            self.num_exits, self.trace)
+                                            self.num_exits, self.trace, metrics)
         else:
             self.store = DecisionStore(settings.feedback_capacity, settings.feedback_ttl_s, self.num_exits, self.trace)
         exits = [str(k) for k in range(self.num_exits)]
@@ -145,7 +145,11 @@ class ModelMonitor:
         Scored means written: with a feedback log, the lines are written before anything is counted,
         and when the log fails (FeedbackNotWritten, a 503) the claims are undone, so the client's
         retry scores the same samples instead of being told "duplicate"."""
-        claims = self.store.claim([(request_id, index) for request_id, index, _ in wanted])
+        try:
+            claims = self.store.claim([(request_id, index) for request_id, index, _ in wanted])
+        except StoreUnavailable:
+            self._log_unscored(wanted)
+            raise
         now = time.time()
         claimed = [(request_id, index) for (request_id, index, _), claim in zip(wanted, claims, strict=True)
                    if not isinstance(claim, str)]
@@ -174,6 +178,25 @@ class ModelMonitor:
         for k, values in estimates.items():
             self._estimate.observe_many(np.asarray(values), self.name, str(k))
         return out
+
+    @property
+    def store_state(self) -> str:
+        """"memory" (in-process), or the shared store's "up" / "down"."""
+        return self.store.state if isinstance(self.store, RedisDecisionStore) else "memory"
+
+    def _log_unscored(self, wanted: list[tuple[str, int, int]]) -> None:
+        """The shared store is down: the labels still reach the feedback log, as lines without a decision
+        (`"scored": false`; readers skip them, and the client's retry writes the scored line)."""
+        if self.log is None:
+            return
+        now = round(time.time(), 3)
+        try:
+            self.log.write({"v": LOG_VERSION, "time": now, "model": self.name, "version": self.version,
+                            "calibration": self.key, "request_id": request_id, "index": index, "label": label,
+                            "scored": False, "exits": None} for request_id, index, label in wanted)
+        except FeedbackNotWritten:
+            log.warning("feedback log write failed too; the unscored labels were not kept",
+                        extra={"model": self.name, "samples": len(wanted)})
 
     def _line(self, now: float, request_id: str, index: int, label: int, d: SampleDecision, correct: bool) -> dict:
         return {

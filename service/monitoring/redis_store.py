@@ -11,18 +11,29 @@ request for at most the TTL. Layout under `exitserve:decisions:<model>:`
 * `index`: a sorted set request id -> start; recording trims the requests that the capacity has
   pushed out (their hashes are deleted), so memory stays bounded by the capacity, not by the TTL.
 
-Recording is one Lua script call (atomic, one round trip) on an engine thread.
+Recording is one Lua script call (atomic, one round trip), made by the store's own writer thread:
+the engine thread only queues it (a bounded queue; a full one drops the record and counts it), so a
+slow or hung Redis never sits on an answer's path (issue 30: a SIGSTOP'd Redis made every request
+wait for the 2 s socket timeout). A circuit breaker stops calling a failing Redis for a while: records
+are then dropped and counted, feedback is refused with a 503 at once, and one line is logged when the
+store goes down and one when it is back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import queue
+import threading
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from exitserve.calibration import POLICIES
 from exitserve.errors import Overloaded
+from exitserve.service.monitoring.breaker import CircuitBreaker
 from exitserve.service.monitoring.decisions import (
     SHADOW_AGREE,
     SHADOW_DISAGREE,
@@ -30,7 +41,10 @@ from exitserve.service.monitoring.decisions import (
     UnknownIndex,
     _policy_codes,
 )
+from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.trace import Trace
+
+log = logging.getLogger("exitserve.monitoring")
 
 _RECORD = """
 local n = tonumber(ARGV[1])
@@ -57,18 +71,120 @@ class StoreUnavailable(Overloaded):
     default_headers = {"Retry-After": "5"}
 
 
+CLAIM_WAIT_S = 0.5  # feedback waits at most this long for this replica's queued writes
+
+
+class _Pending:
+    """A queued record's handle: its ring position once the writer has stored it (None until then, or
+    for ever when it was dropped)."""
+
+    __slots__ = ("request_id", "start")
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.start: int | None = None
+
+
 class RedisDecisionStore:
-    def __init__(self, url: str, model: str, capacity: int, ttl_s: float, num_exits: int, trace: bool = False):
+    QUEUE_LIMIT = 4096  # queued writes (records and shadow updates) before new ones are dropped
+    COOLDOWN_S = 2.0  # how long a failing Redis is left alone before one trial call
+
+    def __init__(self, url: str, model: str, capacity: int, ttl_s: float, num_exits: int, trace: bool = False,
+                 metrics: Metrics | None = None, timeout_s: float = 2.0):
         import redis  # the `redis` extra; only servers configured for a shared store need it
 
+        self.model = model
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.num_exits = num_exits
         self.trace = trace
-        self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.prefix = f"exitserve:decisions:{model}:"
         self._record = self.client.register_script(_RECORD)
         self._errors = (redis.RedisError, OSError)
+        self._up = metrics.decision_store_up.labels(model) if metrics is not None else None
+        self._dropped = ({r: metrics.decision_records_dropped.labels(model, r) for r in ("queue_full", "store_down")}
+                         if metrics is not None else None)
+        if self._up is not None:
+            self._up.set(1)
+        self.dropped = {"queue_full": 0, "store_down": 0}
+        self.breaker = CircuitBreaker(self.COOLDOWN_S, self._changed)
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(self.QUEUE_LIMIT)
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        """"up" or "down" (the breaker is open or trying again), for /readyz."""
+        return "up" if self.breaker.up else "down"
+
+    def _changed(self, up: bool, exc: BaseException | None) -> None:
+        """The breaker's one line per change between up and down (and the gauge)."""
+        if self._up is not None:
+            self._up.set(1 if up else 0)
+        if up:
+            log.info("decision store reachable again", extra={"model": self.model, "dropped": dict(self.dropped)})
+        else:
+            log.warning(f"decision store unavailable ({exc}); decisions are not recorded and feedback is refused "
+                        f"with 503 until it answers again (retried every {self.COOLDOWN_S:g} s)",
+                        extra={"model": self.model})
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self._dropped is not None:
+            self._dropped[reason].inc()
+
+    # --- the writer thread ------------------------------------------------------------------------
+
+    def _submit(self, job: Callable[[], None]) -> bool:
+        """Queue a write for the writer thread; False (and counted) when the queue is full."""
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, name=f"decisions-{self.model}", daemon=True)
+                    self._writer.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self._drop("queue_full")
+            return False
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if not self.breaker.allow():
+                    self._drop("store_down")
+                    continue
+                try:
+                    job()
+                except self._errors as exc:
+                    self.breaker.failed(exc)
+                    self._drop("store_down")
+                except Exception:  # a bug, not the store: logged, the store is not blamed
+                    log.exception("recording a decision failed", extra={"model": self.model})
+                else:
+                    self.breaker.succeeded()
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued write is done (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        """Stop the writer thread after the writes already queued."""
+        if self._writer is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -83,11 +199,12 @@ class RedisDecisionStore:
     def _key(self, request_id: str) -> str:
         return f"{self.prefix}req:{request_id}"
 
-    # --- engine threads -------------------------------------------------------------------------
+    # --- engine threads: queue the write --------------------------------------------------------
 
     def record(self, request_id: str, policies: np.ndarray, deltas: np.ndarray, class_index: np.ndarray,
                exit_index: np.ndarray, estimate: np.ndarray, target_met: np.ndarray, confidence: np.ndarray | None,
-               trace: Trace | None, calibration: str) -> tuple[str, int] | None:
+               trace: Trace | None, calibration: str) -> _Pending | None:
+        """Queue the record; its handle (for shadow updates), or None when not kept (dropped: counted)."""
         n = len(class_index)
         if not self.enabled or n == 0 or n > self.capacity:
             return None
@@ -104,9 +221,14 @@ class RedisDecisionStore:
         if self.trace and trace is not None:
             fields += self._trace_fields(trace)
         ttl_ms = max(1, int(self.ttl_s * 1000))
-        start = self._record(keys=[self.prefix + "head", self.prefix + "index", self._key(request_id)],
-                             args=[n, ttl_ms, self.capacity, request_id, self.prefix + "req:", *fields])
-        return request_id, int(start)
+        pending = _Pending(request_id)
+
+        def write() -> None:
+            start = self._record(keys=[self.prefix + "head", self.prefix + "index", self._key(request_id)],
+                                 args=[n, ttl_ms, self.capacity, request_id, self.prefix + "req:", *fields])
+            pending.start = int(start)
+
+        return pending if self._submit(write) else None
 
     @staticmethod
     def _trace_fields(trace: Trace) -> list[Any]:
@@ -115,7 +237,14 @@ class RedisDecisionStore:
                 "trace_p", np.ascontiguousarray(trace.prediction, np.int32).tobytes()]
 
     def update_shadow(self, handle: object, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
-        request_id, start = cast(tuple[str, int], handle)
+        """Queued after the handle's record, so its ring position is known by the time this runs."""
+        assert isinstance(handle, _Pending)
+        self._submit(lambda: self._update_shadow(handle, rows, agree, trace))
+
+    def _update_shadow(self, handle: _Pending, rows: np.ndarray, agree: np.ndarray, trace: Trace | None) -> None:
+        request_id, start = handle.request_id, handle.start
+        if start is None:
+            return  # the record was dropped
         key = self._key(request_id)
         raw: list[Any] = self.client.hmget(key, ["start", "size", "shadow", *_TRACE])
         if raw[0] is None or int(raw[0]) != start:
@@ -135,11 +264,19 @@ class RedisDecisionStore:
     # --- event loop (via a worker thread) ---------------------------------------------------------------
 
     def claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
+        if self._queue.unfinished_tasks and self.breaker.up:
+            self.flush(CLAIM_WAIT_S)  # labels sent right after their answer find its record written
+        if not self.breaker.allow():
+            raise StoreUnavailable("the shared decision store is unavailable; nothing was scored, "
+                                   "send the feedback again later")
         try:
-            return self._claim(wanted)
+            claims = self._claim(wanted)
         except self._errors as exc:
+            self.breaker.failed(exc)
             raise StoreUnavailable(f"the shared decision store is unavailable ({exc}); nothing was scored, "
                                    "send the feedback again later") from None
+        self.breaker.succeeded()
+        return claims
 
     def _claim(self, wanted: list[tuple[str, int]]) -> list[SampleDecision | str]:
         ids = list(dict.fromkeys(request_id for request_id, _ in wanted))
@@ -206,4 +343,8 @@ class RedisDecisionStore:
         pipe = self.client.pipeline(transaction=False)
         for request_id, index in claimed:
             pipe.hdel(self._key(request_id), f"l:{index}")
-        pipe.execute()
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            self.breaker.failed(exc)
+            raise StoreUnavailable(f"the shared decision store is unavailable ({exc})") from None

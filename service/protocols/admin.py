@@ -22,7 +22,6 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from exitserve.errors import BadBundle, Forbidden, InvalidInput
-from exitserve.models.bundle import BundleError
 from exitserve.service.monitoring.feedback_log import FeedbackLog
 from exitserve.service.serving.repository import ModelRepository
 
@@ -45,7 +44,7 @@ def build_router(repository: ModelRepository) -> APIRouter:
         try:
             # Building and warming a model takes a while: off the event loop, which keeps serving.
             served = await asyncio.to_thread(repository.reload, model, path)
-        except BundleError as exc:
+        except BadBundle as exc:
             raise BadBundle(f"reload refused, the old model keeps serving: {exc}") from None
         body = {"model": served.name, "version": served.manifest.version, "path": str(repository.paths[model]),
                 "seconds": round(time.perf_counter() - started, 3)}

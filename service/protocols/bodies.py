@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exitserve.errors import InvalidInput
+from exitserve.service.protocols import numbers
 
 Schema = TypeVar("Schema", bound=BaseModel)
 T = TypeVar("T")
@@ -92,6 +93,19 @@ def parse_body(schema: type[Schema], body: bytes, prefix: str = "") -> Schema:
     if not isinstance(payload, dict):
         raise InvalidInput(f"{where}: must be a JSON object")
     return validate(schema, payload, prefix)
+
+
+def parse_body_with_numbers(schema: type[Schema], body: bytes, key: str) -> Schema:
+    """`parse_body`, with a large array of numbers at the top-level field `key` read straight into a
+    float32 numpy array (protocols/numbers.py: no Python float per number): the field then holds it."""
+    if len(body) >= numbers.MIN_BYTES:
+        span = numbers.numeric_span(body, key.encode())
+        if span is not None:
+            start, end = span
+            parsed = parse_body(schema, body[:start] + b"[]" + body[end:])
+            if getattr(parsed, key) == []:  # the span was that field's value, not text inside a string
+                return parsed.model_copy(update={key: numbers.parse_numbers(body, start, end, key)})
+    return parse_body(schema, body)
 
 
 def validate(schema: type[Schema], payload: object, prefix: str = "") -> Schema:

@@ -18,25 +18,66 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exitserve.errors import Overloaded, PayloadTooLarge
+from exitserve.errors import (
+    ExitserveError,
+    InvalidInput,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols.errors import error_response
+from exitserve.service.protocols.errors import OPENAI_PATHS, error_response, family_of, response_for
+from exitserve.service.protocols.feedback import body_limit as feedback_body_limit
 from exitserve.service.serving.batcher import Reservation
 from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
 from exitserve.service.serving.repository import ModelRepository, trim_heap
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.http")
-# The OpenAI routes name their model in the body: the route handler puts it in the scope's state.
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
+# The OpenAI routes (OPENAI_PATHS) name their model in the body: the route handler puts it in the scope's state.
 SERVED_MODEL = "served_model"
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 # Content types a web page may POST cross-origin without a CORS preflight ("simple requests").
 SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+# "-0.12345678901234568, ": a float written with float64's 17 digits, its sign and separator.
+JSON_NUMBER_BYTES = 24
+BODY_HEADROOM_BYTES = 64 << 10  # delta per sample, policy, keys and spacing
 BIG_BODY_BYTES = 4 << 20  # after a request this large, free heap pages go back to the OS
 # The client-gone watch starts this long after the body is in: a request answered sooner (a lone
 # single image: ~2 ms) never pays for the task, one that waits longer notices a hang-up at most this late.
 WATCH_AFTER_S = 0.005
+
+
+REFUSALS = (503, 504)  # expected under overload or while a dependency is down: not server faults
+
+
+class RefusalSummary:
+    """One warning line per `interval_s` at most, counting the refusals (by status) since the last one.
+
+    The first refusal after a quiet spell is reported at once; later ones at the end of the interval
+    (a timer on the event loop, so a burst's tail is reported even if no refusal follows)."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.interval_s = interval_s
+        self._counts: dict[int, int] = {}
+        self._last = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def count(self, status: int) -> None:
+        self._counts[status] = self._counts.get(status, 0) + 1
+        wait = self._last + self.interval_s - time.monotonic()
+        if wait <= 0:
+            self._report()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._report)
+
+    def _report(self) -> None:
+        self._timer = None
+        if self._counts:
+            counts, self._counts, self._last = self._counts, {}, time.monotonic()
+            log.warning("requests refused (overload or an unavailable dependency)",
+                        extra={"refused": {str(k): v for k, v in sorted(counts.items())},
+                               "window_s": self.interval_s})
 
 
 def new_request_id() -> str:
@@ -60,6 +101,17 @@ def _route(path: str) -> tuple[str, str] | None:
         if parts[0] == "admin":
             return "admin", parts[2]
     return None
+
+
+def _without_body(send: Send) -> Send:
+    """`send` for a HEAD request: the GET response's status and headers (Content-Length included), no body."""
+
+    async def head_send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return head_send
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -95,6 +147,8 @@ class EdgeMiddleware:
         self.admin_key = settings.admin_api_key.encode() if settings.admin_api_key else None
         self.allowed_hosts = {h.lower().encode() for h in settings.allowed_hosts}
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.refusals = RefusalSummary()
+        self._limits: dict[tuple[str, str], tuple[object, int]] = {}
 
     @staticmethod
     def _supplied_key(headers: dict[bytes, bytes]) -> bytes:
@@ -105,48 +159,49 @@ class EdgeMiddleware:
             supplied = auth[7:] if auth[:7].lower() == b"bearer " else b""
         return supplied
 
-    def _refusal(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
-                 id_problem: str | None) -> object:
-        """The response refusing this request at the edge, or None to let it through."""
+    def _admit(self, scope: Scope, headers: dict[bytes, bytes], route: tuple[str, str] | None,
+               id_problem: str | None) -> None:
+        """Let the request through, or raise the error refusing it at the edge (an ExitserveError)."""
         protocol = route[0] if route else None
         if self.allowed_hosts:
             host = headers.get(b"host", b"").rsplit(b":", 1)[0].strip(b"[]").lower()
             if host not in self.allowed_hosts:
-                return error_response("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)", 400)
+                raise InvalidInput("Host header not allowed (EXITSERVE_ALLOWED_HOSTS)")
         if id_problem is not None:
-            return error_response(id_problem, 400)
+            raise InvalidInput(id_problem)
         path = scope["path"]
         if protocol == "admin":
             key = self.admin_key
             if key is not None and not hmac.compare_digest(self._supplied_key(headers), key):
-                return error_response("missing or wrong admin API key", 401, {"WWW-Authenticate": "Bearer"})
+                raise Unauthorized("missing or wrong admin API key")
         elif (self.api_key and not path.startswith((*OPEN_PATHS, "/admin/"))
               and not hmac.compare_digest(self._supplied_key(headers), self.api_key)):
-                return error_response("missing or wrong API key", 401, {"WWW-Authenticate": "Bearer"})
+                raise Unauthorized("missing or wrong API key")
         length = headers.get(b"content-length")
         limit = scope["state"]["body_limit"]
         if length is not None and length.isdigit() and int(length) > limit:
-            return error_response(f"body of {int(length)} bytes exceeds the limit of {limit}", 413)
+            raise PayloadTooLarge(f"body of {int(length)} bytes exceeds the limit of {limit}")
         if route is not None and protocol in ("v1", "v2"):
-            try:
-                RESERVATION.set(self._reserve(route[1], headers, scope))
-            except Overloaded as exc:
-                return error_response(str(exc), exc.status, exc.headers)
+            RESERVATION.set(self._reserve(route[1], headers, scope))  # QueueFull: 503 + Retry-After
         if scope["method"] == "POST" and protocol is not None:
             content_type = headers.get(b"content-type")
             if protocol == "v2":
                 # tritonclient sends binary bodies with no (or an octet-stream) Content-Type.
                 if content_type is not None and content_type.split(b";", 1)[0].strip().lower() in SIMPLE_TYPES:
-                    return error_response("Content-Type must be application/json or application/octet-stream", 415)
+                    raise UnsupportedMediaType("Content-Type must be application/json or application/octet-stream")
             elif length != b"0" and (content_type is None or not _is_json(content_type)):
-                return error_response("Content-Type must be application/json", 415)
-        return None
+                raise UnsupportedMediaType("Content-Type must be application/json")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 9.3.2) on every GET route: load balancers and uptime
+            # checkers send it to /healthz and /readyz. A route without GET answers 405 as before.
+            scope = {**scope, "method": "GET"}
+            send = _without_body(send)
         headers = dict(scope["headers"])
         raw_id = headers.get(b"x-request-id")
         client_id, id_problem = request_id_of(raw_id)
@@ -170,10 +225,16 @@ class EdgeMiddleware:
         gone: asyncio.Future = asyncio.get_running_loop().create_future()
         CLIENT_GONE.set(gone)
         watcher: list[asyncio.Task | asyncio.TimerHandle] = []
-        response = self._refusal(scope, headers, route, id_problem)
+        refusal: ExitserveError | None = None
         try:
-            if response is not None:
-                await response(scope, receive, send_with_id)  # type: ignore[operator]
+            self._admit(scope, headers, route, id_problem)
+        except ExitserveError as exc:
+            refusal = exc
+        try:
+            if refusal is not None:
+                # In the v1/v2 shape on every route, the OpenAI ones too (as before the one error map;
+                # tests/service/test_reload.py pins the 401 body): the edge answers before any protocol.
+                await response_for(refusal, request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._watched(receive, gone, watcher, scope["state"]["body_limit"],
                                                    watch_disconnect=protocol in ("v1", "v2")), send_with_id)
@@ -183,7 +244,8 @@ class EdgeMiddleware:
             status_holder["status"] = 500
             if not status_holder["started"]:
                 with contextlib.suppress(Exception):
-                    await error_response("internal server error", 500)(scope, receive, send_with_id)
+                    await error_response("internal server error", 500, family=family_of(scope["path"]))(
+                        scope, receive, send_with_id)
         finally:
             reservation = RESERVATION.get()
             if reservation is not None:
@@ -204,9 +266,13 @@ class EdgeMiddleware:
             counter.inc()
             if status < 400 and protocol in ("v1", "v2"):
                 duration.observe(time.perf_counter() - started)
-            level = logging.INFO if status < 500 else logging.ERROR
+            # ERROR only for the server's own faults: an operator's alert on error lines must not fire on
+            # overload. Refusals (503 shed, 504 out of time) are info, summarised in a rate-limited warning.
+            level = logging.ERROR if status >= 500 and status not in REFUSALS else logging.INFO
             log.log(level, "request", extra={"request_id": request_id, "model": model, "protocol": protocol,
                                               "status": status, "seconds": round(time.perf_counter() - started, 6)})
+            if status in REFUSALS:
+                self.refusals.count(status)
 
     def _request_metrics(self, model: str, protocol: str, status: int) -> tuple[Any, Any]:
         """The request counter and duration children of these labels (a `labels()` lookup takes a lock).
@@ -235,15 +301,32 @@ class EdgeMiddleware:
         return served.batcher.reserve(samples)  # QueueFull: a 503 + Retry-After
 
     def _body_limit(self, route: tuple[str, str] | None) -> int:
-        """The body limit of this route. Text models get a smaller one, sized by what their inputs can
-        hold (samples x max tokens x 32 bytes): a 40 MiB text is refused as it arrives, before any
-        copy or parse of it (each pass over 40 MiB holds the interpreter for a tenth of a second)."""
+        """The body limit of this route, scaled to what its model can take (issue 30), and never above
+        EXITSERVE_MAX_BODY_BYTES: checked on Content-Length and while the body streams in, before any
+        copy or parse of it.
+
+        * inference: max_request_samples x the sample's elements x JSON_NUMBER_BYTES (a float32 written
+          in full as JSON; raw and base64 tensors take less), plus headroom for the rest of the body;
+          text models: samples x max tokens x 32 bytes;
+        * feedback: MAX_ITEMS items of the longest id and label (feedback.body_limit)."""
         limit = self.settings.max_body_bytes
-        if route is not None and route[0] in ("v1", "v2"):
-            served = self.repository.models.get(route[1])
-            text = served.manifest.input.text if served is not None else None
-            if text is not None:
-                limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        if route is None or route[0] not in ("v1", "v2", "feedback"):
+            return limit
+        served = self.repository.models.get(route[1])
+        if served is None:
+            return limit
+        cached = self._limits.get(route)
+        if cached is not None and cached[0] is served:  # same model object: not reloaded since
+            return cached[1]
+        text = served.manifest.input.text
+        if route[0] == "feedback":
+            limit = min(limit, feedback_body_limit(served))
+        elif text is not None:
+            limit = min(limit, max(1 << 20, self.settings.max_request_samples * text.max_length * 32))
+        else:
+            elements = math.prod(d for d in served.sample_shape if d > 0)
+            limit = min(limit, self.settings.max_request_samples * elements * JSON_NUMBER_BYTES + BODY_HEADROOM_BYTES)
+        self._limits[route] = (served, limit)
         return limit
 
     def _watched(self, receive: Receive, gone: asyncio.Future, watcher: list[asyncio.Task | asyncio.TimerHandle], limit: int,

@@ -21,12 +21,33 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from exitserve.errors import Conflict, InvalidInput, PayloadTooLarge
-from exitserve.service.protocols.bodies import StrictBody, validate
+from exitserve.errors import Conflict, InvalidInput, Overloaded, PayloadTooLarge
+from exitserve.service.protocols.bodies import StrictBody, parse_off_loop, validate
 from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
 MAX_ITEMS = 10_000
+# JSON bytes an item may take at most: an id of MAX_REQUEST_ID_CHARS characters written as \uXXXX
+# escapes, a label name likewise, the keys and an index. The body limit is MAX_ITEMS of them.
+ITEM_OVERHEAD_BYTES = 96
+
+
+def body_limit(served: ServedModel) -> int:
+    """The feedback body limit of this model, from the item limit (issue 30): a few MiB, not 64."""
+    longest_label = max((len(label) for label in served.manifest.labels), default=0)
+    return MAX_ITEMS * (6 * MAX_REQUEST_ID_CHARS + 6 * max(longest_label, 10) + ITEM_OVERHEAD_BYTES)
+
+
+def _parse(body: bytes) -> Any:
+    # Counted before parsing: a body of more than MAX_ITEMS objects (or of a long array of anything)
+    # would cost far more as Python objects than as bytes ([{},{},...]: 64 bytes of dict per 3 of JSON).
+    # An item holds one object, two commas and ten quotes; ids with such characters in them are rare.
+    if body.count(b"{") > MAX_ITEMS or body.count(b",") > 4 * MAX_ITEMS or body.count(b'"') > 12 * MAX_ITEMS:
+        raise PayloadTooLarge(f"body: more than the limit of {MAX_ITEMS} items per call")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body: invalid JSON ({exc})") from None
 
 
 class FeedbackItem(StrictBody):
@@ -89,10 +110,13 @@ def build_router(repository: ModelRepository) -> APIRouter:
         served = repository.get(model)
         if not served.monitor.store.enabled:
             raise Conflict("feedback is off on this server (EXITSERVE_FEEDBACK_CAPACITY=0)")
-        try:
-            payload = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"body: invalid JSON ({exc})") from None
+        # The inference routes' admission: a fast 503 when the model is overloaded, and large bodies
+        # parsed off the event loop, a bounded number at a time (the edge limits the size: body_limit).
+        if not served.ready:
+            raise Overloaded(f"model {served.name!r} is not ready")
+        served.batcher.check_room()
+        raw = await request.body()
+        payload = await parse_off_loop(len(raw), _parse, raw)
         wanted = parse_items(served, payload)
         # Off the loop: the feedback log's write and, with a shared store, Redis round trips.
         # An index outside a known request is a 400 (UnknownIndex).

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from exitserve.errors import InvalidInput
+from exitserve.service.protocols import numbers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -95,13 +96,14 @@ def decode_infer_request(
     max_body_bytes: int = 64 << 20,
 ) -> InferRequest:
     """Decode and validate an infer request body; raise ProtocolError naming the first problem."""
-    body = _decompress(bytes(body), content_encoding, max_body_bytes)
+    # bytes, or the bytearray a large body is read into (hot_routes.read_body): not copied
+    body = _decompress(body if isinstance(body, bytes | bytearray) else bytes(body), content_encoding, max_body_bytes)
     json_length = _parse_header_length(header_length, len(body))
     if json_length is None:
-        doc, tail = _parse_json(body, "request body"), memoryview(b"")
+        doc, tail = _parse_json_with_numbers(body, "request body"), memoryview(b"")
     else:
         what = f"inference header (the first {json_length} bytes, per {HEADER_LENGTH})"
-        doc, tail = _parse_json(body[:json_length], what), memoryview(body)[json_length:]
+        doc, tail = _parse_json_with_numbers(body[:json_length], what), memoryview(body)[json_length:]
 
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -191,9 +193,44 @@ def _parse_header_length(value: str | int | None, body_length: int) -> int | Non
     return length
 
 
+@dataclass
+class _Numbers:
+    """A large 'data' array left in the body, read by protocols/numbers.py once its datatype is known."""
+
+    body: bytes
+    start: int
+    end: int
+
+
+def _parse_json_with_numbers(raw: bytes, what: str) -> dict:
+    """`_parse_json`, with each large 'data' array of numbers cut out before parsing (a Python float per
+    number: about 10x the body) and put back as a `_Numbers` for `_decode_json_data`."""
+    spans: list[tuple[int, int]] = []
+    if len(raw) >= numbers.MIN_BYTES:
+        while (span := numbers.numeric_span(raw, b"data", spans[-1][1] if spans else 0)) is not None:
+            spans.append(span)
+    if not spans:
+        return _parse_json(raw, what)
+    pieces, last = [], 0
+    for k, (start, end) in enumerate(spans):
+        pieces += [raw[last:start], b'["\\u0000numbers:%d"]' % k]
+        last = end
+    doc = _parse_json(b"".join([*pieces, raw[last:]]), what)
+    inputs = doc.get("inputs")
+    for item in inputs if isinstance(inputs, list) else []:
+        data = item.get("data") if isinstance(item, dict) else None
+        mark = data[0] if isinstance(data, list) and len(data) == 1 and isinstance(data[0], str) else ""
+        if mark.startswith("\0numbers:") and mark[9:].isdigit() and int(mark[9:]) < len(spans):
+            start, end = spans[int(mark[9:])]
+            item["data"] = _Numbers(raw, start, end)
+    return doc
+
+
 def _parse_json(raw: bytes, what: str) -> dict:
     try:
-        doc = json.loads(raw)
+        # Decoded here, strictly: json.loads(bytes) decodes with "surrogatepass", so encoded lone
+        # surrogates (bytes ED A0 80) would pass as text no encoder accepts (issue 30).
+        doc = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{what} is not valid UTF-8 text: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -204,7 +241,35 @@ def _parse_json(raw: bytes, what: str) -> dict:
         raise ProtocolError(f"{what}: JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {_json_type(doc)}")
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the strings
+        bad = _lone_surrogate_at(doc)
+        if bad is not None:
+            raise ProtocolError(f"{what}: {bad} is not valid UTF-8 text (a lone UTF-16 surrogate escape)")
     return doc
+
+
+# `json` (kept for its NaN / Infinity tokens, which Triton's clients send) decodes a lone surrogate
+# escape such as "\ud800" to a str that no UTF-8 encoder accepts: a 500 wherever it was encoded.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate_at(doc: Any) -> str | None:
+    """Where the first string (or key) holding a lone surrogate is, e.g. "inputs[0].data[3]"; None if none."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "a string"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, f"{where}.{key!r}" if where else "a key"))
+                stack.append((item, f"{where}.{key}" if where else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
 
 
 def _check_parameters(value: Any, where: str) -> dict:
@@ -351,6 +416,8 @@ def _decode_bytes_elements(spec: _InputSpec, chunk: memoryview) -> np.ndarray:
 
 
 def _decode_json_data(spec: _InputSpec) -> np.ndarray:
+    if isinstance(spec.data, _Numbers):
+        return _decode_numbers(spec, spec.data)
     if not isinstance(spec.data, list):
         raise ProtocolError(f"{spec.where}: 'data' must be a JSON array, got {_json_type(spec.data)}")
     if spec.datatype == "BYTES":
@@ -368,6 +435,25 @@ def _decode_json_bytes(spec: _InputSpec) -> np.ndarray:
                 f"{spec.where}: BYTES 'data' element {index} must be a string, got {_json_type(item)}"
             )
     return _object_array([item.encode("utf-8") for item in items], spec.shape)
+
+
+def _decode_numbers(spec: _InputSpec, found: _Numbers) -> np.ndarray:
+    """A large 'data' array: floats read straight into numpy; other datatypes by the JSON path."""
+    dtype = DATATYPE_TO_NUMPY.get(spec.datatype)
+    if dtype is None or dtype.kind != "f":
+        spec.data = _parse_json(b'{"data": ' + found.body[found.start:found.end] + b"}", f"{spec.where}: 'data'")["data"]
+        return _decode_json_data(spec)
+    where = f"{spec.where}: 'data'"
+    try:
+        array = numbers.parse_numbers(found.body, found.start, found.end, where, np.float64 if dtype.itemsize == 8 else np.float32)
+    except InvalidInput as exc:
+        raise ProtocolError(str(exc)) from None
+    _check_count(spec, array.size)
+    with np.errstate(over="ignore"):
+        array = array.astype(dtype, copy=False)
+    if np.isinf(array).any():  # JSON has no infinity: every one is an overflow
+        raise ProtocolError(f"{spec.where}: 'data' holds values too large for {spec.datatype}")
+    return array.reshape(spec.shape)
 
 
 def _decode_json_numbers(spec: _InputSpec, dtype: np.dtype) -> np.ndarray:

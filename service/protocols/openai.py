@@ -32,7 +32,6 @@ from exitserve.service.serving.generation.stream import (
     TokenEvent,
     TokenStream,
 )
-from exitserve.service.serving.generation.stream import Overloaded as QueueFull
 
 MODES = ("exact", "full")
 # Exact mode drafts a token where the pcee table promises at least this agreement (δ = 1 asks for
@@ -138,10 +137,7 @@ class _Generation:
         self.stream: TokenStream | None = None
 
     def start(self) -> None:
-        try:
-            self.stream = self.model.scheduler.submit(self.params, asyncio.get_running_loop())
-        except QueueFull as exc:
-            raise Overloaded(f"overloaded: {exc}") from exc
+        self.stream = self.model.scheduler.submit(self.params, asyncio.get_running_loop())  # QueueFull: a 503
 
     def cancel(self) -> None:
         if self.stream is not None:
@@ -221,13 +217,6 @@ class _Generation:
         return ext
 
 
-def openai_error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    """Errors in the OpenAI shape, so that the `openai` client shows the message."""
-    kind = "invalid_request_error" if status < 500 else ("server_overloaded" if status == 503 else "server_error")
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
-
-
 async def _parse(request: Request, schema: type[Schema]) -> Schema:
     return parse_body(schema, await request.body())  # the same 400s as every other JSON route
 
@@ -287,17 +276,12 @@ def build_router(repository: GenerationRepository, default_delta: float, default
 
     @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        try:
-            return await _completions(request, await _parse(request, CompletionRequest))
-        except ExitserveError as exc:
-            return openai_error(str(exc), exc.status, exc.headers or None)
+        # Errors in OpenAI's shape: protocols/errors.py answers every error raised on these paths.
+        return await _completions(request, await _parse(request, CompletionRequest))
 
     @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
     async def chat_completions(request: Request) -> Response:
-        try:
-            return await _chat(request, await _parse(request, ChatRequest))
-        except ExitserveError as exc:
-            return openai_error(str(exc), exc.status, exc.headers or None)
+        return await _chat(request, await _parse(request, ChatRequest))
 
     async def _completions(request: Request, body: CompletionRequest) -> Response:
         model = _model_for(repository, body, request)

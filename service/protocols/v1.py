@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from exitserve.errors import InvalidInput
-from exitserve.service.protocols.bodies import StrictBody, parse_body, parse_off_loop
+from exitserve.service.protocols.bodies import StrictBody, parse_body_with_numbers, parse_off_loop
 from exitserve.service.protocols.hot_routes import BodyEndpoint
 from exitserve.service.serving.dataplane import Dataplane, Prediction
 from exitserve.service.serving.repository import ServedModel
@@ -84,18 +84,33 @@ def decode_raw_tensor(raw: RawTensor, where: str = "inputs") -> np.ndarray:
 def decode_nested(values: Any, where: str = "inputs", dtype: np.dtype | None = None) -> np.ndarray:
     integer = dtype is not None and dtype.kind in "iu"
     try:
-        # Integer models (token ids) get integers parsed as such, so 1.5 is refused, not truncated.
-        array = np.asarray(values) if integer else np.asarray(values, dtype=np.float32)
+        # Parsed without a dtype first, so that strings ("0.5") and booleans are refused as they are for
+        # delta, not converted; integer models (token ids) get integers, so 1.5 is refused, not truncated.
+        array = np.asarray(values)
     except (ValueError, TypeError):
         raise InvalidInput(f"{where}: must be a rectangular nested list of numbers") from None
-    if integer and array.dtype.kind not in "iu" and array.size:
+    if array.dtype.kind not in "iuf":
+        raise InvalidInput(f"{where}: must be a rectangular nested list of numbers (not strings or booleans)")
+    if not integer:
+        with np.errstate(over="ignore"):  # beyond float32: infinity, refused by the dataplane's check
+            return array.astype(np.float32, copy=False)
+    if array.dtype.kind not in "iu" and array.size:
         raise InvalidInput(f"{where}: this model takes integers (token ids), got {array.dtype.name} values")
-    return array.astype(dtype) if integer and array.dtype.kind not in "iu" else array
+    return array.astype(dtype) if array.dtype.kind not in "iu" else array
 
 
-def _decode_inputs(dataplane: Dataplane, served: ServedModel, raw: list[Any] | RawTensor | None) -> np.ndarray:
-    x = decode_raw_tensor(raw) if isinstance(raw, RawTensor) else decode_nested(raw, dtype=served.input_dtype)
+def _decode_inputs(dataplane: Dataplane, served: ServedModel, raw: list[Any] | RawTensor | np.ndarray | None) -> np.ndarray:
+    if isinstance(raw, np.ndarray):  # a large nested list, already read by protocols/numbers.py
+        x = raw if served.input_dtype.kind not in "iu" else _token_ids(raw, served.input_dtype)
+    else:
+        x = decode_raw_tensor(raw) if isinstance(raw, RawTensor) else decode_nested(raw, dtype=served.input_dtype)
     return dataplane.check_inputs(served, x)
+
+
+def _token_ids(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if not np.array_equal(x, np.trunc(x)):
+        raise InvalidInput("inputs: this model takes integers (token ids), got float values")
+    return x.astype(dtype)
 
 
 def encode_predictions(prediction: Prediction, want_probabilities: bool) -> list[dict]:
@@ -129,7 +144,7 @@ def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
     async def predict_body(request: Request, raw_body: bytes, model: str) -> Response:
         served = dataplane.model(model)
         dataplane.admit_early(served)  # a full queue answers 503 before the body is parsed
-        body = await parse_off_loop(len(raw_body), parse_body, PredictRequest, raw_body)
+        body = await parse_off_loop(len(raw_body), parse_body_with_numbers, PredictRequest, raw_body, "inputs")
         if (body.inputs is None) == (body.texts is None):
             raise InvalidInput("body: give either 'inputs' or 'texts', not both" if body.inputs is not None
                                else "inputs: required (or 'texts' for a text model)")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from exitserve.models.bundle import Bundle, BundleError
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import Bundle
 from exitserve.service.runners import onnx_gather
 from exitserve.service.runners.base import ChainRunner, Provider, RunnerOptions
 
@@ -122,11 +123,11 @@ class OnnxRunner(ChainRunner):
         try:
             session = ort.InferenceSession(str(path), so, providers=self._providers)
         except Exception as exc:  # ORT raises several exception types for bad graphs
-            raise BundleError(f"{path}: ONNX Runtime cannot load this {what} ({exc})") from exc
+            raise BadBundle(f"{path}: ONNX Runtime cannot load this {what} ({exc})") from exc
         names_in = [i.name for i in session.get_inputs()]
         names_out = [o.name for o in session.get_outputs()]
         if names_in != inputs or sorted(names_out) != sorted(outputs):
-            raise BundleError(f"{path}: {what} inputs {names_in} / outputs {names_out} do not match the manifest "
+            raise BadBundle(f"{path}: {what} inputs {names_in} / outputs {names_out} do not match the manifest "
                               f"({inputs} / {outputs})")
         return session
 

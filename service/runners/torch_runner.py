@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exitserve.models.bundle import Bundle, BundleError
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import Bundle
 from exitserve.service.runners.base import ChainRunner
 from exitserve.service.runners.cuda_graphs import SpanGraphs
 
@@ -31,13 +32,13 @@ class TorchScriptRunner(ChainRunner):
         self.modules: list[torch.jit.ScriptModule] = []
         for k, spec in enumerate(bundle.manifest.segments):
             if spec.torchscript is None:
-                raise BundleError(f"{bundle.path / spec.file}: segment {k} has no TorchScript twin; "
+                raise BadBundle(f"{bundle.path / spec.file}: segment {k} has no TorchScript twin; "
                                   "export with --torchscript to use the torch runner")
             path = bundle.path / spec.torchscript
             try:
                 module = torch.jit.load(str(path), map_location=self.device)
             except Exception as exc:  # torch raises several types for a bad archive
-                raise BundleError(f"{path}: torch cannot load this TorchScript segment ({exc})") from exc
+                raise BadBundle(f"{path}: torch cannot load this TorchScript segment ({exc})") from exc
             self.modules.append(module.eval())
 
     def start(self, x: np.ndarray) -> State:

@@ -26,15 +26,11 @@ from typing import Protocol
 
 import numpy as np
 
-from exitserve.errors import Overloaded
+from exitserve.errors import QueueFull, ShuttingDown
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.serving.engine import BatchResult, ExitEngine, Flight
 
 log = logging.getLogger("exitserve.batcher")
-
-
-class QueueFull(Overloaded):
-    pass
 
 
 class Reservation:
@@ -48,10 +44,6 @@ class Reservation:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher._unreserve(self.samples)
-
-
-class ShuttingDown(Overloaded):
-    default_headers = {"Retry-After": "5"}
 
 
 @dataclass

@@ -4,7 +4,7 @@ Hot reload (`ModelRepository.reload`): the new model is built and warmed up off 
 while the old one keeps serving; then the dict entry is swapped (one atomic store) and the old
 batcher drains. A request that picked the old model before the swap but submits after its batcher
 closed is handed to the successor (when it takes the same inputs and gives the same labels), so a
-good reload fails no request. A bad bundle raises BundleError and leaves the old model untouched.
+good reload fails no request. A bad bundle raises BadBundle and leaves the old model untouched.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from exitserve.calibration import POLICIES, Calibration
-from exitserve.errors import Conflict, NotFound
-from exitserve.models.bundle import Bundle, BundleError, load_bundle
+from exitserve.errors import BadBundle, Conflict, NotFound
+from exitserve.models.bundle import Bundle, load_bundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.monitor import ModelMonitor
 from exitserve.service.runners.base import RunnerOptions, SegmentRunner, create_runner
@@ -43,14 +43,14 @@ class UnknownModel(NotFound):
 class ServedModel:
     def __init__(self, bundle: Bundle, settings: Settings, metrics: Metrics):
         if bundle.calibration is None:
-            raise BundleError(f"{bundle.path / 'calibration.json'}: missing; run `exitserve calibrate {bundle.path} --data ...`")
+            raise BadBundle(f"{bundle.path / 'calibration.json'}: missing; run `exitserve calibrate {bundle.path} --data ...`")
         self.bundle = bundle
         self.name = bundle.manifest.name
         self.manifest = bundle.manifest
         try:
             self.calibration = Calibration.from_dict(bundle.calibration, num_exits=bundle.manifest.num_exits)
         except ValueError as exc:
-            raise BundleError(f"{bundle.path / 'calibration.json'}: {exc}") from exc
+            raise BadBundle(f"{bundle.path / 'calibration.json'}: {exc}") from exc
         options = RunnerOptions(
             provider=settings.provider, device_id=settings.device_id, thread_pool=settings.thread_pool,
             threads=settings.threads, spinning=settings.spinning, graph_optimization=settings.graph_optimization,
@@ -184,7 +184,7 @@ def _check_logits_width(runner: OnnxRunner, bundle: Bundle) -> None:
     for k, (session, spec) in enumerate(zip(runner.sessions, bundle.manifest.segments, strict=True)):
         shape = next(o.shape for o in session.get_outputs() if o.name == spec.logits)
         if shape and isinstance(shape[-1], int) and shape[-1] != width:
-            raise BundleError(f"{bundle.segment_path(k)}: exit {k} scores {shape[-1]} classes but the manifest "
+            raise BadBundle(f"{bundle.segment_path(k)}: exit {k} scores {shape[-1]} classes but the manifest "
                               f"lists {width} labels")
 
 
@@ -208,7 +208,7 @@ class ModelRepository:
         for path in paths:
             model = self.build(path)
             if model.name in self.models:
-                raise BundleError(f"{path}: a model named {model.name!r} is already loaded")
+                raise BadBundle(f"{path}: a model named {model.name!r} is already loaded")
             self.models[model.name] = model
             self.paths[model.name] = Path(path)
             self.metrics.model_ready.labels(model.name).set(0)
@@ -218,7 +218,7 @@ class ModelRepository:
 
     def reload(self, name: str, path: Path | None = None) -> ServedModel:
         """Replace model `name` by the bundle at `path` (default: where it came from). Blocking: call
-        it off the event loop. Raises UnknownModel, ReloadRefused, or BundleError (old model kept)."""
+        it off the event loop. Raises UnknownModel, ReloadRefused, or BadBundle (old model kept)."""
         try:
             return self._reload(name, path)
         finally:
@@ -236,7 +236,7 @@ class ModelRepository:
             started = time.perf_counter()
             try:
                 new = self._build_warm(source, name)
-            except BundleError:
+            except BadBundle:
                 self.reloads.labels(name, "error").inc()
                 raise
             new.monitor.adopt(old.monitor)  # feedback for requests the old model answered still scores
@@ -251,16 +251,16 @@ class ModelRepository:
     def _build_warm(self, source: Path, name: str) -> ServedModel:
         try:
             new = self.build(source)
-        except BundleError:
+        except BadBundle:
             raise
         except Exception as exc:  # anything else a broken bundle can raise must not escape as a 500
-            raise BundleError(f"{source}: cannot load ({type(exc).__name__}: {exc})") from exc
+            raise BadBundle(f"{source}: cannot load ({type(exc).__name__}: {exc})") from exc
         if new.name != name:
-            raise BundleError(f"{source}: the bundle is named {new.name!r}, not {name!r}")
+            raise BadBundle(f"{source}: the bundle is named {new.name!r}, not {name!r}")
         try:
             new.start(self.settings.warmup_sizes())  # warm before the swap: the first request after it is fast
         except Exception as exc:
-            raise BundleError(f"{source}: warm-up failed ({type(exc).__name__}: {exc})") from exc
+            raise BadBundle(f"{source}: warm-up failed ({type(exc).__name__}: {exc})") from exc
         return new
 
     def reload_all(self) -> dict[str, str | None]:
@@ -270,7 +270,7 @@ class ModelRepository:
             try:
                 self.reload(name)
                 outcome[name] = None
-            except (BundleError, ReloadRefused) as exc:
+            except (BadBundle, ReloadRefused) as exc:
                 outcome[name] = str(exc)
                 log.error("reload failed; the old model keeps serving", extra={"model": name, "error": str(exc)})
         return outcome

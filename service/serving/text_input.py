@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from exitserve.errors import InvalidInput
-from exitserve.models.bundle import Bundle, BundleError, TextSpec
+from exitserve.errors import BadBundle, InvalidInput
+from exitserve.models.bundle import Bundle, TextSpec
 from exitserve.models.tokens import pad_batch
 
 # A token covers at most this many characters (WordPiece turns a longer word into one [UNK]), so a
@@ -29,16 +29,16 @@ class TextTokenizer:
     def __init__(self, bundle: Bundle):
         spec = bundle.manifest.input.text
         if spec is None:
-            raise BundleError(f"{bundle.path}: not a text bundle")
+            raise BadBundle(f"{bundle.path}: not a text bundle")
         try:
             from tokenizers import Tokenizer
         except ImportError as exc:
-            raise BundleError(f"{bundle.path}: text bundles need the `tokenizers` package (the `text` extra)") from exc
+            raise BadBundle(f"{bundle.path}: text bundles need the `tokenizers` package (the `text` extra)") from exc
         path = bundle.path / spec.tokenizer
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own exception type for bad files
-            raise BundleError(f"{path}: cannot load the tokenizer ({exc})") from exc
+            raise BadBundle(f"{path}: cannot load the tokenizer ({exc})") from exc
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.spec: TextSpec = spec

@@ -48,6 +48,9 @@ def read_feedback(path: Path, model: str, calibration: Calibration, num_classes:
             if not isinstance(line, dict) or line.get("v") != LOG_VERSION:
                 skip("not a feedback line")
                 continue
+            if line.get("scored") is False:
+                skip("unscored (the shared decision store was down)")
+                continue
             if line.get("model") != model:
                 skip("other model")
                 continue

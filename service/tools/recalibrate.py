@@ -22,7 +22,8 @@ import numpy as np
 from exitserve.calibration import Calibration
 from exitserve.calibration.fitting import Observations, observe_logits, refit_document
 from exitserve.calibration.io import save_calibration
-from exitserve.models.bundle import CALIBRATION_FILE, BundleError, load_bundle, write_manifest
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import CALIBRATION_FILE, load_bundle, write_manifest
 from exitserve.service.tools.feedback_reader import read_feedback
 
 
@@ -93,7 +94,7 @@ def recalibrate_from_feedback(
     new_version = version or next_version(manifest.version)
     target = Path(out) if out else source.parent / f"{source.name}-v{new_version}"
     if target.exists():
-        raise BundleError(f"{target}: already exists; choose another --out")
+        raise BadBundle(f"{target}: already exists; choose another --out")
     shutil.copytree(source, target)
     try:
         save_calibration(calibration, target / CALIBRATION_FILE)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from exitserve.models.bundle import MANIFEST_FILE, BundleError, load_bundle, refresh_checksums
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, refresh_checksums
 
 
 def test_loads_and_verifies(digits_bundle_uncalibrated: Path) -> None:
@@ -25,19 +26,19 @@ def test_tampered_byte_names_the_file(bundle_copy: Path) -> None:
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"segments/01\.onnx: sha256 mismatch"):
+    with pytest.raises(BadBundle, match=r"segments/01\.onnx: sha256 mismatch"):
         load_bundle(bundle_copy)
 
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
     (bundle_copy / "segments" / "02.onnx").unlink()
-    with pytest.raises(BundleError, match=r"segments/02\.onnx: listed in the manifest but missing"):
+    with pytest.raises(BadBundle, match=r"segments/02\.onnx: listed in the manifest but missing"):
         load_bundle(bundle_copy)
 
 
 def test_unexpected_file_is_refused(bundle_copy: Path) -> None:
     (bundle_copy / "segments" / "evil.onnx").write_bytes(b"x")
-    with pytest.raises(BundleError, match=r"evil\.onnx: not listed"):
+    with pytest.raises(BadBundle, match=r"evil\.onnx: not listed"):
         load_bundle(bundle_copy)
 
 
@@ -46,7 +47,7 @@ def test_wrong_schema_version(bundle_copy: Path) -> None:
     raw = json.loads(path.read_text())
     raw["schema_version"] = 99
     path.write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+    with pytest.raises(BadBundle, match="schema_version 99 is not supported"):
         load_bundle(bundle_copy)
 
 
@@ -55,20 +56,20 @@ def test_inconsistent_flops_refused(bundle_copy: Path) -> None:
     raw = json.loads(path.read_text())
     raw["exits"][1]["cumulative_flops"] += 1
     path.write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="cumulative_flops"):
+    with pytest.raises(BadBundle, match="cumulative_flops"):
         load_bundle(bundle_copy)
 
 
 def test_calibration_with_wrong_exit_count_refused(bundle_copy: Path) -> None:
     (bundle_copy / "calibration.json").write_text(json.dumps({"exits": [{}, {}]}))
     refresh_checksums(bundle_copy)
-    with pytest.raises(BundleError, match="2 exit tables for 3 exits"):
+    with pytest.raises(BadBundle, match="2 exit tables for 3 exits"):
         load_bundle(bundle_copy)
 
 
 def test_refresh_checksums_accepts_deliberate_change(bundle_copy: Path) -> None:
     (bundle_copy / "calibration.json").write_text(json.dumps({"exits": [{}, {}, {}]}))
-    with pytest.raises(BundleError, match="not listed"):
+    with pytest.raises(BadBundle, match="not listed"):
         load_bundle(bundle_copy)
     refresh_checksums(bundle_copy)
     assert load_bundle(bundle_copy).calibration == {"exits": [{}, {}, {}]}

@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from exitserve.models.bundle import MANIFEST_FILE, BundleError, load_bundle, refresh_checksums
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import MANIFEST_FILE, load_bundle, refresh_checksums
 from exitserve.models.data import load_dataset
 from exitserve.models.spans import add_spans
 from exitserve.service.runners.onnx_runtime import OnnxRunner
@@ -90,7 +91,7 @@ def test_a_span_listed_wrong_fails_loudly(bundle_copy: Path) -> None:
     raw = json.loads((bundle_copy / MANIFEST_FILE).read_text())
     raw["spans"][0]["first"], raw["spans"][0]["last"] = 1, 1
     (bundle_copy / MANIFEST_FILE).write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="span 1-1: needs first < last"):
+    with pytest.raises(BadBundle, match="span 1-1: needs first < last"):
         load_bundle(bundle_copy)
 
 
@@ -99,5 +100,5 @@ def test_a_span_graph_that_does_not_fit_its_segments_fails_loudly(bundle_copy: P
     spans = {(s["first"], s["last"]): s for s in raw["spans"]}
     spans[0, 1]["file"], spans[1, 2]["file"] = spans[1, 2]["file"], spans[0, 1]["file"]  # swapped graphs
     (bundle_copy / MANIFEST_FILE).write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match=r"span 0-1 inputs .* do not match the manifest"):
+    with pytest.raises(BadBundle, match=r"span 0-1 inputs .* do not match the manifest"):
         OnnxRunner(load_bundle(bundle_copy))

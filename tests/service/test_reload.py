@@ -93,7 +93,7 @@ def test_key_is_compared_in_constant_time() -> None:
 
     from exitserve.service import app
 
-    source = inspect.getsource(app.EdgeMiddleware._refusal)
+    source = inspect.getsource(app.EdgeMiddleware._admit)
     assert "hmac.compare_digest(self._supplied_key(headers), self.api_key)" in source and "== self.api_key" not in source
     assert "hmac.compare_digest(self._supplied_key(headers), key)" in source
 

@@ -180,6 +180,29 @@ def test_health_docs_and_listing(server) -> None:
     assert config["max_batch_size"] == 16
 
 
+def test_head_on_every_get_route(server) -> None:
+    """HEAD answers what GET answers, without the body (load balancers and uptime checkers send it)."""
+    gets = ["/healthz", "/readyz", "/metrics", "/v1/models", "/openapi.json", "/docs", "/v2", "/v2/health/live",
+            "/v2/health/ready", f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/ready", f"/v2/models/{MODEL}/config",
+            "/v2/models/nope"]
+    for path in gets:
+        got, head = httpx.get(f"{server.url}{path}"), httpx.head(f"{server.url}{path}")
+        assert head.status_code == got.status_code and head.content == b"", path
+        assert head.headers.get("content-type") == got.headers.get("content-type"), path
+    assert httpx.head(f"{server.url}/v1/models/{MODEL}/predict").status_code == 405  # POST only
+
+
+def test_body_limits_scale_with_what_the_model_takes(server) -> None:
+    """1024 samples x 64 pixels x 24 bytes a number + 64 KiB: a larger body is refused on its
+    Content-Length, far below EXITSERVE_MAX_BODY_BYTES (64 MiB)."""
+    limit = 1024 * 64 * 24 + (64 << 10)
+    for path in (f"/v1/models/{MODEL}/predict", f"/v2/models/{MODEL}/infer"):
+        r = httpx.post(f"{server.url}{path}", content=b" " * (limit + 1), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and f"exceeds the limit of {limit}" in r.json()["error"], path
+        r = httpx.post(f"{server.url}{path}", content=b" " * limit, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, path  # within the limit: read, then refused as JSON
+
+
 def test_metrics_move_with_requests(server, samples) -> None:
     x, _ = samples
     before = httpx.get(f"{server.url}/metrics").text
@@ -205,6 +228,9 @@ BAD_V1 = [
     ("wrong shape", {"inputs": [[[0.0] * 8] * 8]}, 400, "does not match the model input"),
     ("ragged", {"inputs": [[[[0.0] * 8] * 8], [[[0.0] * 7] * 8]]}, 400, "rectangular"),
     ("strings", {"inputs": [[[["a"] * 8] * 8]]}, 400, "rectangular nested list of numbers"),
+    ("numeric strings", {"inputs": [[[["0.5"] * 8] * 8]]}, 400, "not strings or booleans"),
+    ("one numeric string", {"inputs": [[[[0.5] * 7 + ["0.5"]] * 8]]}, 400, "not strings or booleans"),
+    ("booleans", {"inputs": [[[[True] * 8] * 8]]}, 400, "not strings or booleans"),
     ("nan", {"inputs": {"b64": base64.b64encode(np.full((1, 1, 8, 8), np.nan, "<f4").tobytes()).decode(),
                         "dtype": "float32", "shape": [1, 1, 8, 8]}}, 400, "NaN or infinity at index"),
     ("inf", {"inputs": [[[[1e39] * 8] * 8]]}, 400, "NaN or infinity"),

@@ -15,7 +15,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from exitserve.calibration import Calibration
-from exitserve.models.bundle import Bundle, BundleError, load_bundle
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import Bundle, load_bundle
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
@@ -59,7 +60,7 @@ class GenerationModel:
                  runner: RunnerKind = "onnxruntime", threads: int = 1):
         spec = bundle.manifest.generation_spec
         if spec is None:
-            raise BundleError(f"{bundle.path}: not a text-generation bundle")
+            raise BadBundle(f"{bundle.path}: not a text-generation bundle")
         self.bundle, self.spec, self.name = bundle, spec, bundle.manifest.name
         self.model = load_llama(bundle.path, dtype=dtype, device=device)
         config = self.model.config
@@ -69,11 +70,11 @@ class GenerationModel:
         calibration = None
         if heads is not None:
             if bundle.calibration is None:
-                raise BundleError(f"{bundle.path / 'calibration.json'}: a bundle with exit heads needs its tables")
+                raise BadBundle(f"{bundle.path / 'calibration.json'}: a bundle with exit heads needs its tables")
             try:
                 calibration = Calibration.from_dict(bundle.calibration, num_exits=bundle.manifest.num_exits)
             except ValueError as exc:
-                raise BundleError(f"{bundle.path / 'calibration.json'}: {exc}") from exc
+                raise BadBundle(f"{bundle.path / 'calibration.json'}: {exc}") from exc
         self.calibration = calibration
         self.compute_fractions = bundle.manifest.compute_fractions()
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from exitserve.models.bundle import BundleError
+from exitserve.errors import BadBundle
 from exitserve.service.settings import Settings
 
 log = logging.getLogger("exitserve.generation")
@@ -52,7 +52,7 @@ class GenerationRepository:
         try:
             import torch
         except ModuleNotFoundError:
-            raise BundleError(f"{paths[0]}: serving a generation bundle needs the `llm` extra: "
+            raise BadBundle(f"{paths[0]}: serving a generation bundle needs the `llm` extra: "
                               "pip install 'exitserve[llm]'") from None
 
         from exitserve.service.serving.generation.model import load_generation_model  # torch from here on
@@ -68,12 +68,12 @@ class GenerationRepository:
                 model = load_generation_model(Path(path), self.registry, device=device, kv_strategy=self.kv_strategy,
                                               max_running=self.max_running, queue_limit=self.queue_limit,
                                               runner=runner, threads=self.settings.threads)
-            except BundleError:
+            except BadBundle:
                 raise
             except Exception as exc:
-                raise BundleError(f"{path}: cannot load the generation bundle ({type(exc).__name__}: {exc})") from exc
+                raise BadBundle(f"{path}: cannot load the generation bundle ({type(exc).__name__}: {exc})") from exc
             if model.name in self.models:
-                raise BundleError(f"{path}: a model named {model.name!r} is already loaded")
+                raise BadBundle(f"{path}: a model named {model.name!r} is already loaded")
             self.models[model.name] = model
             log.info("loaded generation bundle", extra={"model": model.name, "path": str(path)})
 

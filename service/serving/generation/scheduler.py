@@ -2,7 +2,7 @@
 
 A request joins at the next step (its prefill rides along with the others' decode rows), a
 finished or cancelled one leaves at once, and at most `max_running` sequences share a step; the
-rest wait in a bounded queue (`submit` raises `Overloaded` when it is full: the HTTP layer answers
+rest wait in a bounded queue (`submit` raises `QueueFull` when it is full: the HTTP layer answers
 503 + Retry-After). Each request gets a `TokenStream`: the engine thread pushes token events to it
 through the event loop (thread-safe), and cancelling it (client gone, stop string) drops the
 sequence before the next step.
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from exitserve.errors import QueueFull, ShuttingDown
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
 from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.stream import (
     GenerationParams,
-    Overloaded,
     TokenEvent,
     TokenOut,
     TokenStream,
@@ -83,9 +83,9 @@ class Scheduler:
         stream = TokenStream(params, loop)
         with self._wake:
             if self._closed:
-                raise Overloaded("the server is shutting down")
+                raise ShuttingDown("overloaded: the server is shutting down")
             if len(self._waiting) >= self.queue_limit:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (limit {self.queue_limit})")
+                raise QueueFull(f"overloaded: {len(self._waiting)} requests are waiting (limit {self.queue_limit})")
             self._waiting.append(stream)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()

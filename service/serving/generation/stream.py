@@ -18,10 +18,6 @@ class TokenOut:
     drafted: bool = False
 
 
-class Overloaded(RuntimeError):
-    """The waiting queue is full."""
-
-
 @dataclass
 class GenerationParams:
     prompt: list[int]

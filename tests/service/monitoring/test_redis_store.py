@@ -28,8 +28,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _record(store: RedisDecisionStore, request_id: str, n: int, trace: Trace | None = None) -> object:
-    return store.record(request_id, np.full(n, "pcee", dtype=object), np.full(n, 0.9), np.arange(n) % 3,
-                        np.arange(n) % 2, np.full(n, 0.95), np.ones(n, bool), np.full(n, 0.8), trace, "cal-1")
+    """Record and wait for the store's writer thread (recording only queues the write)."""
+    handle = store.record(request_id, np.full(n, "pcee", dtype=object), np.full(n, 0.9), np.arange(n) % 3,
+                          np.arange(n) % 2, np.full(n, 0.95), np.ones(n, bool), np.full(n, 0.8), trace, "cal-1")
+    assert store.flush()
+    return handle
 
 
 def test_record_claim_duplicate_unknown_and_release(redis_url: str) -> None:
@@ -38,6 +41,7 @@ def test_record_claim_duplicate_unknown_and_release(redis_url: str) -> None:
     trace.confidence[:, 0], trace.margin[:, 0], trace.prediction[:, 0] = 0.7, 0.3, [0, 1, 2]
     handle = _record(store, "r-1", 3, trace)
     store.update_shadow(handle, np.array([1]), np.array([True]), None)
+    assert store.flush()
     claims = store.claim([("r-1", 1), ("r-1", 1), ("nope", 0)])
     first = claims[0]
     assert isinstance(first, SampleDecision) and claims[1:] == ["duplicate", "unknown"]

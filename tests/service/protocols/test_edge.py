@@ -111,3 +111,24 @@ def test_a_client_that_hangs_up_while_queued_is_dropped_not_computed(digits_bund
     registry = app.state.metrics.registry
     assert not any(s.value for m in registry.collect() if m.name == "exitserve_exits" for s in m.samples
                    if s.name == "exitserve_exits_total")
+
+
+def test_refusals_are_info_lines_with_a_rate_limited_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """503s under overload are expected: each request line at info, and one warning per interval that
+    counts them (the tail of a burst too, from a timer), never an error line."""
+    import asyncio
+
+    from exitserve.service.protocols.edge import RefusalSummary
+
+    async def burst() -> None:
+        summary = RefusalSummary(interval_s=0.05)
+        for _ in range(300):
+            summary.count(503)
+        summary.count(504)
+        await asyncio.sleep(0.2)
+
+    with caplog.at_level(logging.INFO, logger="exitserve.http"):
+        asyncio.run(burst())
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.refused for w in warnings] == [{"503": 1}, {"503": 299, "504": 1}]  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

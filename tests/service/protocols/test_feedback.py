@@ -280,3 +280,17 @@ def test_a_utf8_request_id_is_kept_exactly_and_feedback_finds_it(monitored, data
     not_utf8 = httpx.post(f"{monitored.url}/v1/models/{MODEL}/predict", json={"inputs": raw_tensor(data[0][:1])},
                           headers={**AUTH, "X-Request-Id": b"caf\xe9"}, timeout=30)  # Latin-1, not UTF-8
     assert not_utf8.status_code == 400 and "UTF-8" in not_utf8.json()["error"]
+
+
+def test_feedback_bodies_are_limited_by_the_item_limit(monitored) -> None:  # noqa: ANN001
+    """The body limit comes from the item limit (a few MiB, not EXITSERVE_MAX_BODY_BYTES), and bodies of
+    more than MAX_ITEMS objects or of a long array of anything are refused before they are parsed."""
+    from exitserve.service.protocols.feedback import MAX_ITEMS
+
+    url = f"{monitored.url}/v1/models/{MODEL}/feedback"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    big = httpx.post(url, content=b"[" + b"1," * (8 << 20) + b"1]", headers=headers, timeout=30)
+    assert big.status_code == 413 and "exceeds the limit" in big.json()["error"]
+    for body in (b"[" + b"{}," * MAX_ITEMS + b"{}]", b"[" + b"1," * (5 * MAX_ITEMS) + b"1]"):
+        refused = httpx.post(url, content=body, headers=headers, timeout=30)
+        assert refused.status_code == 413 and f"limit of {MAX_ITEMS} items" in refused.json()["error"]

@@ -4,7 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.runners.onnx_gather import build, build_concat
 from exitserve.service.runners.onnx_runtime import OnnxRunner, RunnerOptions
@@ -40,7 +41,7 @@ def test_onnx_that_does_not_load_fails_loudly(bundle_copy: Path) -> None:
 
     (bundle_copy / "segments" / "01.onnx").write_bytes(b"not a graph")
     refresh_checksums(bundle_copy)
-    with pytest.raises(BundleError, match=r"01\.onnx: ONNX Runtime cannot load"):
+    with pytest.raises(BadBundle, match=r"01\.onnx: ONNX Runtime cannot load"):
         OnnxRunner(load_bundle(bundle_copy))
 
 

@@ -11,8 +11,9 @@ import torch
 from conftest import ServerProcess
 
 from exitserve.calibration import Calibration, decide_all
+from exitserve.errors import BadBundle
 from exitserve.models.architectures import build_architecture
-from exitserve.models.bundle import BundleError, load_bundle, refresh_checksums
+from exitserve.models.bundle import load_bundle, refresh_checksums
 from exitserve.models.data import load_dataset
 from exitserve.models.export import export_bundle
 from exitserve.service.runners.cuda_graphs import SpanGraphs
@@ -91,7 +92,7 @@ def test_a_batch_replays_in_the_smallest_bucket_that_holds_it() -> None:
 
 
 def test_bundle_without_twins_is_refused_by_the_torch_runner(digits_bundle: Path) -> None:
-    with pytest.raises(BundleError, match="no TorchScript twin"):
+    with pytest.raises(BadBundle, match="no TorchScript twin"):
         TorchScriptRunner(load_bundle(digits_bundle))
 
 
@@ -102,7 +103,7 @@ def test_broken_twin_fails_loudly(twin_bundle: Path, tmp_path: Path) -> None:
     shutil.copytree(twin_bundle, copy)
     (copy / "segments" / "01.pt").write_bytes(b"not an archive")
     refresh_checksums(copy)
-    with pytest.raises(BundleError, match=r"01\.pt: torch cannot load"):
+    with pytest.raises(BadBundle, match=r"01\.pt: torch cannot load"):
         TorchScriptRunner(load_bundle(copy))
 
 

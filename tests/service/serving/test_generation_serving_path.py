@@ -9,7 +9,8 @@ import sys
 import pytest
 from llm_support import write_tiny_generation_bundle
 
-from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_tampered_heads_fail_loading(bundle, tmp_path):
     with (copy / "heads.safetensors").open("r+b") as handle:
         handle.seek(-4, 2)
         handle.write(b"\x00\x01\x02\x03")
-    with pytest.raises(BundleError, match="heads.safetensors: sha256 mismatch"):
+    with pytest.raises(BadBundle, match="heads.safetensors: sha256 mismatch"):
         load_bundle(copy)
 
 
@@ -61,7 +62,7 @@ def test_generation_section_is_required_for_the_task(bundle, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["generation"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="text-generation and the `generation` section go together"):
+    with pytest.raises(BadBundle, match="text-generation and the `generation` section go together"):
         load_bundle(copy)
 
 

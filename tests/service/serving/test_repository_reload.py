@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from reliability_support import MODEL, metric
 
-from exitserve.models.bundle import BundleError
+from exitserve.errors import BadBundle
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.serving.batcher import ShuttingDown, WorkItem
 from exitserve.service.serving.repository import ModelRepository, ReloadRefused
@@ -80,5 +80,5 @@ def test_reload_all_reports_failures_and_keeps_serving(repository: ModelReposito
     outcome = repository.reload_all()
     assert "calibration.json: sha256 mismatch" in outcome[MODEL]
     assert repository.get(MODEL) is before and before.ready
-    with pytest.raises(BundleError):
+    with pytest.raises(BadBundle):
         repository.reload(MODEL)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from exitserve.calibration import POLICIES, Calibration, decide_all
-from exitserve.models.bundle import BundleError, load_bundle
+from exitserve.errors import BadBundle
+from exitserve.models.bundle import load_bundle
 from exitserve.models.data import load_dataset
 from exitserve.service.tools.offline import bundle_logits, calibrate_bundle, evaluate_bundle
 
@@ -63,7 +64,7 @@ def test_evaluate_writes_reports_and_plots(calibrated: Path, tmp_path: Path):
 
 
 def test_evaluate_needs_a_calibrated_bundle(bundle_copy: Path, tmp_path: Path):
-    with pytest.raises(BundleError, match="calibration.json: missing"):
+    with pytest.raises(BadBundle, match="calibration.json: missing"):
         evaluate_bundle(bundle_copy, "digits:test", tmp_path / "eval", progress=False)
 
 
