@@ -26,7 +26,10 @@ from exitserve.errors import InvalidInput
 from exitserve.service.monitoring.trace import Trace
 
 SHADOW_NONE, SHADOW_AGREE, SHADOW_DISAGREE = 0, 1, 2
-_POLICY_CODE = {name: i for i, name in enumerate(POLICIES)}
+_POLICY_CODE = {name: i for i, name in enumerate(POLICIES)}  # in this process only: Redis stores names
+# The policy order int8 codes were stored in before names were (read-only: old Redis records).
+LEGACY_POLICY_ORDER: tuple[str, ...] = ("pcee", "pcee-ws", "pcee-lb", "pcee-cond", "pcee-ws-cond", "pcee-lb-cond",
+                                        "pcee-lb-tail", "confidence", "per-exit-threshold", "full")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,14 @@ class SampleDecision:
     shadow: int  # SHADOW_NONE / _AGREE / _DISAGREE
     calibration: str
     trace: list[tuple[float, float, int]] | None  # per observed exit: confidence, margin, prediction
+
+
+def _policy_names(policies: np.ndarray) -> str:
+    """The policy of each sample as stored: one name for a request of one policy, else one per sample."""
+    first = policies[0]
+    if (policies == first).all():
+        return str(first)
+    return ",".join(str(p) for p in policies.tolist())
 
 
 def _policy_codes(policies: np.ndarray) -> np.ndarray | int:

@@ -31,15 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from exitserve.calibration import POLICIES
 from exitserve.errors import Overloaded
 from exitserve.service.monitoring.breaker import CircuitBreaker
 from exitserve.service.monitoring.decisions import (
+    LEGACY_POLICY_ORDER,
     SHADOW_AGREE,
     SHADOW_DISAGREE,
     SampleDecision,
     UnknownIndex,
     _policy_codes,
+    _policy_names,
 )
 from exitserve.service.monitoring.metrics import Metrics
 from exitserve.service.monitoring.trace import Trace
@@ -63,6 +64,10 @@ return start
 _COLUMNS = {"exit": np.int16, "prediction": np.int32, "estimate": np.float32, "delta": np.float32,
             "confidence": np.float32, "policy": np.int8, "target_met": np.bool_, "shadow": np.int8}
 _TRACE = {"trace_c": np.float32, "trace_m": np.float32, "trace_p": np.int32}
+# Policies travel by name ("names": one name, or one per sample joined by ","): a replica of another
+# version may know other policies. Records written before names were stored carry only the int8
+# "policy" column, an index into the policy order of that time (LEGACY_POLICY_ORDER).
+_NAMES = "names"
 
 
 class StoreUnavailable(Overloaded):
@@ -215,7 +220,7 @@ class RedisDecisionStore:
             "policy": np.full(n, codes) if isinstance(codes, int) else codes, "target_met": target_met,
             "shadow": np.zeros(n),
         }
-        fields: list[Any] = ["size", n, "cal", calibration, "at", time.time()]
+        fields: list[Any] = ["size", n, "cal", calibration, "at", time.time(), _NAMES, _policy_names(policies)]
         for name, dtype in _COLUMNS.items():
             fields += [name, np.ascontiguousarray(columns[name], dtype=dtype).tobytes()]
         if self.trace and trace is not None:
@@ -283,7 +288,7 @@ class RedisDecisionStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.prefix + "head")
         for request_id in ids:
-            pipe.hmget(self._key(request_id), ["start", "size", "cal", *_COLUMNS, *_TRACE])
+            pipe.hmget(self._key(request_id), ["start", "size", "cal", *_COLUMNS, *_TRACE, _NAMES])
         head_raw, *rows = pipe.execute()
         oldest_kept = int(head_raw or 0) - self.capacity
         entries = {request_id: raw for request_id, raw in zip(ids, rows, strict=True)
@@ -319,7 +324,11 @@ class RedisDecisionStore:
         names = [*_COLUMNS, *_TRACE]
         dtypes = {**_COLUMNS, **_TRACE}
         out: dict[str, np.ndarray] = {}
-        for name, blob in zip(names, raw[3:], strict=True):
+        stored_names = raw[-1]
+        if stored_names is not None:
+            listed = stored_names.decode().split(",")
+            out[_NAMES] = np.array(listed * size if len(listed) == 1 else listed, dtype=object)
+        for name, blob in zip(names, raw[3:-1], strict=True):
             if blob is not None:
                 array: np.ndarray = np.frombuffer(blob, dtypes[name])
                 out[name] = array.reshape(size, self.num_exits) if name in _TRACE else array
@@ -334,7 +343,8 @@ class RedisDecisionStore:
                 seen.tolist(), strict=True) if s]
         return SampleDecision(
             exit=int(c["exit"][index]), prediction=int(c["prediction"][index]), estimate=float(c["estimate"][index]),
-            delta=float(c["delta"][index]), policy=POLICIES[int(c["policy"][index])],
+            delta=float(c["delta"][index]),
+            policy=str(c[_NAMES][index]) if _NAMES in c else LEGACY_POLICY_ORDER[int(c["policy"][index])],
             target_met=bool(c["target_met"][index]), confidence=float(c["confidence"][index]),
             shadow=int(c["shadow"][index]), calibration=calibration, trace=trace,
         )

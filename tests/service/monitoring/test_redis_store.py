@@ -102,3 +102,22 @@ def test_two_replicas_accept_feedback_for_each_others_answers(redis_url: str, di
         # Scored once across the fleet: the same label sent to the other replica is a duplicate.
         again = feedback(a, [{"request_id": "asked-a", "index": 0, "label": int(data.y[0])}])
         assert again["duplicate"] == 1 and again["scored"] == 0
+
+
+def test_policies_are_stored_by_name_and_records_from_before_names_still_read(redis_url: str) -> None:
+    """Issue 29: the record keeps policy names, so replicas that know other policies (or another order)
+    read the same decision; a record written before names were stored (int8 codes only) reads by the
+    order of that time."""
+    store = RedisDecisionStore(redis_url, "unit-names", capacity=100, ttl_s=60, num_exits=2, trace=False)
+    mixed = np.array(["pcee-lb-global", "confidence", "pcee-lb-global"], dtype=object)
+    store.record("mixed", mixed, np.full(3, 0.9), np.arange(3), np.zeros(3, np.int64), np.full(3, 0.9),
+                 np.ones(3, bool), np.full(3, 0.8), None, "cal-1")
+    _record(store, "one", 2)
+    assert [d.policy for d in store.claim([("mixed", 0), ("mixed", 1), ("mixed", 2), ("one", 1)])] == [
+        "pcee-lb-global", "confidence", "pcee-lb-global", "pcee"]
+    # What an older replica wrote: no names field, its code 6 meant pcee-lb-tail.
+    _record(store, "old", 2)
+    key = store._key("old")
+    store.client.hdel(key, "names")
+    store.client.hset(key, "policy", np.full(2, 6, np.int8).tobytes())
+    assert store.claim([("old", 0)])[0].policy == "pcee-lb-tail"
