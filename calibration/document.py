@@ -14,10 +14,10 @@ against the stored derived tables) is checked where the tables are built (`rules
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, model_validator
 
 from exitserve.calibration.binning import BINNINGS
 from exitserve.calibration.confidence import MEASURES
@@ -191,7 +191,36 @@ def check_grid(delta_grid: Sequence[float] | np.ndarray) -> np.ndarray:
     return grid
 
 
-def normalise_deltas(delta: object, n: int, *, default: float | None = None, where: str = "delta") -> np.ndarray:
+# One accuracy target in a request body's schema: a JSON number in (0, 1]; "0.9" and true are refused
+# (numpy and lax pydantic would read them as 0.9 and 1.0, the latter meaning exact generation).
+Delta = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class Deltas(np.ndarray):
+    """Accuracy targets that passed `normalise_deltas`: float64, one per sample, each in (0, 1].
+
+    The type is the proof of the check: `Calibration.step` trusts a `Deltas` and checks anything else.
+    Slices and fancy indexing keep the type (numpy subclass views); joining requests' targets goes
+    through `Deltas.join`, since `np.concatenate` returns a plain array."""
+
+    @classmethod
+    def full(cls, n: int, value: float) -> Deltas:
+        """n copies of one target, checked."""
+        return normalise_deltas(value, n)
+
+    @classmethod
+    def join(cls, parts: Sequence[Deltas]) -> Deltas:
+        """Several requests' checked targets as one batch's."""
+        return np.concatenate(parts).view(cls)
+
+    @classmethod
+    def checked_elsewhere(cls, values: Sequence[float] | np.ndarray) -> Deltas:
+        """Targets every one of which a protocol edge has already checked (e.g. each generating sequence's δ,
+        checked when its request was parsed): marks them, without a second pass over the values."""
+        return np.asarray(values, dtype=np.float64).view(cls)
+
+
+def normalise_deltas(delta: object, n: int, *, default: float | None = None, where: str = "delta") -> Deltas:
     """The one δ normaliser (dataplane, `Calibration.step`, the replay): a float64 array of n values in (0, 1].
 
     delta: None (-> `default`, which must then be given), one number for every sample, or n numbers.
@@ -219,4 +248,4 @@ def normalise_deltas(delta: object, n: int, *, default: float | None = None, whe
     bad = ~np.isfinite(values) | (values <= 0) | (values > 1)
     if bad.any():
         raise ValueError(f"{where}: must be in (0, 1], got {float(values[bad][0])!r}")
-    return values
+    return values.view(Deltas)

@@ -41,6 +41,7 @@ from exitserve.calibration.document import (
     CONDITIONAL_KINDS,
     DOCUMENT_KIND,
     TAIL_POLICIES_V2,
+    Deltas,
     ExitDocument,
     GlobalThreshold,
     GridRows,
@@ -275,12 +276,12 @@ class Calibration:
 
     # --- the decision -------------------------------------------------------------------------
 
-    def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: np.ndarray | float,
-             normalised: bool = False, in_distribution: np.ndarray | None = None) -> StepDecision:
+    def step(self, policy: str, exit_index: int, logits: np.ndarray, deltas: Deltas | np.ndarray | float,
+             in_distribution: np.ndarray | None = None) -> StepDecision:
         """Decide for the n samples still running at exit `exit_index` (logits [n, C], deltas [n] or one δ).
 
-        `normalised`: the caller passes float64 deltas [n] that went through `normalise_deltas` already
-        (the engine, whose dataplane checked every request's δ), so they are not checked again.
+        `deltas`: a `Deltas` (checked at a protocol's edge: the engine's) is trusted; anything else is
+        checked here.
         `in_distribution`: [n] bool from the input guard (None: not applied); False withholds the promise.
 
         Schema 3: the exit rule decides at the grid δ a request's δ maps to (nearest at or above), so
@@ -297,9 +298,8 @@ class Calibration:
         if logits.ndim != 2:
             raise ValueError(f"logits must be [n, classes], got shape {logits.shape}")
         n = logits.shape[0]
-        if not normalised:
+        if not isinstance(deltas, Deltas) or deltas.shape != (n,):
             deltas = normalise_deltas(deltas, n, where="deltas")
-        assert isinstance(deltas, np.ndarray)
         probs = softmax(logits, ex.temperature)
         conf = confidence_from_probs(probs, self.measure)
         last = exit_index == self.num_exits - 1

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from exitserve.calibration import POLICIES
+from exitserve.calibration.document import Delta
 from exitserve.errors import ExitserveError, InvalidInput, NotFound, Overloaded
 from exitserve.service.protocols.bodies import Schema, parse_body
 from exitserve.service.protocols.edge import SERVED_MODEL
@@ -57,7 +58,7 @@ class _Body(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: 0 only")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: 0 only")
     # exitserve's extension (extra_body in the openai client)
-    delta: float | None = Field(None, gt=0.0, le=1.0, description="promised per-token agreement with the full model")
+    delta: Delta | None = Field(None, description="promised per-token agreement with the full model, a number in (0, 1]")
     policy: str | None = Field(None, description=f"an exit policy, or {' / '.join(MODES)}")
 
 

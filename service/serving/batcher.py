@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from exitserve.calibration.document import Deltas
 from exitserve.errors import QueueFull, ShuttingDown
 from exitserve.service.monitoring.trace import Trace
 from exitserve.service.serving.engine import BatchResult, ExitEngine, Flight
@@ -49,7 +50,7 @@ class Reservation:
 @dataclass
 class WorkItem:
     x: np.ndarray
-    deltas: np.ndarray
+    deltas: Deltas  # checked at the protocol's edge (Dataplane.check_deltas)
     policies: np.ndarray
     want_probabilities: np.ndarray | None
     loop: asyncio.AbstractEventLoop
@@ -413,7 +414,7 @@ class DynamicBatcher:
             remaining = sizes.copy()
             owner = np.repeat(np.arange(len(items)), sizes)
             x = stack_inputs([i.x for i in items])
-            deltas = np.concatenate([i.deltas for i in items])
+            deltas = Deltas.join([i.deltas for i in items])
             policies = np.concatenate([i.policies for i in items])
             guarded = None if all(i.guarded for i in items) else np.repeat([i.guarded for i in items], sizes)
             want = None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exitserve.calibration import POLICIES
-from exitserve.calibration.document import normalise_deltas
+from exitserve.calibration.document import Deltas, normalise_deltas
 from exitserve.calibration.reasons import REASON_NAMES
 from exitserve.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, Timeout
 from exitserve.service.serving.batcher import ItemResult, WorkItem
@@ -92,12 +92,12 @@ class Dataplane:
             raise PayloadTooLarge(f"{where}: {len(texts)} samples exceed the limit of {self.settings.max_request_samples} per request")
         return model.tokenizer.encode(texts, where)
 
-    def check_deltas(self, delta: object, n: int, where: str = "delta") -> np.ndarray:
+    def check_deltas(self, delta: object, n: int, where: str = "delta") -> Deltas:
         """One target per sample, through the calibration package's one δ normaliser (numbers only:
         numpy would happily parse "0.9", b"0.9" or True into a target)."""
         value = self.settings.default_delta if delta is None else delta
         if type(value) is float and 0.0 < value <= 1.0:  # the usual case, one valid number: what normalise_deltas returns
-            return np.full(n, value)
+            return Deltas.checked_elsewhere(np.full(n, value))
         try:
             return normalise_deltas(delta, n, default=self.settings.default_delta, where=where)
         except ValueError as exc:
@@ -112,7 +112,7 @@ class Dataplane:
     # --- inference ----------------------------------------------------------------------------
 
     async def infer(
-        self, model: ServedModel, x: np.ndarray, deltas: np.ndarray, policies: np.ndarray, want_probabilities: bool,
+        self, model: ServedModel, x: np.ndarray, deltas: Deltas, policies: np.ndarray, want_probabilities: bool,
         ood_guard: bool = True,
     ) -> Prediction:
         """`ood_guard` False: answer without the input guard (where the bundle has one) for this request."""

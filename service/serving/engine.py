@@ -286,8 +286,7 @@ class Flight:
             if not len(rows):
                 continue
             typical = None if batch.in_distribution is None else batch.in_distribution[active[rows]]
-            step = engine.calibration.step(name, k, logits[rows], batch.deltas[active[rows]], normalised=True,
-                                           in_distribution=typical)
+            step = engine.calibration.step(name, k, logits[rows], batch.deltas[active[rows]], in_distribution=typical)
             out_rows = rows[step.exit_now]
             if not len(out_rows):
                 continue

@@ -49,7 +49,7 @@ def _compare(cal: Calibration, logits: list[np.ndarray], deltas: np.ndarray, see
             whole = cal.step(policy, k, exit_logits, deltas)
             for i in range(len(exit_logits)):
                 row = exit_logits[i : i + 1]
-                alone = cal.step(policy, k, row, deltas[i : i + 1], normalised=True)
+                alone = cal.step(policy, k, row, deltas[i : i + 1])
                 one = cal.step_one(policy, k, row, float(deltas[i]))
                 for field in ("exit_now", "estimate", "target_met", "confidence"):
                     got = getattr(one, field)

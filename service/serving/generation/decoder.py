@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from exitserve.calibration import Calibration
+from exitserve.calibration.document import Deltas
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
@@ -185,7 +185,7 @@ class MultiExitDecoder:
         leaving: list[int | None] = [None] * len(seqs)
         for policy in {s.policy for s in seqs}:
             rows = [j for j, s in enumerate(seqs) if s.policy == policy]
-            deltas = np.array([seqs[j].delta for j in rows])
+            deltas = Deltas.checked_elsewhere([seqs[j].delta for j in rows])  # each checked when its request was parsed
             decision = calibration.step(policy, exit_index, scores[rows], deltas)
             for j, leave in zip(rows, decision.exit_now, strict=True):
                 if leave:

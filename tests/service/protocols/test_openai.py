@@ -105,6 +105,8 @@ def test_seeded_sampling_is_reproducible(client):
     (dict(temperature=0.7, extra_body={"delta": 1}), "temperature"),
     (dict(extra_body={"policy": "nope"}), "policy"),
     (dict(extra_body={"delta": 1.5}), "delta"),
+    (dict(extra_body={"delta": "0.9"}), "delta"),  # a string is not a target (v1's rule)
+    (dict(extra_body={"delta": True}), "delta"),  # nor a boolean: it used to mean exact mode silently
     (dict(top_p=0.5), "top_p"),
 ])
 def test_bad_requests_are_400_with_a_reason(client, kwargs, message):
