@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request, Response
 
 from exitserve.errors import BadBundle, Forbidden, InvalidInput
 from exitserve.service.monitoring.feedback_log import FeedbackLog
+from exitserve.service.protocols.routes import ADMIN_RELOAD
 from exitserve.service.serving.repository import ModelRepository
 
 log = logging.getLogger("exitserve.admin")
@@ -31,7 +32,7 @@ log = logging.getLogger("exitserve.admin")
 def build_router(repository: ModelRepository) -> APIRouter:
     router = APIRouter(tags=["admin"])
 
-    @router.post("/admin/models/{model}/reload",
+    @router.post(ADMIN_RELOAD.path,
                  summary="Load the model's bundle again (or the one at body.path), warm it up, swap it in")
     async def reload(model: str, request: Request) -> Response:
         if not repository.settings.admin_api_key:

@@ -26,7 +26,8 @@ from exitserve.errors import (
     UnsupportedMediaType,
 )
 from exitserve.service.monitoring.metrics import Metrics
-from exitserve.service.protocols.errors import OPENAI_PATHS, error_response, family_of, response_for
+from exitserve.service.protocols import routes
+from exitserve.service.protocols.errors import error_response, family_of, response_for
 from exitserve.service.protocols.feedback import body_limit as feedback_body_limit
 from exitserve.service.serving.batcher import Reservation
 from exitserve.service.serving.context import CLIENT_GONE, MAX_REQUEST_ID_CHARS, REQUEST_ID, RESERVATION
@@ -89,18 +90,10 @@ def new_request_id() -> str:
 
 
 def _route(path: str) -> tuple[str, str] | None:
-    """(protocol, model) for model routes (v1, v2, feedback, admin, openai: model "" until known), else None."""
-    if path.rstrip("/") in OPENAI_PATHS:
-        return "openai", ""
-    parts = path.strip("/").split("/")
-    if len(parts) >= 4 and parts[1] == "models":
-        if parts[0] in ("v1", "v2") and parts[-1] in ("predict", "infer"):
-            return parts[0], parts[2]
-        if parts[0] == "v1" and parts[-1] == "feedback":
-            return "feedback", parts[2]
-        if parts[0] == "admin":
-            return "admin", parts[2]
-    return None
+    """(protocol, model) for model routes (v1, v2, feedback, admin, openai: model "" until known), else
+    None: the one route table (protocols/routes.py) the routers register and the hot routes match too."""
+    found = routes.match(path)
+    return None if found is None else (found.route.protocol, found.model)
 
 
 def _without_body(send: Send) -> Send:

@@ -20,10 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from exitserve.errors import ClientGone, ExitserveError
+from exitserve.service.protocols.routes import OPENAI_PATHS  # their errors take OpenAI's shape
 
 log = logging.getLogger("exitserve.http")
-# The OpenAI routes: their errors take OpenAI's shape (and they name their model in the body).
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def family_of(path: str) -> str:

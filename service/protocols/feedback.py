@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from exitserve.errors import Conflict, InvalidInput, Overloaded, PayloadTooLarge
 from exitserve.service.protocols.bodies import StrictBody, parse_off_loop, validate
+from exitserve.service.protocols.routes import V1_FEEDBACK
 from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS
 from exitserve.service.serving.repository import ModelRepository, ServedModel
 
@@ -100,7 +101,7 @@ def build_router(repository: ModelRepository) -> APIRouter:
     router = APIRouter(tags=["v1"])
 
     @router.post(
-        "/v1/models/{model}/feedback",
+        V1_FEEDBACK.path,
         response_model=FeedbackResponse,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"type": "array", "items": FeedbackItem.model_json_schema()}}}}},

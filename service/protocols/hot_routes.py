@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from exitserve.service.protocols import routes
 from exitserve.service.protocols.errors import response_for
 
 # (request, body, **path parameters) -> response: what the v1 and v2 inference routes run.
@@ -71,17 +72,10 @@ class HotRoutes:
 
     def _match(self, path: str) -> tuple[BodyEndpoint, dict[str, Any]] | None:
         """The endpoint and path parameters of an inference path, as Starlette would match them."""
-        parts = path.split("/")  # ['', 'v1', 'models', name, 'predict'] and the v2 forms
-        if len(parts) not in (5, 7) or parts[2] != "models" or not parts[3]:
+        found = routes.match(path)
+        if found is None or not found.route.hot:
             return None
-        if len(parts) == 5:
-            if parts[1] == "v1" and parts[4] == "predict":
-                return self.v1_predict, {"model": parts[3]}
-            if parts[1] == "v2" and parts[4] == "infer":
-                return self.v2_infer, {"model": parts[3]}
-        elif parts[1] == "v2" and parts[4] == "versions" and parts[5] and parts[6] == "infer":
-            return self.v2_infer, {"model": parts[3], "version": parts[5]}
-        return None
+        return (self.v1_predict if found.route.protocol == "v1" else self.v2_infer), found.params
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = self._match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None

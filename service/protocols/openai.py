@@ -26,6 +26,7 @@ from exitserve.calibration.document import Delta
 from exitserve.errors import ExitserveError, InvalidInput, NotFound, Overloaded
 from exitserve.service.protocols.bodies import Schema, parse_body
 from exitserve.service.protocols.edge import SERVED_MODEL
+from exitserve.service.protocols.routes import OPENAI_CHAT, OPENAI_COMPLETIONS
 from exitserve.service.serving.generation.repository import GenerationRepository
 from exitserve.service.serving.generation.stream import (
     GenerationParams,
@@ -275,12 +276,12 @@ def build_router(repository: GenerationRepository, default_delta: float, default
                    "usage": gen.usage(), "exitserve": gen.extension()}
         return Response(orjson.dumps(payload), media_type="application/json")
 
-    @router.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @router.post(OPENAI_COMPLETIONS.path, openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         # Errors in OpenAI's shape: protocols/errors.py answers every error raised on these paths.
         return await _completions(request, await _parse(request, CompletionRequest))
 
-    @router.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    @router.post(OPENAI_CHAT.path, openapi_extra=_body_schema(ChatRequest))
     async def chat_completions(request: Request) -> Response:
         return await _chat(request, await _parse(request, ChatRequest))
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from exitserve.errors import InvalidInput
 from exitserve.service.protocols.bodies import StrictBody, parse_body_with_numbers, parse_off_loop
 from exitserve.service.protocols.hot_routes import BodyEndpoint
+from exitserve.service.protocols.routes import V1_PREDICT
 from exitserve.service.serving.dataplane import Dataplane, Prediction
 from exitserve.service.serving.repository import ServedModel
 
@@ -161,7 +162,7 @@ def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
         return Response(orjson.dumps(response), media_type="application/json")
 
     @router.post(
-        "/v1/models/{model}/predict",
+        V1_PREDICT.path,
         response_model=PredictResponse,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}}},
         summary="Classify a batch; each sample stops at the first exit whose estimated accuracy reaches delta",

@@ -21,6 +21,7 @@ from exitserve.service.protocols.oip_codec import (
     encode_infer_response,
     resolve_outputs,
 )
+from exitserve.service.protocols.routes import V2_INFER, V2_VERSION_INFER
 from exitserve.service.serving.context import MAX_REQUEST_ID_CHARS, REQUEST_ID
 from exitserve.service.serving.dataplane import Dataplane
 from exitserve.service.serving.repository import ServedModel
@@ -174,8 +175,8 @@ def build_router(dataplane: Dataplane) -> tuple[APIRouter, BodyEndpoint]:
         )
         return Response(body, headers=headers)
 
-    @router.post("/v2/models/{model}/infer")
-    @router.post("/v2/models/{model}/versions/{version}/infer")
+    @router.post(V2_INFER.path)
+    @router.post(V2_VERSION_INFER.path)
     async def infer(model: str, request: Request, version: str | None = None) -> Response:
         return await infer_body(request, await request.body(), model=model, version=version)
 
