@@ -47,6 +47,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     fitted = fit_bundle(
         args.bundle, args.data, progress=not args.no_progress, confidence=args.confidence, bins=args.bins,
         binning=args.binning, window=args.window, alpha=args.alpha, fit_temperature=not args.no_temperature,
+        input_guard=not args.no_input_guard, guard_quantile=args.guard_quantile,
     )
     print(f"wrote {Path(args.bundle) / 'calibration.json'} and re-signed the manifest")
     fractions = load_bundle(args.bundle).manifest.compute_fractions()
@@ -155,6 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=1, help="pcee-ws: smooth over +-H bins")
     p.add_argument("--alpha", type=float, default=0.05, help="pcee-lb: one-sided level of the lower bound")
     p.add_argument("--no-temperature", action="store_true", help="keep temperature 1 (no temperature scaling)")
+    p.add_argument("--no-input-guard", action="store_true",
+                   help="fit no input guard (the guard withholds the promise from inputs unlike this data; it "
+                        "gives the first segment a features output, which needs onnx: the train extra)")
+    p.add_argument("--guard-quantile", type=float, default=0.99,
+                   help="input guard: the share of these samples it lets through (the rest sets its threshold)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

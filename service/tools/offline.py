@@ -24,6 +24,7 @@ from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, evaluate_polic
 from exitserve.calibration.fitting import InputFeatures
 from exitserve.calibration.input_guard import DEFAULT_QUANTILE
 from exitserve.calibration.io import dumps, save_calibration
+from exitserve.errors import InvalidInput
 from exitserve.models.bundle import CALIBRATION_FILE, Bundle, load_bundle, refresh_checksums
 from exitserve.models.data import Dataset, load_dataset
 from exitserve.models.tokens import length_batches, pad_batch, token_ids
@@ -178,8 +179,11 @@ def fit_bundle(
     directory = Path(bundle_dir)
     bundle = load_bundle(directory)
     if input_guard and bundle.manifest.segments[0].features is None:
-        from exitserve.models.features import add_features_tap  # onnx: the `train` extra
-
+        try:
+            from exitserve.models.features import add_features_tap  # onnx: the `train` extra
+        except ImportError:
+            raise InvalidInput("the input guard adds a features output to the first segment, which needs onnx: "
+                                  "pip install 'exitserve[train]', or calibrate with --no-input-guard") from None
         add_features_tap(directory)
         bundle = load_bundle(directory)
     data = load_bundle_data(bundle, data_spec)

@@ -148,3 +148,18 @@ def test_info_counts_a_small_model_in_kflops(capsys: pytest.CaptureFixture[str],
     assert "kFLOPs  cumulative" in out
     rows = _rows(out, "exit")
     assert len(rows) == 3 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_calibrate_without_an_input_guard_leaves_the_segments_alone(bundle_copy: Path) -> None:
+    """`--no-input-guard`: no features tap in the graphs, no guard in calibration.json (issue 26)."""
+    from exitserve.models.bundle import load_bundle
+    from exitserve.service.cli.main import main
+
+    assert main(["calibrate", str(bundle_copy), "--data", "digits:val", "--no-progress", "--no-input-guard"]) == 0
+    bundle = load_bundle(bundle_copy, require_calibration=True)
+    assert bundle.manifest.segments[0].features is None and bundle.calibration is not None
+    assert bundle.calibration.get("input_guard") is None and bundle.calibration["schema_version"] == 3
+    assert main(["calibrate", str(bundle_copy), "--data", "digits:val", "--no-progress", "--guard-quantile", "0.95"]) == 0
+    guarded = load_bundle(bundle_copy, require_calibration=True)
+    assert guarded.manifest.segments[0].features == "features_0"
+    assert guarded.calibration is not None and guarded.calibration["input_guard"]["quantile"] == 0.95
