@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -121,13 +122,22 @@ def create_app(settings: Settings | None = None, repository: ModelRepository | N
             metrics.queue_depth.labels(name).set(model.batcher.depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    started = int(time.time())  # OpenAI's `created` of every model: when this server loaded it
+
     @app.get("/v1/models", tags=["v1"])
     async def list_models() -> Response:
-        return Response(orjson.dumps({"models": [
-            {"name": n, "version": m.manifest.version, "exits": m.manifest.num_exits, "ready": m.ready,
-             "compute_fractions": m.compute_fractions.tolist(), "labels": m.manifest.labels, **m.trust()}
-            for n, m in repository.models.items()
-        ]}), media_type="application/json")
+        # exitserve's own listing of the classifiers ("models") and OpenAI's shape of every served model,
+        # classifiers and language models alike ("object": "list", "data"), so `client.models.list()` works.
+        names = [*repository.models, *generation.models]
+        return Response(orjson.dumps({
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": started, "owned_by": "exitserve"} for name in names],
+            "models": [
+                {"name": n, "version": m.manifest.version, "exits": m.manifest.num_exits, "ready": m.ready,
+                 "compute_fractions": m.compute_fractions.tolist(), "labels": m.manifest.labels, **m.trust()}
+                for n, m in repository.models.items()
+            ],
+        }), media_type="application/json")
 
     app.openapi = lambda: _custom_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(HotRoutes, v1_predict=v1_predict, v2_infer=v2_infer)  # inside the edge: ids, limits and metrics still apply

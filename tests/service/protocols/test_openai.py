@@ -237,3 +237,9 @@ def test_the_torch_runner_serves_the_same_greedy_text(client, llm_bundle):
                 ours = complete(client, prompt, max_tokens=16, temperature=0, extra_body=extra).choices[0].text
                 theirs = complete(other, prompt, max_tokens=16, temperature=0, extra_body=extra).choices[0].text
                 assert theirs == ours, (prompt, extra)
+
+
+def test_the_openai_client_lists_the_served_models(client):
+    """GET /v1/models answers in OpenAI's shape too (issue 28: it listed nothing for language models)."""
+    listed = client.models.list()
+    assert [m.id for m in listed.data] == ["tiny-llm"] and listed.data[0].owned_by == "exitserve"
