@@ -26,7 +26,7 @@ from exitserve.calibration.global_threshold import fit_global_threshold
 from exitserve.calibration.input_guard import DEFAULT_QUANTILE, fit_input_guard
 from exitserve.calibration.observations import Observations, observe_logits
 from exitserve.calibration.policies import POLICIES, POLICY, FitInputs
-from exitserve.calibration.rules import Calibration
+from exitserve.calibration.rules import Calibration, with_sentinel
 from exitserve.calibration.tables import (
     TABLE_KINDS,
     borrow_empty_rows,
@@ -248,7 +248,7 @@ def tables_document(
             exits[k]["conditional"][policy] = _rows(reach_counts[k], reach_hits[k])
             # Which bins leave at each grid δ, as rules.Calibration decides from these counts.
             cond_values = values(*borrow_empty_rows(reach_counts[k], reach_hits[k]))
-            cond_leave[policy].append(_with_sentinel(exit_allowed(cond_values, grid) & (cond_values >= grid[:, None]), False))
+            cond_leave[policy].append(with_sentinel(exit_allowed(cond_values, grid) & (cond_values >= grid[:, None]), False))
 
     tail_sizes = [e.size - 1 for e in tail_edges_per_exit]
     tails = {"pcee-lb-tail": conditional_counts(
@@ -261,7 +261,7 @@ def tables_document(
     # Every other policy's guard is a tail table of the samples its own rule lets leave (policies.Policy.fit_leave).
     fit = FitInputs(
         grid=grid, confidence=confidences, margin=margins_per_exit, bins=bins_per_exit,
-        table_decide={kind: [_with_sentinel(table_values(kind, np.asarray(e["counts"]), np.asarray(e["correct"]),
+        table_decide={kind: [with_sentinel(table_values(kind, np.asarray(e["counts"]), np.asarray(e["correct"]),
                                                          window=window, alpha=alpha, prior=prior), -np.inf)
                              for e in exits] for kind in TABLE_KINDS},
         conditional_leave=cond_leave,
@@ -293,11 +293,6 @@ def tables_document(
         "exits": exits,
         "global_threshold": {"thresholds": _nullable(global_t), "counts": global_n.tolist(), "correct": global_k.tolist()},
     }
-
-
-def _with_sentinel(values: np.ndarray, fill: float | bool) -> np.ndarray:
-    """values [..., M] with a column M for the unobserved samples' sentinel bin."""
-    return np.concatenate([values, np.full(values.shape[:-1] + (1,), fill, dtype=values.dtype)], axis=-1)
 
 
 def _margin_thresholds(thresholds: np.ndarray, precision: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from exitserve.calibration.one_row import _Lists
     from exitserve.calibration.rules import Calibration, _ExitTables
 
-Decision = tuple["np.ndarray | None", np.ndarray, "np.ndarray | None"]  # (leaves or None at the last exit, estimate, fitted promise)
-OneRule = tuple[bool, float, bool]  # the same for one sample (leaves is True at the last exit)
+# (leaves, or None at the last exit; estimate; the guard's value where the rule read it, else None for
+# Calibration.step to look up: it is not read twice on the exit loop)
+Decision = tuple["np.ndarray | None", np.ndarray, "np.ndarray | None"]
+OneRule = tuple[bool, float, "float | None"]  # the same for one sample (leaves is True at the last exit)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,7 @@ class TablePolicy(Policy):
     def rule_one(self, cal, ex, lists, last, row, conf, g, delta):
         b = bin_one(lists.edges, conf)
         estimate = float(ex.report[self.kind][b])
-        if last:
-            return True, estimate, estimate >= delta
-        leaves = float(ex.decide[self.kind][b]) >= delta
-        return leaves, estimate, leaves
+        return last or float(ex.decide[self.kind][b]) >= delta, estimate, None
 
     def ceiling(self, cal, ex):
         return np.full(cal.delta_grid.size, ex.decide[self.kind].max())
@@ -144,9 +143,8 @@ class ConditionalPolicy(Policy):
         b = bin_one(lists.edges, conf)
         estimate = float(ex.cond_report[self.name][g, b])
         if last:
-            return True, estimate, estimate >= delta
-        leaves = bool(ex.cond_allowed[self.name][g, b]) and float(ex.cond_decide[self.name][g, b]) >= delta
-        return leaves, estimate, leaves
+            return True, estimate, None
+        return bool(ex.cond_allowed[self.name][g, b]) and float(ex.cond_decide[self.name][g, b]) >= delta, estimate, None
 
     def ceiling(self, cal, ex):
         return np.where(ex.cond_allowed[self.name], ex.cond_decide[self.name], -np.inf).max(axis=1)
@@ -184,22 +182,16 @@ class PceeLbTail(Policy):
     def rule(self, cal, ex, last, probs, conf, deltas, g):
         assert ex.tail_edges is not None and ex.tail_allowed is not None
         b = bin_index(ex.tail_edges, conf)
-        promised = ex.tail_guard[self.name][g, b] >= deltas
+        guard = ex.tail_guard[self.name][g, b]
         estimate = ex.tail_estimate[self.name][g, b]
-        if last:
-            return None, estimate, promised
-        exit_now = ex.tail_allowed[g, b] & promised
-        return exit_now, estimate, exit_now
+        return (None if last else ex.tail_allowed[g, b] & (guard >= deltas)), estimate, guard
 
     def rule_one(self, cal, ex, lists, last, row, conf, g, delta):
         assert lists.tail_edges is not None and ex.tail_allowed is not None
         b = bin_one(lists.tail_edges, conf)
-        promised = float(ex.tail_guard[self.name][g, b]) >= delta
+        guard = float(ex.tail_guard[self.name][g, b])
         estimate = float(ex.tail_estimate[self.name][g, b])
-        if last:
-            return True, estimate, promised
-        leaves = bool(ex.tail_allowed[g, b]) and promised
-        return leaves, estimate, leaves
+        return last or (bool(ex.tail_allowed[g, b]) and guard >= delta), estimate, guard
 
     def ceiling(self, cal, ex):
         assert ex.tail_allowed is not None
@@ -226,7 +218,7 @@ class PceeLbGlobal(Policy):
     def rule_one(self, cal, ex, lists, last, row, conf, g, delta):
         assert lists.tail_edges is not None
         estimate = float(ex.tail_estimate[self.name][g, bin_one(lists.tail_edges, conf)])
-        return last or conf >= cal.global_rows[g][0], estimate, False
+        return last or conf >= cal.global_rows[g][0], estimate, None
 
     def ceiling(self, cal, ex):
         assert cal.global_threshold is not None
@@ -250,8 +242,8 @@ class PceeLbGlobal(Policy):
 
 
 class Baseline(Policy):
-    """A baseline's own exit rule; its estimate and its promise come from the tail table of its
-    leavers (schema 2), or, in a schema 1 document, its own estimate as it was fitted."""
+    """A baseline's own exit rule; its estimate and its guard come from the tail table of its leavers
+    (schema 2 on), or, in a schema 1 document, its own estimate as it was fitted (and no guard)."""
 
     guarded_in_schema_2 = True
 
@@ -260,16 +252,14 @@ class Baseline(Policy):
         if ex.tail_edges is None:  # schema 1: the baseline's own estimate, as it was fitted
             return exit_now, estimate, None
         b = bin_index(ex.tail_edges, conf)
-        promised = ex.tail_guard[self.name][g, b] >= deltas
-        return exit_now, ex.tail_estimate[self.name][g, b], promised if last else exit_now & promised
+        return exit_now, ex.tail_estimate[self.name][g, b], ex.tail_guard[self.name][g, b]
 
     def rule_one(self, cal, ex, lists, last, row, conf, g, delta):
         leaves, estimate = self.own_rule_one(ex, lists, last, row, conf, delta)
         if lists.tail_edges is None:
-            return leaves, estimate, estimate >= delta if last else leaves
+            return leaves, estimate, None
         b = bin_one(lists.tail_edges, conf)
-        promised = float(ex.tail_guard[self.name][g, b]) >= delta
-        return leaves, float(ex.tail_estimate[self.name][g, b]), promised if last else leaves and promised
+        return leaves, float(ex.tail_estimate[self.name][g, b]), float(ex.tail_guard[self.name][g, b])
 
     def own_rule(self, ex: _ExitTables, last: bool, probs: np.ndarray, conf: np.ndarray, deltas: np.ndarray
                  ) -> tuple[np.ndarray | None, np.ndarray]:

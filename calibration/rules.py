@@ -51,7 +51,7 @@ from exitserve.calibration.document import (
 )
 from exitserve.calibration.input_guard import InputGuard
 from exitserve.calibration.one_row import OneDecision, confidence_one, exit_lists
-from exitserve.calibration.policies import POLICIES, POLICY
+from exitserve.calibration.policies import POLICIES, POLICY, Policy
 from exitserve.calibration.reasons import BELOW_TARGET, OUT_OF_DISTRIBUTION, POLICY_UNGUARDED, PROMISED
 from exitserve.calibration.tables import TABLE_KINDS, borrow_empty_rows, exit_allowed, table_values
 from exitserve.calibration.tails import bin_estimates, tail_values
@@ -306,17 +306,12 @@ class Calibration:
         g = self.grid_index(deltas)
         # Above the grid's top (a grid not ending at 1) a request is never decided more loosely than asked.
         decided_at = np.maximum(self.delta_grid[g], deltas) if self.guarded_everywhere else deltas
-        leaves, estimate, fitted_promise = rule.rule(self, ex, last, probs, conf, decided_at, g)
+        leaves, estimate, guard = rule.rule(self, ex, last, probs, conf, decided_at, g)
         # The last exit answers everyone; a rule says None there (and only there) for "no decision".
         exit_now = np.ones(n, dtype=bool) if last or leaves is None else leaves
-        if self.guarded_everywhere:
-            promised = chosen.promised(self, ex, conf, g)
+        if self._guarded_by(rule):  # schema 3: every policy; schema 2: pcee-lb-tail and the baselines
+            promised = guard if guard is not None else rule.promised(self, ex, conf, g)
             target_met = exit_now & (promised >= deltas)
-            reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
-        elif rule.guarded_in_schema_2 and ex.tail_edges is not None:  # schema 2: pcee-lb-tail and the baselines, as fitted
-            assert fitted_promise is not None
-            promised = rule.promised(self, ex, conf, g)
-            target_met = fitted_promise
             reason = np.where(target_met, PROMISED, BELOW_TARGET).astype(np.uint8)
         else:  # no guard in this document: say so instead of promising a point estimate
             promised = np.zeros(n)
@@ -331,9 +326,10 @@ class Calibration:
 
     def guards(self, policy: str) -> bool:
         """Does this document hold a guard for `policy`'s promise (else its answers promise nothing)?"""
-        if self.guarded_everywhere:
-            return True
-        return self.has_tail_tables and POLICY[policy].resolve(self).guarded_in_schema_2
+        return self._guarded_by(POLICY[policy].resolve(self))
+
+    def _guarded_by(self, rule: Policy) -> bool:
+        return self.guarded_everywhere or (self.has_tail_tables and rule.guarded_in_schema_2)
 
     def step_one(self, policy: str, exit_index: int, logits: np.ndarray, delta: float,
                  in_distribution: bool = True) -> OneDecision:
@@ -356,14 +352,10 @@ class Calibration:
         probs = softmax(logits, ex.temperature)
         row = probs[0].tolist()
         conf = confidence_one(self.measure, probs, row)
-        leaves, estimate, fitted_promise = rule.rule_one(self, ex, lists, exit_index == self.num_exits - 1, row, conf,
-                                                         g, decided_at)
-        if self.guarded_everywhere:
-            promised = chosen.promised_one(self, ex, lists, conf, g)
+        leaves, estimate, guard = rule.rule_one(self, ex, lists, exit_index == self.num_exits - 1, row, conf, g, decided_at)
+        if self._guarded_by(rule):
+            promised = guard if guard is not None else rule.promised_one(self, ex, lists, conf, g)
             target_met = leaves and promised >= delta
-        elif rule.guarded_in_schema_2 and lists.tail_edges is not None:
-            promised = rule.promised_one(self, ex, lists, conf, g)
-            target_met = fitted_promise
         else:
             return OneDecision(leaves, estimate, False, conf, 0.0,
                                POLICY_UNGUARDED if in_distribution else OUT_OF_DISTRIBUTION)
@@ -433,7 +425,8 @@ def _check_consistent(stored: np.ndarray, computed: np.ndarray, where: str) -> N
         raise ValueError(f"{where}: does not match the counts and correct counts (edited by hand?)")
 
 
-def _with_sentinel(values: np.ndarray, fill: float) -> np.ndarray:
+def with_sentinel(values: np.ndarray, fill: float | bool) -> np.ndarray:
+    """values [..., M] with a column M for the sentinel bin (NaN confidences, unobserved samples)."""
     pad = np.full(values.shape[:-1] + (1,), fill)
     return np.concatenate([values, pad], axis=-1)
 
@@ -454,7 +447,7 @@ def _grid_rows(block: GridRows, m: int, grid: np.ndarray, where: str) -> tuple[n
 
 def _allowed(allowed: np.ndarray) -> np.ndarray:
     """[G, M] permission with the sentinel column (NaN confidences never leave)."""
-    return _with_sentinel(allowed, False).astype(bool)
+    return with_sentinel(allowed, False).astype(bool)
 
 
 def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings) -> _ExitTables:
@@ -508,8 +501,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
             rows_counts, rows_correct = borrow_empty_rows(rows_counts, rows_correct)
         cond_values = values_of(kind, rows_counts, rows_correct)
         allowed = exit_allowed(cond_values, grid)
-        cond_decide[policy] = _with_sentinel(cond_values, -np.inf)
-        cond_report[policy] = _with_sentinel(np.maximum(cond_values, 0.0), 0.0)
+        cond_decide[policy] = with_sentinel(cond_values, -np.inf)
+        cond_report[policy] = with_sentinel(np.maximum(cond_values, 0.0), 0.0)
         cond_allowed[policy] = _allowed(allowed)
 
     tail_edges, tail_guard, tail_estimate, tail_allowed = None, {}, {}, None
@@ -524,8 +517,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
                 raise ValueError(f"{where}: tail: no table for {policy}")
             rows_counts, rows_correct = _grid_rows(block, tail_edges.size - 1, grid, f"{where}: tail {policy}")
             tail = tail_values(rows_counts, rows_correct, grid, settings.alpha)
-            tail_guard[policy] = _with_sentinel(tail, 0.0)
-            tail_estimate[policy] = _with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)
+            tail_guard[policy] = with_sentinel(tail, 0.0)
+            tail_estimate[policy] = with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)
             if policy == "pcee-lb-tail":
                 tail_allowed = _allowed(tail >= grid[:, None])  # no monotone-in-δ constraint: see tails.py
 
@@ -535,8 +528,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
         counts=counts,
         correct=correct,
         values=values,
-        decide={kind: _with_sentinel(v, -np.inf) for kind, v in values.items()},
-        report={kind: _with_sentinel(np.maximum(v, 0.0), 0.0) for kind, v in values.items()},
+        decide={kind: with_sentinel(v, -np.inf) for kind, v in values.items()},
+        report={kind: with_sentinel(np.maximum(v, 0.0), 0.0) for kind, v in values.items()},
         cond_decide=cond_decide,
         cond_report=cond_report,
         cond_allowed=cond_allowed,

@@ -30,15 +30,24 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _reduce(op: str, source: str, out: str, axes: list[int], opset: int, name: str) -> list[onnx.NodeProto]:
-    """ReduceMean / ReduceSum without keepdims, in the opset's form (axes an input from 18 on; 13 for ReduceSum)."""
-    takes_input = opset >= (13 if op == "ReduceSum" else 18)
-    if takes_input:
+# The opset from which each op takes its axes as an input instead of an attribute.
+_AXES_INPUT_SINCE = {"ReduceMean": 18, "ReduceSum": 13, "Unsqueeze": 13}
+
+
+def _with_axes(op: str, source: str, out: str, axes: list[int], opset: int, name: str, keepdims: int | None = None
+               ) -> list[onnx.NodeProto]:
+    """`op` over `axes` in the form the model's opset wants (a Constant input, or the attribute before)."""
+    nodes = []
+    if opset >= _AXES_INPUT_SINCE[op]:
         axes_name = f"{name}/axes"
-        const = helper.make_node("Constant", [], [axes_name], name=f"{name}/axes_const",
-                                 value=helper.make_tensor(axes_name, TensorProto.INT64, [len(axes)], axes))
-        return [const, helper.make_node(op, [source, axes_name], [out], name=name, keepdims=0)]
-    return [helper.make_node(op, [source], [out], name=name, axes=axes, keepdims=0)]
+        nodes.append(helper.make_node("Constant", [], [axes_name], name=f"{name}/axes_const",
+                                      value=helper.make_tensor(axes_name, TensorProto.INT64, [len(axes)], axes)))
+        node = helper.make_node(op, [source, axes_name], [out], name=name)
+    else:
+        node = helper.make_node(op, [source], [out], name=name, axes=axes)
+    if keepdims is not None:
+        node.attribute.append(helper.make_attribute("keepdims", keepdims))
+    return [*nodes, node]
 
 
 def _rank(model: onnx.ModelProto, name: str) -> int:
@@ -48,15 +57,16 @@ def _rank(model: onnx.ModelProto, name: str) -> int:
     raise BadBundle(f"features tap: the first segment has no output {name!r}")
 
 
-def tap_nodes(model: onnx.ModelProto, hidden: str, mask: str | None) -> tuple[list[onnx.NodeProto], int]:
-    """Nodes computing FEATURES_OUTPUT from the hidden state, and its rank (always 2)."""
+def tap_nodes(model: onnx.ModelProto, hidden: str, mask: str | None) -> list[onnx.NodeProto]:
+    """Nodes computing FEATURES_OUTPUT, [N, D], from the hidden state (and the key mask of a text model)."""
     opset = _opset(model)
     rank = _rank(model, hidden)
     p = "features_tap"
     if rank == 4:
-        nodes = _reduce("ReduceMean", hidden, f"{p}/mean", [2, 3], opset, f"{p}/reduce_mean")
+        nodes = _with_axes("ReduceMean", hidden, f"{p}/mean", [2, 3], opset, f"{p}/reduce_mean", keepdims=0)
         nodes += [helper.make_node("Mul", [hidden, hidden], [f"{p}/square"], name=f"{p}/square")]
-        nodes += _reduce("ReduceMean", f"{p}/square", f"{p}/mean_square", [2, 3], opset, f"{p}/reduce_square")
+        nodes += _with_axes("ReduceMean", f"{p}/square", f"{p}/mean_square", [2, 3], opset, f"{p}/reduce_square",
+                            keepdims=0)
         nodes += [
             helper.make_node("Mul", [f"{p}/mean", f"{p}/mean"], [f"{p}/mean_squared"], name=f"{p}/mean_squared"),
             helper.make_node("Sub", [f"{p}/mean_square", f"{p}/mean_squared"], [f"{p}/variance_raw"], name=f"{p}/variance"),
@@ -65,25 +75,21 @@ def tap_nodes(model: onnx.ModelProto, hidden: str, mask: str | None) -> tuple[li
             helper.make_node("Sqrt", [f"{p}/variance"], [f"{p}/std"], name=f"{p}/std"),
             helper.make_node("Concat", [f"{p}/mean", f"{p}/std"], [FEATURES_OUTPUT], name=f"{p}/concat", axis=1),
         ]
-        return nodes, 2
+        return nodes
     if rank == 3 and mask is not None:
-        nodes = [helper.make_node("Unsqueeze", [mask, f"{p}/axis2"], [f"{p}/weights"], name=f"{p}/unsqueeze")]
-        nodes.insert(0, helper.make_node("Constant", [], [f"{p}/axis2"], name=f"{p}/axis2_const",
-                                         value=helper.make_tensor(f"{p}/axis2", TensorProto.INT64, [1], [2])))
-        if opset < 13:
-            nodes = [helper.make_node("Unsqueeze", [mask], [f"{p}/weights"], name=f"{p}/unsqueeze", axes=[2])]
+        nodes = _with_axes("Unsqueeze", mask, f"{p}/weights", [2], opset, f"{p}/unsqueeze")
         nodes += [helper.make_node("Mul", [hidden, f"{p}/weights"], [f"{p}/weighted"], name=f"{p}/weighted")]
-        nodes += _reduce("ReduceSum", f"{p}/weighted", f"{p}/sum", [1], opset, f"{p}/sum")
-        nodes += _reduce("ReduceSum", f"{p}/weights", f"{p}/count_raw", [1], opset, f"{p}/count")
+        nodes += _with_axes("ReduceSum", f"{p}/weighted", f"{p}/sum", [1], opset, f"{p}/sum", keepdims=0)
+        nodes += _with_axes("ReduceSum", f"{p}/weights", f"{p}/count_raw", [1], opset, f"{p}/count", keepdims=0)
         one = helper.make_tensor(f"{p}/one", TensorProto.FLOAT, [], [1.0])
         nodes += [
             helper.make_node("Constant", [], [f"{p}/one"], name=f"{p}/one_const", value=one),
             helper.make_node("Max", [f"{p}/count_raw", f"{p}/one"], [f"{p}/count_safe"], name=f"{p}/count_safe"),
             helper.make_node("Div", [f"{p}/sum", f"{p}/count_safe"], [FEATURES_OUTPUT], name=f"{p}/mean"),
         ]
-        return nodes, 2
+        return nodes
     if rank == 2:
-        return [helper.make_node("Identity", [hidden], [FEATURES_OUTPUT], name=f"{p}/identity")], 2
+        return [helper.make_node("Identity", [hidden], [FEATURES_OUTPUT], name=f"{p}/identity")]
     raise BadBundle(f"features tap: no pooling for a first-segment state of rank {rank} "
                       f"{'without' if mask is None else 'with'} a mask")
 
@@ -110,7 +116,7 @@ def add_features_tap(bundle_dir: str | Path) -> str:
         raise BadBundle(f"{bundle.path}: a one-segment model has no hidden state to tap")
     hidden = states[0]
     mask = states[1] if len(states) == 2 and _rank(model, states[1]) == 2 else None
-    nodes, _ = tap_nodes(model, hidden, mask)
+    nodes = tap_nodes(model, hidden, mask)
     model.graph.node.extend(nodes)
     model.graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["batch", "features"]))
     onnx.checker.check_model(model)

@@ -50,7 +50,7 @@ class SegmentRunner(Protocol):
     @property
     def features(self) -> str | None: ...
 
-    def take_features(self, state: dict) -> np.ndarray | None: ...
+    def take_features(self, state: dict, read: bool = True) -> np.ndarray | None: ...
 
     def start(self, x: np.ndarray) -> dict: ...
 
@@ -88,11 +88,12 @@ class ChainRunner:
         """The features tap's name where this runner gives it (models.features), else None."""
         return self.bundle.manifest.segments[0].features if self.gives_features else None
 
-    def take_features(self, state: dict) -> np.ndarray | None:
-        """Remove the features tap's values from a state a run from segment 0 returned: [n, D] on the host."""
+    def take_features(self, state: dict, read: bool = True) -> np.ndarray | None:
+        """Remove the features tap's values from a state a run from segment 0 returned: [n, D] on the host
+        (`read` False: only remove them)."""
         name = self.features
         value = state.pop(name, None) if name else None
-        return None if value is None else value.numpy()
+        return None if value is None or not read else value.numpy()
 
     def start(self, x: np.ndarray) -> dict:
         raise NotImplementedError

@@ -78,7 +78,8 @@ class ExitEngine:
         self.pad_id = text.pad_id if text is not None else None  # token-id input: batches may be split by length
         self.token_budget = token_budget
         # The input guard applies where the calibration has one and the runner gives its features.
-        self.input_guard = calibration.input_guard if runner.features == getattr(calibration.input_guard, "features", None) else None
+        guard = calibration.input_guard
+        self.input_guard = guard if guard is not None and runner.features == guard.features else None
         self._local = threading.local()  # numpy Generators are not thread-safe; one per engine thread
 
     def _rng(self) -> np.random.Generator:
@@ -168,9 +169,13 @@ class ExitEngine:
             offset += n
 
     def _judge_inputs(self, flights: list[Flight], state: dict) -> None:
-        """The input guard on the features segment 0 left in `state` (taken out: the next segment does not read them)."""
+        """The input guard on the features segment 0 left in `state` (taken out: the next segment does not read
+        them; read to the host only when some sample here is guarded)."""
+        if self.input_guard is None or all(flight.batch.in_distribution is None for flight in flights):
+            self.runner.take_features(state, read=False)
+            return
         features = self.runner.take_features(state)
-        if features is None or self.input_guard is None:
+        if features is None:
             return
         offset = 0
         for flight in flights:
