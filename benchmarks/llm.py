@@ -42,45 +42,72 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "wikitext-2"
 
 
-def quality(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> list[dict]:
-    spec, config = gm.spec, gm.model.config
-    layers = spec.exit_layers[:-1]
+def test_cache(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> HiddenCache:
+    """Hidden states of the first `tokens` of WikiText-2 test at the bundle's exit layers (cached once)."""
+    layers = gm.spec.exit_layers[:-1]
     path = cache_dir / f"{gm.name}-test-0-{tokens}-{'_'.join(map(str, layers))}.pt"
     found = [c for c in map(HiddenCache.load, sorted(cache_dir.glob(f"{gm.name}-test-0-{tokens}-*.pt")))
              if set(layers) <= set(c.layers)]
     if found:
-        cache = found[0]
-    else:
-        cache = cache_hidden(gm.model, text_tokens(gm.tokenizer, data / "test.txt", limit=tokens), layers)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache.save(path)
+        return found[0]
+    cache = cache_hidden(gm.model, text_tokens(gm.tokenizer, data / "test.txt", limit=tokens), layers)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache
+
+
+def exit_logits(gm: GenerationModel, cache: HiddenCache) -> list[np.ndarray]:
+    """Every exit's logits in the calibration class space, the full model last (one-hot at its token)."""
     heads = gm.decoder.heads
+    assert heads is not None
     vocab = heads.vocab.numpy()
+    per_exit = [calibration_logits(head_logits(heads, k, cache.hidden[layer]), vocab.size)
+                for k, layer in enumerate(gm.spec.exit_layers[:-1])]
+    per_exit.append(one_hot_logits(vocab_index(vocab, gm.model.config.vocab_size)[cache.full_argmax.numpy()],
+                                   vocab.size))
+    return per_exit
+
+
+def decision_row(gm: GenerationModel, per_exit: list[np.ndarray], full: np.ndarray, policy: str,
+                 delta: float) -> tuple[dict, np.ndarray]:
+    """The promise as served at one policy and δ (decisions by `decide_all`, the engine's rule), and
+    each token's exit index."""
+    heads = gm.decoder.heads
+    assert heads is not None and gm.calibration is not None
+    vocab = heads.vocab.numpy()
+    exit_layers = np.asarray([layer + 1 for layer in gm.spec.exit_layers])
+    d = decide_all(gm.calibration, policy, per_exit, delta)
+    early = d.exit_index < len(exit_layers) - 1
+    token = np.where(early, vocab[np.minimum(d.prediction, vocab.size - 1)], full)
+    agree = (token == full) & ~(early & (d.prediction >= vocab.size))  # "outside" names no token
+    promised = d.target_met
+    row = {
+        "policy": policy, "delta": delta, "tokens": int(full.size),
+        "promised_agreement": float(agree[promised].mean()) if promised.any() else float("nan"),
+        "promised_tokens": int(promised.sum()), "promised_agreeing": int(agree[promised].sum()),
+        "early_agreement": float(agree[early].mean()) if early.any() else float("nan"),
+        "agreement": float(agree.mean()), "coverage_early": float(early.mean()),
+        "promised_share": float(promised.mean()),
+        "mean_layers": float(exit_layers[d.exit_index].mean()),
+        # tokens that needed the full LM head (an exit after the final layer answers without it)
+        "full_head_share": float((d.exit_index == len(exit_layers) - 1).mean()),
+    }
+    return row, d.exit_index
+
+
+def quality(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> list[dict]:
+    cache = test_cache(gm, data, tokens, cache_dir)
+    layers = gm.spec.exit_layers[:-1]
     full = cache.full_argmax.numpy()
-    per_exit = [calibration_logits(head_logits(heads, k, cache.hidden[layer])) for k, layer in enumerate(layers)]
-    per_exit.append(one_hot_logits(vocab_index(vocab, config.vocab_size)[full], vocab.size))
-    exit_layers = np.asarray([layer + 1 for layer in spec.exit_layers])
+    per_exit = exit_logits(gm, cache)
     target_logp = _target_log_probs(gm, cache, text_tokens(gm.tokenizer, data / "test.txt", limit=tokens), layers)
     rows = []
     for policy in POLICIES:
         for delta in DELTAS:
-            d = decide_all(gm.calibration, policy, per_exit, delta)
-            early = d.exit_index < len(exit_layers) - 1
-            token = np.where(early, vocab[np.minimum(d.prediction, vocab.size - 1)], full)
-            agree = token == full
-            promised = d.target_met
-            rows.append({
-                "policy": policy, "delta": delta, "tokens": int(full.size),
-                "promised_agreement": float(agree[promised].mean()) if promised.any() else float("nan"),
-                "early_agreement": float(agree[early].mean()) if early.any() else float("nan"),
-                "agreement": float(agree.mean()), "coverage_early": float(early.mean()),
-                "promised_share": float(promised.mean()),
-                "mean_layers": float(exit_layers[d.exit_index].mean()),
-                # tokens that needed the full LM head (an exit after the final layer answers without it)
-                "full_head_share": float((d.exit_index == len(exit_layers) - 1).mean()),
-                "perplexity": _perplexity(target_logp[d.exit_index, np.arange(full.size)]),
-                "perplexity_full": _perplexity(target_logp[-1]),
-            })
+            row, exit_index = decision_row(gm, per_exit, full, policy, delta)
+            row["perplexity"] = _perplexity(target_logp[exit_index, np.arange(full.size)])
+            row["perplexity_full"] = _perplexity(target_logp[-1])
+            rows.append(row)
     return rows
 
 

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     generation_runner: Annotated[Literal["auto", "onnxruntime", "torch"], BeforeValidator(runner_kind)] = Field(
         "auto", description="what runs a generation bundle's layers and heads: auto = onnxruntime on cpu, torch "
                             "on cuda (the KV cache and attention are torch's either way)")
+    generation_weights: Literal["float32", "int8", "int4"] = Field(
+        "float32", description="weight precision of a generation bundle's layer and head graphs (onnxruntime "
+                               "runner): int8/int4 are ONNX Runtime's blockwise weight-only MatMulNBits, built at "
+                               "load; exact mode is then exact to that precision's greedy output")
     cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "
                                                 "CUDA graph per batch-size bucket (one launch instead of hundreds)")
     cuda_graph_buckets: list[PositiveInt] = Field(

@@ -28,11 +28,12 @@ def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> LlamaModel:
 
 
 def tiny_heads(model: LlamaModel, vocab_size: int = 64, seed: int = 1,
-               exit_layers: list[int] = EXIT_LAYERS) -> ExitHeads:
-    """Random residual heads; a head after the final layer stays the model's own norm + LM-head rows."""
+               exit_layers: list[int] = EXIT_LAYERS, outside_rows: int = 8) -> ExitHeads:
+    """Random residual heads; a head after the final layer stays the model's own norm + LM-head rows.
+    `outside_rows` 0: heads as saved before they estimated the mass outside their vocabulary."""
     torch.manual_seed(seed)
     heads = ExitHeads(model.config.hidden_size, 32, model.config.rms_norm_eps, torch.arange(vocab_size),
-                      len(exit_layers) - 1).init_from(model)
+                      len(exit_layers) - 1, outside_rows=outside_rows).init_from(model)
     with torch.no_grad():
         for head, layer in zip(heads.heads, exit_layers, strict=False):
             if layer < model.config.num_layers - 1:
@@ -86,7 +87,7 @@ def char_tokenizer(end_of_text: int | None = None):
 
 
 def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256,
-                                 end_of_text: int | None = None):
+                                 end_of_text: int | None = None, outside_rows: int = 8):
     """A complete generation bundle of the tiny model: weights, tokenizer, chat template, heads, tables."""
     import json
     from pathlib import Path
@@ -107,6 +108,6 @@ def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_cont
     write_generation_manifest(directory, name="tiny-llm", exit_layers=[TINY.num_layers - 1], bos_id=None,
                               eos_ids=[END_ID], max_context=max_context, command="tests")
     if with_exits:
-        heads = tiny_heads(model)
+        heads = tiny_heads(model, outside_rows=outside_rows)
         write_exits(directory, heads, tiny_calibration(model, heads), EXIT_LAYERS, command="tests")
     return directory

@@ -3,8 +3,14 @@
 Two losses, chosen by measurement (BENCHMARKS.md): `ce` is the seed paper's CE(head, full argmax)
 - lambda * entropy; `kl` is KL(full || head) over the head vocabulary (the full distribution
 renormalised to it), at a temperature T (both distributions softened by T, the loss scaled by T²
-as in distillation). Tokens whose full prediction lies outside the head vocabulary take part in
-`kl` (their mass is spread over the vocabulary as the full model spreads it) and are skipped by `ce`.
+as in distillation).
+
+A head with an outside estimate (`ExitHead.outside`) learns it with the same loss over K + 1
+classes: for `ce` a token whose full prediction lies outside the vocabulary has the class "outside",
+for `kl` the full model's mass outside the vocabulary is that class's (the full LM head is run on
+the batch for it). A head after the final layer (`frozen_vocab`) keeps its exact K logits and trains
+only the outside estimate. Heads without one train as before: `ce` skips outside tokens, `kl` spreads
+their mass over the vocabulary as the full model spreads it.
 """
 
 from __future__ import annotations
@@ -32,26 +38,39 @@ class HeadTrainConfig:
 
 
 def full_head_logits(model: LlamaModel, heads: ExitHeads, last_hidden: torch.Tensor) -> torch.Tensor:
-    """The full model's logits restricted to the head vocabulary, from the last layer's hidden states."""
-    return model.model.norm(last_hidden.float()) @ heads.bound_rows().T
+    """The full model's logits restricted to the head vocabulary, from the last layer's hidden states;
+    with an outside estimate to learn, the log-sum-exp of every other token's logit as column K."""
+    normed = model.model.norm(last_hidden.float())
+    restricted = normed @ heads.bound_rows().T
+    if not heads.outside_rows:
+        return restricted
+    full = normed @ model.lm_head.weight.T
+    full[:, heads.vocab] = float("-inf")
+    return torch.cat([restricted, torch.logsumexp(full, dim=-1, keepdim=True)], dim=-1)
 
 
 def train_head(model: LlamaModel, heads: ExitHeads, index: int, hidden: torch.Tensor, last_hidden: torch.Tensor,
-               full_argmax: torch.Tensor, config: HeadTrainConfig, *, log=print) -> list[float]:
-    """Train head `index` on hidden states [n, width] (float16 ok); returns the loss per 50 steps."""
+               full_argmax: torch.Tensor, config: HeadTrainConfig, *, frozen_vocab: bool = False,
+               log=print) -> list[float]:
+    """Train head `index` on hidden states [n, width] (float16 ok); returns the loss per 50 steps.
+    `frozen_vocab`: train only the outside estimate (the head after the final layer)."""
     generator = torch.Generator().manual_seed(config.seed + index)
     head = heads.exit_heads[index]
+    if frozen_vocab and head.outside is None:
+        return []  # nothing to train: the head is the model's own norm and rows
     head.train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
+    trained = head.outside.parameters() if frozen_vocab and head.outside is not None else head.parameters()
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
-    columns = torch.full((model.config.vocab_size,), -1, dtype=torch.int64)
+    outside_class = heads.vocab_size if heads.outside_rows else -1  # -1: the token is skipped (no outside class)
+    columns = torch.full((model.config.vocab_size,), outside_class, dtype=torch.int64)
     columns[heads.vocab] = torch.arange(heads.vocab_size)
     target_column = columns[full_argmax]
     usable = torch.arange(hidden.shape[0]) if config.loss == "kl" else torch.nonzero(target_column >= 0)[:, 0]
     history, running, start = [], 0.0, time.perf_counter()
     for step in range(config.steps):
         batch = usable[torch.randint(usable.numel(), (config.batch_size,), generator=generator)]
-        logits = head.features(hidden[batch].float()) @ heads.bound_rows().T
+        logits = heads.logits(index, hidden[batch].float())
         if config.loss == "kl":
             t = config.temperature
             with torch.no_grad():
@@ -84,10 +103,14 @@ def head_logits(heads: ExitHeads, index: int, hidden: torch.Tensor, chunk: int =
 
 
 def agreement_report(logits: np.ndarray, vocab: np.ndarray, full_argmax: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement with the full model, and the agreement of tokens with max probability >= 0.9."""
-    predicted = vocab[logits.argmax(1)]
-    agree = predicted == full_argmax
-    z = logits - logits.max(1, keepdims=True)
+    """Top-1 agreement with the full model, and the agreement of tokens with max probability >= 0.9
+    (the probability in the calibration class space: the outside estimate lowers it)."""
+    from exitserve.models.llm.heads import calibration_logits
+    from exitserve.service.serving.generation.calibrate import agreement
+
+    agree = agreement(logits, vocab, full_argmax)
+    scores = calibration_logits(logits, vocab.size)
+    z = scores - scores.max(1, keepdims=True)
     conf = 1.0 / np.exp(z).sum(1)
     sure = conf >= 0.9
     return {"agreement": float(agree.mean()), "share_conf_0.9": float(sure.mean()),

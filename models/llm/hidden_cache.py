@@ -35,6 +35,17 @@ class HiddenCache:
         torch.save({"layers": self.layers, "hidden": self.hidden, "full_argmax": self.full_argmax,
                     "fingerprint": self.fingerprint}, path)
 
+    def joined(self, other: HiddenCache) -> HiddenCache:
+        """This cache's tokens, then `other`'s (the layers both hold)."""
+        layers = [layer for layer in self.layers if layer in other.layers]
+        return HiddenCache(layers, {layer: torch.cat([self.hidden[layer], other.hidden[layer]]) for layer in layers},
+                           torch.cat([self.full_argmax, other.full_argmax]),
+                           hashlib.sha256(f"{self.fingerprint}+{other.fingerprint}".encode()).hexdigest()[:16])
+
+    def part(self, rows: slice) -> HiddenCache:
+        return HiddenCache(self.layers, {k: v[rows] for k, v in self.hidden.items()}, self.full_argmax[rows],
+                           self.fingerprint)
+
     @classmethod
     def load(cls, path: Path) -> HiddenCache:
         raw = torch.load(path, weights_only=True)

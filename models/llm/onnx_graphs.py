@@ -158,13 +158,21 @@ def finish_graph(layer: DecoderLayer, index: int) -> Graph:
 
 
 def exit_head_graph(head: ExitHead, rows: torch.Tensor, index: int) -> Graph:
-    """`ExitHead.features` then the head vocabulary's rows: hidden [n, width] -> logits [n, K]."""
+    """`ExitHeads.logits`: hidden [n, width] -> logits over the head vocabulary [n, K], then the outside
+    estimate (log-sum-exp of the outside rows) as one more column where the head has one."""
     b = _Builder(f"head_{index}")
     x = b.input("x", ["rows", head.up.in_features])
     inner = b.linear(b.silu(b.linear(b.rms_norm(x, head.norm_in, "norm_in"), b.weight("up", head.up.weight))),
                      b.weight("down", head.down.weight))
     features = b.rms_norm(b.one("Add", [x, inner]), head.norm_out, "norm_out")
-    b.output(b.linear(features, b.weight("vocab_rows", rows)), "logits", ["rows", int(rows.shape[0])])
+    logits = b.linear(features, b.weight("vocab_rows", rows))
+    columns = int(rows.shape[0])
+    if head.outside is not None:
+        outside = b.one("Gemm", [features, b.weight("outside_rows", head.outside.weight),
+                                 b.weight("outside_bias", head.outside.bias)], transB=1)
+        mass = b.one("ReduceLogSumExp", [outside], axes=[-1], keepdims=1)
+        logits, columns = b.one("Concat", [logits, mass], axis=1), columns + 1
+    b.output(logits, "logits", ["rows", columns])
     return b.build()
 
 

@@ -39,7 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="../shared/data/text/wikitext-2", help="folder with valid.txt (and test.txt)")
     p.add_argument("--extra-text", default="../shared/data/text/agnews/dev.tsv",
                    help="more training text after WikiText-2 valid (comma-separated; .tsv: first column)")
-    p.add_argument("--train-tokens", type=int, default=500_000, help="tokens of hidden states the heads train on")
+    p.add_argument("--train-tokens", type=int, default=500_000,
+                   help="tokens of WikiText-2/extra text the heads train on (besides the chat text)")
+    p.add_argument("--chat-prompts", type=int, default=640,
+                   help="chat prompts the model answers itself (60 %% train, 20 %% calibration, 20 %% test); 0: none")
+    p.add_argument("--chat-tokens", type=int, default=128, help="longest answer per chat prompt, in tokens")
+    p.add_argument("--chat-news", default="../shared/data/text/agnews/test.tsv",
+                   help="news articles some chat prompts ask about (AG News test: no head trains on it)")
     p.add_argument("--calibration-tokens", type=int, default=8192,
                    help="held-out tokens the tables are counted on (the end of WikiText-2 valid)")
     p.add_argument("--candidates", default="7,15,23,26,29",
@@ -48,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-layers", help="skip the choice: these layers (comma-separated)")
     p.add_argument("--head-vocab", type=int, default=8192, help="tokens an exit head scores (the most frequent)")
     p.add_argument("--head-hidden", type=int, default=512, help="width of an exit head's residual MLP")
+    p.add_argument("--outside-rows", type=int, default=32,
+                   help="rows of each head's estimate of the mass outside its vocabulary (0: no estimate, as "
+                        "heads were before; for comparison)")
     p.add_argument("--loss", default="ce", choices=["kl", "ce"], help="ce (CE - 0.1 entropy) measured better than kl")
     p.add_argument("--temperature", type=float, default=1.0, help="kl: the distillation temperature")
     p.add_argument("--steps", type=int, default=2000, help="training steps per head")

@@ -134,6 +134,7 @@ class _Generation:
         )
         self.ids: list[int] = []
         self.exits: list[int] = []
+        self.target_met: list[bool] = []
         self.text = ""
         self.finish_reason: str | None = None
         self.stream: TokenStream | None = None
@@ -153,6 +154,7 @@ class _Generation:
                 continue
             self.ids.append(t.token)
             self.exits.append(t.exit)
+            self.target_met.append(t.target_met)
         if event.finish_reason and event.finish_reason.startswith("error"):
             raise ExitserveError(f"generation failed: {event.finish_reason[7:]}")
         full = self.model.decode(self.ids)
@@ -200,7 +202,7 @@ class _Generation:
                 self.cancel()
 
     def usage(self) -> dict[str, int]:
-        completion = self.stream.generated if self.stream is not None else len(self.ids)
+        completion = len(self.ids)  # as OpenAI counts: the answer's tokens, not the end token that closed it
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
                 "total_tokens": len(self.prompt_ids) + completion}
 
@@ -213,6 +215,9 @@ class _Generation:
             "mode": self.mode, "delta": self.delta, "policy": self.policy if self.mode == "early" else self.mode,
             "exits": exits, "exit_layers": [layers[e] + 1 for e in exits], "num_layers": layers[-1] + 1,
             "mean_compute_fraction": mean,
+            # per token: agreement with the full model's greedy token promised at >= delta
+            "target_met": self.target_met,
+            "weights": self.model.precision,
         }
         if self.mode == "exact" and self.stream is not None:
             ext["drafted"], ext["accepted"] = self.stream.drafted, self.stream.accepted

@@ -1,18 +1,23 @@
 """`exitserve train-llm-heads`: exit heads, their layers and label-free tables into a generation bundle.
 
 1. cache the frozen decoder's hidden states on WikiText-2 `valid` (training tokens, then held-out
-   calibration tokens), once;
-2. train one head per candidate layer against the full model's own predictions;
+   calibration tokens) and on chat text: the model's own greedy answers to seeded chat prompts
+   (`models.llm.chat_text`; train and calibration prompts disjoint, test prompts left for
+   `benchmarks/llm.py`), once;
+2. train one head per candidate layer against the full model's own predictions (after the final
+   layer: only its outside-mass estimate);
 3. choose the exit layers by measurement: greedy forward selection of the set whose expected cost
    per token (layers run + exit checks, in measured layer-equivalents) is lowest at δ = 0.9 under
    the tables fitted on one half of the calibration tokens and applied to the other half;
-4. fit the final tables on all calibration tokens and write heads, tables and manifest.
+4. fit the final tables on all calibration tokens (WikiText-2 and chat) and write heads, tables and
+   manifest.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,7 @@ from exitserve.calibration import Calibration, decide_all
 from exitserve.calibration.io import save_calibration
 from exitserve.models.bundle import load_bundle
 from exitserve.models.llm.head_training import HeadTrainConfig, agreement_report, head_logits, train_head
-from exitserve.models.llm.heads import ExitHeads, choose_vocab
+from exitserve.models.llm.heads import OUTSIDE_ROWS, ExitHeads, choose_vocab
 from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, corpus_tokens, text_tokens
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, load_llama
 from exitserve.models.llm.manifest import HEADS_FILE, write_generation_manifest
@@ -154,23 +159,54 @@ def _calibration_space(head_logits: list[np.ndarray], vocab: np.ndarray, full_ar
                        vocab_size: int) -> list[np.ndarray]:
     from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
 
-    return [calibration_logits(z) for z in head_logits] + [one_hot_logits(vocab_index(vocab, vocab_size)[full_argmax],
+    return [calibration_logits(z, vocab.size) for z in head_logits] + [one_hot_logits(vocab_index(vocab, vocab_size)[full_argmax],
                                                                           vocab.size)]
 
 
-def _cached(model: LlamaModel, cache_dir: Path, key: str, layers: list[int], make_ids) -> HiddenCache:
+def _cached(model: LlamaModel, cache_dir: Path, key: str, layers: list[int],
+            compute: Callable[[list[int]], HiddenCache]) -> HiddenCache:
     """The hidden states of the text `key` names, from the cache if any cache of it holds every wanted layer."""
     last = model.config.num_layers - 1  # every cache holds the last layer
     path = cache_dir / f"{key}-{'_'.join(map(str, layers))}.pt"
     for existing in sorted(cache_dir.glob(f"{key}-*.pt")):
         if set(layers) - {last} <= set(int(x) for x in existing.stem[len(key) + 1:].split("_")):
             return HiddenCache.load(existing)
-    ids = make_ids()
-    print(f"caching hidden states: {key} ({ids.size} tokens) at layers {layers}", flush=True)
-    cache = cache_hidden(model, ids, layers)
+    print(f"caching hidden states: {key} at layers {layers}", flush=True)
+    cache = compute(layers)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache.save(path)
     return cache
+
+
+def _text_cache(model: LlamaModel, make_ids: Callable[[], np.ndarray]) -> Callable[[list[int]], HiddenCache]:
+    return lambda layers: cache_hidden(model, make_ids(), layers)
+
+
+def chat_caches(bundle_dir: Path, model: LlamaModel, cache_dir: Path, layers: list[int], args: dict,
+                splits: tuple[str, ...] = ("train", "calibration")) -> dict[str, HiddenCache]:
+    """Hidden states of the model's own answers to chat prompts, per prompt split (generated once)."""
+    from prometheus_client import CollectorRegistry
+
+    from exitserve.models.llm.chat_text import load_or_generate
+    from exitserve.service.serving.generation.model import load_generation_model
+
+    count, max_new = int(args["chat_prompts"]), int(args.get("chat_tokens") or 128)
+    name = load_bundle(bundle_dir).manifest.name
+    path = cache_dir / f"{name}-chat-{count}-{max_new}.json"
+    news = Path(args["chat_news"]) if args.get("chat_news") else None
+    chat = None
+    if not path.is_file():
+        gm = load_generation_model(bundle_dir, CollectorRegistry(), threads=1)  # one thread: see BENCHMARKS §3
+        chat = load_or_generate(gm, path, count, max_new=max_new, news=news)
+    caches = {}
+    for split in splits:
+        def compute(wanted: list[int], split: str = split) -> HiddenCache:
+            from exitserve.models.llm.chat_text import ChatText, cache_answers
+
+            return cache_answers(model, (chat or ChatText.load(path)).split(split), wanted)
+
+        caches[split] = _cached(model, cache_dir, f"{name}-chat-{count}-{max_new}-{split}", layers, compute)
+    return caches
 
 
 def training_files(data: Path, extra: str | None) -> list[Path]:
@@ -196,21 +232,26 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     name = bundle.manifest.name
     # calibration: the last `cal_tokens` of WikiText-2 valid; training: everything before them, then the extra text
     cal = _cached(model, cache_dir, f"{name}-valid-tail-{cal_tokens}", layers,
-                  lambda: text_tokens(tokenizer, files[0], skip=-cal_tokens))
+                  _text_cache(model, lambda: text_tokens(tokenizer, files[0], skip=-cal_tokens)))
     train = _cached(model, cache_dir, f"{name}-train-{'+'.join(f.stem for f in files)}-{train_tokens}-{cal_tokens}",
-                    layers, lambda: corpus_tokens(tokenizer, files, train_tokens, hold_out=cal_tokens))
+                    layers, _text_cache(model, lambda: corpus_tokens(tokenizer, files, train_tokens, hold_out=cal_tokens)))
+    if int(args.get("chat_prompts") or 0):
+        chat = chat_caches(bundle_dir, model, cache_dir, layers, args)
+        print(f"chat text: {chat['train'].size} training and {chat['calibration'].size} calibration tokens")
+        train, cal = train.joined(chat["train"]), cal.joined(chat["calibration"])
     train_tokens = train.size
     last = model.config.num_layers - 1
     vocab = choose_vocab(train.full_argmax.numpy(), int(args["head_vocab"]), always=spec.eos_ids)
     coverage = float(np.isin(cal.full_argmax.numpy(), vocab).mean())
     print(f"head vocabulary: {vocab.size} tokens cover {coverage:.3f} of the held-out full-model predictions")
+    outside_rows = int(args.get("outside_rows", OUTSIDE_ROWS))
     heads = ExitHeads(model.config.hidden_size, int(args["head_hidden"]), model.config.rms_norm_eps,
-                      torch.from_numpy(vocab), len(layers)).init_from(model)
+                      torch.from_numpy(vocab), len(layers), outside_rows=outside_rows).init_from(model)
     config = HeadTrainConfig(loss=args["loss"], steps=int(args["steps"]), batch_size=int(args.get("batch_size") or 128),
                              temperature=float(args.get("temperature") or 1.0))
     loss_tag = config.loss + (f"{config.temperature:g}" if config.loss == "kl" else "")
     trained = cache_dir / (f"{bundle.manifest.name}-heads-{loss_tag}-{config.steps}-{config.batch_size}-{vocab.size}-"
-                           f"{heads.hidden}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
+                           f"{heads.hidden}-o{outside_rows}-{train_tokens}-{'_'.join(map(str, layers))}.safetensors")
     if trained.is_file():  # heads trained earlier with the same settings on the same text
         from safetensors.torch import load_file
 
@@ -218,9 +259,10 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
         heads.bind(model)
     else:
         for index, layer in enumerate(layers):
-            if layer == last:
-                continue  # after the final layer the head stays the model's own norm + LM-head rows (exact there)
-            train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config)
+            # after the final layer the head stays the model's own norm + LM-head rows (exact there):
+            # only its outside-mass estimate learns
+            train_head(model, heads, index, train.hidden[layer], train.hidden[last], train.full_argmax, config,
+                       frozen_vocab=layer == last)
         save_heads(heads, trained)
     reports, cal_logits = {}, {}
     for index, layer in enumerate(layers):
@@ -233,12 +275,15 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
                                            model.config.vocab_size)
         prompt = text_tokens(tokenizer, files[0], skip=-cal_tokens, limit=24).tolist()
         check_cost, lm_head_cost = measure_costs(model, heads, layers, everything, prompt)
-        chosen = select_exits(cal_logits, vocab, cal.full_argmax.numpy(), model.config.vocab_size,
-                              model.config.num_layers, check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
+        # shuffled, so the halves selection fits and measures on both hold WikiText-2 and chat tokens
+        order = np.random.default_rng(0).permutation(cal.size)
+        chosen = select_exits({layer: z[order] for layer, z in cal_logits.items()}, vocab,
+                              cal.full_argmax.numpy()[order], model.config.vocab_size, model.config.num_layers,
+                              check_cost, int(args["exits"]), lm_head_cost=lm_head_cost)
     assert chosen is not None  # fixed, or chosen by measurement just above
     keep = [layers.index(layer) for layer in chosen]
     final = ExitHeads(model.config.hidden_size, heads.hidden, model.config.rms_norm_eps, torch.from_numpy(vocab),
-                      len(chosen))
+                      len(chosen), outside_rows=outside_rows)
     for new, old in enumerate(keep):
         final.heads[new].load_state_dict(heads.heads[old].state_dict())
     calibration = fit_token_calibration([cal_logits[layer] for layer in chosen], vocab, cal.full_argmax.numpy(),
@@ -248,6 +293,10 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
                 extra={"head_training": {"loss": config.loss, "temperature": config.temperature, "steps": config.steps,
                                          "batch_size": config.batch_size, "train_tokens": train_tokens,
                                          "calibration_tokens": cal_tokens,
+                                         "calibration_tokens_with_chat": cal.size,
+                                         "chat_prompts": int(args.get("chat_prompts") or 0),
+                                         "chat_tokens": int(args.get("chat_tokens") or 0),
+                                         "outside_rows": heads.outside_rows,
                                          "check_cost_layers": check_cost, "lm_head_cost_layers": lm_head_cost,
                                          "candidates": {str(k): v for k, v in reports.items()},
                                          "vocab_coverage": coverage}})

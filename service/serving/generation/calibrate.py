@@ -16,14 +16,16 @@ from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab
 def fit_token_calibration(head_logits: list[np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray, vocab_size: int,
                           *, confidence: str = "max-softmax", bins: int = 20, binning: str = "equal-mass",
                           data_fingerprint: str = "") -> Calibration:
-    """head_logits: per early exit [n, K]; full_argmax [n]: the full model's next token at each position."""
+    """head_logits: per early exit [n, K] or [n, K + 1] (`ExitHeads.logits`); full_argmax [n]: the full model's next token at each position."""
     columns = vocab_index(vocab, vocab_size)[full_argmax]
-    per_exit = [calibration_logits(z.astype(np.float32)) for z in head_logits]
+    per_exit = [calibration_logits(z.astype(np.float32), vocab.size) for z in head_logits]
     per_exit.append(one_hot_logits(columns, vocab.size))
     return fit_calibration(per_exit, None, confidence=confidence, bins=bins, binning=binning, fit_temperature=False,
                            data_fingerprint=data_fingerprint)
 
 
 def agreement(head_logits: np.ndarray, vocab: np.ndarray, full_argmax: np.ndarray) -> np.ndarray:
-    """Per token: does this exit's top token equal the full model's?"""
-    return vocab[head_logits.argmax(axis=1)] == full_argmax
+    """Per token: does this exit's top token equal the full model's? (A head whose outside estimate
+    is its top column names no token: never.)"""
+    column = calibration_logits(head_logits, vocab.size).argmax(axis=1)
+    return (column < vocab.size) & (vocab[np.minimum(column, vocab.size - 1)] == full_argmax)

@@ -38,6 +38,7 @@ from exitserve.calibration import Calibration
 from exitserve.calibration.document import Deltas
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
+from exitserve.models.llm.precision import Precision
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
@@ -75,7 +76,8 @@ class MultiExitDecoder:
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
-                 compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1):
+                 compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
+                 precision: Precision = "float32"):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -91,7 +93,7 @@ class MultiExitDecoder:
         self.max_pending = max_pending
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
-        self.runner = make_runner(runner, model, self.heads, threads=threads)
+        self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision)
         # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
         self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
 
@@ -145,10 +147,10 @@ class MultiExitDecoder:
             if not asking:
                 continue
             leaving = self._decide(exit_index, [batch[i] for i in asking], [xs[i][-1] for i in asking])
-            for i, token in zip(asking, leaving, strict=True):
-                if token is None:
+            for i, left in zip(asking, leaving, strict=True):
+                if left is None:
                     continue
-                self._exited(batch[i], exit_index, layer_index, starts[i], ends[i], xs[i], token, out[i])
+                self._exited(batch[i], exit_index, layer_index, starts[i], ends[i], xs[i], *left, out[i])
                 active.remove(i)
         if active:
             self._finish(batch, active, starts, ends, xs, out)
@@ -176,21 +178,23 @@ class MultiExitDecoder:
             batch[i].filled[layer_index] = ends[i]
         return xs
 
-    def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]) -> list[int | None]:
-        """Token for each sequence that leaves at this exit, None for those that go on."""
+    def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]
+                ) -> list[tuple[int, bool] | None]:
+        """(token, target met) for each sequence that leaves at this exit, None for those that go on."""
         heads, calibration = self._exit_tables()
         logits = self.runner.head_logits(exit_index, torch.stack(last_rows))
         host = logits.float().cpu().numpy()
-        scores = calibration_logits(host)
-        leaving: list[int | None] = [None] * len(seqs)
+        scores = calibration_logits(host, heads.vocab_size)
+        columns = scores.argmax(axis=1)  # past the vocabulary: the head's outside estimate is on top
+        leaving: list[tuple[int, bool] | None] = [None] * len(seqs)
         for policy in {s.policy for s in seqs}:
             rows = [j for j, s in enumerate(seqs) if s.policy == policy]
             deltas = Deltas.checked_elsewhere([seqs[j].delta for j in rows])  # each checked when its request was parsed
             decision = calibration.step(policy, exit_index, scores[rows], deltas)
-            for j, leave in zip(rows, decision.exit_now, strict=True):
-                if leave:
-                    column = self._pick(seqs[j], int(host[j].argmax()), logits[j])
-                    leaving[j] = int(heads.vocab[column])
+            for j, leave, met in zip(rows, decision.exit_now, decision.target_met, strict=True):
+                if leave and columns[j] < heads.vocab_size:
+                    column = self._pick(seqs[j], int(columns[j]), logits[j, :heads.vocab_size])
+                    leaving[j] = int(heads.vocab[column]), bool(met)
         return leaving
 
     def _exit_tables(self) -> tuple[ExitHeads, Calibration]:
@@ -206,7 +210,7 @@ class MultiExitDecoder:
         return int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
 
     def _exited(self, seq: Sequence, exit_index: int, layer_index: int, start: int, end: int, x: torch.Tensor,
-                token: int, out: list[TokenOut]) -> None:
+                token: int, target_met: bool, out: list[TokenOut]) -> None:
         if self.kv_strategy == "copy" and seq.mode == "early":
             self._copy_up(seq, layer_index, start, end, x)
         else:
@@ -217,7 +221,7 @@ class MultiExitDecoder:
             seq.drafted += 1
             seq.draft_exits.append(exit_index)
         else:
-            out.append(TokenOut(token, exit_index))
+            out.append(TokenOut(token, exit_index, target_met=target_met))
 
     def _copy_up(self, seq: Sequence, layer_index: int, start: int, end: int, x: torch.Tensor) -> None:
         """CALM: deeper layers' keys and values for these positions from the exited hidden state."""
@@ -273,6 +277,7 @@ class MultiExitDecoder:
             if following < end and greedy[offset] == seq.tokens[following]:
                 continue
             # first mismatch (or the end): keep tokens[:following], drop later drafts and their KV
+            drafts = len(seq.tokens) - seq.verified
             accepted = seq.tokens[seq.verified:following]
             exits = seq.draft_exits[: len(accepted)]
             del seq.tokens[following:]
@@ -281,7 +286,7 @@ class MultiExitDecoder:
             seq.tokens.append(greedy[offset])
             seq.accepted += len(accepted)
             out.extend(TokenOut(t, e, True) for t, e in zip(accepted, exits, strict=True))
-            out.append(TokenOut(greedy[offset], last_exit))
+            out.append(TokenOut(greedy[offset], last_exit, rejected=drafts - len(accepted)))
             seq.verified = len(seq.tokens)
             seq.draft_exits = []
             return

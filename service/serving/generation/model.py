@@ -19,6 +19,7 @@ from exitserve.errors import BadBundle
 from exitserve.models.bundle import Bundle, load_bundle
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
+from exitserve.models.llm.precision import Precision
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.runners import RunnerKind
@@ -33,7 +34,9 @@ def load_heads(bundle: Bundle, width: int, eps: float) -> ExitHeads | None:
 
     state = load_file(str(bundle.path / spec.heads))
     hidden = int(state["heads.0.up.weight"].shape[0])
-    heads = ExitHeads(width, hidden, eps, state["vocab"], len(spec.exit_layers) - 1)
+    outside = state.get("heads.0.outside.weight")  # absent from heads saved before the outside estimate
+    heads = ExitHeads(width, hidden, eps, state["vocab"], len(spec.exit_layers) - 1,
+                      outside_rows=int(outside.shape[0]) if outside is not None else 0)
     heads.load_state_dict(state)
     return heads.eval().requires_grad_(False)
 
@@ -57,7 +60,7 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
-                 runner: RunnerKind = "onnxruntime", threads: int = 1):
+                 runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32"):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BadBundle(f"{bundle.path}: not a text-generation bundle")
@@ -78,7 +81,9 @@ class GenerationModel:
         self.calibration = calibration
         self.compute_fractions = bundle.manifest.compute_fractions()
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
-                                        compute_fractions=self.compute_fractions, runner=runner, threads=threads)
+                                        compute_fractions=self.compute_fractions, runner=runner, threads=threads,
+                                        precision=precision)
+        self.precision = precision
         self.tokenizer = Tokenizer.from_file(str(bundle.path / spec.tokenizer))
         # Tokens that end a generation: the bundle's eos ids, and the tokenizer's end-of-text token
         # (a base-model habit: SmolLM2-Instruct ends with <|im_end|> but emits <|endoftext|> off-template).

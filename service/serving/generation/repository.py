@@ -67,7 +67,8 @@ class GenerationRepository:
             try:
                 model = load_generation_model(Path(path), self.registry, device=device, kv_strategy=self.kv_strategy,
                                               max_running=self.max_running, queue_limit=self.queue_limit,
-                                              runner=runner, threads=self.settings.threads)
+                                              runner=runner, threads=self.settings.threads,
+                                              precision=self.settings.generation_weights)
             except BadBundle:
                 raise
             except Exception as exc:

@@ -4,7 +4,8 @@ The decoder (`decoder.MultiExitDecoder`) decides, the runner computes. Both runn
 cache in torch tensors and share `llama.attend` (per-sequence attention, written in place into the
 cache), so they differ only in the dense parts. Chosen by measurement (BENCHMARKS.md, "Language
 models"): ONNX Runtime on CPU, where its prepacked GEMV reads weights ~1.7× as fast as torch's
-(a decoding step 1.56× faster).
+(a decoding step 1.56× faster). The ONNX Runtime runner also runs int8/int4 weights
+(`models.llm.precision`); the torch runner float32 (or the dtype the model was loaded in) only.
 
 CUDA is a provider switch for both: the torch runner moves the modules, the ONNX Runtime runner
 opens its sessions with the CUDA provider on torch's current stream and binds torch's device
@@ -13,13 +14,14 @@ tensors as inputs and outputs (I/O binding by pointer: no host copies of hidden 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, span_positions
+from exitserve.models.llm.precision import Precision, check_precision
 from exitserve.service.runners.base import RUNNER_KINDS, RunnerKind, runner_kind
 
 RUNNERS = RUNNER_KINDS
@@ -35,7 +37,7 @@ class DecoderRunner(Protocol):
         ...
 
     def head_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Exit head `exit_index` on hidden states [n, width] -> logits over the head vocabulary [n, K]."""
+        """Exit head `exit_index` on hidden states [n, width] -> `ExitHeads.logits` ([n, K] or [n, K + 1])."""
         ...
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,8 @@ class TorchDecoderRunner:
 class OnnxRuntimeDecoderRunner:
     """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
 
-    def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0):
+    def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0,
+                 precision: Precision = "float32"):
         try:
             import onnxruntime as ort
         except ModuleNotFoundError:
@@ -75,6 +78,7 @@ class OnnxRuntimeDecoderRunner:
                              "or serve with --generation-runner torch") from None
 
         from exitserve.models.llm.onnx_graphs import decoder_graphs
+        from exitserve.models.llm.precision import quantise
 
         weight = model.model.embed_tokens.weight
         if weight.dtype != torch.float32:
@@ -82,7 +86,7 @@ class OnnxRuntimeDecoderRunner:
         self.device = weight.device
         self.config = model.config
         self.rotary = model.rotary()
-        self.vocab_size = heads.vocab_size if heads is not None else 0
+        self.head_columns = heads.output_columns if heads is not None else 0
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ValueError("the model is on a GPU but this ONNX Runtime has no CUDA provider: install the gpu "
@@ -92,12 +96,17 @@ class OnnxRuntimeDecoderRunner:
                                                           "user_compute_stream": str(stream)})]
         else:
             providers = ["CPUExecutionProvider"]
-        self.sessions = {}
+        self.sessions: dict[str, tuple[Any, list, dict[str, np.ndarray]]] = {}
         for name, graph in decoder_graphs(model, heads).items():
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if precision != "float32":  # weights quantised into the graph itself, nothing external
+                quantised = quantise(graph.model, graph.weights, precision)
+                session = ort.InferenceSession(quantised.SerializeToString(), options, providers=providers)
+                self.sessions[name] = (session, [], {})
+                continue
             names = list(graph.weights)
             values = [ort.OrtValue.ortvalue_from_numpy(graph.weights[n]) for n in names]
             options.add_external_initializers(names, values)
@@ -138,16 +147,20 @@ class OnnxRuntimeDecoderRunner:
         return k, v
 
     def head_logits(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self._run(f"head_{exit_index}", {"x": hidden}, {"logits": (hidden.shape[0], self.vocab_size)})[0]
+        return self._run(f"head_{exit_index}", {"x": hidden}, {"logits": (hidden.shape[0], self.head_columns)})[0]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._run("lm_head", {"x": hidden}, {"logits": (hidden.shape[0], self.config.vocab_size)})[0]
 
 
-def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1) -> DecoderRunner:
+def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1,
+                precision: Precision = "float32") -> DecoderRunner:
     name = runner_kind(kind)  # "onnx" is an alias of "onnxruntime"
+    check_precision(precision)
     if name == "torch":
+        if precision != "float32":
+            raise ValueError(f"{precision} weights run on the onnxruntime runner only (--generation-runner onnxruntime)")
         return TorchDecoderRunner(model, heads)
     if name == "onnxruntime":
-        return OnnxRuntimeDecoderRunner(model, heads, threads=threads)
+        return OnnxRuntimeDecoderRunner(model, heads, threads=threads, precision=precision)
     raise ValueError(f"unknown decoder runner {kind!r}; choose from {', '.join(RUNNERS)}")

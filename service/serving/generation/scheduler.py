@@ -159,8 +159,10 @@ class Scheduler:
                 if stream.generated >= params.max_tokens:
                     finish = "length"
                     break
-            seq = running.sequence
-            stream.drafted, stream.accepted = seq.drafted, seq.accepted
+            # drafts count as far as the answer goes: none past its end token or its token limit
+            accepted = sum(t.drafted for t in kept)
+            stream.accepted += accepted
+            stream.drafted += accepted + sum(t.rejected for t in kept)
             if kept:
                 if running.last_token_at is None:
                     self.metrics.ttft.observe(now - stream.submitted)
@@ -174,5 +176,5 @@ class Scheduler:
             if finish is None:
                 still.append(running)
             else:
-                self.metrics.observe_drafts(seq.drafted, seq.accepted)
+                self.metrics.observe_drafts(stream.drafted, stream.accepted)
         self._running = still

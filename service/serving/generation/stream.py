@@ -15,7 +15,11 @@ Mode = Literal["full", "early", "exact"]
 class TokenOut:
     token: int
     exit: int  # exit index that produced it (the last exit: the full model)
-    drafted: bool = False
+    drafted: bool = False  # an accepted draft (exact mode)
+    rejected: int = 0  # exact mode, on the full model's token that ends a verification: drafts it discarded
+    # the exit's table promised agreement >= δ with the full model's greedy token (the full model's
+    # own tokens, and exact mode's, agree by definition)
+    target_met: bool = True
 
 
 @dataclass

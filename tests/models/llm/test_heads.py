@@ -13,11 +13,12 @@ from exitserve.models.llm.heads import (
     calibration_logits,
     choose_vocab,
     one_hot_logits,
+    outside_column,
     vocab_index,
 )
 from exitserve.models.llm.hidden_cache import cache_hidden
 from exitserve.service.serving.generation.build import select_exits
-from exitserve.service.serving.generation.calibrate import fit_token_calibration
+from exitserve.service.serving.generation.calibrate import agreement, fit_token_calibration
 
 
 def test_vocabulary_choice_and_columns():
@@ -25,10 +26,60 @@ def test_vocabulary_choice_and_columns():
     vocab = choose_vocab(argmax, 3, always=[0])
     assert vocab.tolist() == [0, 5, 7]  # forced token first, then by frequency
     columns = vocab_index(vocab, 12)
-    assert columns[5] == 1 and columns[9] == 3 and columns[0] == 0  # 3 = "outside"
-    z = calibration_logits(np.zeros((2, 3), dtype=np.float32))
-    assert z.shape == (2, 4) and z[:, 3].max() < -1e3
-    assert one_hot_logits(np.array([3, 1]), 3).argmax(1).tolist() == [3, 1]
+    reference = outside_column(3)
+    assert columns[5] == 1 and columns[9] == reference and columns[0] == 0
+    z = calibration_logits(np.zeros((2, 3), dtype=np.float32), 3)  # a head saved without an outside estimate
+    assert z.shape == (2, reference + 1) and z[:, 3:].max() < -1e3
+    assert one_hot_logits(np.array([reference, 1]), 3).argmax(1).tolist() == [reference, 1]
+
+
+def test_the_outside_estimate_lowers_confidence_but_is_never_a_prediction_when_sure():
+    from exitserve.calibration.confidence import softmax
+
+    # in-set logits 0, 0, 4; the outside mass: none, as much as the top token, 50x the top token
+    head = np.array([[0, 0, 4, -1e4], [0, 0, 4, 4], [0, 0, 4, 4 + np.log(50)]], dtype=np.float32)
+    probs = softmax(calibration_logits(head, 3))
+    assert probs[:, :3].argmax(1).tolist() == [2, 2, 2]
+    top = probs.max(1)
+    assert top[0] > 0.96 and abs(top[1] - probs[1, 2]) < 1e-12 and 0.45 < top[1] < 0.5  # half the mass is outside
+    assert probs.argmax(1)[2] == 2 and top[2] < 0.02  # 50x outside: 1/64 of it is still below the top token
+    assert abs(probs[1].sum() - 1.0) < 1e-9 and probs[:, -1].max() < 1e-9  # the reference column: never predicted
+    assert agreement(head, np.array([5, 6, 7]), np.array([7, 7, 7])).tolist() == [True, True, True]
+    sure_outside = np.array([[0, 0, 0, 12]], dtype=np.float32)  # the head says: the token is not one of mine
+    assert agreement(sure_outside, np.array([5, 6, 7]), np.array([5])).tolist() == [False]
+
+
+def test_the_outside_estimate_learns_where_the_vocabulary_misses():
+    """After the final layer the K logits are exact; trained, the outside estimate makes the head unsure
+    exactly where the full model's token lies outside its set, and keeps it sure elsewhere."""
+    model = tiny_model()
+    ids = np.random.default_rng(1).integers(0, TINY.vocab_size, 5000)
+    cache = cache_hidden(model, ids, [5], context=200, progress=False)
+    train, held = slice(0, 4000), slice(4000, 5000)
+    vocab = choose_vocab(cache.full_argmax[train].numpy(), 40)  # many tokens outside
+    heads = ExitHeads(TINY.hidden_size, 32, TINY.rms_norm_eps, torch.from_numpy(vocab), 1).init_from(model)
+    no_outside = ExitHeads(TINY.hidden_size, 32, TINY.rms_norm_eps, torch.from_numpy(vocab), 1,
+                           outside_rows=0).init_from(model)
+    full = cache.full_argmax[held].numpy()
+    outside = ~np.isin(full, vocab)
+    assert 0.1 < outside.mean() < 0.9
+    train_head(model, heads, 0, cache.hidden[5][train], cache.hidden[5][train], cache.full_argmax[train],
+               HeadTrainConfig(loss="ce", steps=300, batch_size=128, lr=1e-2), frozen_vocab=True, log=lambda *_: None)
+    exact = head_logits(heads, 0, cache.hidden[5][held])
+    np.testing.assert_allclose(exact[:, :40], head_logits(no_outside, 0, cache.hidden[5][held]), atol=1e-4)
+
+    def confidence(z):
+        s = calibration_logits(z, vocab.size)
+        s = s - s.max(1, keepdims=True)
+        return 1.0 / np.exp(s).sum(1)
+
+    before, after = confidence(head_logits(no_outside, 0, cache.hidden[5][held])), confidence(exact)
+    drop_outside = after[outside].mean() / before[outside].mean()
+    drop_inside = after[~outside].mean() / before[~outside].mean()
+    assert drop_outside < 0.7 and drop_inside > drop_outside + 0.1, (drop_outside, drop_inside)
+    agrees = agreement(exact, vocab, full)
+    top = full.size // 4  # the most confident quarter disagrees less than half as often, ranked with the estimate
+    assert 1 - agrees[np.argsort(-after)[:top]].mean() < 0.5 * (1 - agrees[np.argsort(-before)[:top]].mean())
 
 
 def test_training_raises_agreement_and_tables_count_it():
@@ -49,11 +100,11 @@ def test_training_raises_agreement_and_tables_count_it():
 
     calibration = fit_token_calibration(logits, vocab, full, TINY.vocab_size, bins=5)
     counts, correct = calibration.counts(1)
-    agrees = vocab[logits[1].argmax(1)] == full
+    agrees = agreement(logits[1], vocab, full)
     assert counts.sum() == full.size and correct.sum() == agrees.sum()  # "correct" = equals the full model's token
     last_counts, last_correct = calibration.counts(2)
     assert last_correct.sum() == last_counts.sum() == full.size  # the full model agrees with itself
-    per_exit = [calibration_logits(z) for z in logits] + [one_hot_logits(vocab_index(vocab, TINY.vocab_size)[full], 48)]
+    per_exit = [calibration_logits(z, 48) for z in logits] + [one_hot_logits(vocab_index(vocab, TINY.vocab_size)[full], 48)]
     d = decide_all(calibration, "pcee", per_exit, 0.5)
     early = d.exit_index < 2
     assert (d.prediction[~early] == vocab_index(vocab, TINY.vocab_size)[full][~early]).all()

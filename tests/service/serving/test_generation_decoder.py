@@ -181,3 +181,36 @@ def test_exact_mode_with_a_final_layer_exit_equals_full_greedy(final_exit_parts,
     assert drafted > 50 and 0 < accepted < drafted, (drafted, accepted)
     batched, _, _ = generate(dec, prompts[:6], mode="exact", delta=0.15, policy="confidence")
     assert batched == full[:6]
+
+
+def test_each_tokens_target_met_is_the_exit_rules_promise(parts):
+    """Per token, the decoder reports what the exit rule promised: replayed teacher-forced on the
+    generated text with `decide_all` (the recompute strategy keeps every lower layer's KV exact, so
+    the exit layers see the same hidden states), exits and target_met agree token by token."""
+    from exitserve.calibration import decide_all
+    from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
+
+    model, heads, calibration = parts
+    dec = decoder(parts, "torch")
+    checked = early = 0
+    for prompt in random_prompts(6, seed=31):
+        seq = dec.new_sequence(prompt, capacity=len(prompt) + 40, mode="early", delta=0.3, policy="pcee-lb-tail")
+        outs = []
+        while len(outs) < 16:
+            outs.extend(dec.step([seq])[0])
+        outs = outs[:16]
+        ids = prompt + [t.token for t in outs]
+        logits, hidden = model(torch.tensor(ids[:-1]), hidden_layers=EXIT_LAYERS[:-1])
+        rows = slice(len(prompt) - 1, len(ids) - 1)
+        with torch.no_grad():
+            per_exit = [calibration_logits(heads.logits(k, h[rows]).numpy(), heads.vocab_size)
+                        for k, h in enumerate(hidden)]
+        full = logits[rows].argmax(-1).numpy()
+        per_exit.append(one_hot_logits(vocab_index(heads.vocab.numpy(), model.config.vocab_size)[full],
+                                       heads.vocab_size))
+        replay = decide_all(calibration, "pcee-lb-tail", per_exit, 0.3)
+        assert [t.exit for t in outs] == replay.exit_index.tolist()
+        assert [t.target_met for t in outs] == replay.target_met.tolist()
+        checked += len(outs)
+        early += int((replay.exit_index < len(EXIT_LAYERS) - 1).sum())
+    assert checked == 96 and early > 0

@@ -87,3 +87,24 @@ def test_auto_runner_is_onnxruntime_on_cpu_and_torch_on_cuda_and_a_choice_stands
     assert choose_runner("auto", "cuda") == "torch"
     assert choose_runner("onnxruntime", "cuda") == "onnxruntime"
     assert choose_runner("torch", "cpu") == "torch"
+
+
+@pytest.mark.parametrize("outside_rows", [0, 8])
+def test_heads_with_and_without_the_outside_estimate_load_and_exact_mode_stays_exact(tmp_path, outside_rows):
+    """Heads saved before they estimated the outside mass (no `outside` rows) still load and serve."""
+    from prometheus_client import CollectorRegistry
+
+    from exitserve.service.serving.generation.model import load_generation_model
+
+    path = write_tiny_generation_bundle(tmp_path / "tiny-llm", outside_rows=outside_rows)
+    gm = load_generation_model(path, CollectorRegistry())
+    heads = gm.decoder.heads
+    assert heads is not None and heads.outside_rows == outside_rows
+    assert heads.output_columns == heads.vocab_size + (1 if outside_rows else 0)
+    outputs = {}
+    for mode in ("full", "exact"):
+        seq = gm.decoder.new_sequence([3, 4, 5], capacity=40, mode=mode, delta=0.5, policy="pcee")
+        while len(seq.tokens) < 3 + 24:
+            gm.decoder.step([seq])
+        outputs[mode] = seq.tokens[3:3 + 24]
+    assert outputs["exact"] == outputs["full"]
