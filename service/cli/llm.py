@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="../shared/data/text/wikitext-2", help="folder with valid.txt (and test.txt)")
     p.add_argument("--extra-text", default="../shared/data/text/agnews/dev.tsv",
                    help="more training text after WikiText-2 valid (comma-separated; .tsv: first column)")
-    p.add_argument("--train-tokens", type=int, default=500_000,
+    p.add_argument("--train-tokens", type=int, default=200_000,
                    help="tokens of WikiText-2/extra text the heads train on (besides the chat text)")
     p.add_argument("--chat-prompts", type=int, default=640,
                    help="chat prompts the model answers itself (60 %% train, 20 %% calibration, 20 %% test); 0: none")

@@ -122,6 +122,9 @@ class _Generation:
             mode = "early"
         else:
             raise InvalidInput(f"policy: unknown {policy!r}; choose from {', '.join((*POLICIES, *MODES))}")
+        if mode == "exact" and not model.exact_mode:
+            raise InvalidInput("exact mode (delta 1 or policy exact) is off: this server computes with int8 "
+                               "activations, which round differently for one token and for several")
         if mode == "exact" and body.temperature > 0:
             raise InvalidInput("exact mode (delta 1 or policy exact) is greedy: set temperature to 0")
         self.mode, self.delta, self.policy = mode, delta, (policy if mode == "early" else "pcee")
@@ -218,6 +221,7 @@ class _Generation:
             # per token: agreement with the full model's greedy token promised at >= delta
             "target_met": self.target_met,
             "weights": self.model.precision,
+            "activations": "float32" if self.model.exact_mode else "int8",
         }
         if self.mode == "exact" and self.stream is not None:
             ext["drafted"], ext["accepted"] = self.stream.drafted, self.stream.accepted

@@ -25,6 +25,12 @@ def test_benchmarks_opens_with_the_generated_headline_table() -> None:
     assert text.index(figures.BEGIN) < text.index("\n## 1. ")  # before the first section
 
 
+def test_the_language_model_tables_are_generated_from_the_results() -> None:
+    text = (REPO / "BENCHMARKS.md").read_text()
+    assert figures.current_block(text, figures.LLM_BEGIN, figures.LLM_END) == figures.llm_block(), \
+        "stale: run python benchmarks/figures.py"
+
+
 def test_every_link_of_the_table_names_a_section() -> None:
     text = (REPO / "BENCHMARKS.md").read_text()
     anchors = {figures.slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}

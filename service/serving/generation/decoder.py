@@ -77,7 +77,7 @@ class MultiExitDecoder:
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
-                 precision: Precision = "float32"):
+                 precision: Precision = "float32", int8_activations: bool = False):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -93,7 +93,8 @@ class MultiExitDecoder:
         self.max_pending = max_pending
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
-        self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision)
+        self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision,
+                                  int8_activations=int8_activations)
         # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
         self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
 

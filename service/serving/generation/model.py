@@ -19,7 +19,7 @@ from exitserve.errors import BadBundle
 from exitserve.models.bundle import Bundle, load_bundle
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
-from exitserve.models.llm.precision import Precision
+from exitserve.models.llm.precision import Precision, int8_activations_for
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.runners import RunnerKind
@@ -60,7 +60,8 @@ END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
-                 runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32"):
+                 runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32",
+                 int8_activations: bool = False):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BadBundle(f"{bundle.path}: not a text-generation bundle")
@@ -82,8 +83,10 @@ class GenerationModel:
         self.compute_fractions = bundle.manifest.compute_fractions()
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
                                         compute_fractions=self.compute_fractions, runner=runner, threads=threads,
-                                        precision=precision)
+                                        precision=precision, int8_activations=int8_activations)
         self.precision = precision
+        # int8 activations round differently for one row and for several: exact mode would not be exact
+        self.exact_mode = not int8_activations_for(precision, int8_activations)
         self.tokenizer = Tokenizer.from_file(str(bundle.path / spec.tokenizer))
         # Tokens that end a generation: the bundle's eos ids, and the tokenizer's end-of-text token
         # (a base-model habit: SmolLM2-Instruct ends with <|im_end|> but emits <|endoftext|> off-template).

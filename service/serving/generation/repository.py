@@ -68,7 +68,8 @@ class GenerationRepository:
                 model = load_generation_model(Path(path), self.registry, device=device, kv_strategy=self.kv_strategy,
                                               max_running=self.max_running, queue_limit=self.queue_limit,
                                               runner=runner, threads=self.settings.threads,
-                                              precision=self.settings.generation_weights)
+                                              precision=self.settings.generation_weights,
+                                              int8_activations=self.settings.generation_int8_activations)
             except BadBundle:
                 raise
             except Exception as exc:

@@ -21,7 +21,7 @@ import torch
 
 from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, span_positions
-from exitserve.models.llm.precision import Precision, check_precision
+from exitserve.models.llm.precision import Precision, check_precision, int8_activations_for
 from exitserve.service.runners.base import RUNNER_KINDS, RunnerKind, runner_kind
 
 RUNNERS = RUNNER_KINDS
@@ -70,7 +70,7 @@ class OnnxRuntimeDecoderRunner:
     """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0,
-                 precision: Precision = "float32"):
+                 precision: Precision = "float32", int8_activations: bool = False):
         try:
             import onnxruntime as ort
         except ModuleNotFoundError:
@@ -79,6 +79,8 @@ class OnnxRuntimeDecoderRunner:
 
         from exitserve.models.llm.onnx_graphs import decoder_graphs
         from exitserve.models.llm.precision import quantise
+
+        int8_activations = int8_activations_for(check_precision(precision), int8_activations)
 
         weight = model.model.embed_tokens.weight
         if weight.dtype != torch.float32:
@@ -103,7 +105,7 @@ class OnnxRuntimeDecoderRunner:
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if precision != "float32":  # weights quantised into the graph itself, nothing external
-                quantised = quantise(graph.model, graph.weights, precision)
+                quantised = quantise(graph.model, graph.weights, precision, int8_activations)
                 session = ort.InferenceSession(quantised.SerializeToString(), options, providers=providers)
                 self.sessions[name] = (session, [], {})
                 continue
@@ -154,13 +156,14 @@ class OnnxRuntimeDecoderRunner:
 
 
 def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1,
-                precision: Precision = "float32") -> DecoderRunner:
+                precision: Precision = "float32", int8_activations: bool = False) -> DecoderRunner:
     name = runner_kind(kind)  # "onnx" is an alias of "onnxruntime"
-    check_precision(precision)
+    int8_activations = int8_activations_for(check_precision(precision), int8_activations)
     if name == "torch":
         if precision != "float32":
             raise ValueError(f"{precision} weights run on the onnxruntime runner only (--generation-runner onnxruntime)")
         return TorchDecoderRunner(model, heads)
     if name == "onnxruntime":
-        return OnnxRuntimeDecoderRunner(model, heads, threads=threads, precision=precision)
+        return OnnxRuntimeDecoderRunner(model, heads, threads=threads, precision=precision,
+                                        int8_activations=int8_activations)
     raise ValueError(f"unknown decoder runner {kind!r}; choose from {', '.join(RUNNERS)}")

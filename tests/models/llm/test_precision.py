@@ -8,7 +8,7 @@ from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_head
 
 from exitserve.models.llm.llama import LayerSpan
 from exitserve.models.llm.onnx_graphs import decoder_graphs
-from exitserve.models.llm.precision import check_precision, quantise
+from exitserve.models.llm.precision import check_precision, int8_activations_for, quantise
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
 from exitserve.service.serving.generation.runners import (
     OnnxRuntimeDecoderRunner,
@@ -85,3 +85,19 @@ def test_the_torch_runner_refuses_quantised_weights():
     model = tiny_model()
     with pytest.raises(ValueError, match="onnxruntime runner only"):
         make_runner("torch", model, None, precision="int4")
+    with pytest.raises(ValueError, match="int8 activations come with int8 or int4 weights"):
+        make_runner("onnxruntime", model, None, int8_activations=True)
+
+
+def test_int8_activations_use_the_fast_kernels():
+    model = tiny_model()
+    graphs = decoder_graphs(model, None)
+    levels = {}
+    for int8 in (False, True):
+        quantised = quantise(graphs["finish_0"].model, graphs["finish_0"].weights, "int4", int8_activations=int8)
+        [level] = {a.i for n in quantised.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                   if a.name == "accuracy_level"}
+        levels[int8] = level
+    assert levels == {False: 1, True: 4}
+    # 8-bit weights have no fast float32 kernel: they always take int8 activations, and exact mode is off
+    assert int8_activations_for("int8", False) and not int8_activations_for("int4", False)

@@ -251,3 +251,24 @@ def test_the_openai_client_lists_the_served_models(client):
     """GET /v1/models answers in OpenAI's shape too (issue 28: it listed nothing for language models)."""
     listed = client.models.list()
     assert [m.id for m in listed.data] == ["tiny-llm"] and listed.data[0].owned_by == "exitserve"
+
+
+def test_int4_weights_serve_and_int8_activations_refuse_exact_mode(llm_bundle):
+    """--generation-weights int4 serves, exact mode exact to int4's greedy text; with int8 activations
+    (one row and several round differently) exact mode is a 400 that says why."""
+    with running_server([llm_bundle], ["--generation-weights", "int4"]) as proc:
+        own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        full = own.completions.create(model="tiny-llm", prompt="abc abc", max_tokens=16, temperature=0,
+                                      extra_body={"policy": "full"})
+        exact = own.completions.create(model="tiny-llm", prompt="abc abc", max_tokens=16, temperature=0,
+                                       extra_body={"delta": 1})
+        assert exact.choices[0].text == full.choices[0].text
+        assert full.model_extra["exitserve"]["weights"] == "int4"
+    with running_server([llm_bundle], ["--generation-weights", "int4", "--generation-int8-activations"]) as proc:
+        own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+        early = own.completions.create(model="tiny-llm", prompt="abc abc", max_tokens=8, temperature=0,
+                                       extra_body={"delta": 0.5})
+        assert early.model_extra["exitserve"]["activations"] == "int8"
+        with pytest.raises(openai.BadRequestError, match="int8 activations"):
+            own.completions.create(model="tiny-llm", prompt="abc abc", max_tokens=8, temperature=0,
+                                   extra_body={"delta": 1})
