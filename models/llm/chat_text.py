@@ -25,8 +25,6 @@ import torch
 from exitserve.models.llm.hidden_cache import HiddenCache
 from exitserve.models.llm.llama import LlamaModel
 
-SPLITS = ("train", "calibration", "test")
-
 TEMPLATES = (
     "What is {t}?", "Explain {t} to a ten-year-old.", "Give me three facts about {t}.",
     "Write a short poem about {t}.", "List five things people should know about {t}.",
@@ -99,10 +97,6 @@ class ChatText:
         return ChatText([self.prompts[i] for i in keep], [self.prompt_ids[i] for i in keep],
                         [self.answer_ids[i] for i in keep])
 
-    @property
-    def answer_tokens(self) -> int:
-        return sum(len(a) for a in self.answer_ids)
-
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"prompts": self.prompts, "prompt_ids": self.prompt_ids,
@@ -167,12 +161,3 @@ def cache_answers(model: LlamaModel, chat: ChatText, layers: list[int]) -> Hidde
     fingerprint = hashlib.sha256(ids_all.tobytes()).hexdigest()[:16]
     return HiddenCache(wanted, {k: v[:row] for k, v in hidden.items()}, argmax[:row], fingerprint)
 
-
-def load_or_generate(gm, path: Path, count: int, *, max_new: int, news: Path | None, log=print) -> ChatText:
-    if path.is_file():
-        return ChatText.load(path)
-    prompts = chat_prompts(count, news=news)
-    log(f"generating chat text: {len(prompts)} prompts, up to {max_new} tokens each (the model's own answers)")
-    chat = generate_chat_text(gm, prompts, max_new=max_new, log=log)
-    chat.save(path)
-    return chat

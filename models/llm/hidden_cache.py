@@ -42,10 +42,6 @@ class HiddenCache:
                            torch.cat([self.full_argmax, other.full_argmax]),
                            hashlib.sha256(f"{self.fingerprint}+{other.fingerprint}".encode()).hexdigest()[:16])
 
-    def part(self, rows: slice) -> HiddenCache:
-        return HiddenCache(self.layers, {k: v[rows] for k, v in self.hidden.items()}, self.full_argmax[rows],
-                           self.fingerprint)
-
     @classmethod
     def load(cls, path: Path) -> HiddenCache:
         raw = torch.load(path, weights_only=True)

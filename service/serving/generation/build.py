@@ -187,23 +187,25 @@ def chat_caches(bundle_dir: Path, model: LlamaModel, cache_dir: Path, layers: li
     """Hidden states of the model's own answers to chat prompts, per prompt split (generated once)."""
     from prometheus_client import CollectorRegistry
 
-    from exitserve.models.llm.chat_text import load_or_generate
+    from exitserve.models.llm.chat_text import ChatText, cache_answers, chat_prompts, generate_chat_text
     from exitserve.service.serving.generation.model import load_generation_model
 
     count, max_new = int(args["chat_prompts"]), int(args.get("chat_tokens") or 128)
     name = load_bundle(bundle_dir).manifest.name
     path = cache_dir / f"{name}-chat-{count}-{max_new}.json"
     news = Path(args["chat_news"]) if args.get("chat_news") else None
-    chat = None
-    if not path.is_file():
+    if path.is_file():
+        chat = ChatText.load(path)
+    else:
         gm = load_generation_model(bundle_dir, CollectorRegistry(), threads=1)  # one thread: see BENCHMARKS §3
-        chat = load_or_generate(gm, path, count, max_new=max_new, news=news)
+        prompts = chat_prompts(count, news=news)
+        print(f"generating chat text: {len(prompts)} prompts, up to {max_new} tokens each (the model's own answers)")
+        chat = generate_chat_text(gm, prompts, max_new=max_new)
+        chat.save(path)
     caches = {}
     for split in splits:
         def compute(wanted: list[int], split: str = split) -> HiddenCache:
-            from exitserve.models.llm.chat_text import ChatText, cache_answers
-
-            return cache_answers(model, (chat or ChatText.load(path)).split(split), wanted)
+            return cache_answers(model, chat.split(split), wanted)
 
         caches[split] = _cached(model, cache_dir, f"{name}-chat-{count}-{max_new}-{split}", layers, compute)
     return caches

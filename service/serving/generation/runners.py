@@ -158,9 +158,9 @@ class OnnxRuntimeDecoderRunner:
 def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1,
                 precision: Precision = "float32", int8_activations: bool = False) -> DecoderRunner:
     name = runner_kind(kind)  # "onnx" is an alias of "onnxruntime"
-    int8_activations = int8_activations_for(check_precision(precision), int8_activations)
-    if name == "torch":
-        if precision != "float32":
+    check_precision(precision)
+    if name == "torch":  # the onnxruntime runner checks its own precision and activations
+        if precision != "float32" or int8_activations:
             raise ValueError(f"{precision} weights run on the onnxruntime runner only (--generation-runner onnxruntime)")
         return TorchDecoderRunner(model, heads)
     if name == "onnxruntime":
