@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run process (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (runs are named ...-s<seed> when not 0)")
     parser.add_argument("--train-limit", type=int, help="first N training images only (a quick check)")
+    parser.add_argument("--serial", action="store_true",
+                        help="one run after another (a CPU: parallel runs would only share its cores)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--one", nargs=2, metavar=("ARCH", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,6 +129,8 @@ def main() -> None:
             cmd += ["--train-limit", str(args.train_limit)]
         log = (args.out / f"{name}.log").open("w")
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        if args.serial:
+            procs[name].wait()
     while any(p.poll() is None for p in procs.values()):
         if time.perf_counter() - started > args.deadline:
             for name, p in procs.items():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from exitserve.models.cascade import CASCADE_PRESETS, cascade_net
 from exitserve.models.net import MultiExitNet
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -163,7 +165,7 @@ def compact_mnist_net(num_classes: int = 10, width: int = 16, image_size: int = 
     return MultiExitNet(segments, heads)
 
 
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, Callable[[int], MultiExitNet]] = {
     "resnet-small": lambda num_classes: resnet_preset("small", num_classes),
     "resnet-medium": lambda num_classes: resnet_preset("medium", num_classes),
     "resnet-large": lambda num_classes: resnet_preset("large", num_classes),
@@ -173,6 +175,7 @@ ARCHITECTURES = {
     "mnist-compact": lambda num_classes: compact_mnist_net(num_classes, image_size=28),
     "digits-compact": lambda num_classes: compact_mnist_net(num_classes, width=8, image_size=8),
 }
+ARCHITECTURES.update({name: partial(cascade_net, stages) for name, stages in CASCADE_PRESETS.items()})
 
 
 def build_architecture(name: str, num_classes: int) -> MultiExitNet:

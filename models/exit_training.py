@@ -57,12 +57,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 def self_distilled_losses(
-    logits: list[torch.Tensor], targets: torch.Tensor, weights: list[float], alpha: float, temperature: float
+    logits: list[torch.Tensor], targets: torch.Tensor, weights: list[float], alpha: float, temperature: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Σ_k w_k [(1-α) CE_k + α KD(z_k, z_last)] over early exits, plus w_last CE_last."""
-    total = weights[-1] * F.cross_entropy(logits[-1], targets)
+    total = weights[-1] * F.cross_entropy(logits[-1], targets, label_smoothing=label_smoothing)
     for w, z in zip(weights[:-1], logits[:-1], strict=True):
-        ce = F.cross_entropy(z, targets)
+        ce = F.cross_entropy(z, targets, label_smoothing=label_smoothing)
         total = total + w * ((1.0 - alpha) * ce + alpha * distillation_loss(z, logits[-1], temperature))
     return total
 

@@ -26,6 +26,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sd-ge": {"regime": "joint", "distill_weight": 0.5, "gradient_equilibrium": True},
     # self-distillation in the mixed regime: backbone and last exit first, then every exit
     "sd-mixed": {"regime": "mixed", "distill_weight": 0.5, "gradient_equilibrium": False},
+    # Issue 27: airbench's fast-convergence recipe (arXiv 2404.00498), with gradient equilibrium between
+    # exits. Its decoupled hyperparameters (lr 11.5 and weight decay 0.0153 per 1,024 samples, momentum
+    # 0.85, summed loss) written for a mean loss at batch 1,024; the cascade presets are built for it.
+    "fast": {"regime": "joint", "distill_weight": 0.0, "gradient_equilibrium": True, "batch_size": 1024,
+             "lr": 1.5, "momentum": 0.85, "weight_decay": 0.0153 / 11.5, "label_smoothing": 0.2, "crop_pad": 2,
+             "norm_lr_scale": 64.0, "schedule": "warmup-linear", "lookahead": True},
 }
 
 

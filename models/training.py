@@ -24,12 +24,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from exitserve.models.cascade import BiasBatchNorm, fit_to_data
 from exitserve.models.data import Dataset
 from exitserve.models.exit_training import forward_with_equilibrium, random_crop_flip, self_distilled_losses
 from exitserve.models.net import MultiExitNet
 
 Regime = Literal["joint", "mixed", "heads-only"]
 REGIMES: tuple[str, ...] = ("joint", "mixed", "heads-only")
+# one-cycle: linear ramp over the first quarter, then down to 1/1000. warmup-linear: airbench's
+# ramp from 0.2x over 23 % of the steps, then linear down to 0.07x.
+Schedule = Literal["one-cycle", "warmup-linear"]
+LOOKAHEAD_EVERY = 5
+FIT_IMAGES = 5000  # training images a data-fitted layer (the whitening stem) sees
+NORM_MODULES = (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, BiasBatchNorm)
 
 
 @dataclass
@@ -50,6 +57,12 @@ class TrainConfig:
     gradient_equilibrium: bool = False  # IMTA's gradient rescaling between exits (joint phases)
     bf16: bool = False  # bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)
     device: str = "cpu"
+    # The fast recipe's parts (airbench, arXiv 2404.00498; `recipes.RECIPES["fast"]`):
+    label_smoothing: float = 0.0
+    crop_pad: int = 4  # random translation by up to this many pixels (reflect padding)
+    norm_lr_scale: float = 1.0  # batch-norm parameters learn this much faster (and decay as much less)
+    schedule: Schedule = "one-cycle"
+    lookahead: bool = False  # every 5 steps pull the weights towards their running average, more so late
 
 
 @dataclass
@@ -84,11 +97,14 @@ def exit_losses(
         terms = [F.cross_entropy(z, pseudo) - config.entropy_weight * entropy(z).mean() for z in logits[:-1]]
         return torch.stack(terms).sum()
     if phase == "backbone":
-        return F.cross_entropy(logits[-1], targets)
+        return F.cross_entropy(logits[-1], targets, label_smoothing=config.label_smoothing)
     weights = config.exit_weights or [1.0] * len(logits)
     if config.distill_weight > 0:
-        return self_distilled_losses(logits, targets, weights, config.distill_weight, config.distill_temperature)
-    return torch.stack([w * F.cross_entropy(z, targets) for w, z in zip(weights, logits, strict=True)]).sum()
+        return self_distilled_losses(logits, targets, weights, config.distill_weight, config.distill_temperature,
+                                     config.label_smoothing)
+    smoothing = config.label_smoothing
+    return torch.stack([w * F.cross_entropy(z, targets, label_smoothing=smoothing)
+                        for w, z in zip(weights, logits, strict=True)]).sum()
 
 
 @torch.no_grad()
@@ -120,6 +136,50 @@ def _trainable(net: MultiExitNet, phase: str) -> list[torch.nn.Parameter]:
     if phase == "backbone":
         return net.backbone_parameters() + list(net.heads[-1].parameters())
     return list(net.parameters())
+
+
+def _optimizer(net: MultiExitNet, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.SGD:
+    norm_ids = {id(p) for m in net.modules() if isinstance(m, NORM_MODULES) for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in norm_ids], "lr": config.lr,
+               "weight_decay": config.weight_decay}]
+    norms = [p for p in params if id(p) in norm_ids]
+    if norms:  # same decay per step as the other weights: lr x wd is kept
+        groups.append({"params": norms, "lr": config.lr * config.norm_lr_scale,
+                       "weight_decay": config.weight_decay / config.norm_lr_scale})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+
+
+def _scheduler(optimizer: torch.optim.SGD, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "warmup-linear":
+        warmup = max(1, int(0.23 * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return 0.2 + 0.8 * step / warmup
+            return 1.0 - 0.93 * min(1.0, (step - warmup) / max(1, total_steps - warmup))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps, pct_start=0.25,
+        anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
+    )
+
+
+class Lookahead:
+    """airbench's lookahead: every few steps the weights (and batch-norm statistics) become a running
+    average of themselves, weighted towards the average more as training ends, and equal to it at the end."""
+
+    def __init__(self, net: torch.nn.Module, total_steps: int):
+        self.average = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+        self.total_steps = total_steps
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        decay = 1.0 if step >= self.total_steps else 0.95**5 * (step / self.total_steps) ** 3
+        for name, value in net.state_dict().items():
+            if name in self.average:
+                self.average[name].lerp_(value, 1 - decay)
+                value.copy_(self.average[name])
 
 
 def _save_resume(path: Path, state: dict) -> None:
@@ -167,6 +227,8 @@ def train(
         torch.set_rng_state(saved["torch_rng"])
         history.epochs = [EpochRecord(**e) for e in saved["epochs"]]
         log(f"resuming from {resume_file} after epoch {len(history.epochs)}")
+    elif four_d and fit_to_data(net, torch.from_numpy(train_data.x[:FIT_IMAGES])):
+        log(f"whitening stem fitted to the patches of {min(FIT_IMAGES, len(train_data))} training images")
 
     for phase_index, (phase, epochs) in enumerate(_phases(config)):
         if epochs <= 0:
@@ -175,13 +237,9 @@ def train(
         trainable_ids = {id(p) for p in params}
         for p in net.parameters():
             p.requires_grad_(id(p) in trainable_ids)
-        optimizer = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-        )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=epochs * steps_per_epoch, pct_start=0.25,
-            anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
-        )
+        optimizer = _optimizer(net, params, config)
+        scheduler = _scheduler(optimizer, config, epochs * steps_per_epoch)
+        lookahead = Lookahead(net, epochs * steps_per_epoch) if config.lookahead else None
         first_epoch = 0
         if saved is not None:
             if saved["phase_index"] > phase_index:  # phase finished before the interruption
@@ -190,6 +248,8 @@ def train(
             if saved["phase_index"] == phase_index:
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
+                if lookahead is not None:
+                    lookahead.average = saved["lookahead"]
                 first_epoch = saved["epoch_in_phase"]
                 epoch_number += first_epoch
         equilibrium = config.gradient_equilibrium and phase == "joint"
@@ -209,7 +269,7 @@ def train(
                 x = x_all[idx.to(x_all.device)]
                 y = y_all[idx.to(y_all.device)]
                 if augment:
-                    x = random_crop_flip(x, generator)
+                    x = random_crop_flip(x, generator, pad=config.crop_pad)
                 x = x.to(device)
                 if four_d:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -220,6 +280,9 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                step_in_phase = epoch_in_phase * steps_per_epoch + step + 1
+                if lookahead is not None and (step_in_phase % LOOKAHEAD_EVERY == 0 or step_in_phase == lookahead.total_steps):
+                    lookahead.update(net, step_in_phase)
                 total += loss.detach().float() * len(idx)
                 seen += len(idx)
                 if progress and step % 20 == 0:
@@ -233,6 +296,7 @@ def train(
                     "scheduler": scheduler.state_dict(), "phase_index": phase_index, "epoch_in_phase": epoch_in_phase + 1,
                     "generator": generator.get_state(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "epochs": [asdict(e) for e in history.epochs],
+                    "lookahead": lookahead.average if lookahead is not None else None,
                 })
             # Without validation data there is nothing to report per exit: say so rather than print an empty list.
             accs = " ".join(f"{a:6.2%}" for a in val_acc) if val_acc else "(no validation data)"

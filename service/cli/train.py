@@ -10,6 +10,8 @@ from exitserve.service.cli.flags import add_parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import torch
 
     from exitserve.models.recipes import apply_recipe, run_training
@@ -18,14 +20,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
-        regime=args.regime, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, entropy_weight=args.entropy_weight,
+        regime=args.regime, seed=args.seed, entropy_weight=args.entropy_weight,
         backbone_epochs=args.backbone_epochs, augment=not args.no_augment, bf16=args.bf16, device=args.device,
         distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
         gradient_equilibrium=args.gradient_equilibrium,
     )
+    # a recipe sets its own batch size, learning rate and decay; flags given on the command line win
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay}
+    config = replace(apply_recipe(config, args.recipe), **{k: v for k, v in given.items() if v is not None})
     checkpoint = run_training(
-        None if args.init else args.arch, args.data, Path(args.out), apply_recipe(config, args.recipe),
+        None if args.init else args.arch, args.data, Path(args.out), config,
         split_seed=args.split_seed, init=Path(args.init) if args.init else None, train_limit=args.train_limit,
         progress=not args.no_progress,
     )
@@ -47,24 +51,27 @@ def _cmd_train_text(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "train", "train a multi-exit network (needs the `train` extra)")
     p.add_argument("--arch", default="resnet-large",
-                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, resnet-deep-late-lean, mnist-compact, digits-compact")
+                   help="resnet-small, resnet-medium, resnet-large, resnet-deep, resnet-deep-late, resnet-deep-late-lean, "
+                        "mnist-compact, digits-compact; cascade-large (a three-exit cascade, issue 27) and the "
+                        "static networks of its family cascade-w16, -w32, -w48, -w64, -w64-256 (train with --recipe fast)")
     p.add_argument("--data", default="cifar10", help="cifar10, mnist or digits")
     p.add_argument("--regime", default="joint", choices=["joint", "mixed", "heads-only"],
                    help="joint: every exit on the labels; mixed: backbone first, then joint; "
                         "heads-only: frozen backbone, self-supervised exit heads")
     p.add_argument("--init", help="start from this checkpoint (required for heads-only)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs over the training split")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per training step")
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--epochs", type=int, help="epochs over the training split (default 30)")
+    p.add_argument("--batch-size", type=int, help="samples per training step (default 256; the fast recipe: 1024)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.2; the fast recipe: 1.5)")
+    p.add_argument("--weight-decay", type=float, help="SGD weight decay (default 5e-4; the fast recipe: 1.33e-3)")
     p.add_argument("--backbone-epochs", type=int, help="mixed: epochs of the backbone-only phase (default: half)")
     p.add_argument("--entropy-weight", type=float, default=0.1, help="heads-only: lambda in CE - lambda*entropy")
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="self-distillation: early exits learn (1-a) CE + a KL from the last exit (0 = off)")
     p.add_argument("--distill-temperature", type=float, default=3.0, help="self-distillation: softmax temperature")
     p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA's gradient equilibrium between exits")
-    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed"],
-                   help="named recipe (models/recipes.py): sets --regime, --distill-weight, --gradient-equilibrium")
+    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed", "fast"],
+                   help="named recipe (models/recipes.py): sets --regime, --distill-weight, --gradient-equilibrium; "
+                        "fast: airbench's recipe (label smoothing, whitened stem, lookahead, batch 1024)")
     p.add_argument("--train-limit", type=int, help="train on N random training samples only (timing, tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")

@@ -23,7 +23,10 @@ def test_apply_recipe_sets_only_the_recipe_fields() -> None:
     assert apply_recipe(base, "sd-mixed").regime == "mixed"
     with pytest.raises(ValueError, match="unknown recipe"):
         apply_recipe(base, "nope")
-    assert set(RECIPES) == {"plain", "sd", "ge", "sd-ge", "sd-mixed"}
+    assert set(RECIPES) == {"plain", "sd", "ge", "sd-ge", "sd-mixed", "fast"}
+    fast = apply_recipe(base, "fast")  # airbench's recipe brings its own batch size, learning rate and decay
+    assert (fast.batch_size, fast.lr, fast.momentum, fast.label_smoothing, fast.lookahead) == (1024, 1.5, 0.85, 0.2, True)
+    assert fast.lr * fast.weight_decay == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15)))  # decay per step
 
 
 def test_train_command_runs_a_recipe_and_a_rerun_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,3 +46,13 @@ def test_train_command_runs_a_recipe_and_a_rerun_resumes(tmp_path: Path, capsys:
     again, _ = load_checkpoint(out / "checkpoint.pt")
     for key, value in again.state_dict().items():
         assert torch.equal(value, first[key]), key
+
+
+def test_flags_on_the_command_line_win_over_the_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--arch", "digits-compact", "--data", "digits", "--recipe", "fast", "--epochs", "1",
+            "--batch-size", "64", "--train-limit", "300", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    config = json.loads((out / "history.json").read_text())["config"]
+    assert config["batch_size"] == 64 and config["lr"] == 1.5 and config["label_smoothing"] == 0.2
+    assert config["schedule"] == "warmup-linear" and config["norm_lr_scale"] == 64.0
