@@ -175,7 +175,20 @@ def render(report: dict) -> str:
     split0 = report["splits"][0]
     lines += ["", f"| {report['large_name']} exit | MFLOPs | test error (split 0) |", "| --- | --- | --- |"]
     lines += [f"| {e['index']} | {e['mflops']:.1f} | {100 * e['error']:.2f} % |" for e in split0["large"]["exits"]]
+    lines += ["", "| network | MFLOPs | epochs | training on this machine's CPU |", "| --- | --- | --- | --- |"]
+    for name, t in report["training"].items():
+        minutes = "–" if t["train_seconds"] is None else f"{t['train_seconds'] / 60:.1f} min"
+        lines.append(f"| {name.removeprefix('cifar10-')} | {t['mflops']:.1f} | {t['epochs']} | {minutes} ({t['device']}) |")
     return "\n".join(lines)
+
+
+def training(bundle: Bundle) -> dict:
+    """How the bundle's network was trained, from its manifest's provenance."""
+    extra = bundle.manifest.created_by.extra
+    config = extra.get("train_config") or {}
+    return {"architecture": extra.get("architecture"), "epochs": config.get("epochs"), "device": config.get("device"),
+            "bf16": config.get("bf16"), "train_seconds": extra.get("train_seconds"),
+            "mflops": bundle.manifest.exits[-1].cumulative_flops / 1e6}
 
 
 def main() -> None:
@@ -206,6 +219,7 @@ def main() -> None:
         "data": "cifar10 val (5,000 held-out training images) + test (10,000); split 0 standard, others re-drawn",
         "large_name": args.large_name, "large_bundle": large_bundle.manifest.name,
         "paper_ratio": PAPER_RATIO,
+        "training": {b.manifest.name: training(b) for b in (large_bundle, *small_bundles)},
         "splits": splits,
         "summary": summarise(splits, names),
         "seconds": time.perf_counter() - start,

@@ -125,17 +125,50 @@ def beta_ppf(q, a, b, tol: float = 1e-14, max_iter: int = 200, start: np.ndarray
     return x.reshape(np.broadcast_shapes(q.shape))
 
 
-def clopper_pearson_lower(correct, count, alpha: float = 0.05) -> np.ndarray:
+def check_design_effect(design_effect: float) -> None:
+    if not (math.isfinite(design_effect) and design_effect >= 1.0):
+        raise ValueError(f"design_effect must be a finite number >= 1, got {design_effect}")
+
+
+def design_effect(correct_per_exit: list[np.ndarray], groups: np.ndarray) -> float:
+    """Kish's design effect of each exit's success rate when samples come in clusters (`groups`, one
+    id per sample): the cluster-robust variance of the rate over the binomial one; the largest over
+    the exits, and at least 1. An exit right (or wrong) everywhere says nothing and is skipped."""
+    _, cluster = np.unique(np.asarray(groups), return_inverse=True)
+    count = int(cluster.max()) + 1 if cluster.size else 0
+    rates = [np.asarray(correct, dtype=np.float64) for correct in correct_per_exit]
+    for y in rates:
+        if y.shape != cluster.shape:
+            raise ValueError(f"groups: {cluster.size} ids for {y.size} samples")
+    worst = 1.0
+    if count < 2:
+        return worst
+    for y in rates:
+        p = float(y.mean())
+        if p <= 0.0 or p >= 1.0:
+            continue
+        residual = np.bincount(cluster, weights=y - p, minlength=count)
+        clustered = count / (count - 1) * float(np.square(residual).sum()) / y.size**2
+        worst = max(worst, clustered / (p * (1.0 - p) / y.size))
+    return worst
+
+
+def clopper_pearson_lower(correct, count, alpha: float = 0.05, design_effect: float = 1.0) -> np.ndarray:
     """One-sided (1 - alpha) Clopper–Pearson lower bound on the success rate, elementwise.
 
     0 for an empty bin (no evidence) and for k = 0; alpha ** (1 / n) in closed form for k = n.
-    Unique (k, n) pairs are solved once, since tables repeat them a lot.
+    Unique (k, n) pairs are solved once, since tables repeat them a lot. `design_effect` (>= 1)
+    divides both counts: samples that come in correlated clusters (the tokens of one answer) carry
+    the evidence of fewer independent ones (Kish's effective sample size).
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    check_design_effect(design_effect)
     k = np.asarray(correct, dtype=np.int64)
     n = np.asarray(count, dtype=np.int64)
     k, n = np.broadcast_arrays(k, n)
+    if design_effect != 1.0:
+        k, n = k / design_effect, n / design_effect
     if np.any(k < 0) or np.any(k > n):
         raise ValueError("need 0 <= correct <= count in every bin")
     out = np.zeros(k.shape, dtype=np.float64)

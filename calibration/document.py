@@ -127,6 +127,8 @@ class CalibrationDocument(_Strict):
     tail_bins: int | None = Field(default=None, ge=1)
     window: int = Field(ge=0)
     alpha: float = Field(gt=0.0, lt=1.0)
+    # samples per effective sample (clustered calibration data, e.g. the tokens of one answer); 1: independent
+    design_effect: float = Field(default=1.0, ge=1.0, allow_inf_nan=False)
     prior: list[float] | None = Field(default=None, min_length=2, max_length=2)
     labels_known: bool
     validation_size: int = Field(ge=0)

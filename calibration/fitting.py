@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 
 from exitserve.calibration.binning import bin_counts, bin_index, check_edges, make_edges
+from exitserve.calibration.bounds import design_effect
 from exitserve.calibration.confidence import check_measure
 from exitserve.calibration.document import (
     CONDITIONAL_KINDS,
@@ -99,9 +100,12 @@ def build_calibration_dict(
     prior: tuple[float, float] = DEFAULT_PRIOR,
     tail_bins: int = DEFAULT_TAIL_BINS,
     features: InputFeatures | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict:
     """The calibration.json document; `features` (the first segment's pooled statistics of the same
-    samples, and the bundle's name for them) adds the input guard."""
+    samples, and the bundle's name for them) adds the input guard. `groups` (one cluster id per
+    sample, e.g. the answer a token belongs to) makes every lower bound count effective samples:
+    the design effect of the clustering (`bounds.design_effect`) is measured and stored."""
     arrays, labels = check_logits(logits_per_exit, labels)
     check_measure(confidence)
     grid = check_grid(delta_grid)
@@ -112,9 +116,16 @@ def build_calibration_dict(
     observations = observe_logits(arrays, temperatures, confidence)
     edges = [check_edges(make_edges(conf, bins, binning)) for conf in observations.confidence]
     tails = [check_edges(make_edges(conf, tail_bins, "equal-mass")) for conf in observations.confidence]
+    effect = 1.0
+    if groups is not None:
+        if np.shape(groups) != (observations.size,):
+            raise ValueError(f"groups: need one cluster id per sample ({observations.size}), got shape {np.shape(groups)}")
+        reference = labels if labels is not None else observations.prediction[-1]
+        effect = design_effect([np.asarray(p) == reference for p in observations.prediction], np.asarray(groups))
     document = tables_document(
         observations, labels, temperatures, edges, tails, confidence=confidence, bins=bins, binning=binning,
         window=window, alpha=alpha, grid=grid, data_fingerprint=data_fingerprint, prior=prior, tail_bins=tail_bins,
+        design_effect=effect,
     )
     if features is not None:
         if len(features.values) != observations.size:
@@ -161,6 +172,7 @@ def refit_document(base: dict, observations: Observations, labels: np.ndarray, *
         confidence=base["confidence"], bins=int(base["bins"]), binning=base["binning"], window=int(base["window"]),
         alpha=float(base["alpha"]), grid=check_grid(base["delta_grid"]), data_fingerprint=data_fingerprint,
         prior=tuple(base.get("prior") or DEFAULT_PRIOR), tail_bins=tail_bins,
+        design_effect=float(base.get("design_effect", 1.0)),  # served observations carry no clusters: keep it
     )
     # Served observations carry no features: the input guard stays the one fitted on the base's data.
     if base.get("input_guard") is not None:
@@ -191,6 +203,7 @@ def tables_document(
     data_fingerprint: str,
     prior: tuple[float, float] = DEFAULT_PRIOR,
     tail_bins: int = DEFAULT_TAIL_BINS,
+    design_effect: float = 1.0,
 ) -> dict:
     """The calibration.json document for fixed temperatures and edges, counted from `observations`."""
     num_exits = len(observations.confidence)
@@ -223,7 +236,7 @@ def tables_document(
             "correct": hits.tolist(),
             "accuracy": _nullable(table_values("accuracy", counts, hits, prior=prior)),
             "smoothed_accuracy": _nullable(table_values("smoothed", counts, hits, window=window, prior=prior)),
-            "lower_bound": table_values("lower", counts, hits, alpha=alpha).tolist(),
+            "lower_bound": table_values("lower", counts, hits, alpha=alpha, design_effect=design_effect).tolist(),
             "per_exit_threshold": {"thresholds": thresholds.tolist(), "precision": precision.tolist()},
             "conditional": {},
             "agreement": {"counts": agree_counts.tolist(), "agree": agree_hits.tolist()},
@@ -239,7 +252,7 @@ def tables_document(
 
     cond_leave: dict[str, list[np.ndarray]] = {policy: [] for policy in CONDITIONAL_KINDS}
     for policy, kind in CONDITIONAL_KINDS.items():
-        values = partial(table_values, kind, window=window, alpha=alpha, prior=prior)
+        values = partial(table_values, kind, window=window, alpha=alpha, prior=prior, design_effect=design_effect)
         def allowed(c: np.ndarray, h: np.ndarray, values: partial[np.ndarray] = values) -> np.ndarray:
             return exit_allowed(values(*borrow_empty_rows(c, h)), grid)
 
@@ -252,17 +265,19 @@ def tables_document(
 
     tail_sizes = [e.size - 1 for e in tail_edges_per_exit]
     tails = {"pcee-lb-tail": conditional_counts(
-        lambda c, h: tail_values(c, h, grid, alpha) >= grid[:, None],
+        lambda c, h: tail_values(c, h, grid, alpha, design_effect) >= grid[:, None],
         tail_bins_per_exit, correct_per_exit, tail_sizes, grid,
     )}
     confidences = [np.where(observations.observed(k), np.asarray(observations.confidence[k], np.float64), np.nan)
                    for k in range(num_exits)]
-    global_t, global_n, global_k = fit_global_threshold(confidences, correct_per_exit, grid, alpha)
+    global_t, global_n, global_k = fit_global_threshold(confidences, correct_per_exit, grid, alpha,
+                                                        design_effect=design_effect)
     # Every other policy's guard is a tail table of the samples its own rule lets leave (policies.Policy.fit_leave).
     fit = FitInputs(
         grid=grid, confidence=confidences, margin=margins_per_exit, bins=bins_per_exit,
         table_decide={kind: [with_sentinel(table_values(kind, np.asarray(e["counts"]), np.asarray(e["correct"]),
-                                                         window=window, alpha=alpha, prior=prior), -np.inf)
+                                                         window=window, alpha=alpha, prior=prior,
+                                                         design_effect=design_effect), -np.inf)
                              for e in exits] for kind in TABLE_KINDS},
         conditional_leave=cond_leave,
         margin_thresholds=[_margin_thresholds(*records[k], grid) for k in range(num_exits)],
@@ -285,6 +300,7 @@ def tables_document(
         "tail_bins": int(tail_bins),
         "window": int(window),
         "alpha": float(alpha),
+        "design_effect": float(design_effect),
         "prior": [float(prior[0]), float(prior[1])],
         "labels_known": labels is not None,
         "validation_size": observations.size,
@@ -347,6 +363,7 @@ def fit_calibration(
     prior: tuple[float, float] = DEFAULT_PRIOR,
     tail_bins: int = DEFAULT_TAIL_BINS,
     features: InputFeatures | None = None,
+    groups: np.ndarray | None = None,
 ) -> Calibration:
     """Fit temperatures and every table on validation logits [n, C] per exit.
 
@@ -358,6 +375,6 @@ def fit_calibration(
     document = build_calibration_dict(
         logits_per_exit, labels, confidence=confidence, bins=bins, binning=binning, window=window,
         alpha=alpha, delta_grid=delta_grid, fit_temperature=fit_temperature, data_fingerprint=data_fingerprint,
-        prior=prior, tail_bins=tail_bins, features=features,
+        prior=prior, tail_bins=tail_bins, features=features, groups=groups,
     )
     return Calibration.from_dict(document)

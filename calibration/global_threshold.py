@@ -55,12 +55,13 @@ def pooled_answers(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarr
 
 
 def fit_global_threshold(confidences: Sequence[np.ndarray], correct: Sequence[np.ndarray], grid: np.ndarray,
-                         alpha: float, candidates: int = DEFAULT_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         alpha: float, candidates: int = DEFAULT_CANDIDATES, design_effect: float = 1.0,
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([G] thresholds, NaN where none passes; [G] counts and [G] correct counts of the answers behind each)."""
     thresholds = candidate_thresholds(confidences, candidates)
     counts, right = pooled_answers(confidences, correct, thresholds)
-    bounds = clopper_pearson_lower(right, counts, alpha)
-    need = minimum_tail(grid, alpha)
+    bounds = clopper_pearson_lower(right, counts, alpha, design_effect)
+    need = design_effect * minimum_tail(grid, alpha)
     chosen = np.full(grid.size, np.nan)
     chosen_counts = np.zeros(grid.size, np.int64)
     chosen_right = np.zeros(grid.size, np.int64)

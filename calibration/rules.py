@@ -125,6 +125,7 @@ class Calibration:
         self.measure: str = document["confidence"]
         self.binning: str = document["binning"]
         self.alpha: float = document["alpha"]
+        self.design_effect: float = document.get("design_effect", 1.0)
         self.window: int = document["window"]
         self.validation_size: int = document["validation_size"]
         self.data_fingerprint: str = document["data_fingerprint"]
@@ -159,9 +160,11 @@ class Calibration:
         except ValueError as exc:
             raise ValueError(f"calibration: delta_grid: {exc}") from exc
         settings = _Settings(window=doc.window, alpha=doc.alpha, prior=doc.beta_prior,
-                             validation_size=doc.validation_size, schema=doc.schema_version)
+                             validation_size=doc.validation_size, schema=doc.schema_version,
+                             design_effect=doc.design_effect)
         exits = [_parse_exit(raw, k, grid, settings) for k, raw in enumerate(doc.exits)]
-        global_threshold = None if doc.global_threshold is None else _global_threshold(doc.global_threshold, grid, doc.alpha)
+        global_threshold = None if doc.global_threshold is None else _global_threshold(
+            doc.global_threshold, grid, doc.alpha, doc.design_effect)
         try:
             guard = None if doc.input_guard is None else InputGuard.from_document(doc.input_guard)
         except ValueError as exc:
@@ -371,7 +374,8 @@ class Calibration:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def _global_threshold(raw: GlobalThreshold, grid: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def _global_threshold(raw: GlobalThreshold, grid: np.ndarray, alpha: float, design_effect: float,
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """([G] thresholds, +inf where none passed; [G] their guarded bounds), checked against the counts."""
     where = "calibration: global_threshold"
     if not len(raw.thresholds) == len(raw.counts) == len(raw.correct) == grid.size:
@@ -382,7 +386,7 @@ def _global_threshold(raw: GlobalThreshold, grid: np.ndarray, alpha: float) -> t
         raise ValueError(f"{where}: more correct answers than answers")
     thresholds = _float_array(raw.thresholds, f"{where}: thresholds")
     found = np.isfinite(thresholds)
-    bounds = np.where(found, clopper_pearson_lower(correct, counts, alpha), 0.0)
+    bounds = np.where(found, clopper_pearson_lower(correct, counts, alpha, design_effect), 0.0)
     if np.any(bounds[found] < grid[found] - _CONSISTENCY_TOLERANCE):
         raise ValueError(f"{where}: a threshold whose answers' bound is below its δ (edited by hand?)")
     return np.where(found, thresholds, np.inf), bounds
@@ -398,6 +402,7 @@ class _Settings:
     prior: tuple[float, float]
     validation_size: int
     schema: int
+    design_effect: float = 1.0
 
 
 def _int_array(value: list, where: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -469,7 +474,8 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
     if counts.sum() > settings.validation_size:
         raise ValueError(f"{where}: {counts.sum()} samples in the bins but validation_size is {settings.validation_size}")
 
-    values_of = partial(table_values, window=settings.window, alpha=settings.alpha, prior=settings.prior)
+    values_of = partial(table_values, window=settings.window, alpha=settings.alpha, prior=settings.prior,
+                        design_effect=settings.design_effect)
     values = {kind: values_of(kind, counts, correct) for kind in TABLE_KINDS}
     for kind, key in _STORED_TABLES.items():
         _check_consistent(_float_array(getattr(raw, key), f"{where}: {key}"), values[kind], f"{where}: {key}")
@@ -516,7 +522,7 @@ def _parse_exit(raw: ExitDocument, k: int, grid: np.ndarray, settings: _Settings
             if block is None:
                 raise ValueError(f"{where}: tail: no table for {policy}")
             rows_counts, rows_correct = _grid_rows(block, tail_edges.size - 1, grid, f"{where}: tail {policy}")
-            tail = tail_values(rows_counts, rows_correct, grid, settings.alpha)
+            tail = tail_values(rows_counts, rows_correct, grid, settings.alpha, settings.design_effect)
             tail_guard[policy] = with_sentinel(tail, 0.0)
             tail_estimate[policy] = with_sentinel(bin_estimates(rows_counts, rows_correct, settings.window, settings.prior), 0.0)
             if policy == "pcee-lb-tail":

@@ -39,7 +39,7 @@ def window_sums(values: np.ndarray, window: int) -> np.ndarray:
 
 def table_values(
     kind: str, counts: np.ndarray, correct: np.ndarray, *, window: int = 1, alpha: float = 0.05,
-    prior: tuple[float, float] = (0.0, 0.0),
+    prior: tuple[float, float] = (0.0, 0.0), design_effect: float = 1.0,
 ) -> np.ndarray:
     """Table values along the last axis. `prior` (a, b): Beta pseudo-counts of correct and wrong
     samples added to every bin of the unbounded tables (posterior mean), so that a bin of one
@@ -48,7 +48,7 @@ def table_values(
     correct = np.asarray(correct, dtype=np.int64)
     empty = counts == 0
     if kind == "lower":
-        return clopper_pearson_lower(correct, counts, alpha)
+        return clopper_pearson_lower(correct, counts, alpha, design_effect)
     if kind == "accuracy":
         num, den = correct.astype(np.float64), counts.astype(np.float64)
     elif kind == "smoothed":

@@ -49,16 +49,18 @@ def minimum_tail(delta: np.ndarray, alpha: float) -> np.ndarray:
         return np.where(delta >= 1.0, np.inf, np.ceil(math.log(alpha) / np.log(np.minimum(delta, 1.0 - 1e-16))))
 
 
-def tail_values(counts: np.ndarray, correct: np.ndarray, grid: np.ndarray, alpha: float) -> np.ndarray:
-    """Fixed-sequence guarded tail values [G, M] from per-bin counts and correct counts [G, M] (or [M])."""
+def tail_values(counts: np.ndarray, correct: np.ndarray, grid: np.ndarray, alpha: float,
+                design_effect: float = 1.0) -> np.ndarray:
+    """Fixed-sequence guarded tail values [G, M] from per-bin counts and correct counts [G, M] (or [M]);
+    `design_effect` as in `bounds.clopper_pearson_lower` (the tail sizes tested count effective samples)."""
     counts = np.atleast_2d(np.asarray(counts, dtype=np.int64))
     correct = np.atleast_2d(np.asarray(correct, dtype=np.int64))
     grid = np.asarray(grid, dtype=np.float64)
     counts, correct = np.broadcast_to(counts, (grid.size, counts.shape[-1])), np.broadcast_to(correct, (grid.size, counts.shape[-1]))
     tail_n = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
     tail_k = np.cumsum(correct[:, ::-1], axis=1)[:, ::-1]
-    bound = clopper_pearson_lower(tail_k, tail_n, alpha)
-    tested = tail_n >= minimum_tail(grid, alpha)[:, None]  # a prefix of the bins: tail_n falls with b
+    bound = clopper_pearson_lower(tail_k, tail_n, alpha, design_effect)
+    tested = tail_n >= design_effect * minimum_tail(grid, alpha)[:, None]  # a prefix of the bins: tail_n falls with b
     running = np.minimum.accumulate(np.where(tested, bound, np.inf)[:, ::-1], axis=1)[:, ::-1]
     # Bins above the first candidate leave with it: they take its value.
     first = tested.sum(axis=1) - 1  # index of the first (highest) tested edge, -1 when none

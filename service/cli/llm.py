@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-prompts", type=int, default=640,
                    help="chat prompts the model answers itself (60 %% train, 20 %% calibration, 20 %% test); 0: none")
     p.add_argument("--chat-tokens", type=int, default=128, help="longest answer per chat prompt, in tokens")
+    p.add_argument("--independent-tokens", action="store_true",
+                   help="guards count every calibration token as an independent sample (before issue 28: "
+                        "they count answers and 512-token chunks of text by their design effect)")
     p.add_argument("--chat-news", default="../shared/data/text/agnews/test.tsv",
                    help="news articles some chat prompts ask about (AG News test: no head trains on it)")
     p.add_argument("--calibration-tokens", type=int, default=8192,

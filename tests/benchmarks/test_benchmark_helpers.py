@@ -85,3 +85,47 @@ def test_summarise_counts_violations_per_delta_over_splits() -> None:
     assert [r["violations"] for r in out] == [0, 1]
     assert out[1]["violation_rate"] == 0.5 and out[1]["splits_with_promise"] == 1
     assert out[1]["accuracy_promised_min"] == pytest.approx(0.88)
+
+
+def test_cascade_headline_splits_partition_the_pooled_images_and_split_0_is_the_standard_one() -> None:
+    import headline_cascade
+
+    cal, test = headline_cascade.split_indices(5000, 10000, 0)
+    assert cal.tolist() == list(range(5000)) and test.tolist() == list(range(5000, 15000))
+    for split in (1, 2):
+        cal, test = headline_cascade.split_indices(5000, 10000, split)
+        assert cal.size == 5000 and test.size == 10000 and not set(cal) & set(test)
+        assert set(cal) | set(test) == set(range(15000))
+    assert not np.array_equal(headline_cascade.split_indices(5000, 10000, 1)[0], headline_cascade.split_indices(5000, 10000, 2)[0])
+
+
+def test_cascade_headline_ratio_against_each_static_network_and_the_strongest_one_that_costs_no_more() -> None:
+    import headline_cascade
+
+    smalls = [{"name": "a", "mflops": 10.0, "error": 0.20}, {"name": "b", "mflops": 30.0, "error": 0.25},
+              {"name": "c", "mflops": 60.0, "error": 0.10}]
+    assert headline_cascade.static_frontier_error(smalls, 30.0) == 0.20  # the cheaper "a" beats "b" at b's cost
+    assert headline_cascade.static_frontier_error(smalls, 5.0) is None
+    large = {"policies": {p: rows([(20.0, 0.16), (40.0, 0.12), (80.0, 0.08)]) for p in headline_cascade.POLICIES}}
+    out = headline_cascade.compare_split(large, smalls)["pcee"]
+    assert out["a"]["large_error"] is None  # the large model cannot be as cheap as "a"
+    assert out["b"]["ratio"] == pytest.approx(0.14 / 0.25) and out["b"]["ratio_vs_strongest"] == pytest.approx(0.14 / 0.20)
+    assert out["c"]["large_mflops_to_match"] == pytest.approx(60.0)
+    summary = headline_cascade.summarise([{"comparison": {p: headline_cascade.compare_split(large, smalls)[p]
+                                                          for p in headline_cascade.POLICIES}}] * 2, ["a", "b", "c"])
+    assert summary["pcee"]["a"]["ratio_mean"] is None and not summary["pcee"]["a"]["goal_met"]
+    assert summary["pcee"]["b"]["goal_met"] and summary["pcee"]["b"]["ratio_min"] == summary["pcee"]["b"]["ratio_max"]
+
+
+def test_wallclock_serves_the_large_model_at_the_smallest_delta_that_matches_the_small_error() -> None:
+    import headline_wallclock
+
+    report = {"splits": [{"smalls": [{"name": "s", "mflops": 30.0, "error": 0.12}],
+                          "large": {"policies": {"pcee-lb-tail": [
+                              {"delta": 0.5, "error": 0.20, "mflops": 15.0}, {"delta": 0.8, "error": 0.119, "mflops": 25.0},
+                              {"delta": 0.9, "error": 0.10, "mflops": 40.0}]}}}]}
+    delta, match = headline_wallclock.matching_delta(report, "s", "pcee-lb-tail")
+    assert delta == 0.8 and match["large_mflops"] == 25.0 and match["small_error"] == 0.12
+    report["splits"][0]["smalls"][0]["error"] = 0.05
+    with pytest.raises(SystemExit, match="never reaches"):
+        headline_wallclock.matching_delta(report, "s", "pcee-lb-tail")

@@ -26,6 +26,7 @@ import torch
 from exitserve.calibration import Calibration, decide_all
 from exitserve.calibration.io import save_calibration
 from exitserve.models.bundle import load_bundle
+from exitserve.models.llm.chat_text import ChatText
 from exitserve.models.llm.head_training import HeadTrainConfig, agreement_report, head_logits, train_head
 from exitserve.models.llm.heads import OUTSIDE_ROWS, ExitHeads, choose_vocab
 from exitserve.models.llm.hidden_cache import HiddenCache, cache_hidden, corpus_tokens, text_tokens
@@ -36,6 +37,8 @@ from exitserve.service.serving.generation.runners import RunnerKind
 
 SELECTION_DELTA = 0.9
 SELECTION_POLICY = "pcee"
+# tokens of running text counted as one cluster by the guards (benchmarks/llm_promise.py bootstraps the same chunks)
+TEXT_CLUSTER = 512
 
 
 def save_heads(heads: ExitHeads, path: Path) -> None:
@@ -182,17 +185,28 @@ def _text_cache(model: LlamaModel, make_ids: Callable[[], np.ndarray]) -> Callab
     return lambda layers: cache_hidden(model, make_ids(), layers)
 
 
+def token_groups(text_tokens: int, answer_lengths: list[int]) -> np.ndarray:
+    """One cluster id per calibration token: chunks of TEXT_CLUSTER tokens of the running text, then one per answer."""
+    text = np.arange(text_tokens) // TEXT_CLUSTER
+    first = int(text[-1]) + 1 if text_tokens else 0
+    return np.concatenate([text, np.repeat(np.arange(len(answer_lengths)) + first, answer_lengths)]).astype(np.int64)
+
+
+def chat_text_path(name: str, cache_dir: Path, args: dict) -> Path:
+    return cache_dir / f"{name}-chat-{int(args['chat_prompts'])}-{int(args.get('chat_tokens') or 128)}.json"
+
+
 def chat_caches(bundle_dir: Path, model: LlamaModel, cache_dir: Path, layers: list[int], args: dict,
                 splits: tuple[str, ...] = ("train", "calibration")) -> dict[str, HiddenCache]:
     """Hidden states of the model's own answers to chat prompts, per prompt split (generated once)."""
     from prometheus_client import CollectorRegistry
 
-    from exitserve.models.llm.chat_text import ChatText, cache_answers, chat_prompts, generate_chat_text
+    from exitserve.models.llm.chat_text import cache_answers, chat_prompts, generate_chat_text
     from exitserve.service.serving.generation.model import load_generation_model
 
     count, max_new = int(args["chat_prompts"]), int(args.get("chat_tokens") or 128)
     name = load_bundle(bundle_dir).manifest.name
-    path = cache_dir / f"{name}-chat-{count}-{max_new}.json"
+    path = chat_text_path(name, cache_dir, args)
     news = Path(args["chat_news"]) if args.get("chat_news") else None
     if path.is_file():
         chat = ChatText.load(path)
@@ -237,10 +251,15 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
                   _text_cache(model, lambda: text_tokens(tokenizer, files[0], skip=-cal_tokens)))
     train = _cached(model, cache_dir, f"{name}-train-{'+'.join(f.stem for f in files)}-{train_tokens}-{cal_tokens}",
                     layers, _text_cache(model, lambda: corpus_tokens(tokenizer, files, train_tokens, hold_out=cal_tokens)))
+    answer_lengths: list[int] = []
+    text_size = cal.size
     if int(args.get("chat_prompts") or 0):
         chat = chat_caches(bundle_dir, model, cache_dir, layers, args)
         print(f"chat text: {chat['train'].size} training and {chat['calibration'].size} calibration tokens")
         train, cal = train.joined(chat["train"]), cal.joined(chat["calibration"])
+        answers = ChatText.load(chat_text_path(name, cache_dir, args)).split("calibration").answer_ids
+        answer_lengths = [len(a) for a in answers if a]  # as cache_answers lays them out
+    groups = None if args.get("independent_tokens") else token_groups(text_size, answer_lengths)
     train_tokens = train.size
     last = model.config.num_layers - 1
     vocab = choose_vocab(train.full_argmax.numpy(), int(args["head_vocab"]), always=spec.eos_ids)
@@ -289,7 +308,8 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     for new, old in enumerate(keep):
         final.heads[new].load_state_dict(heads.heads[old].state_dict())
     calibration = fit_token_calibration([cal_logits[layer] for layer in chosen], vocab, cal.full_argmax.numpy(),
-                                        model.config.vocab_size, data_fingerprint=cal.fingerprint)
+                                        model.config.vocab_size, data_fingerprint=cal.fingerprint, groups=groups)
+    print(f"design effect of the calibration tokens: {calibration.design_effect:.2f} tokens per effective sample")
     write_exits(bundle_dir, final, calibration, [*chosen, last], command="exitserve train-llm-heads",
                 data_fingerprint=cal.fingerprint,
                 extra={"head_training": {"loss": config.loss, "temperature": config.temperature, "steps": config.steps,

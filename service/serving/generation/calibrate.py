@@ -15,13 +15,15 @@ from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab
 
 def fit_token_calibration(head_logits: list[np.ndarray], vocab: np.ndarray, full_argmax: np.ndarray, vocab_size: int,
                           *, confidence: str = "max-softmax", bins: int = 20, binning: str = "equal-mass",
-                          alpha: float = 0.05, data_fingerprint: str = "") -> Calibration:
-    """head_logits: per early exit [n, K] or [n, K + 1] (`ExitHeads.logits`); full_argmax [n]: the full model's next token at each position."""
+                          alpha: float = 0.05, data_fingerprint: str = "", groups: np.ndarray | None = None) -> Calibration:
+    """head_logits: per early exit [n, K] or [n, K + 1] (`ExitHeads.logits`); full_argmax [n]: the full model's next token at each position.
+    groups: the cluster of each token (its answer, its chunk of running text): the guards then count
+    effective samples, since the tokens of one answer agree or disagree together (`bounds.design_effect`)."""
     columns = vocab_index(vocab, vocab_size)[full_argmax]
     per_exit = [calibration_logits(z.astype(np.float32), vocab.size) for z in head_logits]
     per_exit.append(one_hot_logits(columns, vocab.size))
     return fit_calibration(per_exit, None, confidence=confidence, bins=bins, binning=binning, fit_temperature=False,
-                           alpha=alpha, data_fingerprint=data_fingerprint)
+                           alpha=alpha, data_fingerprint=data_fingerprint, groups=groups)
 
 
 def agreement(head_logits: np.ndarray, vocab: np.ndarray, full_argmax: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from exitserve.models.llm.heads import (
     vocab_index,
 )
 from exitserve.models.llm.hidden_cache import cache_hidden
-from exitserve.service.serving.generation.build import select_exits
+from exitserve.service.serving.generation.build import select_exits, token_groups
 from exitserve.service.serving.generation.calibrate import agreement, fit_token_calibration
 
 
@@ -112,6 +112,14 @@ def test_training_raises_agreement_and_tables_count_it():
     chosen = select_exits({1: logits[0], 3: logits[1]}, vocab, full, TINY.vocab_size, TINY.num_layers,
                           check_cost=0.1, max_exits=2, log=lambda *_: None)
     assert chosen == sorted(chosen) and set(chosen) <= {1, 3}
+
+    # tokens counted in clusters (issue 28): the stored design effect is measured, and guards get no looser
+    groups = token_groups(600, [100, 150, 150])
+    assert groups.shape == full.shape and groups.max() == 2 + 2 and (groups[600:700] == 2).all()
+    clustered = fit_token_calibration(logits, vocab, full, TINY.vocab_size, bins=5, groups=groups)
+    assert clustered.design_effect >= 1.0 and clustered.to_dict()["design_effect"] == clustered.design_effect
+    for policy in ("pcee-lb-tail", "pcee-lb"):
+        assert (decide_all(clustered, policy, per_exit, 0.8).exit_index >= decide_all(calibration, policy, per_exit, 0.8).exit_index).all()
 
 
 def test_cost_measurement_runs_the_decoder_and_returns_layer_equivalents():
