@@ -248,8 +248,8 @@ def train(
             if saved["phase_index"] == phase_index:
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
-                if lookahead is not None:
-                    lookahead.average = saved["lookahead"]
+                if lookahead is not None:  # saved on the CPU: back to the weights' device
+                    lookahead.average = {k: v.to(device) for k, v in saved["lookahead"].items()}
                 first_epoch = saved["epoch_in_phase"]
                 epoch_number += first_epoch
         equilibrium = config.gradient_equilibrium and phase == "joint"

@@ -35,7 +35,7 @@ def test_every_link_of_the_table_names_a_section() -> None:
     text = (REPO / "BENCHMARKS.md").read_text()
     anchors = {figures.slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
     links = re.findall(r"\]\(#([^)]+)\)", figures.table())
-    assert len(links) == 9 and not set(links) - anchors, set(links) - anchors
+    assert len(links) == 10 and not set(links) - anchors, set(links) - anchors
 
 
 def test_readme_quotes_the_default_policy_figures() -> None:
@@ -61,3 +61,21 @@ def test_readme_grey_image_prose_matches_the_answer_it_shows() -> None:
 def test_benchmarks_quotes_the_last_exit_accuracy() -> None:
     f = figures.figures()
     assert f"**Last exit: {100 * f.last_exit_accuracy:.2f} % test accuracy**" in prose(REPO / "BENCHMARKS.md")
+
+
+def test_the_cascade_headline_is_generated_and_its_prose_matches_the_results() -> None:
+    text = (REPO / "BENCHMARKS.md").read_text()
+    assert figures.current_block(text, figures.CASCADE_BEGIN, figures.CASCADE_END) == figures.cascade_block(), \
+        "stale: run python benchmarks/figures.py"
+    result = json.loads((figures.RESULTS / figures.CASCADE_RESULT).read_text())
+    wall = json.loads((figures.RESULTS / figures.CASCADE_WALLCLOCK).read_text())
+    summary = result["summary"]
+    section = prose(REPO / "BENCHMARKS.md").split("### 4.5 ")[1].split("\n## ")[0]
+    at_w64 = {policy: summary[policy]["cifar10-cascade-w64"]["ratio_mean"] for policy in ("pcee", "confidence", "pcee-lb-tail")}
+    last_exit = 1 - result["splits"][0]["large"]["exits"][-1]["error"]
+    assert (f"the best is {at_w64['pcee']:.3f} (`pcee`) and {at_w64['confidence']:.3f} (`confidence`)" in section
+            and f"{at_w64['pcee-lb-tail']:.3f} under the default" in section)
+    assert f"**missed**, {100 * last_exit:.1f} %" in section
+    assert f"**missed**, {wall['ratio_median']:.2f}×: at δ {wall['delta']:.2f}" in section
+    assert f"({wall['match']['large_mflops']:.0f} against {wall['match']['small_mflops']:.0f} MFLOPs)" in section
+    assert not any(s["goal_met"] for p in summary.values() for s in p.values())  # the prose says missed
