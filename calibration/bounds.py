@@ -164,11 +164,9 @@ def clopper_pearson_lower(correct, count, alpha: float = 0.05, design_effect: fl
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     check_design_effect(design_effect)
-    k = np.asarray(correct, dtype=np.int64)
-    n = np.asarray(count, dtype=np.int64)
-    k, n = np.broadcast_arrays(k, n)
-    if design_effect != 1.0:
-        k, n = k / design_effect, n / design_effect
+    k_int, n_int = np.broadcast_arrays(np.asarray(correct, dtype=np.int64), np.asarray(count, dtype=np.int64))
+    # effective counts; whole numbers (as before) when the samples are independent
+    k, n = k_int / design_effect, n_int / design_effect
     if np.any(k < 0) or np.any(k > n):
         raise ValueError("need 0 <= correct <= count in every bin")
     out = np.zeros(k.shape, dtype=np.float64)
