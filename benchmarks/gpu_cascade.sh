@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The headline III on a GPU machine (issue 27), one prepared run of about 15 minutes:
-#   bash benchmarks/gpu_cascade.sh [OUT]        (DEVICE=cpu EPOCHS=1 LIMIT=2000 to try it out on a CPU)
+# The headline III on a GPU machine (issue 27), one prepared run of about 15 minutes, in an environment
+# where `python` and `exitserve` are the installed package's (pip install -e ".[cpu,train]", torch with CUDA):
+#   bash benchmarks/gpu_cascade.sh [OUT]        (DEVICE=cpu EPOCHS=1 LIMIT=300 to try it out on a CPU)
 #
 # 1. trains the cascade and the static networks of its family with the fast recipe, three seeds,
 #    every (model, seed) run in its own process at once (these networks are launch-bound on a GPU);
