@@ -79,3 +79,13 @@ def test_the_cascade_headline_is_generated_and_its_prose_matches_the_results() -
     assert f"**missed**, {wall['ratio_median']:.2f}×: at δ {wall['delta']:.2f}" in section
     assert f"({wall['match']['large_mflops']:.0f} against {wall['match']['small_mflops']:.0f} MFLOPs)" in section
     assert not any(s["goal_met"] for p in summary.values() for s in p.values())  # the prose says missed
+
+
+def test_the_four_exit_cascade_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / "headline-cascade-large4" / "headline.json").read_text())
+    at_w64 = {p: result["summary"][p]["cifar10-cascade-w64"]["ratio_mean"] for p in ("pcee", "confidence", "pcee-lb-tail")}
+    new_exit = result["splits"][0]["large"]["exits"][2]
+    section = prose(REPO / "BENCHMARKS.md").split("### 4.5 ")[1].split("\n## ")[0]
+    assert (f"ratio {at_w64['pcee']:.3f} (`pcee`) and {at_w64['confidence']:.3f} (`confidence`) at `cascade-w64`'s cost, "
+            f"{at_w64['pcee-lb-tail']:.3f} under `pcee-lb-tail`") in section
+    assert f"({100 * new_exit['error']:.2f} % at {new_exit['mflops']:.0f} MFLOPs)" in section
