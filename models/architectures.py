@@ -10,27 +10,10 @@ import torch
 from torch import nn
 
 from exitserve.models.cascade import CASCADE_PRESETS, cascade_net
-from exitserve.models.net import MultiExitNet
+from exitserve.models.net import CIFAR10_MEAN, CIFAR10_STD, MultiExitNet, Normalize
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
-
-
-class Normalize(nn.Module):
-    """Per-channel standardisation inside the graph, so clients send pixels scaled to [0, 1]."""
-
-    mean: torch.Tensor  # buffers, declared for the type checker
-    std: torch.Tensor
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:

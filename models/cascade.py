@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exitserve.models.net import MultiExitNet
+from exitserve.models.net import CIFAR10_MEAN, CIFAR10_STD, MultiExitNet, Normalize
 
 Widths = tuple[int, int, int]
 STATE_NAMES = ("whitened", "scale1", "scale2", "scale3")
@@ -57,24 +57,21 @@ class Stem(nn.Module):
     """Per-channel standardisation, then a frozen 2x2 whitening convolution (32x32 -> 31x31) and GELU."""
 
     weight: torch.Tensor  # a buffer: fitted to data, never trained
-    mean: torch.Tensor
-    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.normalize = Normalize(mean, std)
         self.register_buffer("weight", torch.zeros(WHITEN_WIDTH, 3, WHITEN_KERNEL, WHITEN_KERNEL))
         self.bias = nn.Parameter(torch.zeros(WHITEN_WIDTH))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image - self.mean) / self.std
+        x = self.normalize(image)
         return F.gelu(F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype)))
 
     @torch.no_grad()
     def fit_to_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Whitening filters from the covariance of the images' 2x2 patches (images in [0, 1], NCHW)."""
-        x = ((images.float() - self.mean.cpu()) / self.std.cpu()).cpu()
+        x = self.normalize(images.float().to(self.weight.device)).cpu()
         k = WHITEN_KERNEL
         patches = x.unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k).double()
         covariance = patches.T @ patches / len(patches)
@@ -138,8 +135,8 @@ class CascadeHead(nn.Module):
 def cascade_net(
     stages: Sequence[Widths],
     num_classes: int = 10,
-    mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-    std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
 ) -> MultiExitNet:
     """One exit per sub-network; widths per sub-network are (scale 1, scale 2, scale 3) channels."""
     if not stages:

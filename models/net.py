@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 Tensors = tuple[torch.Tensor, ...]
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 def as_tuple(value: torch.Tensor | Sequence[torch.Tensor]) -> Tensors:
@@ -68,3 +70,18 @@ class SegmentWithHead(nn.Module):
         state = as_tuple(self.segment(*inputs))
         logits = self.head(*state)
         return (logits,) if self.is_last else (*state, logits)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation inside the graph, so clients send pixels scaled to [0, 1]."""
+
+    mean: torch.Tensor  # buffers, declared for the type checker
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std

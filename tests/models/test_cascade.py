@@ -57,7 +57,7 @@ def test_the_stem_whitens_the_training_patches(cifar_images) -> None:
     stem = Stem((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
     assert fit_to_data(torch.nn.Sequential(stem), images)
     assert not fit_to_data(build_architecture("resnet-small", 10), images)  # nothing to fit there
-    normalised = (images - stem.mean) / stem.std
+    normalised = stem.normalize(images)
     out = torch.nn.functional.conv2d(normalised, stem.weight)[:, :12]  # the 12 eigen-directions (the rest negate them)
     flat = out.permute(1, 0, 2, 3).reshape(12, -1)
     covariance = flat @ flat.T / flat.shape[1]
