@@ -60,35 +60,43 @@ def overthinking(logits: list[np.ndarray], labels: np.ndarray) -> dict:
     }
 
 
-def model_curves(
-    bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray, policies: tuple[str, ...]
-) -> dict:
-    """Per exit at full depth, and each headline policy over δ: test error and mean MFLOPs per sample,
+def curves_on(bundle: Bundle, calibration: Calibration, logits: list[np.ndarray], labels: np.ndarray,
+              deltas: np.ndarray, policies: tuple[str, ...]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Per exit at full depth, and each policy over δ: error and mean MFLOPs per sample on these logits,
     as the manifest adds them up (`mflops`: every exit head on the way) and as the server runs them
     (`mflops_run`: the heads of exits that can fire at δ, fused spans between; flops_spent.py)."""
     manifest = bundle.manifest
-    test = split_logits(bundle, "cifar10:test", cache)
     route = RouteFlops(bundle, calibration)
     mflops = np.array([e.cumulative_flops for e in manifest.exits]) / 1e6
     fractions = np.asarray(manifest.compute_fractions())
     exits = []
-    for k, z in enumerate(test.logits):
-        accuracy = float((z.argmax(axis=1) == test.labels).mean())
+    for k, z in enumerate(logits):
+        accuracy = float((z.argmax(axis=1) == labels).mean())
         exits.append({"index": k, "mflops": float(mflops[k]), "compute_fraction": float(fractions[k]),
                       "accuracy": accuracy, "error": 1.0 - accuracy})
     curves = {}
     for policy in policies:
         rows = []
         for delta in deltas:
-            d = decide_all(calibration, policy, test.logits, float(delta))
-            row = policy_row(d, test.labels, float(delta), fractions, manifest.num_exits)
+            d = decide_all(calibration, policy, logits, float(delta))
+            row = policy_row(d, labels, float(delta), fractions, manifest.num_exits)
             row["mflops"] = float(mflops[d.exit_index].mean())
             row["mflops_run"] = route.mean(policy, float(delta), d.exit_index) / 1e6
             row["error"] = 1.0 - row["accuracy"]
             rows.append(row)
         curves[policy] = rows
+    return exits, curves
+
+
+def model_curves(
+    bundle: Bundle, calibration: Calibration, cache: Path, deltas: np.ndarray, policies: tuple[str, ...]
+) -> dict:
+    """`curves_on` the CIFAR-10 test set, with the cost of full depth and overthinking."""
+    test = split_logits(bundle, "cifar10:test", cache)
+    exits, curves = curves_on(bundle, calibration, test.logits, test.labels, deltas, policies)
     return {
-        "bundle": manifest.name, "full_mflops": float(mflops[-1]), "full_mflops_run": route.full_depth() / 1e6,
+        "bundle": bundle.manifest.name, "full_mflops": exits[-1]["mflops"],
+        "full_mflops_run": RouteFlops(bundle, calibration).full_depth() / 1e6,
         "test_n": int(test.labels.size),
         "calibration_fingerprint": calibration.data_fingerprint, "logits_seconds": test.seconds,
         "exits": exits, "policies": curves, "overthinking": overthinking(test.logits, test.labels),

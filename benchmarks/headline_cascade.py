@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from bench_support import cpu_model
-from flops_spent import RouteFlops
-from headline import PAPER_RATIO, error_at, frontier, mflops_to_reach
+from headline import PAPER_RATIO, curves_on, error_at, frontier, mflops_to_reach
 from logits_cache import DEFAULT_CACHE, split_logits
 
-from exitserve.calibration import decide_all, fit_calibration
-from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS, policy_row
+from exitserve.calibration import fit_calibration
+from exitserve.calibration.evaluation import DEFAULT_EVAL_DELTAS
 from exitserve.models.bundle import Bundle, load_bundle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,25 +54,9 @@ def pooled(bundle: Bundle, cache: Path) -> tuple[list[np.ndarray], np.ndarray, i
 
 def large_curves(bundle: Bundle, logits: list[np.ndarray], labels: np.ndarray, cal_idx: np.ndarray,
                  test_idx: np.ndarray) -> dict:
-    manifest = bundle.manifest
     calibration = fit_calibration([z[cal_idx] for z in logits], labels[cal_idx])
-    route = RouteFlops(bundle, calibration)
-    mflops = np.array([e.cumulative_flops for e in manifest.exits]) / 1e6
-    fractions = np.asarray(manifest.compute_fractions())
-    test = [z[test_idx] for z in logits]
-    y = labels[test_idx]
-    exits = [{"index": k, "mflops": float(mflops[k]), "error": float((z.argmax(axis=1) != y).mean())}
-             for k, z in enumerate(test)]
-    curves = {}
-    for policy in POLICIES:
-        rows = []
-        for delta in DEFAULT_EVAL_DELTAS:
-            d = decide_all(calibration, policy, test, float(delta))
-            row = policy_row(d, y, float(delta), fractions, manifest.num_exits)
-            row.update(error=1.0 - row["accuracy"], mflops=float(mflops[d.exit_index].mean()),
-                       mflops_run=route.mean(policy, float(delta), d.exit_index) / 1e6)
-            rows.append(row)
-        curves[policy] = rows
+    exits, curves = curves_on(bundle, calibration, [z[test_idx] for z in logits], labels[test_idx],
+                              DEFAULT_EVAL_DELTAS, POLICIES)
     return {"exits": exits, "policies": curves}
 
 

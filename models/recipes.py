@@ -33,6 +33,8 @@ RECIPES: dict[str, dict[str, Any]] = {
              "lr": 1.5, "momentum": 0.85, "weight_decay": 0.0153 / 11.5, "label_smoothing": 0.2, "crop_pad": 2,
              "norm_lr_scale": 64.0, "schedule": "warmup-linear", "lookahead": True},
 }
+# the fast recipe with self-distillation from the last exit into the earlier ones
+RECIPES["fast-sd"] = {**RECIPES["fast"], "distill_weight": 0.5}
 
 
 def apply_recipe(config: TrainConfig, recipe: str | None) -> TrainConfig:

@@ -97,6 +97,10 @@ class ChatText:
         return ChatText([self.prompts[i] for i in keep], [self.prompt_ids[i] for i in keep],
                         [self.answer_ids[i] for i in keep])
 
+    def answer_lengths(self) -> list[int]:
+        """Tokens of each non-empty answer, in the order `cache_answers` lays them out."""
+        return [len(a) for a in self.answer_ids if a]
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"prompts": self.prompts, "prompt_ids": self.prompt_ids,

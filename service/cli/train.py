@@ -69,9 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="self-distillation: early exits learn (1-a) CE + a KL from the last exit (0 = off)")
     p.add_argument("--distill-temperature", type=float, default=3.0, help="self-distillation: softmax temperature")
     p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA's gradient equilibrium between exits")
-    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed", "fast"],
+    p.add_argument("--recipe", choices=["plain", "sd", "ge", "sd-ge", "sd-mixed", "fast", "fast-sd"],
                    help="named recipe (models/recipes.py): sets --regime, --distill-weight, --gradient-equilibrium; "
-                        "fast: airbench's recipe (label smoothing, whitened stem, lookahead, batch 1024)")
+                        "fast: airbench's recipe (label smoothing, whitened stem, lookahead, batch 1024); fast-sd: with self-distillation")
     p.add_argument("--train-limit", type=int, help="train on N random training samples only (timing, tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ def test_apply_recipe_sets_only_the_recipe_fields() -> None:
     assert apply_recipe(base, "sd-mixed").regime == "mixed"
     with pytest.raises(ValueError, match="unknown recipe"):
         apply_recipe(base, "nope")
-    assert set(RECIPES) == {"plain", "sd", "ge", "sd-ge", "sd-mixed", "fast"}
+    assert set(RECIPES) == {"plain", "sd", "ge", "sd-ge", "sd-mixed", "fast", "fast-sd"}
+    fast_sd = apply_recipe(base, "fast-sd")  # the fast recipe, plus distillation from the last exit
+    assert fast_sd == replace(apply_recipe(base, "fast"), distill_weight=0.5)
     fast = apply_recipe(base, "fast")  # airbench's recipe brings its own batch size, learning rate and decay
     assert (fast.batch_size, fast.lr, fast.momentum, fast.label_smoothing, fast.lookahead) == (1024, 1.5, 0.85, 0.2, True)
     assert fast.lr * fast.weight_decay == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15)))  # decay per step

@@ -197,8 +197,8 @@ def chat_text_path(name: str, cache_dir: Path, args: dict) -> Path:
 
 
 def chat_caches(bundle_dir: Path, model: LlamaModel, cache_dir: Path, layers: list[int], args: dict,
-                splits: tuple[str, ...] = ("train", "calibration")) -> dict[str, HiddenCache]:
-    """Hidden states of the model's own answers to chat prompts, per prompt split (generated once)."""
+                splits: tuple[str, ...] = ("train", "calibration")) -> tuple[ChatText, dict[str, HiddenCache]]:
+    """The model's own answers to chat prompts (generated once) and their hidden states per prompt split."""
     from prometheus_client import CollectorRegistry
 
     from exitserve.models.llm.chat_text import cache_answers, chat_prompts, generate_chat_text
@@ -222,7 +222,7 @@ def chat_caches(bundle_dir: Path, model: LlamaModel, cache_dir: Path, layers: li
             return cache_answers(model, chat.split(split), wanted)
 
         caches[split] = _cached(model, cache_dir, f"{name}-chat-{count}-{max_new}-{split}", layers, compute)
-    return caches
+    return chat, caches
 
 
 def training_files(data: Path, extra: str | None) -> list[Path]:
@@ -254,11 +254,10 @@ def add_exits(bundle_dir: Path, args: dict) -> None:
     answer_lengths: list[int] = []
     text_size = cal.size
     if int(args.get("chat_prompts") or 0):
-        chat = chat_caches(bundle_dir, model, cache_dir, layers, args)
+        chat_text, chat = chat_caches(bundle_dir, model, cache_dir, layers, args)
         print(f"chat text: {chat['train'].size} training and {chat['calibration'].size} calibration tokens")
         train, cal = train.joined(chat["train"]), cal.joined(chat["calibration"])
-        answers = ChatText.load(chat_text_path(name, cache_dir, args)).split("calibration").answer_ids
-        answer_lengths = [len(a) for a in answers if a]  # as cache_answers lays them out
+        answer_lengths = chat_text.split("calibration").answer_lengths()
     groups = None if args.get("independent_tokens") else token_groups(text_size, answer_lengths)
     train_tokens = train.size
     last = model.config.num_layers - 1
