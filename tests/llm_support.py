@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -13,6 +15,8 @@ from exitserve.service.serving.generation.calibrate import fit_token_calibration
 TINY = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=6, num_heads=4, num_kv_heads=2,
                    head_dim=12, rms_norm_eps=1e-5, rope_theta=10000.0, max_positions=512, tie_word_embeddings=True)
 EXIT_LAYERS = [1, 3, 5]
+# head size 16, a multiple of 8: ONNX Runtime's GroupQueryAttention, and so fused segments, need one
+FUSABLE = replace(TINY, head_dim=16)
 
 
 def tiny_model(seed: int = 0, config: LlamaConfig = TINY) -> LlamaModel:

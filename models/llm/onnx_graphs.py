@@ -10,6 +10,9 @@ there are two graphs:
   finish_l    x, attended [rows, heads * d] -> x' (output projection, residual, MLP)
 
 plus one per exit head (`head_k`: x -> logits over the head vocabulary) and the LM head (`lm_head`).
+For one sequence's rows, the layers between two exits also run as one `segment_graph`, attention
+included (ONNX Runtime's GroupQueryAttention over the cache in place): two calls a layer become one
+call a segment, which is what a decoding step at batch 1 spends its overhead on.
 Weights are not serialised into the graphs: every initializer is declared as external data and
 handed to ONNX Runtime as an array (`Graph.weights`, `SessionOptions.add_external_initializers`),
 so building 60 sessions takes seconds. Q/K/V and gate/up projections are concatenated into one
@@ -30,6 +33,7 @@ from exitserve.models.llm.llama import DecoderLayer, LlamaModel, RMSNorm
 
 OPSET = 17
 IR_VERSION = 8  # ONNX Runtime rejects IR 14; 8 is what opset 17 needs
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators (GroupQueryAttention)
 
 
 @dataclass
@@ -52,7 +56,10 @@ class _Builder:
         self._count = 0
 
     def input(self, name: str, shape: list) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        return self.typed_input(name, TensorProto.FLOAT, shape)
+
+    def typed_input(self, name: str, element_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, element_type, shape))
         return name
 
     def output(self, value: str, name: str, shape: list) -> None:
@@ -102,7 +109,10 @@ class _Builder:
     def build(self) -> Graph:
         externals = [_external(name, array) for name, array in self.weights.items()]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, externals + self.constants)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == CONTRIB_DOMAIN for node in self.nodes):
+            opsets.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = IR_VERSION
         return Graph(self.name, model, self.weights)
 
@@ -121,39 +131,93 @@ def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
     return tensor
 
 
-def project_graph(layer: DecoderLayer, index: int) -> Graph:
+def _project(b: _Builder, layer: DecoderLayer, x: str, cos: str, sin: str, prefix: str = "") -> tuple[str, str, str]:
+    """Queries and keys (rotated) [rows, heads, d] / [rows, kv_heads, d] and values of hidden states x."""
     attn = layer.self_attn
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    b = _Builder(f"project_{index}")
-    x = b.input("x", ["rows", attn.q_proj.in_features])
-    cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
     qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    qkv = b.linear(b.rms_norm(x, layer.input_layernorm, "input_norm"), b.weight("qkv", qkv_weight))
+    qkv = b.linear(b.rms_norm(x, layer.input_layernorm, f"{prefix}input_norm"), b.weight(f"{prefix}qkv", qkv_weight))
     sizes = b.constant(np.array([h * d, kvh * d, kvh * d], dtype=np.int64))
     q, k, v = b.op("Split", [qkv, sizes], outputs=3, axis=1)
     heads_shape = b.constant(np.array([0, h, d], dtype=np.int64))
     kv_shape = b.constant(np.array([0, kvh, d], dtype=np.int64))
     q = b.rotate(b.one("Reshape", [q, heads_shape]), cos, sin, d)
     k = b.rotate(b.one("Reshape", [k, kv_shape]), cos, sin, d)
+    return q, k, b.one("Reshape", [v, kv_shape])
+
+
+def _finish(b: _Builder, layer: DecoderLayer, x: str, attended: str, prefix: str = "") -> str:
+    """Output projection, residual and MLP after attention."""
+    attn, mlp = layer.self_attn, layer.mlp
+    intermediate = mlp.gate_proj.out_features
+    x = b.one("Add", [x, b.linear(attended, b.weight(f"{prefix}o_proj", attn.o_proj.weight))])
+    normed = b.rms_norm(x, layer.post_attention_layernorm, f"{prefix}post_attention_norm")
+    gate_up = b.linear(normed, b.weight(f"{prefix}gate_up", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+    gate, up = b.op("Split", [gate_up, b.constant(np.array([intermediate, intermediate], dtype=np.int64))],
+                    outputs=2, axis=1)
+    down = b.linear(b.one("Mul", [b.silu(gate), up]), b.weight(f"{prefix}down_proj", mlp.down_proj.weight))
+    return b.one("Add", [x, down])
+
+
+def project_graph(layer: DecoderLayer, index: int) -> Graph:
+    attn = layer.self_attn
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    b = _Builder(f"project_{index}")
+    x = b.input("x", ["rows", attn.q_proj.in_features])
+    cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
+    q, k, v = _project(b, layer, x, cos, sin)
     b.output(q, "q", ["rows", h, d])
     b.output(k, "k", ["rows", kvh, d])
-    b.output(b.one("Reshape", [v, kv_shape]), "v", ["rows", kvh, d])
+    b.output(v, "v", ["rows", kvh, d])
     return b.build()
 
 
 def finish_graph(layer: DecoderLayer, index: int) -> Graph:
-    attn, mlp = layer.self_attn, layer.mlp
-    width, intermediate = attn.o_proj.out_features, mlp.gate_proj.out_features
+    attn = layer.self_attn
+    width = attn.o_proj.out_features
     b = _Builder(f"finish_{index}")
     x = b.input("x", ["rows", width])
     attended = b.input("attended", ["rows", attn.num_heads * attn.head_dim])
-    x = b.one("Add", [x, b.linear(attended, b.weight("o_proj", attn.o_proj.weight))])
-    normed = b.rms_norm(x, layer.post_attention_layernorm, "post_attention_norm")
-    gate_up = b.linear(normed, b.weight("gate_up", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
-    gate, up = b.op("Split", [gate_up, b.constant(np.array([intermediate, intermediate], dtype=np.int64))],
-                    outputs=2, axis=1)
-    down = b.linear(b.one("Mul", [b.silu(gate), up]), b.weight("down_proj", mlp.down_proj.weight))
-    b.output(b.one("Add", [x, down]), "y", ["rows", width])
+    b.output(_finish(b, layer, x, attended), "y", ["rows", width])
+    return b.build()
+
+
+def segment_graph(model: LlamaModel, first: int, last: int) -> Graph:
+    """Layers first..last for the new rows of one sequence, attention included, in one graph.
+
+    Per-layer graphs cost two session calls a layer and attention outside; at batch 1 that overhead
+    was a third of a decoding step (BENCHMARKS.md, "Language models"). Here attention is ONNX
+    Runtime's GroupQueryAttention, which reads the sequence's KV cache in place and writes the new
+    rows' keys and values into it (each layer's cache is bound as both `past_*` and `present_*`:
+    shared buffers, no copy). Inputs: x [rows, width], cos/sin [rows, 1, d], `seqlens_k` [1] int32
+    (positions before the rows + rows - 1), `total_length` int32 (the same + 1) and per layer l
+    `past_key_l`/`past_value_l` [1, kv_heads, capacity, d]; outputs y and `present_key_l`/`present_value_l`.
+    """
+    c = model.config
+    h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
+    b = _Builder(f"segment_{first}_{last}")
+    x = b.input("x", ["rows", c.hidden_size])
+    cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
+    seqlens = b.typed_input("seqlens_k", TensorProto.INT32, [1])
+    total = b.typed_input("total_length", TensorProto.INT32, [])
+    batch_shape = b.constant(np.array([1, -1, h * d], dtype=np.int64))
+    batch_kv_shape = b.constant(np.array([1, -1, kvh * d], dtype=np.int64))
+    rows_shape = b.constant(np.array([-1, h * d], dtype=np.int64))
+    for index in range(first, last + 1):
+        layer = model.layers[index]
+        prefix = f"l{index}_"
+        q, k, v = _project(b, layer, x, cos, sin, prefix)
+        past_k = b.input(f"past_key_{index}", [1, kvh, "capacity", d])
+        past_v = b.input(f"past_value_{index}", [1, kvh, "capacity", d])
+        attended, present_k, present_v = b.op(
+            "GroupQueryAttention",
+            [b.one("Reshape", [q, batch_shape]), b.one("Reshape", [k, batch_kv_shape]),
+             b.one("Reshape", [v, batch_kv_shape]), past_k, past_v, seqlens, total],
+            outputs=3, domain=CONTRIB_DOMAIN, num_heads=h, kv_num_heads=kvh)
+        b.output(present_k, f"present_key_{index}", [1, kvh, "capacity", d])
+        b.output(present_v, f"present_value_{index}", [1, kvh, "capacity", d])
+        x = _finish(b, layer, x, b.one("Reshape", [attended, rows_shape]), prefix)
+    b.output(x, "y", ["rows", c.hidden_size])
     return b.build()
 
 
@@ -184,9 +248,13 @@ def lm_head_graph(model: LlamaModel) -> Graph:
     return b.build()
 
 
-def decoder_graphs(model: LlamaModel, heads: ExitHeads | None) -> dict[str, Graph]:
-    """Every graph the ONNX Runtime decoder runner needs, by name."""
+def decoder_graphs(model: LlamaModel, heads: ExitHeads | None,
+                   segments: tuple[tuple[int, int], ...] = ()) -> dict[str, Graph]:
+    """Every graph the ONNX Runtime decoder runner needs, by name (`segment_{first}_{last}` for each
+    fused segment asked for)."""
     graphs = {}
+    for first, last in segments:
+        graphs[f"segment_{first}_{last}"] = segment_graph(model, first, last)
     for index, layer in enumerate(model.layers):
         graphs[f"project_{index}"] = project_graph(layer, index)
         graphs[f"finish_{index}"] = finish_graph(layer, index)

@@ -71,13 +71,22 @@ class Sequence:
         return self.fed - self.filled[-1] if self.filled else 0
 
 
+def segments_between(exit_layers: list[int]) -> tuple[tuple[int, int], ...]:
+    """(first, last) layers of each stretch between exits: what can run as one call when no exit is checked inside."""
+    segments, first = [], 0
+    for layer in sorted(set(exit_layers)):
+        segments.append((first, layer))
+        first = layer + 1
+    return tuple(segments)
+
+
 class MultiExitDecoder:
     """The model, its exit heads and calibration; `step` advances a batch of sequences by one iteration."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
-                 precision: Precision = "float32", int8_activations: bool = False):
+                 precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -94,7 +103,8 @@ class MultiExitDecoder:
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
         self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision,
-                                  int8_activations=int8_activations)
+                                  int8_activations=int8_activations,
+                                  segments=segments_between(self.exit_layers) if fuse_segments else ())
         # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
         self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
 
@@ -131,16 +141,23 @@ class MultiExitDecoder:
         checks = [self._checks_exits(s) for s in batch]
         xs = [self.model.embed(torch.tensor(s.tokens[s.fed:], dtype=torch.int64, device=self.device)) for s in batch]
         active = list(range(len(batch)))
-        for layer_index in range(self.num_layers):
-            if not active:
-                break
+        layer_index = -1
+        while active and layer_index + 1 < self.num_layers:
+            layer_index += 1
             for i in active:
                 seq = batch[i]
                 first = seq.filled[layer_index]
                 if first < starts[i]:  # pending positions join with the hidden state they exited with
                     xs[i] = torch.cat([seq.h_last[first:starts[i]], xs[i]])
                     starts[i] = first
-            xs = self._run_layer(layer_index, batch, active, starts, ends, xs)
+            last = self._segment_end(layer_index, batch, active)
+            if last > layer_index:
+                seq = batch[active[0]]
+                xs[active[0]] = self.runner.segment(layer_index, last, xs[active[0]], starts[active[0]], seq.cache)
+                seq.filled[layer_index:last + 1] = [ends[active[0]]] * (last + 1 - layer_index)
+                layer_index = last
+            else:
+                xs = self._run_layer(layer_index, batch, active, starts, ends, xs)
             exit_index = self.exit_at.get(layer_index)
             if exit_index is None:
                 continue
@@ -156,6 +173,18 @@ class MultiExitDecoder:
         if active:
             self._finish(batch, active, starts, ends, xs, out)
         return out
+
+    def _segment_end(self, layer_index: int, batch: list[Sequence], active: list[int]) -> int:
+        """The last layer of the fused segment this step can run from `layer_index` (itself: none).
+
+        One sequence only (a batch of several shares each layer's weights across its rows instead),
+        and only when no pending position would join inside the segment (its rows are the same at
+        every layer of it: `filled` is the same at its first and last layer)."""
+        last = self.runner.segments.get(layer_index, layer_index)
+        if last == layer_index or len(active) != 1:
+            return layer_index
+        filled = batch[active[0]].filled
+        return last if filled[last] == filled[layer_index] else layer_index
 
     def _checks_exits(self, seq: Sequence) -> bool:
         if seq.mode == "full" or seq.fed == 0 or len(seq.tokens) - seq.fed != 1:

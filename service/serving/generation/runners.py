@@ -28,6 +28,15 @@ RUNNERS = RUNNER_KINDS
 
 
 class DecoderRunner(Protocol):
+    # fused segments this runner has: first layer -> last layer (`segment`); empty: layer by layer only
+    segments: dict[int, int]
+
+    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+                cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Layers first..last over the rows of one sequence at positions start, start + 1, ...;
+        writes their keys and values into `cache` (the sequence's, every layer)."""
+        ...
+
     def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
         """Decoder layer `index` over rows of one or more sequences; writes their keys and values."""
         ...
@@ -49,6 +58,13 @@ class TorchDecoderRunner:
     def __init__(self, model: LlamaModel, heads: ExitHeads | None):
         self.model, self.heads = model, heads
         self.rotary = model.rotary()
+        self.segments: dict[int, int] = {}  # torch's per-layer calls cost little next to its GEMVs
+
+    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+                cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        for index in range(first, last + 1):
+            x = self.layer(index, x, [LayerSpan.starting_at((0, x.shape[0]), start, *cache[index])])
+        return x
 
     def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
         return self.model.layers[index].run(x, spans, self.rotary)
@@ -70,9 +86,12 @@ class OnnxRuntimeDecoderRunner:
     """The dense parts as ONNX Runtime sessions built from the model's weights (`models.llm.onnx_graphs`)."""
 
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1, device_id: int = 0,
-                 precision: Precision = "float32", int8_activations: bool = False):
+                 precision: Precision = "float32", int8_activations: bool = False,
+                 segments: tuple[tuple[int, int], ...] = ()):
         try:
             import onnxruntime as ort
+            from onnxruntime.capi import onnxruntime_pybind11_state as C
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
         except ModuleNotFoundError:
             raise ValueError("the onnxruntime runner needs ONNX Runtime (the cpu or gpu extra); "
                              "or serve with --generation-runner torch") from None
@@ -98,8 +117,14 @@ class OnnxRuntimeDecoderRunner:
                                                           "user_compute_stream": str(stream)})]
         else:
             providers = ["CPUExecutionProvider"]
+        # Fused segments on the CPU only: GroupQueryAttention's CUDA kernel takes 16-bit floats, not these float32 graphs
+        # and its kernel needs head sizes that are multiples of 8 (every Llama's: 64, 128)
+        segments = segments if self.device.type == "cpu" and model.config.head_dim % 8 == 0 else ()
+        self.segments = {first: last for first, last in segments if last > first}
+        self._device = OrtDevice.make(self.device.type, self.device.index or 0)._get_c_device()
+        self._new_binding = C.SessionIOBinding
         self.sessions: dict[str, tuple[Any, list, dict[str, np.ndarray]]] = {}
-        for name, graph in decoder_graphs(model, heads).items():
+        for name, graph in decoder_graphs(model, heads, tuple(self.segments.items())).items():
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -115,22 +140,53 @@ class OnnxRuntimeDecoderRunner:
             session = ort.InferenceSession(graph.model.SerializeToString(), options, providers=providers)
             self.sessions[name] = (session, values, graph.weights)  # the arrays must outlive the session
 
+    def _binding(self, name: str) -> tuple[Any, Any]:
+        """(session, a new I/O binding of it) at the C level: the Python wrappers cost ~10 µs a bind,
+        and a fused segment binds ~100 tensors."""
+        session = self.sessions[name][0]._sess
+        return session, self._new_binding(session)
+
     def _run(self, name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, ...]]) -> list[torch.Tensor]:
-        session = self.sessions[name][0]
-        binding = session.io_binding()
-        kind, index = self.device.type, self.device.index or 0
+        session, binding = self._binding(name)
         keep = []
         for key, tensor in inputs.items():
             tensor = tensor.contiguous()
             keep.append(tensor)
-            binding.bind_input(key, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(key, self._device, np.float32, tuple(tensor.shape), tensor.data_ptr())
         results = []
         for key, shape in outputs.items():
             out = torch.empty(shape, dtype=torch.float32, device=self.device)
-            binding.bind_output(key, kind, index, np.float32, shape, out.data_ptr())
+            binding.bind_output(key, self._device, np.float32, shape, out.data_ptr())
             results.append(out)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, None)
         return results
+
+    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+                cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if self.segments.get(first) != last:
+            raise ValueError(f"no fused segment of layers {first}..{last}")
+        session, binding = self._binding(f"segment_{first}_{last}")
+        rows = x.shape[0]
+        positions = torch.arange(start, start + rows, device=self.device)
+        x = x.contiguous()
+        cos = self.rotary.cos[positions][:, None, :].contiguous()
+        sin = self.rotary.sin[positions][:, None, :].contiguous()
+        # GroupQueryAttention's lengths: the last position's index and the positions in all
+        lengths = np.array([start + rows - 1], dtype=np.int32), np.array(start + rows, dtype=np.int32)
+        device = self._device
+        for key, tensor in (("x", x), ("cos", cos), ("sin", sin)):
+            binding.bind_input(key, device, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_input("seqlens_k", device, np.int32, (1,), lengths[0].ctypes.data)
+        binding.bind_input("total_length", device, np.int32, (), lengths[1].ctypes.data)
+        for index in range(first, last + 1):
+            for kind, tensor in zip(("key", "value"), cache[index], strict=True):
+                shape = (1, *tensor.shape)  # the cache itself, in and out: written in place
+                binding.bind_input(f"past_{kind}_{index}", device, np.float32, shape, tensor.data_ptr())
+                binding.bind_output(f"present_{kind}_{index}", device, np.float32, shape, tensor.data_ptr())
+        y = torch.empty_like(x)
+        binding.bind_output("y", device, np.float32, tuple(y.shape), y.data_ptr())
+        session.run_with_iobinding(binding, None)
+        return y
 
     def _project(self, index: int, x: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         c, rows = self.config, x.shape[0]
@@ -156,7 +212,8 @@ class OnnxRuntimeDecoderRunner:
 
 
 def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | None, *, threads: int = 1,
-                precision: Precision = "float32", int8_activations: bool = False) -> DecoderRunner:
+                precision: Precision = "float32", int8_activations: bool = False,
+                segments: tuple[tuple[int, int], ...] = ()) -> DecoderRunner:
     name = runner_kind(kind)  # "onnx" is an alias of "onnxruntime"
     check_precision(precision)
     if name == "torch":  # the onnxruntime runner checks its own precision and activations
@@ -165,5 +222,5 @@ def make_runner(kind: RunnerKind | str, model: LlamaModel, heads: ExitHeads | No
         return TorchDecoderRunner(model, heads)
     if name == "onnxruntime":
         return OnnxRuntimeDecoderRunner(model, heads, threads=threads, precision=precision,
-                                        int8_activations=int8_activations)
+                                        int8_activations=int8_activations, segments=segments)
     raise ValueError(f"unknown decoder runner {kind!r}; choose from {', '.join(RUNNERS)}")
