@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens per stream at 1/4/16 streams")
-    parser.add_argument("--precisions", default="float32,int8,int4,int4+int8act",
-                        help="weights, optionally +int8act (int8 activations)")
+    parser.add_argument("--precisions", default="float32,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
+                        help="weights, optionally +int8act (int8 activations) and +unfused (layer by layer: no "
+                             "fused segments, as before them)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
     parser.add_argument("--gguf-types", default="q4_1,q8_0,f16",
                         help="llama.cpp GGUFs: the shipped q4_1 and conversions of it (q8_0, f16)")
@@ -97,10 +98,14 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     models = {}
     for name in args.precisions.split(","):
-        weights, _, activations = name.partition("+")
-        models[name.replace("+int8act", ", int8 activations")] = GenerationModel(
-            bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
-            int8_activations=activations == "int8act")
+        weights, *flags = name.split("+")
+        unknown = set(flags) - {"int8act", "unfused"}
+        if unknown:
+            parser.error(f"--precisions: unknown flag(s) {sorted(unknown)} in {name!r}")
+        label = weights + (", int8 activations" if "int8act" in flags else "") + \
+            (", layer by layer" if "unfused" in flags else "")
+        models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
+                                        int8_activations="int8act" in flags, fuse_segments="unfused" not in flags)
     first = next(iter(models.values()))
     prompts = wikitext_prompts(first, Path(args.data), args.prompts)
     result: dict = {"bundle": first.name, "exit_layers": first.spec.exit_layers, "threads": 1,

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     generation_int8_activations: bool = Field(
         False, description="int4 weights: compute with int8 activations too (faster, as llama.cpp does; int8 "
                            "weights always do); exact mode is then refused (one row and several round differently)")
+    generation_fused_segments: bool = Field(
+        True, description="onnxruntime runner on cpu: one sequence's layers between two exits run as one call with "
+                          "attention in the graph (faster at one stream; holds a second copy of the layer weights)")
     cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "
                                                 "CUDA graph per batch-size bucket (one launch instead of hundreds)")
     cuda_graph_buckets: list[PositiveInt] = Field(

@@ -91,7 +91,7 @@ def char_tokenizer(end_of_text: int | None = None):
 
 
 def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_context: int = 256,
-                                 end_of_text: int | None = None, outside_rows: int = 8):
+                                 end_of_text: int | None = None, outside_rows: int = 8, config: LlamaConfig = TINY):
     """A complete generation bundle of the tiny model: weights, tokenizer, chat template, heads, tables."""
     import json
     from pathlib import Path
@@ -103,13 +103,13 @@ def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_cont
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = tiny_model()
-    (directory / "config.json").write_text(json.dumps(TINY.to_json()))
+    model = tiny_model(config=config)
+    (directory / "config.json").write_text(json.dumps(config.to_json()))
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               str(directory / "model.safetensors"))
     char_tokenizer(end_of_text).save(str(directory / "tokenizer.json"))
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    write_generation_manifest(directory, name="tiny-llm", exit_layers=[TINY.num_layers - 1], bos_id=None,
+    write_generation_manifest(directory, name="tiny-llm", exit_layers=[config.num_layers - 1], bos_id=None,
                               eos_ids=[END_ID], max_context=max_context, command="tests")
     if with_exits:
         heads = tiny_heads(model, outside_rows=outside_rows)

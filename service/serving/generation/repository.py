@@ -69,7 +69,8 @@ class GenerationRepository:
                                               max_running=self.max_running, queue_limit=self.queue_limit,
                                               runner=runner, threads=self.settings.threads,
                                               precision=self.settings.generation_weights,
-                                              int8_activations=self.settings.generation_int8_activations)
+                                              int8_activations=self.settings.generation_int8_activations,
+                                              fuse_segments=self.settings.generation_fused_segments)
             except BadBundle:
                 raise
             except Exception as exc:

@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from llm_support import write_tiny_generation_bundle
+from llm_support import FUSABLE, write_tiny_generation_bundle
 
 from tests.conftest import running_server
 
@@ -272,3 +272,19 @@ def test_int4_weights_serve_and_int8_activations_refuse_exact_mode(llm_bundle):
         with pytest.raises(openai.BadRequestError, match="int8 activations"):
             own.completions.create(model="tiny-llm", prompt="abc abc", max_tokens=8, temperature=0,
                                    extra_body={"delta": 1})
+
+
+def test_fused_segments_answer_what_layer_by_layer_answers(tmp_path):
+    """The default (fused segments, one call per stretch between exits) and --no-generation-fused-segments
+    give the same text at full depth, early exit and exact mode, through the API."""
+    bundle = write_tiny_generation_bundle(tmp_path / "tiny-llm", config=FUSABLE)
+    texts = []
+    for flags in ([], ["--no-generation-fused-segments"]):
+        with running_server([bundle], flags) as proc:
+            own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+            texts.append([own.completions.create(model="tiny-llm", prompt=prompt, max_tokens=24, temperature=0,
+                                                 extra_body=body).choices[0].text
+                          for prompt in ("abc abc", "hello") for body in ({"policy": "full"}, {"delta": 0.5},
+                                                                           {"delta": 1})])
+    assert texts[0] == texts[1]
+    assert texts[0][0] == texts[0][2] and texts[0][3] == texts[0][5]  # exact mode: full depth's text
