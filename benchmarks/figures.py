@@ -249,6 +249,10 @@ def llm_precision_tables() -> str:
     for kind, r in result.get("llama_cpp", {}).items():
         lines.append(f"| llama.cpp {kind} (llama-cpp-python {r['llama_cpp_python']}) | {r['tokens_per_s_median']:.1f} | "
                      f"{r['tokens_per_s_median'] / base:.2f}× (of the medians) | | | |")
+    if "ort_genai" in result:
+        r = result["ort_genai"]
+        lines.append(f"| ONNX Runtime GenAI int4, its builder's graphs (onnxruntime-genai {r['onnxruntime_genai']}) | "
+                     f"{r['tokens_per_s_median']:.1f} | {r['tokens_per_s_median'] / base:.2f}× (of the medians) | | | |")
     streams: dict[tuple[str, str], dict[int, float]] = {}
     for row in result["streams"]:
         streams.setdefault((row["precision"], row["config"]), {})[row["streams"]] = row["tokens_per_s"]

@@ -20,9 +20,8 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
-import threading
-import time
+
+from peer_timing import Timed, many_streams, one_stream, timed
 
 FILE_TYPES = {"q8_0": 7, "f16": 1, "q4_1": 3}  # llama_ftype values
 
@@ -34,51 +33,8 @@ def load(path: str, threads: int):
                  verbose=False, logits_all=False)
 
 
-def greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float, float]:
-    """(tokens, time of the first token, time of the last, decoding tokens/s after the first)."""
-    tokens, first_at = [], 0.0
-    for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        now = time.perf_counter()
-        if not tokens:
-            first_at = now
-        tokens.append(int(token))
-        if len(tokens) >= new_tokens:
-            break
-    end = time.perf_counter()
-    rate = (len(tokens) - 1) / (end - first_at) if len(tokens) > 1 and end > first_at else 0.0
-    return tokens, first_at, end, rate
-
-
-def one_stream(path: str, prompts: list[list[int]], new_tokens: int, threads: int) -> dict:
-    llm = load(path, threads)
-    greedy(llm, prompts[0], 4)  # warm
-    rates, outputs = [], []
-    for prompt in prompts:
-        tokens, _, _, rate = greedy(llm, prompt, new_tokens)
-        rates.append(rate)
-        outputs.append(tokens)
-    return {"streams": 1, "prompts": len(prompts), "tokens_per_s_median": statistics.median(rates),
-            "rates": rates, "outputs": outputs}
-
-
-def many_streams(path: str, prompts: list[list[int]], new_tokens: int, streams: int, threads: int) -> dict:
-    models = [load(path, threads) for _ in range(streams)]
-    for llm in models:
-        greedy(llm, prompts[0], 2)
-    results: list[tuple[list[int], float, float, float] | None] = [None] * streams
-
-    def run(i: int) -> None:
-        results[i] = greedy(models[i], prompts[i % len(prompts)], new_tokens)
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    done = [r for r in results if r is not None]
-    start, end = max(r[1] for r in done), max(r[2] for r in done)
-    tokens = sum(len(r[0]) - 1 for r in done)
-    return {"streams": streams, "tokens_per_s": tokens / (end - start)}
+def greedy(llm, prompt: list[int], new_tokens: int) -> Timed:
+    return timed(llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True), new_tokens)
 
 
 def main() -> None:
@@ -106,9 +62,10 @@ def main() -> None:
     with open(args.prompts) as handle:
         prompts = json.load(handle)
     if args.streams == 1:
-        out = one_stream(args.gguf, prompts, args.new_tokens, args.threads)
-    else:
-        out = many_streams(args.gguf, prompts, args.new_tokens, args.streams, args.threads)
+        out = one_stream(load(args.gguf, args.threads), greedy, prompts, args.new_tokens)
+    else:  # one context (and model copy) per stream: llama-cpp-python batches nothing across contexts
+        models = [load(args.gguf, args.threads) for _ in range(args.streams)]
+        out = many_streams(models, greedy, prompts, args.new_tokens)
     import llama_cpp
 
     out["llama_cpp_python"] = llama_cpp.__version__

@@ -14,6 +14,9 @@ same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests
 scheduler (the server's engine thread) at float32 and int4, and llama.cpp with one context per
 stream. Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
 
+With `--genai-python` and `--genai-model`, ONNX Runtime GenAI beside them (`ortgenai_peer.py`: its
+model builder's int4 graphs of the same float32 weights), one stream and 1/4/16.
+
 Writes benchmarks/results/llm-precision.json.
 """
 
@@ -42,8 +45,11 @@ MODES = {"full": {"mode": "full"},
 PEER = Path(__file__).resolve().parent / "llamacpp_peer.py"
 
 
-def peer(python: str, *args: str) -> dict:
-    done = subprocess.run([python, str(PEER), *args], capture_output=True, text=True, check=True)
+GENAI_PEER = Path(__file__).resolve().parent / "ortgenai_peer.py"
+
+
+def peer(python: str, *args: str, script: Path = PEER) -> dict:
+    done = subprocess.run([python, str(script), *args], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -90,6 +96,8 @@ def main() -> None:
                         help="weights, optionally +int8act (int8 activations) and +unfused (layer by layer: no "
                              "fused segments, as before them)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
+    parser.add_argument("--genai-python", help="a Python with onnxruntime-genai (ortgenai_peer.py; no rows without it)")
+    parser.add_argument("--genai-model", help="the model ortgenai_peer.py --build made (e.g. DIR/int4)")
     parser.add_argument("--gguf-types", default="q4_1,q8_0,f16",
                         help="llama.cpp GGUFs: the shipped q4_1 and conversions of it (q8_0, f16)")
     parser.add_argument("--out", default=str(RESULTS / "llm-precision.json"))
@@ -141,6 +149,13 @@ def main() -> None:
             result["llama_cpp"][kind] = {k: v for k, v in row.items() if k not in ("rates", "outputs")}
             print(f"  llama.cpp {kind}: {result['llama_cpp'][kind]}", flush=True)
             save()
+    if args.genai_python and args.genai_model:
+        (work / "prompts.json").write_text(json.dumps(prompts))
+        row = peer(args.genai_python, "--model", args.genai_model, "--prompts", str(work / "prompts.json"),
+                   "--new-tokens", str(args.new_tokens), script=GENAI_PEER)
+        result["ort_genai"] = {"model": args.genai_model, **{k: v for k, v in row.items() if k not in ("rates", "outputs")}}
+        print(f"  ONNX Runtime GenAI: {result['ort_genai']}", flush=True)
+        save()
     result["streams"] = []
     for precision in [p for p in ("float32", "int4", "int4, int8 activations") if p in models]:
         gm = models[precision]
@@ -153,6 +168,16 @@ def main() -> None:
                 print(f"  streams: {row}", flush=True)
                 save()
         gm.scheduler.close()
+    if "ort_genai" in result:
+        for n in (1, 4, 16):
+            row = peer(args.genai_python, "--model", args.genai_model, "--prompts", str(work / "prompts.json"),
+                       "--new-tokens", str(args.stream_tokens), "--streams", str(n), script=GENAI_PEER)
+            if n == 1:
+                row = {"streams": 1, "tokens_per_s": row["tokens_per_s_median"]}
+            row.update({"precision": "ONNX Runtime GenAI int4", "config": "full"})
+            result["streams"].append(row)
+            print(f"  streams: {row}", flush=True)
+            save()
     for kind, path in ggufs.items():
         for n in (1, 4, 16):
             row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
