@@ -131,14 +131,22 @@ def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
     return tensor
 
 
-def _project(b: _Builder, layer: DecoderLayer, x: str, cos: str, sin: str, prefix: str = "") -> tuple[str, str, str]:
-    """Queries and keys (rotated) [rows, heads, d] / [rows, kv_heads, d] and values of hidden states x."""
+def _qkv(b: _Builder, layer: DecoderLayer, x: str, prefix: str = "") -> tuple[str, str, str]:
+    """Queries [rows, heads * d], keys and values [rows, kv_heads * d] of hidden states x, not rotated."""
     attn = layer.self_attn
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     qkv = b.linear(b.rms_norm(x, layer.input_layernorm, f"{prefix}input_norm"), b.weight(f"{prefix}qkv", qkv_weight))
     sizes = b.constant(np.array([h * d, kvh * d, kvh * d], dtype=np.int64))
     q, k, v = b.op("Split", [qkv, sizes], outputs=3, axis=1)
+    return q, k, v
+
+
+def _project(b: _Builder, layer: DecoderLayer, x: str, cos: str, sin: str) -> tuple[str, str, str]:
+    """Queries and keys (rotated) [rows, heads, d] / [rows, kv_heads, d] and values of hidden states x."""
+    attn = layer.self_attn
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = _qkv(b, layer, x)
     heads_shape = b.constant(np.array([0, h, d], dtype=np.int64))
     kv_shape = b.constant(np.array([0, kvh, d], dtype=np.int64))
     q = b.rotate(b.one("Reshape", [q, heads_shape]), cos, sin, d)
@@ -187,17 +195,19 @@ def segment_graph(model: LlamaModel, first: int, last: int) -> Graph:
 
     Per-layer graphs cost two session calls a layer and attention outside; at batch 1 that overhead
     was a third of a decoding step (BENCHMARKS.md, "Language models"). Here attention is ONNX
-    Runtime's GroupQueryAttention, which reads the sequence's KV cache in place and writes the new
-    rows' keys and values into it (each layer's cache is bound as both `past_*` and `present_*`:
-    shared buffers, no copy). Inputs: x [rows, width], cos/sin [rows, 1, d], `seqlens_k` [1] int32
-    (positions before the rows + rows - 1), `total_length` int32 (the same + 1) and per layer l
-    `past_key_l`/`past_value_l` [1, kv_heads, capacity, d]; outputs y and `present_key_l`/`present_value_l`.
+    Runtime's GroupQueryAttention, which rotates queries and keys itself (from `cos_cache`/`sin_cache`,
+    at the positions after the cached ones), reads the sequence's KV cache in place and writes the
+    new rows' keys and values into it (each layer's cache is bound as both `past_*` and `present_*`:
+    shared buffers, no copy). Inputs: x [rows, width], cos/sin_cache [max positions, d / 2],
+    `seqlens_k` [1] int32 (positions before the rows + rows - 1), `total_length` int32 (the same + 1)
+    and per layer l `past_key_l`/`past_value_l` [1, kv_heads, capacity, d]; outputs y and
+    `present_key_l`/`present_value_l`.
     """
     c = model.config
     h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
     b = _Builder(f"segment_{first}_{last}")
     x = b.input("x", ["rows", c.hidden_size])
-    cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
+    cos, sin = b.input("cos_cache", ["positions", d // 2]), b.input("sin_cache", ["positions", d // 2])
     seqlens = b.typed_input("seqlens_k", TensorProto.INT32, [1])
     total = b.typed_input("total_length", TensorProto.INT32, [])
     batch_shape = b.constant(np.array([1, -1, h * d], dtype=np.int64))
@@ -206,14 +216,14 @@ def segment_graph(model: LlamaModel, first: int, last: int) -> Graph:
     for index in range(first, last + 1):
         layer = model.layers[index]
         prefix = f"l{index}_"
-        q, k, v = _project(b, layer, x, cos, sin, prefix)
+        q, k, v = _qkv(b, layer, x, prefix)
         past_k = b.input(f"past_key_{index}", [1, kvh, "capacity", d])
         past_v = b.input(f"past_value_{index}", [1, kvh, "capacity", d])
         attended, present_k, present_v = b.op(
             "GroupQueryAttention",
             [b.one("Reshape", [q, batch_shape]), b.one("Reshape", [k, batch_kv_shape]),
-             b.one("Reshape", [v, batch_kv_shape]), past_k, past_v, seqlens, total],
-            outputs=3, domain=CONTRIB_DOMAIN, num_heads=h, kv_num_heads=kvh)
+             b.one("Reshape", [v, batch_kv_shape]), past_k, past_v, seqlens, total, cos, sin],
+            outputs=3, domain=CONTRIB_DOMAIN, num_heads=h, kv_num_heads=kvh, do_rotary=1)
         b.output(present_k, f"present_key_{index}", [1, kvh, "capacity", d])
         b.output(present_v, f"present_value_{index}", [1, kvh, "capacity", d])
         x = _finish(b, layer, x, b.one("Reshape", [attended, rows_shape]), prefix)

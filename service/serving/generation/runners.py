@@ -123,6 +123,10 @@ class OnnxRuntimeDecoderRunner:
         self.segments = {first: last for first, last in segments if last > first}
         self._device = OrtDevice.make(self.device.type, self.device.index or 0)._get_c_device()
         self._new_binding = C.SessionIOBinding
+        # GroupQueryAttention's rotary tables: one half of each angle row (the tables repeat it)
+        half = model.config.head_dim // 2
+        self._half_cos = self.rotary.cos[:, :half].contiguous()
+        self._half_sin = self.rotary.sin[:, :half].contiguous()
         self.sessions: dict[str, tuple[Any, list, dict[str, np.ndarray]]] = {}
         for name, graph in decoder_graphs(model, heads, tuple(self.segments.items())).items():
             options = ort.SessionOptions()
@@ -167,14 +171,11 @@ class OnnxRuntimeDecoderRunner:
             raise ValueError(f"no fused segment of layers {first}..{last}")
         session, binding = self._binding(f"segment_{first}_{last}")
         rows = x.shape[0]
-        positions = torch.arange(start, start + rows, device=self.device)
         x = x.contiguous()
-        cos = self.rotary.cos[positions][:, None, :].contiguous()
-        sin = self.rotary.sin[positions][:, None, :].contiguous()
         # GroupQueryAttention's lengths: the last position's index and the positions in all
         lengths = np.array([start + rows - 1], dtype=np.int32), np.array(start + rows, dtype=np.int32)
         device = self._device
-        for key, tensor in (("x", x), ("cos", cos), ("sin", sin)):
+        for key, tensor in (("x", x), ("cos_cache", self._half_cos), ("sin_cache", self._half_sin)):
             binding.bind_input(key, device, np.float32, tuple(tensor.shape), tensor.data_ptr())
         binding.bind_input("seqlens_k", device, np.int32, (1,), lengths[0].ctypes.data)
         binding.bind_input("total_length", device, np.int32, (), lengths[1].ctypes.data)
