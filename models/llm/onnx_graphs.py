@@ -46,8 +46,10 @@ class Graph:
 
 
 class _Builder:
-    def __init__(self, name: str):
+    def __init__(self, name: str, joined: dict[tuple[int, ...], np.ndarray] | None = None):
         self.name = name
+        # concatenated weights by their parts' addresses: graphs built with the same dict share one array
+        self.joined = {} if joined is None else joined
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -69,6 +71,14 @@ class _Builder:
     def weight(self, name: str, value: torch.Tensor | np.ndarray) -> str:
         array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
         self.weights[name] = np.ascontiguousarray(array, dtype=np.float32)
+        return name
+
+    def joined_weight(self, name: str, parts: list[torch.Tensor]) -> str:
+        """The row-wise concatenation of `parts` as one weight (Q/K/V, gate/up: one product instead of several)."""
+        key = tuple(part.data_ptr() for part in parts)
+        if key not in self.joined:
+            self.joined[key] = np.ascontiguousarray(torch.cat(parts).detach().float().cpu().numpy(), dtype=np.float32)
+        self.weights[name] = self.joined[key]
         return name
 
     def constant(self, value: np.ndarray) -> str:
@@ -135,8 +145,8 @@ def _qkv(b: _Builder, layer: DecoderLayer, x: str, prefix: str = "") -> tuple[st
     """Queries [rows, heads * d], keys and values [rows, kv_heads * d] of hidden states x, not rotated."""
     attn = layer.self_attn
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    qkv = b.linear(b.rms_norm(x, layer.input_layernorm, f"{prefix}input_norm"), b.weight(f"{prefix}qkv", qkv_weight))
+    qkv_weight = b.joined_weight(f"{prefix}qkv", [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    qkv = b.linear(b.rms_norm(x, layer.input_layernorm, f"{prefix}input_norm"), qkv_weight)
     sizes = b.constant(np.array([h * d, kvh * d, kvh * d], dtype=np.int64))
     q, k, v = b.op("Split", [qkv, sizes], outputs=3, axis=1)
     return q, k, v
@@ -160,17 +170,17 @@ def _finish(b: _Builder, layer: DecoderLayer, x: str, attended: str, prefix: str
     intermediate = mlp.gate_proj.out_features
     x = b.one("Add", [x, b.linear(attended, b.weight(f"{prefix}o_proj", attn.o_proj.weight))])
     normed = b.rms_norm(x, layer.post_attention_layernorm, f"{prefix}post_attention_norm")
-    gate_up = b.linear(normed, b.weight(f"{prefix}gate_up", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+    gate_up = b.linear(normed, b.joined_weight(f"{prefix}gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight]))
     gate, up = b.op("Split", [gate_up, b.constant(np.array([intermediate, intermediate], dtype=np.int64))],
                     outputs=2, axis=1)
     down = b.linear(b.one("Mul", [b.silu(gate), up]), b.weight(f"{prefix}down_proj", mlp.down_proj.weight))
     return b.one("Add", [x, down])
 
 
-def project_graph(layer: DecoderLayer, index: int) -> Graph:
+def project_graph(layer: DecoderLayer, index: int, joined: dict | None = None) -> Graph:
     attn = layer.self_attn
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    b = _Builder(f"project_{index}")
+    b = _Builder(f"project_{index}", joined)
     x = b.input("x", ["rows", attn.q_proj.in_features])
     cos, sin = b.input("cos", ["rows", 1, d]), b.input("sin", ["rows", 1, d])
     q, k, v = _project(b, layer, x, cos, sin)
@@ -180,17 +190,17 @@ def project_graph(layer: DecoderLayer, index: int) -> Graph:
     return b.build()
 
 
-def finish_graph(layer: DecoderLayer, index: int) -> Graph:
+def finish_graph(layer: DecoderLayer, index: int, joined: dict | None = None) -> Graph:
     attn = layer.self_attn
     width = attn.o_proj.out_features
-    b = _Builder(f"finish_{index}")
+    b = _Builder(f"finish_{index}", joined)
     x = b.input("x", ["rows", width])
     attended = b.input("attended", ["rows", attn.num_heads * attn.head_dim])
     b.output(_finish(b, layer, x, attended), "y", ["rows", width])
     return b.build()
 
 
-def segment_graph(model: LlamaModel, first: int, last: int) -> Graph:
+def segment_graph(model: LlamaModel, first: int, last: int, joined: dict | None = None) -> Graph:
     """Layers first..last for the new rows of one sequence, attention included, in one graph.
 
     Per-layer graphs cost two session calls a layer and attention outside; at batch 1 that overhead
@@ -205,7 +215,7 @@ def segment_graph(model: LlamaModel, first: int, last: int) -> Graph:
     """
     c = model.config
     h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
-    b = _Builder(f"segment_{first}_{last}")
+    b = _Builder(f"segment_{first}_{last}", joined)
     x = b.input("x", ["rows", c.hidden_size])
     cos, sin = b.input("cos_cache", ["positions", d // 2]), b.input("sin_cache", ["positions", d // 2])
     seqlens = b.typed_input("seqlens_k", TensorProto.INT32, [1])
@@ -263,11 +273,12 @@ def decoder_graphs(model: LlamaModel, heads: ExitHeads | None,
     """Every graph the ONNX Runtime decoder runner needs, by name (`segment_{first}_{last}` for each
     fused segment asked for)."""
     graphs = {}
+    joined: dict[tuple[int, ...], np.ndarray] = {}  # one Q/K/V and one gate/up array a layer, shared by its graphs
     for first, last in segments:
-        graphs[f"segment_{first}_{last}"] = segment_graph(model, first, last)
+        graphs[f"segment_{first}_{last}"] = segment_graph(model, first, last, joined)
     for index, layer in enumerate(model.layers):
-        graphs[f"project_{index}"] = project_graph(layer, index)
-        graphs[f"finish_{index}"] = finish_graph(layer, index)
+        graphs[f"project_{index}"] = project_graph(layer, index, joined)
+        graphs[f"finish_{index}"] = finish_graph(layer, index, joined)
     if heads is not None:
         for index, head in enumerate(heads.exit_heads):
             graphs[f"head_{index}"] = exit_head_graph(head, heads.bound_rows(), index)

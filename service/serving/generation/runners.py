@@ -14,6 +14,8 @@ tensors as inputs and outputs (I/O binding by pointer: no host copies of hidden 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +27,16 @@ from exitserve.models.llm.precision import Precision, check_precision, int8_acti
 from exitserve.service.runners.base import RUNNER_KINDS, RunnerKind, runner_kind
 
 RUNNERS = RUNNER_KINDS
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Building and quantising the graphs allocates several times the weights in temporaries; they are
+    freed, but glibc keeps the pages, so the process looked ~0.5 GB larger than it is (BENCHMARKS.md,
+    "Fused segments")."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class DecoderRunner(Protocol):
@@ -143,6 +155,8 @@ class OnnxRuntimeDecoderRunner:
             options.add_external_initializers(names, values)
             session = ort.InferenceSession(graph.model.SerializeToString(), options, providers=providers)
             self.sessions[name] = (session, values, graph.weights)  # the arrays must outlive the session
+        release_freed_memory()
+
 
     def _binding(self, name: str) -> tuple[Any, Any]:
         """(session, a new I/O binding of it) at the C level: the Python wrappers cost ~10 µs a bind,
