@@ -152,3 +152,18 @@ def test_the_draft_adapter_and_memory_figures_match_their_results() -> None:
     assert adapter["adapter"]["agreement"] < adapter["mlp_head"]["agreement"]  # why it was not built in
     assert (f"{memory[('float32', True)]:.0f} MiB against {memory[('float32', False)]:.0f} at float32, "
             f"{memory[('int4', True)]:.0f} against {memory[('int4', False)]:.0f} at int4") in section
+
+
+def test_the_longer_training_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / "headline-cascade-sd24" / "headline.json").read_text())
+    at_w64 = {p: result["summary"][p]["cifar10-cascade-w64-e24"]["ratio_mean"] for p in ("pcee", "confidence", "pcee-lb-tail")}
+    split = result["splits"][0]
+    static = {s["name"]: s["error"] for s in split["smalls"]}["cifar10-cascade-w64-e24"]
+    exits = " / ".join(f"{100 * e['error']:.2f}" for e in split["large"]["exits"])
+    section = prose(REPO / "BENCHMARKS.md").split("### 4.5 ")[1].split("\n## ")[0]
+    sixteen = json.loads((figures.RESULTS / "headline-cascade-sd" / "headline.json").read_text())
+    before = {s["name"]: s["error"] for s in sixteen["splits"][0]["smalls"]}["cifar10-cascade-w64"]
+    assert f"from {100 * before:.2f} % to {100 * static:.2f} % (split 0), the cascade's exits to {exits} %" in section
+    assert (f"**{at_w64['pcee']:.3f} (`pcee`), {at_w64['confidence']:.3f} (`confidence`),\n"
+            f"{at_w64['pcee-lb-tail']:.3f} (`pcee-lb-tail`)**") in (REPO / "BENCHMARKS.md").read_text()
+    assert at_w64["pcee"] > sixteen["summary"]["pcee"]["cifar10-cascade-w64"]["ratio_mean"]  # "rose"
