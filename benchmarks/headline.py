@@ -60,13 +60,12 @@ def overthinking(logits: list[np.ndarray], labels: np.ndarray) -> dict:
     }
 
 
-def curves_on(bundle: Bundle, calibration: Calibration, logits: list[np.ndarray], labels: np.ndarray,
-              deltas: np.ndarray, policies: tuple[str, ...]) -> tuple[list[dict], dict[str, list[dict]]]:
+def curves_on(bundle: Bundle, calibration: Calibration, route: RouteFlops, logits: list[np.ndarray],
+              labels: np.ndarray, deltas: np.ndarray, policies: tuple[str, ...]) -> tuple[list[dict], dict[str, list[dict]]]:
     """Per exit at full depth, and each policy over δ: error and mean MFLOPs per sample on these logits,
     as the manifest adds them up (`mflops`: every exit head on the way) and as the server runs them
     (`mflops_run`: the heads of exits that can fire at δ, fused spans between; flops_spent.py)."""
     manifest = bundle.manifest
-    route = RouteFlops(bundle, calibration)
     mflops = np.array([e.cumulative_flops for e in manifest.exits]) / 1e6
     fractions = np.asarray(manifest.compute_fractions())
     exits = []
@@ -93,10 +92,11 @@ def model_curves(
 ) -> dict:
     """`curves_on` the CIFAR-10 test set, with the cost of full depth and overthinking."""
     test = split_logits(bundle, "cifar10:test", cache)
-    exits, curves = curves_on(bundle, calibration, test.logits, test.labels, deltas, policies)
+    route = RouteFlops(bundle, calibration)  # reads every graph's FLOPs: once
+    exits, curves = curves_on(bundle, calibration, route, test.logits, test.labels, deltas, policies)
     return {
         "bundle": bundle.manifest.name, "full_mflops": exits[-1]["mflops"],
-        "full_mflops_run": RouteFlops(bundle, calibration).full_depth() / 1e6,
+        "full_mflops_run": route.full_depth() / 1e6,
         "test_n": int(test.labels.size),
         "calibration_fingerprint": calibration.data_fingerprint, "logits_seconds": test.seconds,
         "exits": exits, "policies": curves, "overthinking": overthinking(test.logits, test.labels),

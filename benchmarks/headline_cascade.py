@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_support import cpu_model
+from flops_spent import RouteFlops
 from headline import PAPER_RATIO, curves_on, error_at, frontier, mflops_to_reach
 from logits_cache import DEFAULT_CACHE, split_logits
 
@@ -55,8 +56,8 @@ def pooled(bundle: Bundle, cache: Path) -> tuple[list[np.ndarray], np.ndarray, i
 def large_curves(bundle: Bundle, logits: list[np.ndarray], labels: np.ndarray, cal_idx: np.ndarray,
                  test_idx: np.ndarray) -> dict:
     calibration = fit_calibration([z[cal_idx] for z in logits], labels[cal_idx])
-    exits, curves = curves_on(bundle, calibration, [z[test_idx] for z in logits], labels[test_idx],
-                              DEFAULT_EVAL_DELTAS, POLICIES)
+    exits, curves = curves_on(bundle, calibration, RouteFlops(bundle, calibration), [z[test_idx] for z in logits],
+                              labels[test_idx], DEFAULT_EVAL_DELTAS, POLICIES)
     return {"exits": exits, "policies": curves}
 
 

@@ -129,7 +129,24 @@ def main() -> None:
     result["one_stream"] = one_stream(models, prompts, args.new_tokens)
     save()
     ggufs: dict[str, str] = {}
-    work = Path(tempfile.mkdtemp(prefix="llamacpp-"))
+    work = Path(tempfile.mkdtemp(prefix="llm-peers-"))
+    prompts_file = work / "prompts.json"  # what every peer decodes
+    prompts_file.write_text(json.dumps(prompts))
+
+    def peer_streams(label: str, python: str, model: list[str], script: Path = PEER) -> None:
+        """A peer at 1, 4 and 16 streams; one stream answers per prompt, its median is the stream's rate."""
+        for n in (1, 4, 16):
+            row = peer(python, *model, "--prompts", str(prompts_file), "--new-tokens", str(args.stream_tokens),
+                       "--streams", str(n), script=script)
+            if n == 1:
+                row = {"streams": 1, "tokens_per_s": row["tokens_per_s_median"],
+                       **{k: v for k, v in row.items() if k not in ("streams", "prompts", "tokens_per_s_median",
+                                                                    "rates", "outputs")}}
+            row.update({"precision": label, "config": "full"})
+            result["streams"].append(row)
+            print(f"  streams: {row}", flush=True)
+            save()
+
     if args.peer_python:
         shipped = str(smollm2_gguf())
         for kind in args.gguf_types.split(","):
@@ -140,18 +157,16 @@ def main() -> None:
             requantised = peer(args.peer_python, "--quantize", shipped, "--to", kind, "--out", str(work / f"{kind}.gguf"))
             if requantised["status"] == 0:
                 ggufs[f"{kind.upper()} (from Q4_1)"] = str(work / f"{kind}.gguf")
-        (work / "prompts.json").write_text(json.dumps(prompts))
         result["llama_cpp"] = {}
         for kind, path in ggufs.items():
-            row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
+            row = peer(args.peer_python, "--gguf", path, "--prompts", str(prompts_file),
                        "--new-tokens", str(args.new_tokens))
             row["identical_to_float32_full"] = None  # llama.cpp's weights are its own precision
             result["llama_cpp"][kind] = {k: v for k, v in row.items() if k not in ("rates", "outputs")}
             print(f"  llama.cpp {kind}: {result['llama_cpp'][kind]}", flush=True)
             save()
     if args.genai_python and args.genai_model:
-        (work / "prompts.json").write_text(json.dumps(prompts))
-        row = peer(args.genai_python, "--model", args.genai_model, "--prompts", str(work / "prompts.json"),
+        row = peer(args.genai_python, "--model", args.genai_model, "--prompts", str(prompts_file),
                    "--new-tokens", str(args.new_tokens), script=GENAI_PEER)
         result["ort_genai"] = {"model": args.genai_model, **{k: v for k, v in row.items() if k not in ("rates", "outputs")}}
         print(f"  ONNX Runtime GenAI: {result['ort_genai']}", flush=True)
@@ -169,26 +184,9 @@ def main() -> None:
                 save()
         gm.scheduler.close()
     if "ort_genai" in result:
-        for n in (1, 4, 16):
-            row = peer(args.genai_python, "--model", args.genai_model, "--prompts", str(work / "prompts.json"),
-                       "--new-tokens", str(args.stream_tokens), "--streams", str(n), script=GENAI_PEER)
-            if n == 1:
-                row = {"streams": 1, "tokens_per_s": row["tokens_per_s_median"]}
-            row.update({"precision": "ONNX Runtime GenAI int4", "config": "full"})
-            result["streams"].append(row)
-            print(f"  streams: {row}", flush=True)
-            save()
+        peer_streams("ONNX Runtime GenAI int4", args.genai_python, ["--model", args.genai_model], GENAI_PEER)
     for kind, path in ggufs.items():
-        for n in (1, 4, 16):
-            row = peer(args.peer_python, "--gguf", path, "--prompts", str(work / "prompts.json"),
-                       "--new-tokens", str(args.stream_tokens), "--streams", str(n))
-            if n == 1:  # one stream answers per prompt: its median is the stream's rate
-                row = {"streams": 1, "tokens_per_s": row["tokens_per_s_median"],
-                       "llama_cpp_python": row["llama_cpp_python"]}
-            row.update({"precision": f"llama.cpp {kind}", "config": "full"})
-            result["streams"].append(row)
-            print(f"  streams: {row}", flush=True)
-            save()
+        peer_streams(f"llama.cpp {kind}", args.peer_python, ["--gguf", path])
     save()
 
 

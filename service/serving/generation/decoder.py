@@ -152,9 +152,7 @@ class MultiExitDecoder:
                     starts[i] = first
             last = self._segment_end(layer_index, batch, active)
             if last > layer_index:
-                seq = batch[active[0]]
-                xs[active[0]] = self.runner.segment(layer_index, last, xs[active[0]], starts[active[0]], seq.cache)
-                seq.filled[layer_index:last + 1] = [ends[active[0]]] * (last + 1 - layer_index)
+                self._run_segment(layer_index, last, batch[active[0]], starts[active[0]], ends[active[0]], xs, active[0])
                 layer_index = last
             else:
                 xs = self._run_layer(layer_index, batch, active, starts, ends, xs)
@@ -207,6 +205,12 @@ class MultiExitDecoder:
             xs[i] = y[span.rows[0]:span.rows[1]]
             batch[i].filled[layer_index] = ends[i]
         return xs
+
+    def _run_segment(self, first: int, last: int, seq: Sequence, start: int, end: int, xs: list[torch.Tensor],
+                     i: int) -> None:
+        """Layers first..last for sequence `i` alone, as one fused call (`_segment_end` said it can)."""
+        xs[i] = self.runner.segment(first, last, xs[i], start, seq.cache)
+        seq.filled[first:last + 1] = [end] * (last + 1 - first)
 
     def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]
                 ) -> list[tuple[int, bool] | None]:
