@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     generation_fused_segments: bool = Field(
         True, description="onnxruntime runner on cpu: one sequence's layers between two exits run as one call with "
                           "attention in the graph (faster at one stream; holds a second copy of the layer weights)")
+    generation_lookup_ngram: int = Field(
+        3, ge=0, le=16, description="greedy early and exact modes: when the last n tokens (n from this down to 2) "
+                                    "occurred earlier in the prompt or the answer, draft the tokens that followed "
+                                    "them and verify them in one full-depth pass (prompt lookup decoding; 0 = off)")
+    generation_lookup_max_batch: int = Field(
+        1, ge=1, description="lookup drafts only while at most this many sequences decode together (alone, draft "
+                             "rows are nearly free; in a batch they compete with the other sequences' rows)")
     cuda_graphs: bool = Field(True, description="runner torch with provider cuda: replay each span of segments as a "
                                                 "CUDA graph per batch-size bucket (one launch instead of hundreds)")
     cuda_graph_buckets: list[PositiveInt] = Field(

@@ -223,7 +223,7 @@ class _Generation:
             "weights": self.model.precision,
             "activations": "float32" if self.model.exact_mode else "int8",
         }
-        if self.mode == "exact" and self.stream is not None:
+        if self.mode != "full" and self.stream is not None:  # exit drafts (exact mode) and lookup drafts
             ext["drafted"], ext["accepted"] = self.stream.drafted, self.stream.accepted
         return ext
 

@@ -22,7 +22,14 @@ Modes per sequence: `full` (every layer), `early` (leave at the first exit whose
 agreement estimate reaches δ, decided by `Calibration.step`), `exact` (self-speculative: the same
 rule drafts tokens; a token that goes to the last layer verifies every pending draft in that pass;
 the verified prefix is kept and the first mismatch replaced by the full model's token, so the
-output equals full greedy decoding). Exact mode always uses the `recompute` strategy.
+output equals full greedy decoding). Exact mode always uses the `recompute` strategy. An exit stops
+drafting for a sequence once its drafts there are kept less often than the share of a step they
+cost (`_drafts_pay`): on text the heads do not suit, exact mode then costs what full depth costs.
+
+Lookup drafts (`lookup.py`, greedy `early` and `exact` modes): where the last tokens occurred
+earlier in the sequence, the tokens that followed them are appended as drafts and fed in one step,
+which goes full depth and keeps the prefix the full model agrees with (`_verify`). They cost no
+layer to make; the tokens kept are the full model's own, so they meet any δ.
 
 The decoder decides and keeps the caches; a runner (`runners.py`: ONNX Runtime graphs over the
 weights, or the torch modules) computes layers and heads.
@@ -39,10 +46,12 @@ from exitserve.calibration.document import Deltas
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
 from exitserve.models.llm.precision import Precision
+from exitserve.service.serving.generation.lookup import lookup_draft
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
+DRAFT_PRIOR = 4  # exact mode: drafts counted as kept before any is verified (`_drafts_pay`)
 
 
 @dataclass
@@ -60,10 +69,15 @@ class Sequence:
     filled: list[int] = field(default_factory=list)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     h_last: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # sized by new_sequence
-    verified: int = 0  # exact mode: tokens[:verified] are the full model's, later ones drafts
+    verified: int = 0  # tokens[:verified] are answered (exact mode: the full model's), later ones drafts
     draft_exits: list[int] = field(default_factory=list)  # exit index of each draft
     drafted: int = 0
     accepted: int = 0
+    looked_up: int = 0  # of `drafted`, drafts from lookup (`lookup.py`), and of `accepted`, those kept
+    looked_up_accepted: int = 0
+    # exact mode, per early exit: its drafts the verification judged (kept, or the first rejected) and kept
+    exit_judged: list[int] = field(default_factory=list)
+    exit_kept: list[int] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
@@ -86,7 +100,8 @@ class MultiExitDecoder:
     def __init__(self, model: LlamaModel, heads: ExitHeads | None, exit_layers: list[int],
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
-                 precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True):
+                 precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True,
+                 lookup_ngram: int = 3, lookup_max_batch: int = 1):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -100,6 +115,12 @@ class MultiExitDecoder:
         self.calibration = calibration
         self.kv_strategy = kv_strategy
         self.max_pending = max_pending
+        self.lookup_ngram = lookup_ngram  # longest n-gram looked up for drafts (0: no lookup drafts)
+        # Lookup drafts only in steps of at most this many sequences: alone, a step reads every weight
+        # for one row and extra rows are nearly free; in a batch the other sequences' rows already
+        # share those reads and draft rows compete with them (vLLM's speculative_disable_by_batch_size).
+        self.lookup_max_batch = lookup_max_batch
+        self.adaptive_drafts = True  # exact mode: an exit stops drafting where its drafts do not pay
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
         self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision,
@@ -117,6 +138,7 @@ class MultiExitDecoder:
         if seq.mode != "full" and (self.heads is None or self.calibration is None):
             seq.mode = "full"  # a bundle without heads answers every token at the last layer
         seq.filled = [0] * self.num_layers
+        seq.exit_judged, seq.exit_kept = [0] * (len(self.exit_layers) - 1), [0] * (len(self.exit_layers) - 1)
         seq.cache = self.model.new_cache(capacity)
         seq.h_last = torch.zeros(capacity, self.model.config.hidden_size, dtype=seq.cache[0][0].dtype, device=self.device)
         seq.verified = len(prompt)
@@ -135,6 +157,9 @@ class MultiExitDecoder:
     def step(self, batch: list[Sequence]) -> list[list[TokenOut]]:
         """Run every sequence's unfed tokens; return the tokens each one gained (verified ones in exact mode)."""
         out: list[list[TokenOut]] = [[] for _ in batch]
+        if len(batch) <= self.lookup_max_batch:
+            for seq in batch:
+                self._draft_by_lookup(seq)
         # per sequence: first row position of its current rows and the end (exclusive)
         starts = [s.fed for s in batch]
         ends = [len(s.tokens) for s in batch]
@@ -159,7 +184,8 @@ class MultiExitDecoder:
             exit_index = self.exit_at.get(layer_index)
             if exit_index is None:
                 continue
-            asking = [i for i in active if checks[i] and self.can_fire(batch[i], exit_index)]
+            asking = [i for i in active if checks[i] and self.can_fire(batch[i], exit_index)
+                      and self._drafts_pay(batch[i], exit_index)]
             if not asking:
                 continue
             leaving = self._decide(exit_index, [batch[i] for i in asking], [xs[i][-1] for i in asking])
@@ -183,6 +209,30 @@ class MultiExitDecoder:
             return layer_index
         filled = batch[active[0]].filled
         return last if filled[last] == filled[layer_index] else layer_index
+
+    def _drafts_pay(self, seq: Sequence, exit_index: int) -> bool:
+        """Exact mode: an exit drafts while its drafts are kept at least as often as the share of a full
+        step they cost (a kept draft saves about 1 - f of a step, a rejected one wastes about f), counted
+        per sequence from an optimistic start (`DRAFT_PRIOR` drafts kept), so an exit whose drafts the
+        text does not suit stops drafting for that sequence."""
+        if seq.mode != "exact" or not self.adaptive_drafts:
+            return True
+        kept, judged = seq.exit_kept[exit_index], seq.exit_judged[exit_index]
+        return (kept + DRAFT_PRIOR) / (judged + DRAFT_PRIOR) >= self.compute_fractions[exit_index]
+
+    def _draft_by_lookup(self, seq: Sequence) -> None:
+        """Append the tokens that followed the last n tokens' latest earlier occurrence. They feed in
+        this step, so it goes full depth and verifies them with any exit drafts before them (greedy
+        only: sampling would need rejection sampling)."""
+        if (seq.mode == "full" or seq.temperature > 0.0 or self.lookup_ngram == 0 or seq.fed == 0
+                or len(seq.tokens) - seq.fed != 1):
+            return
+        room = seq.max_draft - (len(seq.tokens) - seq.verified)  # drafts in flight stay within max_draft
+        draft = lookup_draft(seq.tokens, room, self.lookup_ngram)
+        seq.tokens.extend(draft)
+        seq.drafted += len(draft)
+        seq.looked_up += len(draft)
+        seq.draft_exits.extend([len(self.exit_layers) - 1] * len(draft))  # verified at full depth
 
     def _checks_exits(self, seq: Sequence) -> bool:
         if seq.mode == "full" or seq.fed == 0 or len(seq.tokens) - seq.fed != 1:
@@ -255,6 +305,7 @@ class MultiExitDecoder:
             seq.drafted += 1
             seq.draft_exits.append(exit_index)
         else:
+            seq.verified = len(seq.tokens)
             out.append(TokenOut(token, exit_index, target_met=target_met))
 
     def _copy_up(self, seq: Sequence, layer_index: int, start: int, end: int, x: torch.Tensor) -> None:
@@ -270,7 +321,7 @@ class MultiExitDecoder:
     def _finish(self, batch: list[Sequence], active: list[int], starts: list[int], ends: list[int],
                 xs: list[torch.Tensor], out: list[list[TokenOut]]) -> None:
         last_exit = len(self.exit_layers) - 1
-        verify = [batch[i].mode == "exact" and len(batch[i].tokens) > batch[i].verified for i in active]
+        verify = [len(batch[i].tokens) > batch[i].verified for i in active]  # exact mode's drafts, or lookup drafts
         rows = []
         for i, v in zip(active, verify, strict=True):
             if not v:
@@ -303,7 +354,7 @@ class MultiExitDecoder:
         """Keep the drafts the full model agrees with; replace the first one it does not.
 
         Row `offset` is position start + offset; its full-model prediction is the token of the next
-        position. tokens[verified:] are drafts; earlier tokens are the full model's already."""
+        position. tokens[verified:] are drafts; earlier tokens are answered already."""
         for offset, position in enumerate(range(start, end)):
             following = position + 1
             if following < seq.verified:
@@ -319,6 +370,12 @@ class MultiExitDecoder:
             seq.fed = following
             seq.tokens.append(greedy[offset])
             seq.accepted += len(accepted)
+            seq.looked_up_accepted += exits.count(last_exit)  # only lookup drafts carry the last exit
+            judged = exits + seq.draft_exits[len(accepted):len(accepted) + 1]  # later drafts are not judged
+            for k, exit_index in enumerate(judged):
+                if exit_index != last_exit:
+                    seq.exit_judged[exit_index] += 1
+                    seq.exit_kept[exit_index] += int(k < len(accepted))
             out.extend(TokenOut(t, e, True) for t, e in zip(accepted, exits, strict=True))
             out.append(TokenOut(greedy[offset], last_exit, rejected=drafts - len(accepted)))
             seq.verified = len(seq.tokens)

@@ -61,7 +61,8 @@ class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
                  runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32",
-                 int8_activations: bool = False, fuse_segments: bool = True):
+                 int8_activations: bool = False, fuse_segments: bool = True, lookup_ngram: int = 3,
+                 lookup_max_batch: int = 1):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BadBundle(f"{bundle.path}: not a text-generation bundle")
@@ -84,7 +85,8 @@ class GenerationModel:
         self.decoder = MultiExitDecoder(self.model, heads, spec.exit_layers, calibration, kv_strategy=kv_strategy,
                                         compute_fractions=self.compute_fractions, runner=runner, threads=threads,
                                         precision=precision, int8_activations=int8_activations,
-                                        fuse_segments=fuse_segments)
+                                        fuse_segments=fuse_segments, lookup_ngram=lookup_ngram,
+                                        lookup_max_batch=lookup_max_batch)
         self.precision = precision
         # int8 activations round differently for one row and for several: exact mode would not be exact
         self.exact_mode = not int8_activations_for(precision, int8_activations)

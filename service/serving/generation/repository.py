@@ -70,7 +70,9 @@ class GenerationRepository:
                                               runner=runner, threads=self.settings.threads,
                                               precision=self.settings.generation_weights,
                                               int8_activations=self.settings.generation_int8_activations,
-                                              fuse_segments=self.settings.generation_fused_segments)
+                                              fuse_segments=self.settings.generation_fused_segments,
+                                              lookup_ngram=self.settings.generation_lookup_ngram,
+                                              lookup_max_batch=self.settings.generation_lookup_max_batch)
             except BadBundle:
                 raise
             except Exception as exc:

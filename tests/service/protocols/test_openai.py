@@ -288,3 +288,23 @@ def test_fused_segments_answer_what_layer_by_layer_answers(tmp_path):
                                                                            {"delta": 1})])
     assert texts[0] == texts[1]
     assert texts[0][0] == texts[0][2] and texts[0][3] == texts[0][5]  # exact mode: full depth's text
+
+
+def test_lookup_drafts_are_counted_and_can_be_turned_off(llm_bundle):
+    """Early mode's only drafts are lookup drafts: a repetitive prompt gets some by default, none with
+    --generation-lookup-ngram 0; exact mode's text is the full model's either way."""
+    drafted, texts = [], []
+    for flags in ([], ["--generation-lookup-ngram", "0"]):
+        with running_server([llm_bundle], flags) as proc:
+            own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+
+            def ask(prompt: str, body: dict, client=own):
+                return client.completions.create(model="tiny-llm", prompt=prompt, max_tokens=24, temperature=0,
+                                                 extra_body=body)
+
+            prompts = ("abc abc abc abc", "hello hello hello", "0123012301230123")
+            drafted.append(sum(ask(p, {"delta": 0.99}).model_extra["exitserve"]["drafted"] for p in prompts))
+            texts.append([(ask(p, {"policy": "full"}).choices[0].text, ask(p, {"delta": 1}).choices[0].text)
+                          for p in prompts])
+    assert drafted[0] > 0 and drafted[1] == 0, drafted
+    assert all(full == exact for full, exact in texts[0] + texts[1]) and texts[0] == texts[1]

@@ -25,9 +25,10 @@ def runner(request) -> str:
     return request.param
 
 
-def decoder(parts, runner: str, kv_strategy: str = "recompute") -> MultiExitDecoder:
+def decoder(parts, runner: str, kv_strategy: str = "recompute", lookup_ngram: int = 3) -> MultiExitDecoder:
     model, heads, calibration = parts
-    return MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, kv_strategy=kv_strategy, runner=runner)
+    return MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, kv_strategy=kv_strategy, runner=runner,
+                            lookup_ngram=lookup_ngram)
 
 
 def generate(dec: MultiExitDecoder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **options) -> tuple[list[list[int]], list[Sequence], list[list[int]]]:
@@ -191,7 +192,7 @@ def test_each_tokens_target_met_is_the_exit_rules_promise(parts):
     from exitserve.models.llm.heads import calibration_logits, one_hot_logits, vocab_index
 
     model, heads, calibration = parts
-    dec = decoder(parts, "torch")
+    dec = decoder(parts, "torch", lookup_ngram=0)  # lookup drafts answer some tokens at full depth
     checked = early = 0
     for prompt in random_prompts(6, seed=31):
         seq = dec.new_sequence(prompt, capacity=len(prompt) + 40, mode="early", delta=0.3, policy="pcee-lb-tail")
@@ -214,3 +215,29 @@ def test_each_tokens_target_met_is_the_exit_rules_promise(parts):
         checked += len(outs)
         early += int((replay.exit_index < len(EXIT_LAYERS) - 1).sum())
     assert checked == 96 and early > 0
+
+
+def test_an_exit_whose_drafts_are_rejected_stops_drafting(parts):
+    """Exact mode counts, per sequence and exit, the drafts verification kept; below the exit's share
+    of a step's compute it drafts no more (the output stays full greedy either way)."""
+    dec = decoder(parts, "torch", lookup_ngram=0)
+    prompts = random_prompts(8, seed=41)
+    full, _, _ = generate(dec, prompts, mode="full")
+    options = {"mode": "exact", "delta": 0.15, "policy": "confidence", "max_draft": 6}
+    exact, seqs, _ = generate(dec, prompts, **options)
+    assert exact == full
+    judged = [sum(s.exit_judged[k] for s in seqs) for k in range(len(EXIT_LAYERS) - 1)]
+    kept = [sum(s.exit_kept[k] for s in seqs) for k in range(len(EXIT_LAYERS) - 1)]
+    assert all(0 <= k <= j for k, j in zip(kept, judged, strict=True)) and sum(judged) > 0
+    # a sequence whose exit-0 drafts were all rejected: exit 0 drafts no more, the other exits still may
+    for adaptive, drafts_from_exit_0 in ((True, False), (False, True)):
+        dec.adaptive_drafts = adaptive
+        drafted_at_0 = False
+        for prompt in prompts:
+            seq = dec.new_sequence(prompt, capacity=len(prompt) + 40, **options)
+            seq.exit_judged[0] = 20
+            while len(seq.tokens) < len(prompt) + 20:
+                dec.step([seq])
+                drafted_at_0 |= 0 in seq.draft_exits
+        assert drafted_at_0 == drafts_from_exit_0
+    dec.adaptive_drafts = True
