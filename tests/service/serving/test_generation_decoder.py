@@ -7,22 +7,8 @@ import torch
 from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
-from exitserve.service.serving.generation.runners import RUNNERS
 
 NEW_TOKENS = 20
-
-
-@pytest.fixture(scope="module")
-def parts():
-    model = tiny_model()
-    heads = tiny_heads(model)
-    return model, heads, tiny_calibration(model, heads)
-
-
-@pytest.fixture(params=RUNNERS)
-def runner(request) -> str:
-    """Every decoder test runs on both runners: the torch modules and ONNX Runtime over the same weights."""
-    return request.param
 
 
 def decoder(parts, runner: str, kv_strategy: str = "recompute", lookup_ngram: int = 3) -> MultiExitDecoder:

@@ -4,13 +4,11 @@ are the full model's tokens at their prefix)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
+from llm_support import EXIT_LAYERS, random_prompts
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
 from exitserve.service.serving.generation.lookup import lookup_draft
-from exitserve.service.serving.generation.runners import RUNNERS
 
 LAST_EXIT = len(EXIT_LAYERS) - 1
 
@@ -35,16 +33,6 @@ def test_no_draft_without_an_earlier_match_of_two_tokens():
     assert lookup_draft([7, 7, 7], 4) == [7]  # overlapping occurrences count
 
 
-@pytest.fixture(scope="module")
-def parts():
-    model = tiny_model()
-    heads = tiny_heads(model)
-    return model, heads, tiny_calibration(model, heads)
-
-
-@pytest.fixture(params=RUNNERS)
-def runner(request) -> str:
-    return request.param
 
 
 def looping_prompts(count: int, seed: int = 21) -> list[list[int]]:
