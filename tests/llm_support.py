@@ -115,3 +115,10 @@ def write_tiny_generation_bundle(directory, *, with_exits: bool = True, max_cont
         heads = tiny_heads(model, outside_rows=outside_rows)
         write_exits(directory, heads, tiny_calibration(model, heads), EXIT_LAYERS, command="tests")
     return directory
+
+
+def tiny_parts() -> tuple[LlamaModel, ExitHeads, Calibration]:
+    """The tiny model, its exit heads and label-free tables: what the decoder tests run on."""
+    model = tiny_model()
+    heads = tiny_heads(model)
+    return model, heads, tiny_calibration(model, heads)

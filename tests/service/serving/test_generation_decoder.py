@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model
+from llm_support import EXIT_LAYERS, random_prompts, tiny_calibration, tiny_heads, tiny_model, tiny_parts
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
+from exitserve.service.serving.generation.runners import RUNNERS
 
 NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request) -> str:
+    """Every test taking it runs on both runners: the torch modules and ONNX Runtime over the same weights."""
+    return request.param
 
 
 def decoder(parts, runner: str, kv_strategy: str = "recompute", lookup_ngram: int = 3) -> MultiExitDecoder:

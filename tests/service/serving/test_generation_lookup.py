@@ -4,13 +4,20 @@ are the full model's tokens at their prefix)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from llm_support import EXIT_LAYERS, random_prompts
+from llm_support import EXIT_LAYERS, random_prompts, tiny_parts
 
 from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
 from exitserve.service.serving.generation.lookup import lookup_draft
+from exitserve.service.serving.generation.runners import RUNNERS
 
 LAST_EXIT = len(EXIT_LAYERS) - 1
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
 
 
 def test_the_tokens_after_the_latest_earlier_occurrence_of_the_tail():
@@ -55,6 +62,7 @@ def full_model_tokens(model, ids: list[int]) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_exact_mode_with_lookup_drafts_equals_full_greedy(parts, runner):
     model, heads, calibration = parts
     dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, runner=runner)
@@ -72,6 +80,7 @@ def test_exact_mode_with_lookup_drafts_equals_full_greedy(parts, runner):
     assert looked_up > 20 and 0 < kept < looked_up, (looked_up, kept)  # both outcomes occurred
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_early_mode_keeps_only_the_full_models_tokens_from_lookup(parts, runner):
     model, heads, calibration = parts
     dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, runner=runner)
@@ -105,6 +114,7 @@ def test_no_lookup_when_off_in_full_mode_or_when_sampling(parts):
         assert (seq.looked_up > 0) == drafts, options
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_lookup_drafts_only_in_small_batches_and_exact_there_too(parts, runner):
     """By default only a sequence decoding alone drafts by lookup; allowed in a batch, drafts ride in the
     batched per-layer calls and exact mode still equals greedy for every sequence."""
