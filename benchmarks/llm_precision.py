@@ -44,8 +44,6 @@ MODES = {"full": {"mode": "full"},
          "early δ=0.9": {"mode": "early", "delta": 0.9, "policy": DEFAULT_POLICY},
          "exact (draft δ=0.8)": {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 8}}
 PEER = Path(__file__).resolve().parent / "llamacpp_peer.py"
-
-
 GENAI_PEER = Path(__file__).resolve().parent / "ortgenai_peer.py"
 
 
@@ -122,7 +120,7 @@ def main() -> None:
             (", layer by layer" if "unfused" in flags else "") + (", no lookup" if "nolookup" in flags else "")
         models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
                                         int8_activations="int8act" in flags, fuse_segments="unfused" not in flags,
-                                        lookup_ngram=0 if "nolookup" in flags else 3)
+                                        **({"lookup_ngram": 0} if "nolookup" in flags else {}))
     if "float32" not in models:
         parser.error("--precisions needs float32 (plain): every ratio is to its full depth")
     first = next(iter(models.values()))

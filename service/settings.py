@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from exitserve.calibration import POLICIES
+from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM
 
 RunnerKind = Literal["onnxruntime", "torch"]
 RUNNER_KINDS: tuple[RunnerKind, ...] = ("onnxruntime", "torch")
@@ -89,7 +90,7 @@ class Settings(BaseSettings):
         True, description="onnxruntime runner on cpu: one sequence's layers between two exits run as one call with "
                           "attention in the graph (faster at one stream; holds a second copy of the layer weights)")
     generation_lookup_ngram: int = Field(
-        3, ge=0, le=16, description="greedy early and exact modes: when the last n tokens (n from this down to 2) "
+        DEFAULT_NGRAM, ge=0, le=16, description="greedy early and exact modes: when the last n tokens (n from this down to 2) "
                                     "occurred earlier in the prompt or the answer, draft the tokens that followed "
                                     "them and verify them in one full-depth pass (prompt lookup decoding; 0 = off)")
     generation_lookup_max_batch: int = Field(

@@ -46,7 +46,7 @@ from exitserve.calibration.document import Deltas
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
 from exitserve.models.llm.precision import Precision
-from exitserve.service.serving.generation.lookup import lookup_draft
+from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM, lookup_draft
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
 from exitserve.service.serving.generation.stream import Mode, TokenOut
 
@@ -101,7 +101,7 @@ class MultiExitDecoder:
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
                  precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True,
-                 lookup_ngram: int = 3, lookup_max_batch: int = 1):
+                 lookup_ngram: int = DEFAULT_NGRAM, lookup_max_batch: int = 1):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:

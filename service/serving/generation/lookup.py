@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 MIN_NGRAM = 2  # one matching token proposes too much that the model then rejects
+DEFAULT_NGRAM = 3  # the longest tail looked up, unless the server is told otherwise
 
 
-def lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+def lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = DEFAULT_NGRAM) -> list[int]:
     """Up to `max_tokens` tokens that followed the latest earlier occurrence of the last n tokens,
     for the longest n from `max_ngram` down to 2 that occurred; [] when none did."""
     if max_tokens <= 0 or max_ngram < MIN_NGRAM or len(tokens) <= MIN_NGRAM:

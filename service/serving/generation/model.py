@@ -21,6 +21,7 @@ from exitserve.models.llm.heads import ExitHeads
 from exitserve.models.llm.llama import load_llama
 from exitserve.models.llm.precision import Precision, int8_activations_for
 from exitserve.service.serving.generation.decoder import MultiExitDecoder
+from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM
 from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.runners import RunnerKind
 from exitserve.service.serving.generation.scheduler import Scheduler
@@ -61,7 +62,7 @@ class GenerationModel:
     def __init__(self, bundle: Bundle, metrics_registry, *, device: str = "cpu", kv_strategy: str = "recompute",
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
                  runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32",
-                 int8_activations: bool = False, fuse_segments: bool = True, lookup_ngram: int = 3,
+                 int8_activations: bool = False, fuse_segments: bool = True, lookup_ngram: int = DEFAULT_NGRAM,
                  lookup_max_batch: int = 1):
         spec = bundle.manifest.generation_spec
         if spec is None:

@@ -157,7 +157,6 @@ class OnnxRuntimeDecoderRunner:
             self.sessions[name] = (session, values, graph.weights)  # the arrays must outlive the session
         release_freed_memory()
 
-
     def _binding(self, name: str) -> tuple[Any, Any]:
         """(session, a new I/O binding of it) at the C level: the Python wrappers cost ~10 µs a bind,
         and a fused segment binds ~100 tensors."""
