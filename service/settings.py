@@ -10,7 +10,8 @@ from pydantic import BeforeValidator, Field, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from exitserve.calibration import POLICIES
-from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM
+
+DEFAULT_LOOKUP_NGRAM = 3  # generation: the longest tail looked up for drafts (serving/generation/lookup.py)
 
 RunnerKind = Literal["onnxruntime", "torch"]
 RUNNER_KINDS: tuple[RunnerKind, ...] = ("onnxruntime", "torch")
@@ -90,9 +91,10 @@ class Settings(BaseSettings):
         True, description="onnxruntime runner on cpu: one sequence's layers between two exits run as one call with "
                           "attention in the graph (faster at one stream; holds a second copy of the layer weights)")
     generation_lookup_ngram: int = Field(
-        DEFAULT_NGRAM, ge=0, le=16, description="greedy early and exact modes: when the last n tokens (n from this down to 2) "
-                                    "occurred earlier in the prompt or the answer, draft the tokens that followed "
-                                    "them and verify them in one full-depth pass (prompt lookup decoding; 0 = off)")
+        DEFAULT_LOOKUP_NGRAM, ge=0, le=16,
+        description="greedy early and exact modes: when the last n tokens (n from this down to 2) occurred earlier "
+                    "in the prompt or the answer, draft the tokens that followed them and verify them in one "
+                    "full-depth pass (prompt lookup decoding; 0 = off)")
     generation_lookup_max_batch: int = Field(
         1, ge=1, description="lookup drafts only while at most this many sequences decode together (alone, draft "
                              "rows are nearly free; in a batch they compete with the other sequences' rows)")

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from exitserve.service.settings import DEFAULT_LOOKUP_NGRAM as DEFAULT_NGRAM
+
 MIN_NGRAM = 2  # one matching token proposes too much that the model then rejects
-DEFAULT_NGRAM = 3  # the longest tail looked up, unless the server is told otherwise
 
 
 def lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = DEFAULT_NGRAM) -> list[int]:
