@@ -13,7 +13,9 @@ F16 holds the dequantised Q4_1 weights, those of exitserve's float32, rounded to
 ratios are per prompt against float32 full depth, medians reported. Exact mode is compared with the
 same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests through the
 scheduler (the server's engine thread) at float32 and int4, and llama.cpp with one context per
-stream. Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
+stream; `+nopool` runs a precision's streams without the KV pool (`--no-generation-kv-pool`: segments
+layer by layer in batches, attention per sequence), streams only (one stream runs the same path
+either way). Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
 
 With `--genai-python` and `--genai-model`, ONNX Runtime GenAI beside them (`ortgenai_peer.py`: its
 model builder's int4 graphs of the same float32 weights), one stream and 1/4/16.
@@ -43,6 +45,7 @@ from exitserve.service.serving.generation.model import GenerationModel
 MODES = {"full": {"mode": "full"},
          "early δ=0.9": {"mode": "early", "delta": 0.9, "policy": DEFAULT_POLICY},
          "exact (draft δ=0.8)": {"mode": "exact", "delta": 0.8, "policy": "pcee", "max_draft": 8}}
+NO_POOL = ", no KV pool"
 PEER = Path(__file__).resolve().parent / "llamacpp_peer.py"
 GENAI_PEER = Path(__file__).resolve().parent / "ortgenai_peer.py"
 
@@ -100,7 +103,8 @@ def main() -> None:
     parser.add_argument("--precisions",
                         default="float32,float32+nolookup,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
                         help="weights, optionally +int8act (int8 activations), +unfused (layer by layer: no "
-                             "fused segments, as before them) and +nolookup (no lookup drafts)")
+                             "fused segments, as before them), +nolookup (no lookup drafts) and +nopool (no KV "
+                             "pool; streams only)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
     parser.add_argument("--genai-python", help="a Python with onnxruntime-genai (ortgenai_peer.py; no rows without it)")
     parser.add_argument("--genai-model", help="the model ortgenai_peer.py --build made (e.g. DIR/int4)")
@@ -113,13 +117,15 @@ def main() -> None:
     models = {}
     for name in args.precisions.split(","):
         weights, *flags = name.split("+")
-        unknown = set(flags) - {"int8act", "unfused", "nolookup"}
+        unknown = set(flags) - {"int8act", "unfused", "nolookup", "nopool"}
         if unknown:
             parser.error(f"--precisions: unknown flag(s) {sorted(unknown)} in {name!r}")
         label = weights + (", int8 activations" if "int8act" in flags else "") + \
-            (", layer by layer" if "unfused" in flags else "") + (", no lookup" if "nolookup" in flags else "")
+            (", layer by layer" if "unfused" in flags else "") + (", no lookup" if "nolookup" in flags else "") + \
+            (NO_POOL if "nopool" in flags else "")
         models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
                                         int8_activations="int8act" in flags, fuse_segments="unfused" not in flags,
+                                        kv_pool="nopool" not in flags,
                                         **({"lookup_ngram": 0} if "nolookup" in flags else {}))
     if "float32" not in models:
         parser.error("--precisions needs float32 (plain): every ratio is to its full depth")
@@ -135,7 +141,8 @@ def main() -> None:
 
     for gm in models.values():
         generate(gm, prompts[0], 4, mode="full")  # warm
-    result["one_stream"] = one_stream(models, prompts, args.new_tokens)
+    result["one_stream"] = one_stream({k: m for k, m in models.items() if not k.endswith(NO_POOL)}, prompts,
+                                      args.new_tokens)
     save()
     ggufs: dict[str, str] = {}
     work = Path(tempfile.mkdtemp(prefix="llm-peers-"))
@@ -181,7 +188,8 @@ def main() -> None:
         print(f"  ONNX Runtime GenAI: {result['ort_genai']}", flush=True)
         save()
     result["streams"] = []
-    for precision in [p for p in ("float32", "int4", "int4, int8 activations") if p in models]:
+    for precision in [p + pool for p in ("float32", "int4", "int4, int8 activations") for pool in ("", NO_POOL)
+                      if p + pool in models]:
         gm = models[precision]
         gm.scheduler.start()
         for n in (1, 4, 16):

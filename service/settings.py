@@ -88,8 +88,13 @@ class Settings(BaseSettings):
         False, description="int4 weights: compute with int8 activations too (faster, as llama.cpp does; int8 "
                            "weights always do); exact mode is then refused (one row and several round differently)")
     generation_fused_segments: bool = Field(
-        True, description="onnxruntime runner on cpu: one sequence's layers between two exits run as one call with "
-                          "attention in the graph (faster at one stream; holds a second copy of the layer weights)")
+        True, description="onnxruntime runner on cpu: the layers between two exits run as one call with attention "
+                          "in the graph, for one sequence or a batch in the KV pool (faster; holds a second copy of "
+                          "the layer weights)")
+    generation_kv_pool: bool = Field(
+        True, description="fused segments: the running sequences' KV caches are slots of one pool, so a decoding "
+                          "step of many streams runs each segment as one batched call (reserves address space for "
+                          "max_running x max_context positions; memory is used only as positions are written)")
     generation_lookup_ngram: int = Field(
         DEFAULT_LOOKUP_NGRAM, ge=0, le=16,
         description="greedy early and exact modes: when the last n tokens (n from this down to 2) occurred earlier "

@@ -213,6 +213,14 @@ class LayerSpan:
         return cls(rows, start, keys, values, positions)
 
 
+def batch_spans(rows: int, starts: list[int], keys: torch.Tensor, values: torch.Tensor) -> list[LayerSpan]:
+    """Spans of one sequence's `rows` rows from starts[0] (keys/values [kv_heads, capacity, d]), or
+    of one row each of len(starts) sequences (keys/values [batch, kv_heads, capacity, d])."""
+    if keys.dim() == 3:
+        return [LayerSpan.starting_at((0, rows), starts[0], keys, values)]
+    return [LayerSpan.starting_at((i, i + 1), start, keys[i], values[i]) for i, start in enumerate(starts)]
+
+
 class LlamaBody(nn.Module):
     """The checkpoint's `model.*` part: embedding, decoder layers, final norm (typed attributes)."""
 

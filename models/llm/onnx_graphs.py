@@ -201,41 +201,45 @@ def finish_graph(layer: DecoderLayer, index: int, joined: dict | None = None) ->
 
 
 def segment_graph(model: LlamaModel, first: int, last: int, joined: dict | None = None) -> Graph:
-    """Layers first..last for the new rows of one sequence, attention included, in one graph.
+    """Layers first..last for the new rows of one sequence, or one new row each of several, attention
+    included, in one graph.
 
     Per-layer graphs cost two session calls a layer and attention outside; at batch 1 that overhead
     was a third of a decoding step (BENCHMARKS.md, "Language models"). Here attention is ONNX
     Runtime's GroupQueryAttention, which rotates queries and keys itself (from `cos_cache`/`sin_cache`,
     at the positions after the cached ones), reads the sequence's KV cache in place and writes the
     new rows' keys and values into it (each layer's cache is bound as both `past_*` and `present_*`:
-    shared buffers, no copy). Inputs: x [rows, width], cos/sin_cache [max positions, d / 2],
-    `seqlens_k` [1] int32 (positions before the rows + rows - 1), `total_length` int32 (the same + 1)
-    and per layer l `past_key_l`/`past_value_l` [1, kv_heads, capacity, d]; outputs y and
-    `present_key_l`/`present_value_l`.
+    shared buffers, no copy). Inputs: x [rows, width], `batch_rows` int64 [2] (how GroupQueryAttention
+    sees the rows: [1, rows] for one sequence's rows, [rows, 1] for one row each of `rows` sequences
+    whose caches are consecutive slots of one pool), cos/sin_cache [max positions, d / 2],
+    `seqlens_k` [batch] int32 (per sequence, positions before its rows + rows - 1), `total_length`
+    int32 (the largest of those + 1) and per layer l `past_key_l`/`past_value_l` [batch, kv_heads,
+    capacity, d]; outputs y and `present_key_l`/`present_value_l`.
     """
     c = model.config
     h, kvh, d = c.num_heads, c.num_kv_heads, c.head_dim
     b = _Builder(f"segment_{first}_{last}", joined)
     x = b.input("x", ["rows", c.hidden_size])
     cos, sin = b.input("cos_cache", ["positions", d // 2]), b.input("sin_cache", ["positions", d // 2])
-    seqlens = b.typed_input("seqlens_k", TensorProto.INT32, [1])
+    batch_rows = b.typed_input("batch_rows", TensorProto.INT64, [2])
+    seqlens = b.typed_input("seqlens_k", TensorProto.INT32, ["batch"])
     total = b.typed_input("total_length", TensorProto.INT32, [])
-    batch_shape = b.constant(np.array([1, -1, h * d], dtype=np.int64))
-    batch_kv_shape = b.constant(np.array([1, -1, kvh * d], dtype=np.int64))
+    batch_shape = b.one("Concat", [batch_rows, b.constant(np.array([h * d], dtype=np.int64))], axis=0)
+    batch_kv_shape = b.one("Concat", [batch_rows, b.constant(np.array([kvh * d], dtype=np.int64))], axis=0)
     rows_shape = b.constant(np.array([-1, h * d], dtype=np.int64))
     for index in range(first, last + 1):
         layer = model.layers[index]
         prefix = f"l{index}_"
         q, k, v = _qkv(b, layer, x, prefix)
-        past_k = b.input(f"past_key_{index}", [1, kvh, "capacity", d])
-        past_v = b.input(f"past_value_{index}", [1, kvh, "capacity", d])
+        past_k = b.input(f"past_key_{index}", ["batch", kvh, "capacity", d])
+        past_v = b.input(f"past_value_{index}", ["batch", kvh, "capacity", d])
         attended, present_k, present_v = b.op(
             "GroupQueryAttention",
             [b.one("Reshape", [q, batch_shape]), b.one("Reshape", [k, batch_kv_shape]),
              b.one("Reshape", [v, batch_kv_shape]), past_k, past_v, seqlens, total, cos, sin],
             outputs=3, domain=CONTRIB_DOMAIN, num_heads=h, kv_num_heads=kvh, do_rotary=1)
-        b.output(present_k, f"present_key_{index}", [1, kvh, "capacity", d])
-        b.output(present_v, f"present_value_{index}", [1, kvh, "capacity", d])
+        b.output(present_k, f"present_key_{index}", ["batch", kvh, "capacity", d])
+        b.output(present_v, f"present_value_{index}", ["batch", kvh, "capacity", d])
         x = _finish(b, layer, x, b.one("Reshape", [attended, rows_shape]), prefix)
     b.output(x, "y", ["rows", c.hidden_size])
     return b.build()

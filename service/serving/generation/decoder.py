@@ -31,6 +31,10 @@ earlier in the sequence, the tokens that followed them are appended as drafts an
 which goes full depth and keeps the prefix the full model agrees with (`_verify`). They cost no
 layer to make; the tokens kept are the full model's own, so they meet any δ.
 
+Caches: with fused segments, sequences take slots of one KV pool (`kv_pool.py`), so a decoding
+step of several sequences (one row each) runs a segment as one batched call; a sequence that finds
+no free slot, or is longer than the pool's slots, keeps a cache of its own.
+
 The decoder decides and keeps the caches; a runner (`runners.py`: ONNX Runtime graphs over the
 weights, or the torch modules) computes layers and heads.
 """
@@ -46,12 +50,14 @@ from exitserve.calibration.document import Deltas
 from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
 from exitserve.models.llm.precision import Precision
+from exitserve.service.serving.generation.kv_pool import KVPool
 from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM, lookup_draft
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
-from exitserve.service.serving.generation.stream import Mode, TokenOut
+from exitserve.service.serving.generation.stream import MAX_DRAFT, Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
 DRAFT_PRIOR = 4  # exact mode: drafts counted as kept before any is verified (`_drafts_pay`)
+POOL_CAPACITY = 2048  # positions a KV pool slot holds by default: longer sequences keep caches of their own
 
 
 @dataclass
@@ -63,11 +69,12 @@ class Sequence:
     delta: float = 0.9
     policy: str = "pcee"
     temperature: float = 0.0
-    max_draft: int = 8
+    max_draft: int = MAX_DRAFT
     generator: torch.Generator | None = None
     fed: int = 0
     filled: list[int] = field(default_factory=list)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    slot: int | None = None  # its cache's slot in the decoder's KV pool (None: a cache of its own)
     h_last: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # sized by new_sequence
     verified: int = 0  # tokens[:verified] are answered (exact mode: the full model's), later ones drafts
     draft_exits: list[int] = field(default_factory=list)  # exit index of each draft
@@ -101,7 +108,8 @@ class MultiExitDecoder:
                  calibration: Calibration | None, *, kv_strategy: str = "recompute", max_pending: int = 64,
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
                  precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True,
-                 lookup_ngram: int = DEFAULT_NGRAM, lookup_max_batch: int = 1):
+                 lookup_ngram: int = DEFAULT_NGRAM, lookup_max_batch: int = 1, pool_slots: int = 16,
+                 pool_capacity: int = POOL_CAPACITY):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -128,6 +136,12 @@ class MultiExitDecoder:
                                   segments=segments_between(self.exit_layers) if fuse_segments else ())
         # share of the full model's FLOPs a token answered at each exit used (the manifest's, or layers)
         self.compute_fractions = compute_fractions or [(layer + 1) / self.num_layers for layer in exit_layers]
+        # batched segments need the sequences' caches side by side; one position more than a slot's
+        # sequence uses takes the throwaway rows of batch gaps (`_run_pooled_segment`)
+        self.pool: KVPool | None = None
+        if self.runner.segments and pool_slots > 1:
+            self.pool = KVPool(model.config, pool_slots, min(pool_capacity, model.config.max_positions) + 1,
+                               dtype=model.model.embed_tokens.weight.dtype, device=self.device)
 
     # --- sequences ------------------------------------------------------------------------------
 
@@ -139,10 +153,21 @@ class MultiExitDecoder:
             seq.mode = "full"  # a bundle without heads answers every token at the last layer
         seq.filled = [0] * self.num_layers
         seq.exit_judged, seq.exit_kept = [0] * (len(self.exit_layers) - 1), [0] * (len(self.exit_layers) - 1)
-        seq.cache = self.model.new_cache(capacity)
+        if self.pool is not None and capacity < self.pool.capacity:
+            seq.slot = self.pool.acquire(seq)
+        seq.cache = self.pool.cache(seq.slot) if self.pool is not None and seq.slot is not None \
+            else self.model.new_cache(capacity)
         seq.h_last = torch.zeros(capacity, self.model.config.hidden_size, dtype=seq.cache[0][0].dtype, device=self.device)
         seq.verified = len(prompt)
         return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Give the sequence's pool slot back (it is done: its cache is not read again); a slot whose
+        sequence is dropped without this comes back when the sequence is garbage."""
+        if self.pool is not None and seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+            seq.cache = []
 
     def can_fire(self, seq: Sequence, exit_index: int) -> bool:
         """Whether exit `exit_index` can let this sequence leave at all (`Calibration.firing_exits`, as
@@ -175,9 +200,9 @@ class MultiExitDecoder:
                 if first < starts[i]:  # pending positions join with the hidden state they exited with
                     xs[i] = torch.cat([seq.h_last[first:starts[i]], xs[i]])
                     starts[i] = first
-            last = self._segment_end(layer_index, batch, active)
+            last = self._segment_end(layer_index, batch, active, starts, ends)
             if last > layer_index:
-                self._run_segment(layer_index, last, batch[active[0]], starts[active[0]], ends[active[0]], xs, active[0])
+                self._run_segment(layer_index, last, batch, active, starts, ends, xs)
                 layer_index = last
             else:
                 xs = self._run_layer(layer_index, batch, active, starts, ends, xs)
@@ -198,17 +223,30 @@ class MultiExitDecoder:
             self._finish(batch, active, starts, ends, xs, out)
         return out
 
-    def _segment_end(self, layer_index: int, batch: list[Sequence], active: list[int]) -> int:
+    def _segment_end(self, layer_index: int, batch: list[Sequence], active: list[int], starts: list[int],
+                     ends: list[int]) -> int:
         """The last layer of the fused segment this step can run from `layer_index` (itself: none).
 
-        One sequence only (a batch of several shares each layer's weights across its rows instead),
-        and only when no pending position would join inside the segment (its rows are the same at
-        every layer of it: `filled` is the same at its first and last layer)."""
+        Only when no pending position would join inside the segment (a sequence's rows are the same at
+        every layer of it: `filled` is the same at its first and last layer); for several sequences,
+        only as one pooled batch (`_pooled_slots`)."""
         last = self.runner.segments.get(layer_index, layer_index)
-        if last == layer_index or len(active) != 1:
+        if last == layer_index or any(batch[i].filled[last] != batch[i].filled[layer_index] for i in active):
             return layer_index
-        filled = batch[active[0]].filled
-        return last if filled[last] == filled[layer_index] else layer_index
+        if len(active) == 1 or self._pooled_slots(batch, active, starts, ends) is not None:
+            return last
+        return layer_index
+
+    def _pooled_slots(self, batch: list[Sequence], active: list[int], starts: list[int],
+                      ends: list[int]) -> tuple[int, int] | None:
+        """The pool slots (first, last) that hold these sequences, when they can run as one batch:
+        one row each, every one in the pool, and gaps (slots of sequences not in it) at most a
+        quarter of their number, since each gap costs a throwaway row."""
+        slots = [batch[i].slot for i in active]
+        if any(slot is None for slot in slots) or any(ends[i] - starts[i] != 1 for i in active):
+            return None
+        first, last = min(s for s in slots if s is not None), max(s for s in slots if s is not None)
+        return (first, last) if last + 1 - first - len(active) <= len(active) // 4 else None
 
     def _drafts_pay(self, seq: Sequence, exit_index: int) -> bool:
         """Exact mode: an exit drafts while its drafts are kept at least as often as the share of a full
@@ -256,11 +294,40 @@ class MultiExitDecoder:
             batch[i].filled[layer_index] = ends[i]
         return xs
 
-    def _run_segment(self, first: int, last: int, seq: Sequence, start: int, end: int, xs: list[torch.Tensor],
-                     i: int) -> None:
-        """Layers first..last for sequence `i` alone, as one fused call (`_segment_end` said it can)."""
-        xs[i] = self.runner.segment(first, last, xs[i], start, seq.cache)
-        seq.filled[first:last + 1] = [end] * (last + 1 - first)
+    def _run_segment(self, first: int, last: int, batch: list[Sequence], active: list[int], starts: list[int],
+                     ends: list[int], xs: list[torch.Tensor]) -> None:
+        """Layers first..last for the active sequences as one fused call (`_segment_end` said they can)."""
+        if len(active) == 1:
+            i = active[0]
+            xs[i] = self.runner.segment(first, last, xs[i], [starts[i]], batch[i].cache)
+        else:
+            self._run_pooled_segment(first, last, batch, active, starts, xs)
+        for i in active:
+            batch[i].filled[first:last + 1] = [ends[i]] * (last + 1 - first)
+
+    def _run_pooled_segment(self, first: int, last: int, batch: list[Sequence], active: list[int],
+                            starts: list[int], xs: list[torch.Tensor]) -> None:
+        """One row per sequence, in slot order; a gap slot gets a throwaway row written where its
+        own sequence (if any) has nothing yet: at its first unfilled position, which that sequence
+        writes again before it reads it (or one past the slot's use: the pool keeps a spare)."""
+        pool = self.pool
+        at_slot = {slot: i for i in active if (slot := batch[i].slot) is not None}
+        if pool is None or len(at_slot) != len(active):
+            raise RuntimeError("a pooled segment needs every sequence in the KV pool")
+        lowest, highest = min(at_slot), max(at_slot)
+        rows, positions = [], []
+        for slot in range(lowest, highest + 1):
+            i = at_slot.get(slot)
+            if i is not None:
+                rows.append(xs[i])
+                positions.append(starts[i])
+                continue
+            owner = pool.owner(slot)
+            rows.append(torch.zeros_like(xs[active[0]]))
+            positions.append(min(owner.filled[first], pool.capacity - 1) if isinstance(owner, Sequence) else 0)
+        y = self.runner.segment(first, last, torch.cat(rows), positions, pool.batch(lowest, highest))
+        for slot, i in at_slot.items():
+            xs[i] = y[slot - lowest:slot - lowest + 1]
 
     def _decide(self, exit_index: int, seqs: list[Sequence], last_rows: list[torch.Tensor]
                 ) -> list[tuple[int, bool] | None]:

@@ -25,6 +25,7 @@ from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM
 from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.runners import RunnerKind
 from exitserve.service.serving.generation.scheduler import Scheduler
+from exitserve.service.serving.generation.stream import MAX_DRAFT
 
 
 def load_heads(bundle: Bundle, width: int, eps: float) -> ExitHeads | None:
@@ -63,7 +64,7 @@ class GenerationModel:
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
                  runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32",
                  int8_activations: bool = False, fuse_segments: bool = True, lookup_ngram: int = DEFAULT_NGRAM,
-                 lookup_max_batch: int = 1):
+                 lookup_max_batch: int = 1, kv_pool: bool = True):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BadBundle(f"{bundle.path}: not a text-generation bundle")
@@ -87,7 +88,9 @@ class GenerationModel:
                                         compute_fractions=self.compute_fractions, runner=runner, threads=threads,
                                         precision=precision, int8_activations=int8_activations,
                                         fuse_segments=fuse_segments, lookup_ngram=lookup_ngram,
-                                        lookup_max_batch=lookup_max_batch)
+                                        lookup_max_batch=lookup_max_batch, pool_slots=max_running if kv_pool else 0,
+                                        # what a request may hold: its context and the drafts in flight
+                                        pool_capacity=spec.max_context + 2 * MAX_DRAFT)
         self.precision = precision
         # int8 activations round differently for one row and for several: exact mode would not be exact
         self.exact_mode = not int8_activations_for(precision, int8_activations)
@@ -121,6 +124,7 @@ class GenerationModel:
         """Warm up (one short greedy generation) and start the engine thread."""
         seq = self.decoder.new_sequence(self.encode("Hello") or [0], capacity=8, mode="full")
         self.decoder.step([seq])
+        self.decoder.release(seq)
         self.scheduler.start()
         self.ready = True
 

@@ -71,6 +71,7 @@ class GenerationRepository:
                                               precision=self.settings.generation_weights,
                                               int8_activations=self.settings.generation_int8_activations,
                                               fuse_segments=self.settings.generation_fused_segments,
+                                              kv_pool=self.settings.generation_kv_pool,
                                               lookup_ngram=self.settings.generation_lookup_ngram,
                                               lookup_max_batch=self.settings.generation_lookup_max_batch)
             except BadBundle:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from exitserve.models.llm.heads import ExitHeads
-from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, span_positions
+from exitserve.models.llm.llama import LayerSpan, LlamaModel, attend, batch_spans, span_positions
 from exitserve.models.llm.precision import Precision, check_precision, int8_activations_for
 from exitserve.service.runners.base import RUNNER_KINDS, RunnerKind, runner_kind
 
@@ -43,10 +43,14 @@ class DecoderRunner(Protocol):
     # fused segments this runner has: first layer -> last layer (`segment`); empty: layer by layer only
     segments: dict[int, int]
 
-    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+    def segment(self, first: int, last: int, x: torch.Tensor, starts: list[int],
                 cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Layers first..last over the rows of one sequence at positions start, start + 1, ...;
-        writes their keys and values into `cache` (the sequence's, every layer)."""
+        """Layers first..last over one sequence's rows, or one row each of a batch of sequences.
+
+        `starts`: per sequence the position of its first row (one sequence: x holds its rows at
+        starts[0], starts[0] + 1, ...; several: one row each). `cache[l]`: layer l's keys and values,
+        [kv_heads, capacity, d] for one sequence, [batch, kv_heads, capacity, d] for a batch (consecutive
+        slots of a `kv_pool.KVPool`). Writes the rows' keys and values into `cache`."""
         ...
 
     def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
@@ -72,10 +76,11 @@ class TorchDecoderRunner:
         self.rotary = model.rotary()
         self.segments: dict[int, int] = {}  # torch's per-layer calls cost little next to its GEMVs
 
-    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+    def segment(self, first: int, last: int, x: torch.Tensor, starts: list[int],
                 cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         for index in range(first, last + 1):
-            x = self.layer(index, x, [LayerSpan.starting_at((0, x.shape[0]), start, *cache[index])])
+            keys, values = cache[index]
+            x = self.layer(index, x, batch_spans(x.shape[0], starts, keys, values))
         return x
 
     def layer(self, index: int, x: torch.Tensor, spans: list[LayerSpan]) -> torch.Tensor:
@@ -178,23 +183,32 @@ class OnnxRuntimeDecoderRunner:
         session.run_with_iobinding(binding, None)
         return results
 
-    def segment(self, first: int, last: int, x: torch.Tensor, start: int,
+    def segment(self, first: int, last: int, x: torch.Tensor, starts: list[int],
                 cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         if self.segments.get(first) != last:
             raise ValueError(f"no fused segment of layers {first}..{last}")
         session, binding = self._binding(f"segment_{first}_{last}")
-        rows = x.shape[0]
+        rows, batch = x.shape[0], len(starts)
         x = x.contiguous()
-        # GroupQueryAttention's lengths: the last position's index and the positions in all
-        lengths = np.array([start + rows - 1], dtype=np.int32), np.array(start + rows, dtype=np.int32)
+        if batch > 1 and rows != batch:
+            raise ValueError(f"a batch of {batch} sequences takes one row each, not {rows} rows")
+        # GroupQueryAttention's view of the rows, per sequence the last position's index, and the
+        # largest number of positions
+        batch_rows = np.array([1, rows] if batch == 1 else [batch, 1], dtype=np.int64)
+        last_positions = np.array([start + rows // batch - 1 for start in starts], dtype=np.int32)
+        total = np.array(last_positions.max() + 1, dtype=np.int32)
         device = self._device
         for key, tensor in (("x", x), ("cos_cache", self._half_cos), ("sin_cache", self._half_sin)):
             binding.bind_input(key, device, np.float32, tuple(tensor.shape), tensor.data_ptr())
-        binding.bind_input("seqlens_k", device, np.int32, (1,), lengths[0].ctypes.data)
-        binding.bind_input("total_length", device, np.int32, (), lengths[1].ctypes.data)
+        binding.bind_input("batch_rows", device, np.int64, (2,), batch_rows.ctypes.data)
+        binding.bind_input("seqlens_k", device, np.int32, (batch,), last_positions.ctypes.data)
+        binding.bind_input("total_length", device, np.int32, (), total.ctypes.data)
         for index in range(first, last + 1):
             for kind, tensor in zip(("key", "value"), cache[index], strict=True):
-                shape = (1, *tensor.shape)  # the cache itself, in and out: written in place
+                shape = tuple(tensor.shape) if tensor.dim() == 4 else (1, *tensor.shape)
+                if shape[0] != batch or not tensor.is_contiguous():
+                    raise ValueError(f"layer {index}'s {kind}s: {batch} contiguous caches, not {tuple(tensor.shape)}")
+                # the caches themselves, in and out: written in place
                 binding.bind_input(f"past_{kind}_{index}", device, np.float32, shape, tensor.data_ptr())
                 binding.bind_output(f"present_{kind}_{index}", device, np.float32, shape, tensor.data_ptr())
         y = torch.empty_like(x)

@@ -113,6 +113,7 @@ class Scheduler:
                 log.exception("generation step failed")
                 for r in self._running:
                     r.stream._push(TokenEvent([], f"error: {type(exc).__name__}: {exc}"))
+                    self.decoder.release(r.sequence)
                 self._running.clear()
                 continue
             now = time.perf_counter()
@@ -140,6 +141,9 @@ class Scheduler:
         kept = [r for r in self._running if not r.stream.cancelled.is_set()]
         if len(kept) != len(self._running):
             self.metrics.cancelled.inc(len(self._running) - len(kept))
+            for r in self._running:
+                if r.stream.cancelled.is_set():
+                    self.decoder.release(r.sequence)
         self._running = kept
         self.metrics.running.set(len(kept))
 
@@ -177,4 +181,5 @@ class Scheduler:
                 still.append(running)
             else:
                 self.metrics.observe_drafts(stream.drafted, stream.accepted)
+                self.decoder.release(running.sequence)
         self._running = still

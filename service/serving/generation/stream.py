@@ -22,6 +22,9 @@ class TokenOut:
     target_met: bool = True
 
 
+MAX_DRAFT = 8  # drafts in flight per sequence (exact mode's, lookup's)
+
+
 @dataclass
 class GenerationParams:
     prompt: list[int]
@@ -31,7 +34,7 @@ class GenerationParams:
     policy: str = "pcee"
     temperature: float = 0.0
     seed: int | None = None
-    max_draft: int = 8
+    max_draft: int = MAX_DRAFT
     stop_ids: frozenset[int] = frozenset()
 
 

@@ -290,6 +290,29 @@ def test_fused_segments_answer_what_layer_by_layer_answers(tmp_path):
     assert texts[0][0] == texts[0][2] and texts[0][3] == texts[0][5]  # exact mode: full depth's text
 
 
+def test_streams_in_the_kv_pool_answer_what_caches_of_their_own_answer(tmp_path):
+    """Concurrent requests decode together: with the KV pool (default) their segments run as batches,
+    with --no-generation-kv-pool layer by layer; the texts are the same, at full depth and early exit
+    (no lookup drafts: they go to a sequence when it decodes alone, which timing decides here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = write_tiny_generation_bundle(tmp_path / "tiny-llm", config=FUSABLE)
+    prompts = ["abc abc", "hello", "0123", "xyz", "The cat", "qq", "a", "zebra"]
+    texts = []
+    for flags in ([], ["--no-generation-kv-pool"]):
+        with running_server([bundle], ["--generation-lookup-ngram", "0", *flags]) as proc:
+            own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+
+            def ask(prompt: str, body: dict, client=own) -> str:
+                return client.completions.create(model="tiny-llm", prompt=prompt, max_tokens=24, temperature=0,
+                                                 extra_body=body).choices[0].text
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                texts.append([list(pool.map(ask, prompts, [body] * len(prompts)))
+                              for body in ({"policy": "full"}, {"delta": 0.5})])
+    assert texts[0] == texts[1]
+
+
 def test_lookup_drafts_are_counted_and_can_be_turned_off(llm_bundle):
     """Early mode's only drafts are lookup drafts: a repetitive prompt gets some by default, none with
     --generation-lookup-ngram 0; exact mode's text is the full model's either way."""

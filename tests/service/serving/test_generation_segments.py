@@ -42,14 +42,14 @@ def test_a_segment_equals_its_layers_one_by_one_and_writes_the_same_cache(parts,
         values[:, :start].normal_()
     theirs = [(k.clone(), v.clone()) for k, v in mine]
     x = torch.randn(rows, model.config.hidden_size)
-    got = fused.segment(3, 5, fused.segment(0, 2, x, start, mine), start, mine)
-    want = TorchDecoderRunner(model, None).segment(0, 5, x, start, theirs)
+    got = fused.segment(3, 5, fused.segment(0, 2, x, [start], mine), [start], mine)
+    want = TorchDecoderRunner(model, None).segment(0, 5, x, [start], theirs)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for (k, v), (k2, v2) in zip(mine, theirs, strict=True):
         torch.testing.assert_close(k, k2, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(v, v2, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no fused segment"):
-        fused.segment(1, 2, x, start, mine)
+        fused.segment(1, 2, x, [start], mine)
 
 
 def generate_alone(dec: MultiExitDecoder, prompt: list[int], **options) -> tuple[list[int], list[int]]:
