@@ -253,3 +253,30 @@ def test_the_peer_figures_of_the_lookup_run_match_its_result() -> None:
     ):
         assert quoted in section, quoted
     assert full / peer >= 0.8 and at_16 < peer_16
+
+
+def test_the_kv_pool_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / figures.LLM_POOL).read_text())
+    streams = {(r["precision"], r["config"], r["streams"]): r["tokens_per_s"] for r in result["streams"]}
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+    act, act_plain = "int4, int8 activations", "int4, int8 activations, no KV pool"
+    at_16, plain_16, peer_16 = (streams[(act, "full", 16)], streams[(act_plain, "full", 16)],
+                                streams[("llama.cpp Q4_1", "full", 16)])
+    one, peer_one = (result["one_stream"][f"{act} full"]["tokens_per_s_median"],
+                     result["llama_cpp"]["Q4_1"]["tokens_per_s_median"])
+    for quoted in (
+        f"**{at_16:.1f} tokens/s against {plain_16:.1f} without the pool ({at_16 / plain_16:.2f}×)**",
+        f"at 4 streams {streams[(act, 'full', 4)]:.1f} against {streams[(act_plain, 'full', 4)]:.1f} "
+        f"({streams[(act, 'full', 4)] / streams[(act_plain, 'full', 4)]:.2f}×)",
+        f"float32 at 16 streams {streams[('float32', 'full', 16)]:.1f} against "
+        f"{streams[('float32, no KV pool', 'full', 16)]:.1f}",
+        f"the exact-safe int4 {streams[('int4', 'full', 16)]:.1f} against {streams[('int4, no KV pool', 'full', 16)]:.1f}",
+        f"llama.cpp Q4_1 **{peer_16:.1f} at 16 streams** ({streams[('llama.cpp Q4_1', 'full', 4)]:.1f} at 4)",
+        f"ONNX Runtime GenAI {streams[('ONNX Runtime GenAI int4', 'full', 16)]:.1f} at 16",
+        f"float32 {streams[('float32', 'early δ=0.9', 16)]:.1f} against {streams[('float32', 'full', 16)]:.1f}",
+        f"**{at_16:.1f} vs {peer_16:.1f} ({at_16 / peer_16:.2f}×): met**",
+        f"without the pool, same run: {plain_16:.1f}, {plain_16 / peer_16:.2f}×",
+        f"at one stream {one:.1f} vs {peer_one:.1f} ({one / peer_one:.2f}×)",
+    ):
+        assert quoted in section, quoted
+    assert at_16 > 1.2 * peer_16 and at_16 > plain_16
