@@ -132,6 +132,7 @@ def generate_chat_text(gm, prompts: list[str], *, max_new: int = 96, batch: int 
                     answers[i].append(token.token)  # the end token too: predicting it is a sample
                     if token.token in gm.stop_ids or len(answers[i]) >= max_new:
                         running.remove(i)
+                        decoder.release(seqs[i])  # its KV pool slot: the rest move down into it
                         break
         done += sum(len(answers[i]) for i in group)
         log(f"  chat answers: {group[-1] + 1}/{len(prompts)} prompts, {done} tokens, "

@@ -27,7 +27,8 @@ drafting for a sequence once its drafts there are kept less often than the share
 cost (`_drafts_pay`): on text the heads do not suit, exact mode then costs what full depth costs.
 
 Lookup drafts (`lookup.py`, greedy `early` and `exact` modes): where the last tokens occurred
-earlier in the sequence, the tokens that followed them are appended as drafts and fed in one step,
+earlier in the sequence (or else, with `lookup_history`, in the answers of finished requests), the
+tokens that followed them are appended as drafts and fed in one step,
 which goes full depth and keeps the prefix the full model agrees with (`_verify`). They cost no
 layer to make; the tokens kept are the full model's own, so they meet any δ.
 
@@ -51,12 +52,13 @@ from exitserve.models.llm.heads import ExitHeads, calibration_logits
 from exitserve.models.llm.llama import LayerSpan, LlamaModel
 from exitserve.models.llm.precision import Precision
 from exitserve.service.serving.generation.kv_pool import KVPool
-from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM, lookup_draft
+from exitserve.service.serving.generation.lookup import DEFAULT_NGRAM, AnswerHistory, lookup_draft
 from exitserve.service.serving.generation.runners import RunnerKind, make_runner
 from exitserve.service.serving.generation.stream import MAX_DRAFT, Mode, TokenOut
 
 KV_STRATEGIES = ("recompute", "copy")
 DRAFT_PRIOR = 4  # exact mode: drafts counted as kept before any is verified (`_drafts_pay`)
+LOOKUP_PRIOR = (3, 4)  # lookup drafts: (kept, judged) assumed before any is verified (`lookup_length`)
 POOL_CAPACITY = 2048  # positions a KV pool slot holds by default: longer sequences keep caches of their own
 
 
@@ -65,6 +67,7 @@ class Sequence:
     """One generation stream's decoding state. Tokens past `fed` are inputs not yet run."""
 
     tokens: list[int]
+    prompt_length: int = 0  # tokens[:prompt_length] is the prompt
     mode: Mode = "full"
     delta: float = 0.9
     policy: str = "pcee"
@@ -82,6 +85,7 @@ class Sequence:
     accepted: int = 0
     looked_up: int = 0  # of `drafted`, drafts from lookup (`lookup.py`), and of `accepted`, those kept
     looked_up_accepted: int = 0
+    looked_up_judged: int = 0  # lookup drafts the verification judged: the kept ones and each first rejected
     # exact mode, per early exit: its drafts the verification judged (kept, or the first rejected) and kept
     exit_judged: list[int] = field(default_factory=list)
     exit_kept: list[int] = field(default_factory=list)
@@ -90,6 +94,23 @@ class Sequence:
     def pending(self) -> int:
         """Positions that have not been through every layer (exited early)."""
         return self.fed - self.filled[-1] if self.filled else 0
+
+
+def lookup_length(seq: Sequence, room: int, row_cost: float) -> int:
+    """How many lookup drafts pay for this sequence: the length L ≤ room that gets the most tokens per
+    unit of work, when each draft is kept with the sequence's own rate a (kept / judged so far, from
+    `LOOKUP_PRIOR`) once the ones before it were: (1 + a + ... + a^L) / (1 + L · row_cost). Where a row
+    costs little (float32 on a CPU, the step reads every weight anyway) that is most of the room; where
+    it costs half a step (int8 activations) one draft at most, and none once they are rarely kept."""
+    kept = seq.looked_up_accepted + LOOKUP_PRIOR[0]
+    rate = kept / (seq.looked_up_judged + LOOKUP_PRIOR[1])
+    best, best_value, expected = 0, 1.0, 1.0
+    for length in range(1, room + 1):
+        expected += rate ** length
+        value = expected / (1.0 + length * row_cost)
+        if value > best_value:
+            best, best_value = length, value
+    return best
 
 
 def segments_between(exit_layers: list[int]) -> tuple[tuple[int, int], ...]:
@@ -109,7 +130,7 @@ class MultiExitDecoder:
                  compute_fractions: list[float] | None = None, runner: RunnerKind = "torch", threads: int = 1,
                  precision: Precision = "float32", int8_activations: bool = False, fuse_segments: bool = True,
                  lookup_ngram: int = DEFAULT_NGRAM, lookup_max_batch: int = 1, pool_slots: int = 16,
-                 pool_capacity: int = POOL_CAPACITY):
+                 pool_capacity: int = POOL_CAPACITY, lookup_history: int = 0):
         if kv_strategy not in KV_STRATEGIES:
             raise ValueError(f"unknown kv strategy {kv_strategy!r}; choose from {', '.join(KV_STRATEGIES)}")
         if exit_layers[-1] != model.config.num_layers - 1:
@@ -128,7 +149,12 @@ class MultiExitDecoder:
         # for one row and extra rows are nearly free; in a batch the other sequences' rows already
         # share those reads and draft rows compete with them (vLLM's speculative_disable_by_batch_size).
         self.lookup_max_batch = lookup_max_batch
+        # the latest answers (this many tokens), looked up when a sequence's own text has no match
+        self.history = AnswerHistory(lookup_history, lookup_ngram) if lookup_history > 0 and lookup_ngram else None
         self.adaptive_drafts = True  # exact mode: an exit stops drafting where its drafts do not pay
+        # what one more row adds to a one-row step, as a share of it (`measure_row_cost`); None: drafts
+        # are as long as the room for them
+        self.row_cost: float | None = None
         self.num_layers = model.config.num_layers
         self.device = model.model.embed_tokens.weight.device
         self.runner = make_runner(runner, model, self.heads, threads=threads, precision=precision,
@@ -148,7 +174,7 @@ class MultiExitDecoder:
     def new_sequence(self, prompt: list[int], capacity: int, **options) -> Sequence:
         if not prompt:
             raise ValueError("a prompt needs at least one token")
-        seq = Sequence(tokens=list(prompt), **options)
+        seq = Sequence(tokens=list(prompt), prompt_length=len(prompt), **options)
         if seq.mode != "full" and (self.heads is None or self.calibration is None):
             seq.mode = "full"  # a bundle without heads answers every token at the last layer
         seq.filled = [0] * self.num_layers
@@ -160,6 +186,36 @@ class MultiExitDecoder:
         seq.h_last = torch.zeros(capacity, self.model.config.hidden_size, dtype=seq.cache[0][0].dtype, device=self.device)
         seq.verified = len(prompt)
         return seq
+
+    def measure_row_cost(self, rows: int = 8, repeats: int = 5) -> float:
+        """Time a full-depth step of one new row and of 1 + `rows` rows (a scratch sequence, medians of
+        `repeats`) and keep what each extra row adds, as a share of the one-row step (`row_cost`)."""
+        import statistics
+        import time
+
+        prefix = [0] * 16
+        seq = self.new_sequence(prefix, capacity=len(prefix) + rows + 2, mode="full")
+        self.step([seq])
+        times: dict[int, float] = {}
+        for width in (1, 1 + rows):
+            spent = []
+            for _ in range(repeats):
+                seq.tokens[seq.fed:] = [0] * width  # the step feeds tokens past `fed`, full depth
+                began = time.perf_counter()
+                self.step([seq])
+                spent.append(time.perf_counter() - began)
+                del seq.tokens[len(prefix) + 1:]  # back to the prefix and its first answer token
+                seq.fed, seq.verified = len(prefix), len(prefix) + 1
+                seq.filled = [len(prefix)] * self.num_layers
+            times[width] = statistics.median(spent)
+        self.release(seq)
+        self.row_cost = max(0.0, (times[1 + rows] - times[1]) / rows / times[1])
+        return self.row_cost
+
+    def remember(self, seq: Sequence) -> None:
+        """Keep a finished sequence's answer for lookup drafts of later ones (`AnswerHistory`)."""
+        if self.history is not None:
+            self.history.add(seq.tokens[seq.prompt_length:seq.verified])
 
     def release(self, seq: Sequence) -> None:
         """Give the sequence's pool slot back (it is done: its cache is not read again); a slot whose
@@ -182,6 +238,7 @@ class MultiExitDecoder:
     def step(self, batch: list[Sequence]) -> list[list[TokenOut]]:
         """Run every sequence's unfed tokens; return the tokens each one gained (verified ones in exact mode)."""
         out: list[list[TokenOut]] = [[] for _ in batch]
+        self._compact(batch)
         if len(batch) <= self.lookup_max_batch:
             for seq in batch:
                 self._draft_by_lookup(seq)
@@ -222,6 +279,20 @@ class MultiExitDecoder:
         if active:
             self._finish(batch, active, starts, ends, xs, out)
         return out
+
+    def _compact(self, batch: list[Sequence]) -> None:
+        """Move sequences from the highest pool slots into free slots below them, so that the running
+        ones stay side by side (a pooled segment takes consecutive slots): when sequences of a batch
+        finish at different times, the rest would otherwise decode around their gaps. A move copies the
+        positions the sequence has filled, every layer (a fraction of a decoding step)."""
+        if self.pool is None:
+            return
+        for seq in sorted((s for s in batch if s.slot is not None), key=lambda s: s.slot or 0, reverse=True):
+            free = self.pool.lowest_free()
+            if free is None or seq.slot is None or free > seq.slot:
+                return
+            self.pool.move(seq, seq.slot, free, seq.filled[0])
+            seq.slot, seq.cache = free, self.pool.cache(free)
 
     def _segment_end(self, layer_index: int, batch: list[Sequence], active: list[int], starts: list[int],
                      ends: list[int]) -> int:
@@ -266,7 +337,11 @@ class MultiExitDecoder:
                 or len(seq.tokens) - seq.fed != 1):
             return
         room = seq.max_draft - (len(seq.tokens) - seq.verified)  # drafts in flight stay within max_draft
+        if self.row_cost is not None:
+            room = lookup_length(seq, room, self.row_cost)
         draft = lookup_draft(seq.tokens, room, self.lookup_ngram)
+        if not draft and self.history is not None:
+            draft = self.history.draft(seq.tokens, room)
         seq.tokens.extend(draft)
         seq.drafted += len(draft)
         seq.looked_up += len(draft)
@@ -439,6 +514,7 @@ class MultiExitDecoder:
             seq.accepted += len(accepted)
             seq.looked_up_accepted += exits.count(last_exit)  # only lookup drafts carry the last exit
             judged = exits + seq.draft_exits[len(accepted):len(accepted) + 1]  # later drafts are not judged
+            seq.looked_up_judged += judged.count(last_exit)
             for k, exit_index in enumerate(judged):
                 if exit_index != last_exit:
                     seq.exit_judged[exit_index] += 1

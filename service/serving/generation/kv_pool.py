@@ -48,6 +48,28 @@ class KVPool:
         weakref.finalize(owner, self._released_by_gc, slot, self._owners[slot])
         return slot
 
+    def take(self, slot: int, owner: Any) -> None:
+        """Acquire this free slot (a sequence moving down, `move`)."""
+        with self._lock:
+            if slot not in self._free:
+                raise ValueError(f"slot {slot} is not free")
+            self._free.remove(slot)
+            self._owners[slot] = weakref.ref(owner)
+        weakref.finalize(owner, self._released_by_gc, slot, self._owners[slot])
+
+    def lowest_free(self) -> int | None:
+        with self._lock:
+            return min(self._free) if self._free else None
+
+    def move(self, owner: Any, source: int, target: int, positions: int) -> None:
+        """Move `owner`'s cache from slot `source` to the free slot `target`: its first `positions`
+        positions at every layer are copied, the source slot is freed."""
+        self.take(target, owner)
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, :positions] = keys[source, :, :positions]
+            values[target, :, :positions] = values[source, :, :positions]
+        self.release(source)
+
     def release(self, slot: int) -> None:
         with self._lock:
             if slot in self._owners:

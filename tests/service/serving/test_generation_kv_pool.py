@@ -157,3 +157,25 @@ def test_the_scheduler_gives_every_slot_back(parts):
     finally:
         assert scheduler.close()
     assert decoder.pool is not None and decoder.pool.in_use == 0
+
+
+def test_when_some_sequences_finish_the_rest_move_down_and_stay_one_batch(parts):
+    prompts = random_prompts(6, seed=71)
+    want = [alone(pooled(parts, pool_slots=0), p) for p in prompts]
+    decoder = pooled(parts)
+    sizes = segment_batches(decoder)
+    seqs = [decoder.new_sequence(p, len(p) + NEW_TOKENS + 16) for p in prompts]
+    outs: list[list[int]] = [[] for _ in seqs]
+    for _ in range(4):
+        for out, gained in zip(outs, decoder.step(seqs), strict=True):
+            out.extend(t.token for t in gained)
+    for done in (1, 3):  # finished: their slots come back, below sequences still running
+        decoder.release(seqs[done])
+    rest = [0, 2, 4, 5]
+    sizes.clear()
+    while min(len(outs[i]) for i in rest) < NEW_TOKENS:
+        for i, gained in zip(rest, decoder.step([seqs[i] for i in rest]), strict=True):
+            outs[i].extend(t.token for t in gained)
+    assert sorted(seqs[i].slot for i in rest) == [0, 1, 2, 3]  # moved into the freed slots 1 and 3
+    assert set(sizes) == {4}  # every segment ran as one batch, no gap
+    assert [outs[i][:NEW_TOKENS] for i in rest] == [want[i] for i in rest]  # the moved caches are intact
