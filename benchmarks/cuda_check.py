@@ -13,6 +13,8 @@ BUNDLE is a CIFAR-10 classifier bundle exported with --torchscript. What runs:
 - language model, decoder on the GPU: a tiny random decoder's greedy tokens equal the CPU's,
   exact mode equals full greedy; a SmolLM2-135M-shaped random decoder's tokens/s at full depth
   with 1 and 16 streams (random weights: speed only, exits mean nothing).
+- with `--llm-bundle` (a generation bundle, e.g. the README's SmolLM2 build): its tokens/s at full
+  depth, early exit δ 0.9 and exact mode, 1 and 16 streams, WikiText-2 prompts, on the GPU.
 
 Nothing here runs in CI; BENCHMARKS.md records what a GPU machine gave.
 """
@@ -211,6 +213,32 @@ def decoder_speed(runner_name: str, streams_list: list[int], new_tokens: int = 6
     return out
 
 
+def bundle_modes(path: Path, runner_name: str, streams_list: list[int], new_tokens: int = 64) -> dict:
+    """A real generation bundle on the device: tokens/s per mode and number of streams (after a warm-up)."""
+    from prometheus_client import CollectorRegistry
+
+    from exitserve.calibration.rules import DEFAULT_POLICY
+    from exitserve.service.serving.generation.model import GenerationModel
+
+    gm = GenerationModel(load_bundle(path), CollectorRegistry(), device=DEVICE, runner=runner_name)
+    gm.warm_up()
+    lines = [line.strip() for line in (ROOT.parent / "shared" / "data" / "text" / "wikitext-2" / "test.txt")
+             .read_text().splitlines() if len(line.split()) > 30 and not line.strip().startswith("=")]
+    modes = {"full": {"mode": "full"}, "early δ=0.9": {"mode": "early", "delta": 0.9, "policy": DEFAULT_POLICY},
+             "exact": {"mode": "exact", "delta": 0.8, "policy": "pcee"}}
+    out: dict = {"bundle": str(path), "row_cost": gm.decoder.row_cost, "new_tokens": new_tokens}
+    for streams in streams_list:
+        prompts = [gm.encode(" " + line)[:24] for line in lines[:streams]]
+        for name, options in modes.items():
+            generate(gm.decoder, prompts, 8, **options)  # warm-up
+            synchronize()
+            start = time.perf_counter()
+            generate(gm.decoder, prompts, new_tokens, **options)
+            synchronize()
+            out[f"{name} streams_{streams}"] = streams * new_tokens / (time.perf_counter() - start)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="a CIFAR-10 bundle exported with --torchscript")
@@ -220,6 +248,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: try the script without a GPU")
     parser.add_argument("--streams", default="1,16", help="decoder speed: concurrent streams per row")
     parser.add_argument("--parts", help="comma-separated part names to run (default: all)")
+    parser.add_argument("--llm-bundle", type=Path, help="a generation bundle: its modes' tokens/s on the device")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -239,6 +268,8 @@ def main() -> None:
                   ("decoder_speed_onnxruntime_cuda", lambda: decoder_speed("onnxruntime", streams))]
     else:
         result["onnxruntime_cuda"] = "not run: this ONNX Runtime build has no CUDAExecutionProvider"
+    if args.llm_bundle is not None:
+        parts.append(("llm_bundle_modes_torch", lambda: bundle_modes(args.llm_bundle, "torch", streams)))
     if args.parts:
         wanted = set(args.parts.split(","))
         parts = [(name, part) for name, part in parts if name in wanted]

@@ -11,6 +11,15 @@ lookup (the server's default) and without (`--generation-lookup-ngram 0`), and, 
 without lookup and with every exit drafting in exact mode (no `_drafts_pay` rule), back to back;
 ratios are per prompt against full depth, medians reported (`llm_precision.one_stream`).
 Writes benchmarks/results/llm-lookup.json.
+
+    python benchmarks/llm_lookup.py runs/bundles/smollm2-deff --history --out benchmarks/results/llm-lookup-history.json
+
+`--history` adds a model whose answer history (`--generation-lookup-history`, its default size) holds
+what the server would have answered before: the model's greedy answers to the `train` and
+`calibration` chat prompts (none of them a test prompt), generated first, 16 at a time. The history is
+not added to while measuring, so no test prompt's own answer is in it. The other models keep none.
+It also adds "lookup to the room": lookup drafts as long as there is room for them, not as long as
+they pay (`MultiExitDecoder.row_cost` unmeasured), as before the server measured what a row costs.
 """
 
 from __future__ import annotations
@@ -26,8 +35,12 @@ from llm_precision import one_stream
 from prometheus_client import CollectorRegistry
 
 from exitserve.models.bundle import load_bundle
-from exitserve.models.llm.chat_text import chat_prompts, prompt_split
+from exitserve.models.llm.chat_text import chat_prompts, generate_chat_text, prompt_split
 from exitserve.service.serving.generation.model import GenerationModel
+from exitserve.service.settings import DEFAULT_LOOKUP_HISTORY
+
+HISTORY = "float32, answer history"
+TO_THE_ROOM = "float32, lookup to the room"
 
 
 def chat_test_prompts(gm: GenerationModel, news: Path, count: int) -> list[list[int]]:
@@ -45,21 +58,38 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--prompts", type=int, default=16, help="prompts of each kind")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--history", action="store_true", help="add a model with an answer history (see above)")
     parser.add_argument("--out", default=str(RESULTS / "llm-lookup.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle)
-    models = {"float32": GenerationModel(bundle, CollectorRegistry(), threads=1),
+    models = {"float32": GenerationModel(bundle, CollectorRegistry(), threads=1, lookup_history=0),
               "float32, no lookup": GenerationModel(bundle, CollectorRegistry(), threads=1, lookup_ngram=0),
               "float32, no lookup, every exit drafts": GenerationModel(bundle, CollectorRegistry(), threads=1,
                                                                        lookup_ngram=0)}
     models["float32, no lookup, every exit drafts"].decoder.adaptive_drafts = False  # as before both
     gm = models["float32"]
+    result: dict = {"bundle": gm.name, "exit_layers": gm.spec.exit_layers, "threads": 1, "args": vars(args)}
+    if args.history:
+        models[HISTORY] = GenerationModel(bundle, CollectorRegistry(), threads=1,
+                                          lookup_history=DEFAULT_LOOKUP_HISTORY)
+        earlier = [p for p in chat_prompts(640, news=Path(args.data).parent / "agnews" / "test.tsv")
+                   if prompt_split(p) != "test"]
+        chat = generate_chat_text(gm, earlier)
+        history = models[HISTORY].decoder.history
+        assert history is not None
+        for answer in chat.answer_ids:
+            history.add(answer)
+        result["history"] = {"answers_generated": len(earlier), "answers_kept": len(history),
+                             "tokens_kept": history.tokens, "capacity": history.capacity}
+        models[TO_THE_ROOM] = GenerationModel(bundle, CollectorRegistry(), threads=1, lookup_history=0)
     prompt_sets = {"wikitext-2": wikitext_prompts(gm, Path(args.data), args.prompts),
                    "chat": chat_test_prompts(gm, Path(args.data).parent / "agnews" / "test.tsv", args.prompts)}
-    for model in models.values():
-        generate(model, prompt_sets["wikitext-2"][0], 4, mode="full")  # warm
-    result: dict = {"bundle": gm.name, "exit_layers": gm.spec.exit_layers, "threads": 1, "args": vars(args)}
+    for name, model in models.items():
+        if name != TO_THE_ROOM:
+            model.warm_up()  # as the server starts (lookup drafts as long as pays: the draft row cost measured)
+        generate(model, prompt_sets["wikitext-2"][0], 4, mode="full")
+    result["row_cost"] = {name: model.decoder.row_cost for name, model in models.items()}
     for name, prompts in prompt_sets.items():
         print(f"{name}:", flush=True)
         result[name] = one_stream(models, prompts, args.new_tokens)

@@ -15,7 +15,8 @@ same precision's greedy output (what it promises). Streams: 1, 4 and 16 requests
 scheduler (the server's engine thread) at float32 and int4, and llama.cpp with one context per
 stream; `+nopool` runs a precision's streams without the KV pool (`--no-generation-kv-pool`: segments
 layer by layer in batches, attention per sequence), streams only (one stream runs the same path
-either way). Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
+either way); `+fixedlookup` drafts by lookup as long as there is room (as before the server measured
+what a draft row costs). Every exitserve configuration runs on 1 thread; llama.cpp on 1 thread per stream.
 
 With `--genai-python` and `--genai-model`, ONNX Runtime GenAI beside them (`ortgenai_peer.py`: its
 model builder's int4 graphs of the same float32 weights), one stream and 1/4/16.
@@ -103,8 +104,9 @@ def main() -> None:
     parser.add_argument("--precisions",
                         default="float32,float32+nolookup,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
                         help="weights, optionally +int8act (int8 activations), +unfused (layer by layer: no "
-                             "fused segments, as before them), +nolookup (no lookup drafts) and +nopool (no KV "
-                             "pool; streams only)")
+                             "fused segments, as before them), +nolookup (no lookup drafts), +fixedlookup (lookup "
+                             "drafts as long as there is room, not as long as pays) and +nopool (no KV pool; "
+                             "streams only)")
     parser.add_argument("--peer-python", help="a Python with llama-cpp-python (no peer rows without it)")
     parser.add_argument("--genai-python", help="a Python with onnxruntime-genai (ortgenai_peer.py; no rows without it)")
     parser.add_argument("--genai-model", help="the model ortgenai_peer.py --build made (e.g. DIR/int4)")
@@ -117,12 +119,12 @@ def main() -> None:
     models = {}
     for name in args.precisions.split(","):
         weights, *flags = name.split("+")
-        unknown = set(flags) - {"int8act", "unfused", "nolookup", "nopool"}
+        unknown = set(flags) - {"int8act", "unfused", "nolookup", "fixedlookup", "nopool"}
         if unknown:
             parser.error(f"--precisions: unknown flag(s) {sorted(unknown)} in {name!r}")
         label = weights + (", int8 activations" if "int8act" in flags else "") + \
             (", layer by layer" if "unfused" in flags else "") + (", no lookup" if "nolookup" in flags else "") + \
-            (NO_POOL if "nopool" in flags else "")
+            (", lookup to the room" if "fixedlookup" in flags else "") + (NO_POOL if "nopool" in flags else "")
         models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
                                         int8_activations="int8act" in flags, fuse_segments="unfused" not in flags,
                                         kv_pool="nopool" not in flags,
@@ -139,8 +141,11 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
-    for gm in models.values():
-        generate(gm, prompts[0], 4, mode="full")  # warm
+    for label, gm in models.items():
+        if "lookup to the room" not in label:
+            gm.warm_up()  # as the server starts: measures what a draft row costs, and lookup drafts pay
+        generate(gm, prompts[0], 4, mode="full")
+    result["row_cost"] = {label: gm.decoder.row_cost for label, gm in models.items()}
     result["one_stream"] = one_stream({k: m for k, m in models.items() if not k.endswith(NO_POOL)}, prompts,
                                       args.new_tokens)
     save()

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from exitserve.calibration import POLICIES
 
 DEFAULT_LOOKUP_NGRAM = 3  # generation: the longest tail looked up for drafts (serving/generation/lookup.py)
+DEFAULT_LOOKUP_HISTORY = 32768  # generation: tokens of finished answers kept for lookup drafts
 
 RunnerKind = Literal["onnxruntime", "torch"]
 RUNNER_KINDS: tuple[RunnerKind, ...] = ("onnxruntime", "torch")
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
         description="greedy early and exact modes: when the last n tokens (n from this down to 2) occurred earlier "
                     "in the prompt or the answer, draft the tokens that followed them and verify them in one "
                     "full-depth pass (prompt lookup decoding; 0 = off)")
+    generation_lookup_history: int = Field(
+        DEFAULT_LOOKUP_HISTORY, ge=0, le=1 << 20,
+        description="tokens of the latest finished answers kept for lookup drafts when a sequence's own text has "
+                    "no match (answers to similar requests share phrasing; drafts are verified, so no other "
+                    "request's text reaches an answer, only its speed depends on them; 0 = off)")
     generation_lookup_max_batch: int = Field(
         1, ge=1, description="lookup drafts only while at most this many sequences decode together (alone, draft "
                              "rows are nearly free; in a batch they compete with the other sequences' rows)")

@@ -8,6 +8,7 @@ decisions run on the host on one row of head logits per sequence.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ from exitserve.service.serving.generation.metrics import GenerationMetrics
 from exitserve.service.serving.generation.runners import RunnerKind
 from exitserve.service.serving.generation.scheduler import Scheduler
 from exitserve.service.serving.generation.stream import MAX_DRAFT
+from exitserve.service.settings import DEFAULT_LOOKUP_HISTORY
+
+log = logging.getLogger("exitserve.generation")
 
 
 def load_heads(bundle: Bundle, width: int, eps: float) -> ExitHeads | None:
@@ -64,7 +68,7 @@ class GenerationModel:
                  max_running: int = 16, queue_limit: int = 64, dtype: torch.dtype = torch.float32,
                  runner: RunnerKind = "onnxruntime", threads: int = 1, precision: Precision = "float32",
                  int8_activations: bool = False, fuse_segments: bool = True, lookup_ngram: int = DEFAULT_NGRAM,
-                 lookup_max_batch: int = 1, kv_pool: bool = True):
+                 lookup_max_batch: int = 1, kv_pool: bool = True, lookup_history: int = DEFAULT_LOOKUP_HISTORY):
         spec = bundle.manifest.generation_spec
         if spec is None:
             raise BadBundle(f"{bundle.path}: not a text-generation bundle")
@@ -89,6 +93,7 @@ class GenerationModel:
                                         precision=precision, int8_activations=int8_activations,
                                         fuse_segments=fuse_segments, lookup_ngram=lookup_ngram,
                                         lookup_max_batch=lookup_max_batch, pool_slots=max_running if kv_pool else 0,
+                                        lookup_history=lookup_history,
                                         # what a request may hold: its context and the drafts in flight
                                         pool_capacity=spec.max_context + 2 * MAX_DRAFT)
         self.precision = precision
@@ -120,11 +125,19 @@ class GenerationModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def start(self) -> None:
-        """Warm up (one short greedy generation) and start the engine thread."""
+    def warm_up(self) -> None:
+        """One short greedy generation, then what a draft row costs on this machine (lookup drafts are
+        as long as pays: `MultiExitDecoder.measure_row_cost`)."""
         seq = self.decoder.new_sequence(self.encode("Hello") or [0], capacity=8, mode="full")
         self.decoder.step([seq])
         self.decoder.release(seq)
+        if self.decoder.lookup_ngram:
+            cost = self.decoder.measure_row_cost()
+            log.info("%s: a draft row costs %.3f of a one-row decoding step", self.name, cost)
+
+    def start(self) -> None:
+        """Warm up and start the engine thread."""
+        self.warm_up()
         self.scheduler.start()
         self.ready = True
 

@@ -73,6 +73,7 @@ class GenerationRepository:
                                               fuse_segments=self.settings.generation_fused_segments,
                                               kv_pool=self.settings.generation_kv_pool,
                                               lookup_ngram=self.settings.generation_lookup_ngram,
+                                              lookup_history=self.settings.generation_lookup_history,
                                               lookup_max_batch=self.settings.generation_lookup_max_batch)
             except BadBundle:
                 raise

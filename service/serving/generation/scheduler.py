@@ -181,5 +181,6 @@ class Scheduler:
                 still.append(running)
             else:
                 self.metrics.observe_drafts(stream.drafted, stream.accepted)
+                self.decoder.remember(running.sequence)
                 self.decoder.release(running.sequence)
         self._running = still

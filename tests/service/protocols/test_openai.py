@@ -313,6 +313,21 @@ def test_streams_in_the_kv_pool_answer_what_caches_of_their_own_answer(tmp_path)
     assert texts[0] == texts[1]
 
 
+def test_an_answer_given_before_drafts_the_same_answer_again(llm_bundle):
+    """The server keeps its finished answers (--generation-lookup-history): asked again, the model's own
+    earlier answer is drafted and kept; with the history off, the second answer costs what the first did."""
+    accepted = []
+    for flags in ([], ["--generation-lookup-history", "0"]):
+        with running_server([llm_bundle], flags) as proc:
+            own = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0)
+            answers = [own.completions.create(model="tiny-llm", prompt="Kq7!", max_tokens=24, temperature=0,
+                                              extra_body={"delta": 1}) for _ in range(2)]
+            assert answers[0].choices[0].text == answers[1].choices[0].text
+            accepted.append([a.model_extra["exitserve"]["accepted"] for a in answers])
+    (first, again), (first_off, again_off) = accepted
+    assert again > first and again_off == first_off, accepted
+
+
 def test_lookup_drafts_are_counted_and_can_be_turned_off(llm_bundle):
     """Early mode's only drafts are lookup drafts: a repetitive prompt gets some by default, none with
     --generation-lookup-ngram 0; exact mode's text is the full model's either way."""

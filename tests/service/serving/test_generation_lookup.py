@@ -1,6 +1,6 @@
-"""Lookup drafts (prompt lookup decoding): what `lookup_draft` proposes, and that the decoder keeps
-only what the full model would have said (exact mode equals greedy; early mode's looked-up tokens
-are the full model's tokens at their prefix)."""
+"""Lookup drafts (prompt lookup decoding, and the history of earlier answers): what `lookup_draft` and
+`AnswerHistory` propose, and that the decoder keeps only what the full model would have said (exact
+mode equals greedy; early mode's looked-up tokens are the full model's tokens at their prefix)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from llm_support import EXIT_LAYERS, random_prompts, tiny_parts
 
-from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence
-from exitserve.service.serving.generation.lookup import lookup_draft
+from exitserve.service.serving.generation.decoder import MultiExitDecoder, Sequence, lookup_length
+from exitserve.service.serving.generation.lookup import AnswerHistory, lookup_draft
 from exitserve.service.serving.generation.runners import RUNNERS
 
 LAST_EXIT = len(EXIT_LAYERS) - 1
@@ -40,6 +40,41 @@ def test_no_draft_without_an_earlier_match_of_two_tokens():
     assert lookup_draft([7, 7, 7], 4) == [7]  # overlapping occurrences count
 
 
+def test_the_history_drafts_what_earlier_answers_agree_follows_the_tail():
+    history = AnswerHistory(100)
+    for answer in ([1, 2, 3, 4, 5, 6], [9, 2, 3, 4, 7, 8], [5, 2, 3, 4, 5, 6, 1]):
+        history.add(answer)
+    assert history.draft([0, 2, 3], 5) == [4]  # all three go on with 4, then two of three with 5: too few
+    assert history.draft([0, 4, 5], 5) == [6]  # both go on with 6; after it one answer ends
+    assert history.draft([0, 3, 4], 5) == []  # 5, 7, 5: no agreement of 0.7
+    assert history.draft([0, 8, 9], 5) == [] and history.draft([0, 2, 3], 0) == []
+    unanimous = AnswerHistory(100, agreement=0.5)
+    for answer in ([1, 2, 3, 4, 5, 6], [9, 2, 3, 4, 5, 7]):
+        unanimous.add(answer)
+    assert unanimous.draft([2, 3], 8) == [4, 5, 6]  # half is enough here; past 5 they part (6 and 7: a tie)
+
+
+def test_the_longest_tail_that_occurred_in_the_history_wins():
+    history = AnswerHistory(100)
+    history.add([1, 2, 3, 40, 41])
+    history.add([8, 2, 3, 50, 51])
+    assert history.draft([1, 2, 3], 2) == [40, 41]  # "1 2 3" occurred once: its continuation
+    assert history.draft([7, 2, 3], 2) == []  # "2 3" is followed by 40 and 50: no agreement
+
+
+def test_the_history_forgets_its_oldest_answers_beyond_its_capacity():
+    history = AnswerHistory(10)
+    history.add([1, 2, 3, 4, 5, 6])
+    assert history.draft([1, 2], 3) == [3, 4, 5]
+    history.add([7, 8, 9, 10, 11])  # 11 tokens: the first answer goes
+    assert len(history) == 1 and history.tokens == 5
+    assert history.draft([1, 2], 3) == [] and history.draft([7, 8], 3) == [9, 10, 11]
+    for start in range(0, 4000, 5):  # many answers: the index holds only what is kept
+        history.add(list(range(start, start + 5)))
+    assert history.tokens <= 10 and len(history._index) <= 2 * 10
+    off = AnswerHistory(0)
+    off.add([1, 2, 3, 4])
+    assert len(off) == 0 and off.draft([1, 2], 3) == []
 
 
 def looping_prompts(count: int, seed: int = 21) -> list[list[int]]:
@@ -136,3 +171,78 @@ def test_lookup_drafts_only_in_small_batches_and_exact_there_too(parts, runner):
                                        p, 16, mode="full")[0]] for p in prompts]
     assert alone == together == greedy
     assert looked_up_alone == 0 and looked_up_together > 0
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_request_like_an_earlier_one_drafts_from_its_answer_and_stays_exact(parts, runner):
+    """Random prompts have no repeats of their own; the second time a prompt is asked, its answer so far
+    matches the remembered answer, whose continuation is drafted and kept."""
+    model, heads, calibration = parts
+    dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, runner=runner, lookup_history=4096)
+    kept = []
+    for prompt in random_prompts(4, seed=25):
+        first, seq = decode(dec, prompt, 24, mode="exact", delta=1.0)
+        dec.remember(seq)
+        again, seq = decode(dec, prompt, 24, mode="exact", delta=1.0)
+        assert [t.token for t in again] == [t.token for t in first] == [t.token for t in
+                                                                         decode(dec, prompt, 24, mode="full")[0]]
+        kept.append(seq.looked_up_accepted)
+    assert dec.history is not None and len(dec.history) == 4
+    assert sum(kept) > 24, kept  # most of the second answers came as kept drafts
+
+
+def test_the_scheduler_remembers_finished_answers(parts):
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from exitserve.service.serving.generation.metrics import GenerationMetrics
+    from exitserve.service.serving.generation.scheduler import Scheduler
+    from exitserve.service.serving.generation.stream import GenerationParams
+
+    model, heads, calibration = parts
+    dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, lookup_history=4096)
+    scheduler = Scheduler(dec, GenerationMetrics(CollectorRegistry(), "tiny", len(EXIT_LAYERS)))
+    scheduler.start()
+
+    async def answer(prompt: list[int]) -> list[int]:
+        stream = scheduler.submit(GenerationParams(prompt=prompt, max_tokens=12, mode="exact", delta=1.0),
+                                  asyncio.get_running_loop())
+        tokens: list[int] = []
+        while True:
+            event = await asyncio.wait_for(stream.queue.get(), 30)
+            tokens.extend(t.token for t in event.tokens)
+            if event.finish_reason is not None:
+                return tokens
+
+    try:
+        prompts = random_prompts(3, seed=26)
+        answers = [asyncio.run(answer(p)) for p in prompts]
+    finally:
+        assert scheduler.close()
+    assert dec.history is not None and len(dec.history) == 3
+    assert dec.history.draft(answers[0][:4], 4) == answers[0][4:8]  # its own continuation, drafted
+
+
+def test_lookup_drafts_are_as_long_as_pays_where_rows_cost():
+    seq = Sequence(tokens=[1, 2, 3])
+    assert lookup_length(seq, 8, row_cost=0.06) >= 5  # float32 on a CPU: rows are nearly free
+    assert lookup_length(seq, 8, row_cost=0.5) == 1  # int8 activations: a row costs half a step
+    assert lookup_length(seq, 3, row_cost=0.0) == 3 and lookup_length(seq, 0, row_cost=0.0) == 0
+    seq.looked_up_judged, seq.looked_up_accepted = 20, 0  # every draft so far rejected at once
+    assert lookup_length(seq, 8, row_cost=0.5) == 0
+    assert lookup_length(seq, 8, row_cost=0.06) == 1
+
+
+def test_the_measured_row_cost_limits_lookup_drafts_and_exact_mode_stays_exact(parts):
+    model, heads, calibration = parts
+    dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration)
+    assert dec.row_cost is None
+    assert dec.measure_row_cost(rows=4, repeats=2) >= 0.0 and dec.row_cost is not None
+    prompt = looping_prompts(1, seed=27)[0]
+    full = [t.token for t in decode(dec, prompt, 20, mode="full")[0]]
+    free, seq = decode(dec, prompt, 20, mode="exact", delta=1.0)
+    dec.row_cost = 10.0  # rows dearer than any draft can repay
+    dear, dear_seq = decode(dec, prompt, 20, mode="exact", delta=1.0)
+    assert [t.token for t in free] == [t.token for t in dear] == full
+    assert dear_seq.looked_up == 0 < seq.looked_up
