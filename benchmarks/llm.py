@@ -353,7 +353,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from prometheus_client import CollectorRegistry
 
-    gm = GenerationModel(load_bundle(args.bundle), CollectorRegistry(), runner=args.runner, threads=args.threads)
+    # no answer history: the benchmark asks the same prompts again, which the history would answer from memory
+    gm = GenerationModel(load_bundle(args.bundle), CollectorRegistry(), runner=args.runner, threads=args.threads,
+                         lookup_history=0)
     assert isinstance(gm.calibration, Calibration)
     other = None
     if args.compare_runner:

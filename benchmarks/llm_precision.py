@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens per stream at 1/4/16 streams")
+    parser.add_argument("--streams", default="1,4,16", help="numbers of concurrent streams ('' for none)")
     parser.add_argument("--precisions",
                         default="float32,float32+nolookup,float32+unfused,int8,int4,int4+int8act,int4+int8act+unfused",
                         help="weights, optionally +int8act (int8 activations), +unfused (layer by layer: no "
@@ -128,6 +129,9 @@ def main() -> None:
         models[label] = GenerationModel(bundle, CollectorRegistry(), precision=check_precision(weights), threads=1,
                                         int8_activations="int8act" in flags, fuse_segments="unfused" not in flags,
                                         kv_pool="nopool" not in flags,
+                                        # no answer history: the streams ask the one-stream prompts again,
+                                        # which the history would answer from memory
+                                        lookup_history=0,
                                         **({"lookup_ngram": 0} if "nolookup" in flags else {}))
     if "float32" not in models:
         parser.error("--precisions needs float32 (plain): every ratio is to its full depth")
@@ -156,7 +160,7 @@ def main() -> None:
 
     def peer_streams(label: str, python: str, model: list[str], script: Path = PEER) -> None:
         """A peer at 1, 4 and 16 streams; one stream answers per prompt, its median is the stream's rate."""
-        for n in (1, 4, 16):
+        for n in [int(n) for n in args.streams.split(",") if n]:
             row = peer(python, *model, "--prompts", str(prompts_file), "--new-tokens", str(args.stream_tokens),
                        "--streams", str(n), script=script)
             if n == 1:
@@ -197,7 +201,7 @@ def main() -> None:
                       if p + pool in models]:
         gm = models[precision]
         gm.scheduler.start()
-        for n in (1, 4, 16):
+        for n in [int(n) for n in args.streams.split(",") if n]:
             for mode in ("full", "early δ=0.9"):
                 row = concurrency(gm, prompts, args.stream_tokens, n, MODES[mode])
                 row.update({"precision": precision, "config": mode})

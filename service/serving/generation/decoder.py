@@ -42,6 +42,8 @@ weights, or the torch modules) computes layers and heads.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +63,10 @@ DRAFT_PRIOR = 4  # exact mode: drafts counted as kept before any is verified (`_
 # lookup drafts, (kept, judged) assumed before any is verified (`lookup_length`): of first drafts, and
 # of drafts after a kept one (a repeated passage usually goes on)
 LOOKUP_PRIOR_FIRST, LOOKUP_PRIOR_FOLLOWING = (3, 4), (9, 10)
+# drafts from the answer history, (hits, tries) assumed before any; below HISTORY_MIN_HITS of its tries
+# keeping the first draft, a sequence stops asking it (text unlike the history's: its drafts are rejected,
+# and in early mode a step with drafts goes full depth instead of leaving early)
+HISTORY_PRIOR, HISTORY_MIN_HITS = (2, 4), 0.2
 POOL_CAPACITY = 2048  # positions a KV pool slot holds by default: longer sequences keep caches of their own
 
 
@@ -90,6 +96,9 @@ class Sequence:
     looked_up_judged: int = 0  # lookup drafts the verification judged: the kept ones and each first rejected
     lookup_events: int = 0  # verifications of lookup drafts, and those that kept at least the first
     lookup_hits: int = 0
+    history_events: int = 0  # the same for drafts from the answer history
+    history_hits: int = 0
+    from_history: bool = False  # the lookup drafts in flight came from the answer history
     # exact mode, per early exit: its drafts the verification judged (kept, or the first rejected) and kept
     exit_judged: list[int] = field(default_factory=list)
     exit_kept: list[int] = field(default_factory=list)
@@ -110,11 +119,11 @@ def lookup_length(seq: Sequence, room: int, row_cost: float) -> int:
     The whole room while even an entirely rejected draft costs at most one step (room · row_cost ≤ 1):
     runs are longer than this model's geometric tail, and shortening float32 drafts by it cost 5 % on
     WikiText-2 prompts (`llm-lookup-history.json`)."""
+    if room * row_cost <= 1.0:
+        return room
     first = (seq.lookup_hits + LOOKUP_PRIOR_FIRST[0]) / (seq.lookup_events + LOOKUP_PRIOR_FIRST[1])
     following = (seq.looked_up_accepted - seq.lookup_hits + LOOKUP_PRIOR_FOLLOWING[0]) / \
         (seq.looked_up_judged - seq.lookup_events + LOOKUP_PRIOR_FOLLOWING[1])
-    if room * row_cost <= 1.0:
-        return room
     best, best_value, kept, run = 0, 1.0, 0.0, first
     for length in range(1, room + 1):
         kept += run
@@ -202,9 +211,6 @@ class MultiExitDecoder:
     def measure_row_cost(self, rows: int = 8, repeats: int = 5) -> float:
         """Time a full-depth step of one new row and of 1 + `rows` rows (a scratch sequence, medians of
         `repeats`) and keep what each extra row adds, as a share of the one-row step (`row_cost`)."""
-        import statistics
-        import time
-
         prefix = [0] * 16
         seq = self.new_sequence(prefix, capacity=len(prefix) + rows + 2, mode="full")
         self.step([seq])
@@ -312,24 +318,20 @@ class MultiExitDecoder:
 
         Only when no pending position would join inside the segment (a sequence's rows are the same at
         every layer of it: `filled` is the same at its first and last layer); for several sequences,
-        only as one pooled batch (`_pooled_slots`)."""
+        only as one pooled batch (`_pool_together`)."""
         last = self.runner.segments.get(layer_index, layer_index)
         if last == layer_index or any(batch[i].filled[last] != batch[i].filled[layer_index] for i in active):
             return layer_index
-        if len(active) == 1 or self._pooled_slots(batch, active, starts, ends) is not None:
-            return last
-        return layer_index
+        return last if len(active) == 1 or self._pool_together(batch, active, starts, ends) else layer_index
 
-    def _pooled_slots(self, batch: list[Sequence], active: list[int], starts: list[int],
-                      ends: list[int]) -> tuple[int, int] | None:
-        """The pool slots (first, last) that hold these sequences, when they can run as one batch:
-        one row each, every one in the pool, and gaps (slots of sequences not in it) at most a
-        quarter of their number, since each gap costs a throwaway row."""
-        slots = [batch[i].slot for i in active]
-        if any(slot is None for slot in slots) or any(ends[i] - starts[i] != 1 for i in active):
-            return None
-        first, last = min(s for s in slots if s is not None), max(s for s in slots if s is not None)
-        return (first, last) if last + 1 - first - len(active) <= len(active) // 4 else None
+    def _pool_together(self, batch: list[Sequence], active: list[int], starts: list[int], ends: list[int]) -> bool:
+        """Whether these sequences can run as one pooled batch: one row each, every one in the pool,
+        and gaps (slots between theirs of sequences not in it) at most a quarter of their number,
+        since each gap costs a throwaway row."""
+        slots = [slot for i in active if (slot := batch[i].slot) is not None]
+        if len(slots) != len(active) or any(ends[i] - starts[i] != 1 for i in active):
+            return False
+        return max(slots) + 1 - min(slots) - len(active) <= len(active) // 4
 
     def _drafts_pay(self, seq: Sequence, exit_index: int) -> bool:
         """Exact mode: an exit drafts while its drafts are kept at least as often as the share of a full
@@ -352,8 +354,11 @@ class MultiExitDecoder:
         if self.row_cost is not None:
             room = lookup_length(seq, room, self.row_cost)
         draft = lookup_draft(seq.tokens, room, self.lookup_ngram)
-        if not draft and self.history is not None:
+        seq.from_history = False
+        if not draft and self.history is not None and \
+                (seq.history_hits + HISTORY_PRIOR[0]) / (seq.history_events + HISTORY_PRIOR[1]) >= HISTORY_MIN_HITS:
             draft = self.history.draft(seq.tokens, room)
+            seq.from_history = bool(draft)
         seq.tokens.extend(draft)
         seq.drafted += len(draft)
         seq.looked_up += len(draft)
@@ -529,8 +534,12 @@ class MultiExitDecoder:
             looked_up = judged.count(last_exit)
             seq.looked_up_judged += looked_up
             if looked_up:  # lookup drafts follow any exit drafts: the first of them was kept if any was
+                hit = int(exits.count(last_exit) > 0)
                 seq.lookup_events += 1
-                seq.lookup_hits += int(exits.count(last_exit) > 0)
+                seq.lookup_hits += hit
+                if seq.from_history:
+                    seq.history_events += 1
+                    seq.history_hits += hit
             for k, exit_index in enumerate(judged):
                 if exit_index != last_exit:
                     seq.exit_judged[exit_index] += 1

@@ -251,3 +251,15 @@ def test_the_measured_row_cost_limits_lookup_drafts_and_exact_mode_stays_exact(p
     dear, dear_seq = decode(dec, prompt, 20, mode="exact", delta=1.0)
     assert [t.token for t in free] == [t.token for t in dear] == full
     assert dear_seq.looked_up == 0 < seq.looked_up
+
+
+def test_a_sequence_whose_history_drafts_miss_stops_asking_the_history(parts):
+    model, heads, calibration = parts
+    dec = MultiExitDecoder(model, heads, EXIT_LAYERS, calibration, lookup_history=4096)
+    assert dec.history is not None
+    dec.history.add([40, 41, 42, 43, 44])
+    for misses, drafts in ((0, [42, 43, 44]), (6, [42, 43, 44]), (7, [])):
+        seq = dec.new_sequence([7, 40, 41], capacity=32, mode="exact", delta=1.0)
+        seq.fed, seq.history_events = 2, misses  # one token to feed; `misses` history drafts rejected at once
+        dec._draft_by_lookup(seq)
+        assert seq.tokens[3:] == drafts and seq.from_history == bool(drafts), misses
