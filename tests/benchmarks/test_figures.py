@@ -280,3 +280,57 @@ def test_the_kv_pool_figures_match_their_result() -> None:
     ):
         assert quoted in section, quoted
     assert at_16 > 1.2 * peer_16 and at_16 > plain_16
+
+
+def test_the_lookup_length_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / "llm-lookup-length.json").read_text())
+    one, cost = result["one_stream"], result["row_cost"]
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+    act = "int4, int8 activations"
+    paying, room, none = (one[f"{act}{variant} early δ=0.9"] for variant in ("", ", lookup to the room", ", no lookup"))
+    for quoted in (
+        f"measured row cost {cost['float32']:.3f} at float32 and {cost[act]:.3f} with int8 activations",
+        f"**{paying['tokens_per_s_median']:.1f} tokens/s, against {room['tokens_per_s_median']:.1f} with drafts to "
+        f"the room and {none['tokens_per_s_median']:.1f} without lookup**",
+        f"(per-prompt ratios to float32 full depth {paying['ratio_to_float32_full_median']:.2f}, "
+        f"{room['ratio_to_float32_full_median']:.2f} and {none['ratio_to_float32_full_median']:.2f}), full depth "
+        f"{one[f'{act} full']['tokens_per_s_median']:.1f}",
+    ):
+        assert quoted in section, quoted
+    assert paying["tokens_per_s_median"] > max(room["tokens_per_s_median"], none["tokens_per_s_median"])
+
+
+def test_the_answer_history_figures_match_their_result() -> None:
+    result = json.loads((figures.RESULTS / figures.LLM_HISTORY).read_text())
+    history, cost = result["history"], result["row_cost"]
+    section = prose(REPO / "BENCHMARKS.md").split("## Language models II")[1].split("\n## ")[0]
+
+    def ratio(prompts: str, config: str) -> str:
+        return f"{result[prompts][config]['ratio_to_float32_full_median']:.2f}×"
+
+    def share(prompts: str, config: str) -> str:
+        return f"{100 * result[prompts][config]['lookup_token_share']:.0f} %"
+
+    h, plain, room = "float32, answer history", "float32", "float32, lookup to the room"
+    exact, early = "exact (draft δ=0.8)", "early δ=0.9"
+    for quoted in (
+        f"greedy answers to the {history['answers_generated']} `train` and `calibration` chat prompts, of which "
+        f"the newest {history['tokens_kept']:,} tokens fit",
+        f"exact mode **{ratio('chat', f'{h} {exact}')}** full depth with the history against "
+        f"{ratio('chat', f'{plain} {exact}')} without (kept lookup drafts {share('chat', f'{h} {exact}')} of the "
+        f"tokens against {share('chat', f'{plain} {exact}')})",
+        f"δ 0.9 **{ratio('chat', f'{h} {early}')}** against {ratio('chat', f'{plain} {early}')}",
+        f"on WikiText-2 prompts exact {ratio('wikitext-2', f'{h} {exact}')} against "
+        f"{ratio('wikitext-2', f'{plain} {exact}')}, δ 0.9 {ratio('wikitext-2', f'{h} {early}')} either way",
+        f"At float32 a row costs {cost[h]:.2f} of a step",
+        f"({ratio('wikitext-2', f'{room} {early}')} against {ratio('wikitext-2', f'{plain} {early}')} at δ 0.9",
+        f"on held-out chat prompts {ratio('chat', f'{h} {exact}')}, missed by "
+        f"{1.3 - result['chat'][f'{h} {exact}']['ratio_to_float32_full_median']:.2f}**",
+        f"({ratio('chat', f'{plain} {exact}')} without it in the same run); WikiText-2 prompts "
+        f"{ratio('wikitext-2', f'{h} {exact}')}",
+        f"held-out chat prompts δ 0.9 **{ratio('chat', f'{h} {early}')}, still missed** "
+        f"({ratio('chat', f'{plain} {early}')} without it",
+    ):
+        assert quoted in section, quoted
+    assert ratio("wikitext-2", f"{h} {early}") == ratio("wikitext-2", f"{plain} {early}")  # "either way"
+    assert cost[h] * 8 <= 1.0  # float32 drafts fill the room: both rows run the same rule

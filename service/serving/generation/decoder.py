@@ -117,8 +117,8 @@ def lookup_length(seq: Sequence, room: int, row_cost: float) -> int:
     row costs little (float32 on a CPU: the step reads every weight anyway) that is the whole room;
     where it costs half a step (int8 activations) one or two drafts, and none once they are rarely kept.
     The whole room while even an entirely rejected draft costs at most one step (room · row_cost ≤ 1):
-    runs are longer than this model's geometric tail, and shortening float32 drafts by it cost 5 % on
-    WikiText-2 prompts (`llm-lookup-history.json`)."""
+    runs are longer than this model's tail, and shortening float32 drafts by it lost on WikiText-2
+    prompts (development runs of `benchmarks/llm_lookup.py`)."""
     if room * row_cost <= 1.0:
         return room
     first = (seq.lookup_hits + LOOKUP_PRIOR_FIRST[0]) / (seq.lookup_events + LOOKUP_PRIOR_FIRST[1])

@@ -66,6 +66,16 @@ def alone(decoder: MultiExitDecoder, prompt: list[int], **options) -> list[int]:
     return decode(decoder, [decoder.new_sequence(prompt, len(prompt) + NEW_TOKENS + 16, **options)])[0]
 
 
+def side_by_side(parts, prompts: list[list[int]], **options):
+    """What each prompt decodes alone (no pool), and a pooled decoder that records its segment batches,
+    with the prompts' sequences in slots 0, 1, ..."""
+    want = [alone(pooled(parts, pool_slots=0), p, **options) for p in prompts]
+    decoder = pooled(parts)
+    sizes = segment_batches(decoder)
+    seqs = [decoder.new_sequence(p, len(p) + NEW_TOKENS + 16, **options) for p in prompts]
+    return want, decoder, sizes, seqs
+
+
 def test_slots_go_lowest_first_and_come_back():
     pool = KVPool(FUSABLE, 3, 8)
     owners = [Owner() for _ in range(4)]
@@ -98,14 +108,9 @@ def test_a_slots_cache_and_a_batch_of_slots_are_views_of_the_pool():
 
 @pytest.mark.parametrize("mode", ["full", "early"])
 def test_sequences_in_the_pool_decode_as_one_batch_what_they_decode_alone(parts, mode):
-    options = {} if mode == "full" else {"delta": 0.15, "policy": "confidence"}
-    prompts = random_prompts(6, seed=31)
-    plain = pooled(parts, pool_slots=0)
-    assert plain.pool is None
-    want = [alone(plain, p, mode=mode, **options) for p in prompts]
-    decoder = pooled(parts)
-    sizes = segment_batches(decoder)
-    seqs = [decoder.new_sequence(p, len(p) + NEW_TOKENS + 16, mode=mode, **options) for p in prompts]
+    options = {"mode": mode} if mode == "full" else {"mode": mode, "delta": 0.15, "policy": "confidence"}
+    assert pooled(parts, pool_slots=0).pool is None
+    want, decoder, sizes, seqs = side_by_side(parts, random_prompts(6, seed=31), **options)
     assert [s.slot for s in seqs] == list(range(6))
     assert decode(decoder, seqs) == want
     assert max(sizes) == 6  # the decoding steps ran their segments as one batch
@@ -113,11 +118,7 @@ def test_sequences_in_the_pool_decode_as_one_batch_what_they_decode_alone(parts,
 
 def test_a_gap_in_a_batch_writes_nothing_its_slots_sequence_reads(parts):
     """Slot 2's sequence steps on its own, every other step; the others' batches span its slot."""
-    prompts = random_prompts(5, seed=41)
-    want = [alone(pooled(parts, pool_slots=0), p) for p in prompts]
-    decoder = pooled(parts)
-    sizes = segment_batches(decoder)
-    seqs = [decoder.new_sequence(p, len(p) + NEW_TOKENS + 16) for p in prompts]
+    want, decoder, sizes, seqs = side_by_side(parts, random_prompts(5, seed=41))
     assert decode(decoder, seqs, steps_of=[[0, 1, 3, 4], [2]]) == want
     assert 5 in sizes  # four sequences and one gap ran as a batch of five
 
@@ -160,11 +161,7 @@ def test_the_scheduler_gives_every_slot_back(parts):
 
 
 def test_when_some_sequences_finish_the_rest_move_down_and_stay_one_batch(parts):
-    prompts = random_prompts(6, seed=71)
-    want = [alone(pooled(parts, pool_slots=0), p) for p in prompts]
-    decoder = pooled(parts)
-    sizes = segment_batches(decoder)
-    seqs = [decoder.new_sequence(p, len(p) + NEW_TOKENS + 16) for p in prompts]
+    want, decoder, sizes, seqs = side_by_side(parts, random_prompts(6, seed=71))
     outs: list[list[int]] = [[] for _ in seqs]
     for _ in range(4):
         for out, gained in zip(outs, decoder.step(seqs), strict=True):
