@@ -529,12 +529,13 @@ class MultiExitDecoder:
             seq.fed = following
             seq.tokens.append(greedy[offset])
             seq.accepted += len(accepted)
-            seq.looked_up_accepted += exits.count(last_exit)  # only lookup drafts carry the last exit
+            kept_lookup = exits.count(last_exit)  # only lookup drafts carry the last exit
+            seq.looked_up_accepted += kept_lookup
             judged = exits + seq.draft_exits[len(accepted):len(accepted) + 1]  # later drafts are not judged
             looked_up = judged.count(last_exit)
             seq.looked_up_judged += looked_up
             if looked_up:  # lookup drafts follow any exit drafts: the first of them was kept if any was
-                hit = int(exits.count(last_exit) > 0)
+                hit = int(kept_lookup > 0)
                 seq.lookup_events += 1
                 seq.lookup_hits += hit
                 if seq.from_history:

@@ -43,9 +43,7 @@ class KVPool:
             if not self._free:
                 return None
             slot = min(self._free)
-            self._free.remove(slot)
-            self._owners[slot] = weakref.ref(owner)
-        weakref.finalize(owner, self._released_by_gc, slot, self._owners[slot])
+            self._own(slot, owner)
         return slot
 
     def take(self, slot: int, owner: Any) -> None:
@@ -53,9 +51,14 @@ class KVPool:
         with self._lock:
             if slot not in self._free:
                 raise ValueError(f"slot {slot} is not free")
-            self._free.remove(slot)
-            self._owners[slot] = weakref.ref(owner)
-        weakref.finalize(owner, self._released_by_gc, slot, self._owners[slot])
+            self._own(slot, owner)
+
+    def _own(self, slot: int, owner: Any) -> None:
+        """Give a free slot to `owner` (the lock held); it comes back when `owner` is garbage, unless
+        released and handed on before that."""
+        self._free.remove(slot)
+        ref = self._owners[slot] = weakref.ref(owner)
+        weakref.finalize(owner, self.release, slot, ref)
 
     def lowest_free(self) -> int | None:
         with self._lock:
@@ -70,15 +73,10 @@ class KVPool:
             values[target, :, :positions] = values[source, :, :positions]
         self.release(source)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, ref: weakref.ref | None = None) -> None:
+        """Free the slot; with `ref` (a finalizer's), only if it still belongs to that owner."""
         with self._lock:
-            if slot in self._owners:
-                del self._owners[slot]
-                self._free.append(slot)
-
-    def _released_by_gc(self, slot: int, ref: weakref.ref) -> None:
-        with self._lock:  # only if the slot is still this owner's (it may have been released and reused)
-            if self._owners.get(slot) is ref:
+            if slot in self._owners and (ref is None or self._owners[slot] is ref):
                 del self._owners[slot]
                 self._free.append(slot)
 
